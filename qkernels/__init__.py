@@ -1,0 +1,78 @@
+"""qkernels: hand-written quantized matmul kernels (Triton, Pallas) behind drop-in JAX/PyTorch APIs.
+
+`import qkernels` needs neither JAX nor PyTorch: the framework entry points (`dot_general`,
+`make_dot_general`, `linear`, `quantize_`, `QLinear`, `QTensor`, `QArray`) are loaded on first
+use from `jax_bindings` / `torch_bindings`. `quantize` and `explain` route by the type of their
+first argument.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from qkernels.dispatch import BackendUnavailable, Problem, use_backend
+from qkernels.formats import RECIPES, W4A8, W4A16, W8A8, W8A16, Recipe, parse_recipe, resolve_recipe
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "W8A8", "W8A16", "W4A16", "W4A8", "Recipe", "RECIPES", "parse_recipe", "resolve_recipe",
+    "Problem", "BackendUnavailable", "use_backend", "explain", "quantize",
+    "dot_general", "make_dot_general", "QArray", "linear", "quantize_", "QLinear", "QTensor",
+]
+
+_LAZY = {
+    "dot_general": "jax_bindings",
+    "make_dot_general": "jax_bindings",
+    "QArray": "jax_bindings",
+    "linear": "torch_bindings",
+    "quantize_": "torch_bindings",
+    "QLinear": "torch_bindings",
+    "QTensor": "torch_bindings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qkernels' has no attribute {name!r}")
+
+
+def _framework_of(x: Any) -> str:
+    """'torch', 'jax' or 'numpy' from an array's (or quantized container's) type."""
+    for cls in type(x).__mro__:
+        root = cls.__module__.split(".", 1)[0]
+        if root in ("torch", "torch_bindings"):
+            return "torch"
+        if root in ("jax", "jaxlib", "jax_bindings"):
+            return "jax"
+    return "numpy"
+
+
+def quantize(x: Any, recipe: Any = None, **kwargs: Any) -> Any:
+    """Quantize a weight for `recipe` (default W8A8): a torch `QTensor` for a torch tensor, a JAX
+    `QArray` for a JAX array (pass `contracting_axes=`), a `reference.RefQuantized` for NumPy."""
+    framework = _framework_of(x)
+    if framework == "numpy":
+        from qkernels import reference
+
+        return reference.quantize(x, resolve_recipe(recipe).rhs, name=kwargs.get("name", "weight"))
+    module = importlib.import_module(f"{framework}_bindings")
+    return module.quantize(x, recipe, **kwargs)
+
+
+def explain(*args: Any, **kwargs: Any) -> Any:
+    """Every implementation that could run a call, with its verdict and reason, and the one chosen.
+
+    `explain(problem)` for a `Problem`; otherwise the arguments of the call to explain, e.g.
+    `explain(x, w_q, bias)` (PyTorch, like `linear`) or `explain(lhs, rhs, dimension_numbers)` (JAX).
+    """
+    if args and isinstance(args[0], Problem):
+        from qkernels import dispatch
+
+        return dispatch.explain(*args, **kwargs)
+    framework = next((f for f in map(_framework_of, args) if f != "numpy"), None)
+    if framework is None:
+        raise TypeError("explain() takes a qkernels.Problem, or the torch/JAX arrays of the call to explain")
+    return importlib.import_module(f"{framework}_bindings").explain(*args, **kwargs)

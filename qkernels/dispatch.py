@@ -1,0 +1,272 @@
+"""Registry of implementations, selection, `explain()` and `use_backend()`.
+
+Numerics-agnostic: a `Problem` carries the recipe (and so both operand formats), the shapes, the
+dtypes as names, the framework and the platform; each `Implementation` decides for itself, in
+`supports(problem)`, whether it can serve it. Nothing here looks at a particular dtype or recipe.
+
+Selection: the highest-priority implementation whose `supports` returns None. A backend asked for
+explicitly (argument, `use_backend`, or the `QKERNELS_BACKEND` environment variable) that cannot
+serve raises `BackendUnavailable` with its reason; automatic selection falls back, and the choice
+is inspectable through `explain()` and logged once per problem at debug level.
+
+Calling convention of `Implementation.run` for `Op.QMATMUL` (framework-native arrays):
+    run(problem, lhs, rhs, bias) -> out
+    lhs:  float activations (..., M, K) (`problem.lhs_quantized` False), or a `QOperand` of int8
+          per-row codes (B?, M, K) and scales (B?, M) when the caller quantized them already.
+    rhs:  `QOperand(qvalue, scale, zero_point)` in canonical stored layout (B?, N, K_stored).
+    bias: (N,) or None.
+    out:  (..., M, N) of dtype `problem.out_dtype`.
+For `Op.QUANTIZE` (dynamic quantization of activations along the last axis):
+    run(problem, x) -> QOperand(qvalue, scale, None) with the format `problem.recipe.lhs`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import enum
+import functools
+import importlib
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from qkernels.formats import OperandFormat, Recipe
+
+__all__ = [
+    "Op", "Problem", "Implementation", "Verdict", "Explanation", "BackendUnavailable", "register",
+    "registered", "candidates", "select", "explain", "use_backend", "requested_backend", "ENV_VAR",
+]
+
+log = logging.getLogger("qkernels.dispatch")
+
+ENV_VAR = "QKERNELS_BACKEND"
+ANY_FRAMEWORK = "any"
+
+# Modules that register a framework's implementations when imported; loaded on first selection
+# for that framework, so that `explain` shows them even before the binding was imported.
+_PROVIDERS = {"torch": "torch_bindings", "jax": "jax_bindings"}
+
+
+class Op(enum.Enum):
+    QMATMUL = "qmatmul"
+    QUANTIZE = "quantize"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Problem:
+    """One call, framework-neutral: what every `supports` decides on.
+
+    The matmul is canonical (DESIGN.md section 3): lhs (batch?, M, K) x rhs (batch?, N, K).
+    `batch` is None when the weight is 2-D and shared (leading lhs axes are folded into M).
+    `act_dtype`: name of the float activation dtype ('int8' if lhs arrives quantized).
+    `platform`: 'cpu', 'cuda:sm_80', 'cuda:sm_90', 'rocm:gfx942', 'tpu:v5e', ...
+    Construction refuses a K that would overflow the recipe's int32 accumulator.
+    """
+
+    op: Op = Op.QMATMUL
+    recipe: Recipe
+    m: int
+    n: int
+    k: int
+    batch: int | None = None
+    act_dtype: str
+    out_dtype: str
+    has_bias: bool = False
+    lhs_quantized: bool = False
+    framework: str
+    platform: str
+
+    def __post_init__(self) -> None:
+        for name in ("m", "n", "k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} is negative")
+        if self.op is Op.QMATMUL:
+            self.recipe.check_k(self.k)
+
+    @property
+    def lhs_format(self) -> OperandFormat | None:
+        return self.recipe.lhs
+
+    @property
+    def rhs_format(self) -> OperandFormat:
+        return self.recipe.rhs
+
+    @property
+    def device_kind(self) -> str:
+        """'cpu', 'cuda', 'rocm', 'tpu'."""
+        return self.platform.split(":", 1)[0]
+
+    @property
+    def arch(self) -> str | None:
+        """'sm_90', 'gfx942', 'v5e', ... or None."""
+        return self.platform.split(":", 1)[1] if ":" in self.platform else None
+
+    def describe(self) -> str:
+        b = f"{self.batch}x" if self.batch is not None else ""
+        lhs = "int8 (pre-quantized)" if self.lhs_quantized else self.act_dtype
+        return (f"{self.op.value} {self.recipe.name} {b}M={self.m} N={self.n} K={self.k} lhs={lhs} "
+                f"out={self.out_dtype}{' +bias' if self.has_bias else ''} on {self.framework}/{self.platform}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Implementation:
+    """A way to run an op. `supports` must be pure and cheap: it returns None or the reason why not.
+
+    `name` selects it explicitly: `use_backend('triton')` matches 'triton' and 'triton.w8a8'.
+    `framework` is 'torch', 'jax', or 'any' (takes anything NumPy can read, returns NumPy).
+    """
+
+    name: str
+    framework: str
+    op: Op = Op.QMATMUL
+    priority: int
+    supports: Callable[[Problem], str | None]
+    run: Callable[..., Any] = field(compare=False)
+    description: str = ""
+
+    def matches(self, backend: str) -> bool:
+        return self.name == backend or self.name.startswith(backend + ".")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    implementation: Implementation
+    reason: str | None  # None: can serve this problem
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """Every candidate for a problem with its verdict; `chosen` is what a call would run."""
+
+    problem: Problem
+    verdicts: tuple[Verdict, ...]
+    chosen: Implementation | None
+    backend: str | None
+    error: str | None = None
+
+    def __str__(self) -> str:
+        lines = [self.problem.describe()]
+        if self.backend:
+            lines.append(f"backend requested: {self.backend!r}")
+        for v in self.verdicts:
+            impl = v.implementation
+            mark = "->" if impl is self.chosen else "  "
+            verdict = "ok" if v.ok else f"no: {v.reason}"
+            lines.append(f"{mark} {impl.name:<24} prio {impl.priority:>4}  {verdict}")
+        lines.append(f"chosen: {self.chosen.name}" if self.chosen else f"error: {self.error}")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:
+        p.text(str(self))
+
+
+class BackendUnavailable(ValueError):
+    """An explicitly requested backend cannot serve the problem (message says why and what to do)."""
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self.impls: dict[tuple[str, Op, str], Implementation] = {}
+        self.version = 0
+
+    def add(self, impl: Implementation) -> None:
+        self.impls[(impl.framework, impl.op, impl.name)] = impl
+        self.version += 1
+
+
+_REGISTRY = _Registry()
+_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar("qkernels_backend", default=None)
+
+
+def register(impl: Implementation) -> Implementation:
+    """Add (or replace, by framework/op/name) an implementation."""
+    _REGISTRY.add(impl)
+    return impl
+
+
+def registered(framework: str | None = None, op: Op | None = None) -> list[Implementation]:
+    """Implementations for a framework (plus framework-agnostic ones), best priority first."""
+    if framework is not None:
+        _load_providers(framework)
+    out = [i for i in _REGISTRY.impls.values()
+           if (framework is None or i.framework in (framework, ANY_FRAMEWORK)) and (op is None or i.op is op)]
+    return sorted(out, key=lambda i: (-i.priority, i.name))
+
+
+@functools.cache
+def _load_providers(framework: str) -> None:
+    importlib.import_module("qkernels.reference")
+    module = _PROVIDERS.get(framework)
+    # A framework that is not installed leaves only the `any` implementations; a binding that is
+    # installed but fails to import raises (never hide a broken backend behind the fallback).
+    if module and importlib.util.find_spec(framework) and importlib.util.find_spec(module):
+        importlib.import_module(module)
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Within the block, run every call on backend `name` (or raise why it cannot); None: automatic."""
+    token = _BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def requested_backend(backend: str | None = None) -> str | None:
+    """Explicit argument, else `use_backend` context, else $QKERNELS_BACKEND, else None."""
+    return backend or _BACKEND.get() or os.environ.get(ENV_VAR) or None
+
+
+def candidates(problem: Problem) -> tuple[Verdict, ...]:
+    return tuple(Verdict(i, i.supports(problem)) for i in registered(problem.framework, problem.op))
+
+
+def _choose(problem: Problem, backend: str | None) -> Explanation:
+    verdicts = candidates(problem)
+    pool = verdicts
+    if backend:
+        pool = tuple(v for v in verdicts if v.implementation.matches(backend))
+        if not pool:
+            names = sorted({v.implementation.name for v in verdicts})
+            return Explanation(problem, verdicts, None, backend,
+                               f"no implementation named {backend!r} for {problem.framework} {problem.op.value}; "
+                               f"available: {', '.join(names)}")
+    for v in pool:
+        if v.ok:
+            return Explanation(problem, verdicts, v.implementation, backend)
+    reasons = "; ".join(f"{v.implementation.name}: {v.reason}" for v in pool)
+    return Explanation(problem, verdicts, None, backend,
+                       f"backend {backend!r} cannot serve {problem.describe()}: {reasons}. "
+                       f"Drop the backend request (use_backend(None) / unset {ENV_VAR}) for automatic "
+                       f"selection, or change the call as the reason says")
+
+
+@functools.lru_cache(maxsize=4096)
+def _select_cached(problem: Problem, backend: str | None, version: int) -> Explanation:
+    choice = _choose(problem, backend)
+    if choice.chosen is not None:
+        log.debug("qkernels: %s -> %s", problem.describe(), choice.chosen.name)
+    return choice
+
+
+def explain(problem: Problem, backend: str | None = None) -> Explanation:
+    """Every registered candidate with its verdict and reason, and the one a call would run."""
+    _load_providers(problem.framework)
+    return _select_cached(problem, requested_backend(backend), _REGISTRY.version)
+
+
+def select(problem: Problem, backend: str | None = None) -> Implementation:
+    """The implementation a call runs; raises BackendUnavailable if an explicit request cannot serve."""
+    choice = explain(problem, backend)
+    if choice.chosen is None:
+        raise BackendUnavailable(choice.error)
+    return choice.chosen
