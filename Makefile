@@ -1,0 +1,36 @@
+# Each target creates .venv when missing and installs what it needs (pins: constraints.txt).
+# torch is installed first and pinned: elsewhere an unpinned torch pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q -c constraints.txt
+PYTEST_ARGS ?= -n 2
+
+.PHONY: test bench aot clean
+
+$(VENV)/.base:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PIP) torch==2.13.0
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base pyproject.toml constraints.txt
+	$(PIP) -e ".[torch,jax,tpu,test]"
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.test
+	$(PIP) -e ".[bench]" || { echo "optional bench baselines (torchao, aqtp) unavailable; continuing"; $(PIP) matplotlib tqdm; }
+	touch $@
+
+test: $(VENV)/.test
+	$(PY) -m pytest $(PYTEST_ARGS) $(ARGS)
+
+bench: $(VENV)/.bench
+	$(PY) -m bench $(ARGS)
+
+aot: $(VENV)/.test
+	$(PY) -m qkernels.aot --target sm_80
+	$(PY) -m qkernels.aot --target sm_90
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,26 @@
+"""Shared test setup: interpreter modes without accelerators, hypothesis profiles, 8 host devices.
+
+Hypothesis profile from $QKERNELS_HYPOTHESIS_PROFILE: `ci` (default: deterministic, few examples)
+or `thorough` (many examples, still deterministic). Environment variables that must be set before
+triton/jax are imported are set here, at collection time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+# No GPU here: run Triton kernels in its interpreter (must precede `import triton`).
+if shutil.which("nvidia-smi") is None and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+# Eight CPU devices for the sharding tests (must precede `import jax`).
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_COMMON = dict(derandomize=True, database=None, deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", max_examples=10, **_COMMON)
+settings.register_profile("thorough", max_examples=200, **_COMMON)
+settings.load_profile(os.environ.get("QKERNELS_HYPOTHESIS_PROFILE", "ci"))
