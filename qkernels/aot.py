@@ -1,0 +1,92 @@
+"""Compile every shipped kernel config for a target with no accelerator present.
+
+    python -m qkernels.aot --target sm_80|sm_90|gfx942|tpu-v5e|tpu-v6e|tpu-v5p|pallas-sm_80|pallas-sm_90 [--json FILE]
+
+Reports per config the matrix instruction found in the machine code, registers, spills and shared
+memory (GPU) or VMEM and `memory_analysis()` (TPU); exits 1 if any config fails to compile, lacks the
+expected tensor-core/MXU instruction, spills, or exceeds the target's on-chip memory. Useful to
+check a deployment target from a CPU box and to warm a compilation cache.
+
+Each kernel family provides the checks for its targets as `check(target) -> list[ConfigReport]`
+in the module named in `TARGETS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ConfigReport", "TARGETS", "run_checks", "main"]
+
+TARGETS: dict[str, str] = {
+    "sm_80": "qkernels.kernels.triton.aot",
+    "sm_90": "qkernels.kernels.triton.aot",
+    "gfx942": "qkernels.kernels.triton.aot",
+    "tpu-v5e": "qkernels.kernels.pallas.aot",
+    "tpu-v6e": "qkernels.kernels.pallas.aot",
+    "tpu-v5p": "qkernels.kernels.pallas.aot",
+    "pallas-sm_80": "qkernels.kernels.pallas.aot",
+    "pallas-sm_90": "qkernels.kernels.pallas.aot",
+}
+
+
+@dataclass(kw_only=True, slots=True)
+class ConfigReport:
+    """What compiling one kernel config for one target showed; `problems` empty means it passed."""
+
+    kernel: str
+    config: str
+    target: str
+    mma_instruction: str | None = None
+    registers: int | None = None
+    spill_bytes: int | None = None
+    shared_bytes: int | None = None
+    vmem_bytes: int | None = None
+    memory_analysis: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def row(self) -> str:
+        mem = (f"smem {self.shared_bytes}" if self.shared_bytes is not None
+               else f"vmem {self.vmem_bytes}" if self.vmem_bytes is not None else "")
+        regs = f"regs {self.registers} spill {self.spill_bytes}" if self.registers is not None else ""
+        status = "ok" if self.ok else "FAIL: " + "; ".join(self.problems)
+        return f"{self.kernel:<22} {self.config:<40} {self.mma_instruction or '-':<26} {regs:<20} {mem:<14} {status}"
+
+
+def run_checks(target: str) -> list[ConfigReport]:
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    return importlib.import_module(TARGETS[target]).check(target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m qkernels.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", action="append", required=True, choices=list(TARGETS),
+                        help="target to compile for (repeatable)")
+    parser.add_argument("--json", metavar="FILE", help="write every report as JSON")
+    args = parser.parse_args(argv)
+    reports: list[ConfigReport] = []
+    for target in args.target:
+        reports.extend(run_checks(target))
+    for r in reports:
+        print(f"{r.target:<13} {r.row()}")
+    failed = [r for r in reports if not r.ok]
+    print(f"{len(reports) - len(failed)} passed, {len(failed)} failed")
+    if args.json:
+        data: list[dict[str, Any]] = [dataclasses.asdict(r) | {"ok": r.ok} for r in reports]
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=2)
+    return 1 if failed or not reports else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
