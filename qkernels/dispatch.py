@@ -107,7 +107,7 @@ class Problem:
 
     def describe(self) -> str:
         b = f"{self.batch}x" if self.batch is not None else ""
-        lhs = "int8 (pre-quantized)" if self.lhs_quantized else self.act_dtype
+        lhs = f"{self.recipe.lhs.qtype.name} (pre-quantized)" if self.lhs_quantized else self.act_dtype
         return (f"{self.op.value} {self.recipe.name} {b}M={self.m} N={self.n} K={self.k} lhs={lhs} "
                 f"out={self.out_dtype}{' +bias' if self.has_bias else ''} on {self.framework}/{self.platform}")
 

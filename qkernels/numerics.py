@@ -102,14 +102,17 @@ def check_finite(x: np.ndarray, name: str) -> None:
 def symmetric_scale(amax: np.ndarray, qtype: QType) -> np.ndarray:
     """Scale of a symmetric format from the absolute maximum of each block.
 
-    | amax     | scale          |
-    |----------|----------------|
-    | 0        | 1 (not 0: avoids 0/0; every code is then 0) |
-    | a > 0    | f32(a) / qmax, IEEE f32 division |
+    | amax                         | scale                            |
+    |------------------------------|----------------------------------|
+    | a > 0                        | f32(a) / qmax, IEEE f32 division |
+    | 0, or so small a/qmax == 0   | 1 (not 0: avoids 0/0; every code is then 0) |
+
+    The rule tests the computed scale, not amax, so a subnormal amax whose quotient underflows to 0
+    cannot divide by zero (kernels: `scale = amax / qmax; scale = scale == 0 ? 1 : scale`).
     """
     amax = np.asarray(amax, dtype=np.float32)
     scale = amax / np.float32(qtype.qmax)
-    return np.where(amax == 0, np.float32(1.0), scale).astype(np.float32)
+    return np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
 
 
 def quantize_symmetric(x: np.ndarray, scale: np.ndarray, qtype: QType) -> np.ndarray:
@@ -131,14 +134,15 @@ def asymmetric_params(xmin: np.ndarray, xmax: np.ndarray, qtype: QType) -> tuple
 
     | block                 | scale | zero |
     |-----------------------|-------|------|
-    | all zeros             | 1     | 0    |
+    | all zeros (or span/15 underflows to 0) | 1 | 0 |
     | all >= 0 (min -> 0)   | max/15| 0    |
     | all <= 0 (max -> 0)   | -min/15 | 15 |
     """
     lo = np.minimum(np.asarray(xmin, np.float32), np.float32(0))
     hi = np.maximum(np.asarray(xmax, np.float32), np.float32(0))
     span = hi - lo
-    scale = np.where(span == 0, np.float32(1), span / np.float32(qtype.qmax)).astype(np.float32)
+    scale = span / np.float32(qtype.qmax)
+    scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
     zero = np.clip(round_half_even(-lo / scale), qtype.qmin, qtype.qmax).astype(np.int8)
     return scale, zero
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from qkernels.reference import np_dtype
@@ -22,29 +23,33 @@ from qkernels.reference import np_dtype
 __all__ = ["tolerances", "assert_close", "snr_db", "activations", "weights"]
 
 
-def tolerances(lhs: Any, rhs: Any, out_dtype: Any) -> np.ndarray:
-    """Elementwise bound on |backend - reference| for `lhs (..., M, K) @ rhs (..., N, K)^T`.
+def tolerances(lhs: Any, rhs: Any, out_dtype: Any, bias: Any = None) -> np.ndarray:
+    """Elementwise bound on |backend - reference| for `lhs (..., M, K) @ rhs (..., N, K)^T + bias`.
 
     `lhs` and `rhs` are the float operands the backend multiplies (dequantized weights in the
     activation dtype; dequantized activations for integer recipes), as NumPy-readable arrays.
+    The rounding terms (1. and 3.) scale with |lhs| @ |rhs|^T + |bias|, which bounds |result|.
     """
     a = np.abs(np.asarray(lhs, np.float64))
     b = np.abs(np.asarray(rhs, np.float64))
     k = a.shape[-1]
     mag = np.matmul(a, np.swapaxes(b, -1, -2))
-    eps_out = float(np.finfo(np_dtype(out_dtype)).eps)
+    info = ml_dtypes.finfo(np_dtype(out_dtype))
+    eps_out = float(info.eps)
     eps32 = float(np.finfo(np.float32).eps)
-    tiny = float(np.finfo(np_dtype(out_dtype)).smallest_normal)
-    return (eps_out + 4 * eps32) * mag + 2 * k * eps32 * mag + tiny
+    tiny = float(info.smallest_normal)
+    size = mag + (0 if bias is None else np.abs(np.asarray(bias, np.float64)))
+    return (eps_out + 4 * eps32) * size + 2 * k * eps32 * mag + tiny
 
 
-def assert_close(actual: Any, expected: Any, lhs: Any, rhs: Any, out_dtype: Any, what: str = "output") -> None:
+def assert_close(actual: Any, expected: Any, lhs: Any, rhs: Any, out_dtype: Any, bias: Any = None,
+                 what: str = "output") -> None:
     """Assert |actual - expected| <= tolerances(lhs, rhs, out_dtype) everywhere, with a useful message."""
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     if actual.shape != expected.shape:
         raise AssertionError(f"{what}: shape {actual.shape} != expected {expected.shape}")
-    bound = np.broadcast_to(tolerances(lhs, rhs, out_dtype), expected.shape)
+    bound = np.broadcast_to(tolerances(lhs, rhs, out_dtype, bias), expected.shape)
     err = np.abs(actual - expected)
     bad = ~(err <= bound)  # NaN counts as bad
     if bad.any():
