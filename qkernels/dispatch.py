@@ -207,8 +207,15 @@ def _load_providers(framework: str) -> None:
     module = _PROVIDERS.get(framework)
     # A framework that is not installed leaves only the `any` implementations; a binding that is
     # installed but fails to import raises (never hide a broken backend behind the fallback).
-    if module and importlib.util.find_spec(framework) and importlib.util.find_spec(module):
+    if module and _installed(framework) and _installed(module):
         importlib.import_module(module)
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # an import hook refusing the name counts as not installed
+        return False
 
 
 @contextlib.contextmanager
