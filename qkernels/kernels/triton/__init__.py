@@ -1,0 +1,200 @@
+"""Triton kernels (CUDA sm_80+, ROCm gfx942) for the quantized matmul recipes, registered with dispatch.
+
+One module per family: `w8a8`, `w4a8`, `w4a16`, `w8a16` (matmuls with the rescale fused) and
+`quantize` (activations -> int8 + per-row scale). Importing this package (needs torch and triton)
+registers, for framework 'torch':
+
+| name                       | op       | priority | serves                                         |
+|----------------------------|----------|----------|------------------------------------------------|
+| triton.<family>            | qmatmul  | 100      | cuda:sm_80+ and rocm:gfx942                    |
+| triton.quantize            | quantize | 100      | same                                           |
+| triton.interpret.<family>  | qmatmul  | -10      | cpu, only when TRITON_INTERPRET=1 (tests)      |
+| triton.interpret.quantize  | quantize | -10      | same                                           |
+
+so `with qkernels.use_backend("triton"): ...` runs the real kernels in the interpreter on CPU
+tensors, and automatic selection never picks the (slow) interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qkernels import dispatch
+from qkernels.formats import OperandFormat, QOperand
+from qkernels.kernels.triton._common import MatmulConfig, QuantizeConfig
+from qkernels.kernels.triton.quantize import quantize_rows
+from qkernels.kernels.triton.w4a8 import w4a8_matmul
+from qkernels.kernels.triton.w4a16 import w4a16_matmul
+from qkernels.kernels.triton.w8a8 import w8a8_matmul
+from qkernels.kernels.triton.w8a16 import w8a16_matmul
+from qkernels.numerics import INT4, INT8, UINT4, Granularity
+
+__all__ = [
+    "MatmulConfig", "QuantizeConfig", "quantize_rows", "w8a8_matmul", "w4a8_matmul", "w4a16_matmul",
+    "w8a16_matmul", "FAMILIES",
+]
+
+_INT8_ROW = OperandFormat(qtype=INT8, granularity=Granularity.ROW)
+_OUT_DTYPES = ("bfloat16", "float16", "float32")
+_FLOAT_ACTS = ("bfloat16", "float16")  # weight-only recipes multiply in the activation dtype
+_ANY_FLOAT_ACTS = ("bfloat16", "float16", "float32")  # integer recipes quantize them in the kernel
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Family:
+    """A kernel family as dispatch sees it: which operand formats and activation dtypes it takes."""
+
+    name: str
+    accepts_rhs: Callable[[OperandFormat], bool]
+    rhs_description: str
+    lhs_int8: bool  # activations quantized to int8 per row (in the kernel, or by the caller)
+    run: Callable[..., Any]
+
+    def reason(self, problem: dispatch.Problem) -> str | None:
+        recipe = problem.recipe
+        if not self.accepts_rhs(recipe.rhs):
+            return f"weights {recipe.rhs.describe()} are not {self.rhs_description}"
+        if self.lhs_int8 != (recipe.lhs is not None):
+            return "activations stay float in this recipe" if self.lhs_int8 else "activations are quantized"
+        if self.lhs_int8 and recipe.lhs != _INT8_ROW:
+            return f"activations {recipe.lhs.describe()} are not int8 per-row"
+        if problem.lhs_quantized and not self.lhs_int8:
+            return "pre-quantized activations need an integer recipe"
+        acts = _ANY_FLOAT_ACTS if self.lhs_int8 else _FLOAT_ACTS
+        if not problem.lhs_quantized and problem.act_dtype not in acts:
+            return (f"activation dtype {problem.act_dtype} is not one of {acts}; cast the activations "
+                    f"(x.to(torch.bfloat16))")
+        if problem.out_dtype not in _OUT_DTYPES:
+            return f"output dtype {problem.out_dtype} is not one of {_OUT_DTYPES}"
+        return None
+
+
+def _flat(x: Any, k: int) -> Any:
+    return x.reshape(-1, k)
+
+
+def _lhs_codes(problem: dispatch.Problem, lhs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and per-row f32 scales of the activations, quantized in the fused kernel if float."""
+    if problem.lhs_quantized:
+        return lhs.qvalue, lhs.scale
+    return quantize_rows(lhs)
+
+
+def _run(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any, matmul: Callable[..., torch.Tensor]) -> Any:
+    """Dispatch's calling convention onto a launcher: fold leading lhs axes into M when unbatched."""
+    if problem.batch is not None:
+        return matmul(lhs, rhs, bias)
+    lead = tuple((lhs.qvalue if isinstance(lhs, QOperand) else lhs).shape[:-1])
+    if isinstance(lhs, QOperand):
+        flat = QOperand(_flat(lhs.qvalue, problem.k), lhs.scale.reshape(-1))
+    else:
+        flat = _flat(lhs, problem.k)
+    return matmul(flat, rhs, bias).reshape(*lead, problem.n)
+
+
+def _run_w8a8(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any) -> Any:
+    def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
+        q, s = _lhs_codes(problem, x)
+        return w8a8_matmul(q, s, w.qvalue, w.scale, b, out_dtype=problem.out_dtype)
+    return _run(problem, lhs, rhs, bias, matmul)
+
+
+def _run_w4a8(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any) -> Any:
+    def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
+        q, s = _lhs_codes(problem, x)
+        return w4a8_matmul(q, s, w.qvalue, w.scale, b, group_size=problem.recipe.group_size,
+                           out_dtype=problem.out_dtype)
+    return _run(problem, lhs, rhs, bias, matmul)
+
+
+def _run_w4a16(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any) -> Any:
+    def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
+        return w4a16_matmul(x, w.qvalue, w.scale, w.zero_point, b, group_size=problem.recipe.group_size,
+                            out_dtype=problem.out_dtype)
+    return _run(problem, lhs, rhs, bias, matmul)
+
+
+def _run_w8a16(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any) -> Any:
+    def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
+        return w8a16_matmul(x, w.qvalue, w.scale, b, out_dtype=problem.out_dtype)
+    return _run(problem, lhs, rhs, bias, matmul)
+
+
+def _run_quantize(problem: dispatch.Problem, x: torch.Tensor) -> QOperand:
+    q, s = quantize_rows(x)
+    return QOperand(q, s, None)
+
+
+def _grouped(qtype: Any) -> Callable[[OperandFormat], bool]:
+    return lambda f: f.qtype == qtype and f.granularity is Granularity.GROUP
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family(name="w8a8", accepts_rhs=lambda f: f == _INT8_ROW, rhs_description="int8 per-channel",
+           lhs_int8=True, run=_run_w8a8),
+    Family(name="w4a8", accepts_rhs=_grouped(INT4), rhs_description="int4 per-group", lhs_int8=True,
+           run=_run_w4a8),
+    Family(name="w4a16", accepts_rhs=lambda f: _grouped(INT4)(f) or _grouped(UINT4)(f),
+           rhs_description="int4 or uint4+zero-point per-group", lhs_int8=False, run=_run_w4a16),
+    Family(name="w8a16", accepts_rhs=lambda f: f == _INT8_ROW, rhs_description="int8 per-channel",
+           lhs_int8=False, run=_run_w8a16),
+)
+
+
+def _gpu_platform_reason(problem: dispatch.Problem) -> str | None:
+    kind, arch = problem.device_kind, problem.arch or ""
+    if kind == "cuda":
+        cc = re.fullmatch(r"sm_(\d+)\d[a-z]?", arch)
+        if cc and int(cc[1]) >= 8:
+            return None
+        return f"platform {problem.platform} is older than sm_80 (no int8/bf16 tensor-core path)"
+    if problem.platform == "rocm:gfx942":
+        return None
+    return f"platform {problem.platform} is not a CUDA sm_80+ or ROCm gfx942 GPU"
+
+
+def _interpret_platform_reason(problem: dispatch.Problem) -> str | None:
+    if problem.platform != "cpu":
+        return f"the interpreter variant serves CPU tensors only, not {problem.platform}"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return "set TRITON_INTERPRET=1 before importing triton to run the Triton kernels in its CPU interpreter"
+    return None
+
+
+def _supports(platform_reason: Callable[[dispatch.Problem], str | None],
+              family_reason: Callable[[dispatch.Problem], str | None]) -> Callable[[dispatch.Problem], str | None]:
+    def supports(problem: dispatch.Problem) -> str | None:
+        return platform_reason(problem) or family_reason(problem)
+    return supports
+
+
+def _quantize_reason(problem: dispatch.Problem) -> str | None:
+    if problem.recipe.lhs != _INT8_ROW:
+        return f"activation format {problem.recipe.lhs.describe() if problem.recipe.lhs else 'float'} is not int8 per-row"
+    if problem.act_dtype not in _ANY_FLOAT_ACTS:
+        return f"activation dtype {problem.act_dtype} is not one of {_ANY_FLOAT_ACTS}"
+    return None
+
+
+def _register() -> None:
+    variants = (("triton", 100, _gpu_platform_reason, ""),
+                ("triton.interpret", -10, _interpret_platform_reason, " in the Triton interpreter (CPU, slow; tests)"))
+    for prefix, priority, platform_reason, where in variants:
+        for fam in FAMILIES:
+            dispatch.register(dispatch.Implementation(
+                name=f"{prefix}.{fam.name}", framework="torch", op=dispatch.Op.QMATMUL, priority=priority,
+                supports=_supports(platform_reason, fam.reason), run=fam.run,
+                description=f"Triton {fam.name} kernel, rescale fused{where}"))
+        dispatch.register(dispatch.Implementation(
+            name=f"{prefix}.quantize", framework="torch", op=dispatch.Op.QUANTIZE, priority=priority,
+            supports=_supports(platform_reason, _quantize_reason), run=_run_quantize,
+            description=f"Triton fused activation quantization (int8 per row){where}"))
+
+
+_register()

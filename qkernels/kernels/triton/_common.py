@@ -1,0 +1,211 @@
+"""Shared pieces of the Triton kernel families: configs, arch lookup, dtypes, rounding, checks.
+
+Configs are frozen dataclasses (block sizes, warps, stages); they change speed, never numerics:
+every family accumulates integer products exactly and rescales in DESIGN.md section 4's order
+whatever the tile shape (a test proves two configs give identical integer outputs).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "MatmulConfig", "QuantizeConfig", "ARCHS", "interpreting", "arch_of", "pick_config",
+    "TORCH_DTYPES", "torch_dtype", "rint_half_even", "round_to_bf16", "unpack_int4_tile", "Output", "check_device",
+]
+
+ARCHS = ("sm_80", "sm_90", "gfx942", "interpret")
+"""Config tables every family ships: three deployment targets and small blocks for the interpreter."""
+
+_FLOAT_OUT = ("float32", "float16", "bfloat16")
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8,
+}
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    """torch dtype for an output dtype name ('bfloat16') or a torch dtype (returned as is)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in TORCH_DTYPES or name == "int8":
+        raise ValueError(f"out_dtype={name!r} is not supported by the Triton kernels; use one of {_FLOAT_OUT}")
+    return TORCH_DTYPES[name]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MatmulConfig:
+    """Tile shape and pipelining of a matmul kernel. Cannot change numerics (only speed).
+
+    `max_m`: this config is chosen for calls with M <= max_m (None: any M); a family's table is
+    ordered from the smallest `max_m` up, the first that covers M wins.
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+    group_m: int = 8
+    max_m: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("block_m", "block_n", "block_k", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two")
+        if min(self.block_m, self.block_n, self.block_k) < 16:
+            raise ValueError(f"blocks {self.block_m}x{self.block_n}x{self.block_k}: tl.dot needs every "
+                             f"block dimension >= 16")
+        if self.num_stages < 1 or self.group_m < 1:
+            raise ValueError(f"num_stages={self.num_stages} and group_m={self.group_m} must be >= 1")
+
+    @property
+    def name(self) -> str:
+        return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}"
+
+    def for_group(self, group_size: int) -> MatmulConfig:
+        """This config with BLOCK_K clamped to the group size, so that no K tile straddles a group.
+
+        Both are powers of two, so the clamped BLOCK_K divides the group size (DESIGN.md section 4).
+        """
+        if self.block_k <= group_size:
+            return self
+        return MatmulConfig(block_m=self.block_m, block_n=self.block_n, block_k=group_size,
+                            num_warps=self.num_warps, num_stages=self.num_stages, group_m=self.group_m,
+                            max_m=self.max_m)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class QuantizeConfig:
+    """Rows per program and K chunk of the activation-quantize kernel. Cannot change numerics."""
+
+    block_rows: int
+    block_k: int
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("block_rows", "block_k", "num_warps"):
+            v = getattr(self, name)
+            if v < 1 or v & (v - 1):
+                raise ValueError(f"{name}={v} must be a power of two")
+
+    @property
+    def name(self) -> str:
+        return f"r{self.block_rows}k{self.block_k}w{self.num_warps}"
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 before import)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def arch_of(device: torch.device) -> str:
+    """Config table for a tensor's device: 'sm_80', 'sm_90', 'gfx942' or 'interpret'.
+
+    sm_86/sm_89 use the sm_80 table (same mma.sync instructions); sm_90 and newer the sm_90 table.
+    """
+    if device.type == "cpu":
+        if not interpreting():
+            raise RuntimeError("the Triton kernels got CPU tensors but TRITON_INTERPRET is not '1'; move the "
+                               "tensors to a GPU, or set TRITON_INTERPRET=1 before importing triton (slow, "
+                               "for tests)")
+        return "interpret"
+    if device.type != "cuda":
+        raise RuntimeError(f"the Triton kernels run on CUDA/ROCm devices, not {device.type!r}")
+    if getattr(torch.version, "hip", None):
+        return "gfx942"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        raise RuntimeError(f"GPU compute capability sm_{major}{minor} is below sm_80; the Triton kernels need "
+                           f"int8/bf16 tensor cores (Ampere or newer)")
+    return "sm_90" if major >= 9 else "sm_80"
+
+
+def pick_config(table: Mapping[str, tuple[MatmulConfig, ...]], arch: str, m: int) -> MatmulConfig:
+    """First config of `table[arch]` whose `max_m` covers `m`."""
+    for cfg in table[arch]:
+        if cfg.max_m is None or m <= cfg.max_m:
+            return cfg
+    return table[arch][-1]
+
+
+def check_device(*tensors: torch.Tensor | None) -> torch.device:
+    """All given tensors on one device; returns it."""
+    present = [t for t in tensors if t is not None]
+    devices = {t.device for t in present}
+    if len(devices) != 1:
+        raise ValueError(f"operands are on different devices {sorted(map(str, devices))}; move them to one")
+    return present[0].device
+
+
+@triton.jit
+def rint_half_even(y):
+    """Round f32 to the nearest integer, ties to even (numpy.rint), for |y| < 2**23.
+
+    Written with floor because libdevice `rint` does not run in the interpreter; exact in f32
+    (`y - floor(y)` is exact below 2**23) and, with FMA contraction off, the same on every target.
+    Callers pass |y| <= qmax (1 + 2**-23), far inside the exact range.
+    """
+    r = tl.floor(y)
+    frac = y - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) == 1.0
+    return tl.where((frac > 0.5) | ((frac == 0.5) & odd), r + 1.0, r)
+
+
+@triton.jit
+def unpack_int4_tile(packed, SIGNED: tl.constexpr):
+    """[BLOCK_N, BLOCK_K // 2] int8 bytes -> [BLOCK_N, BLOCK_K] int8 codes (low nibble = even k)."""
+    if SIGNED:
+        lo = (packed << 4) >> 4  # arithmetic shift sign-extends the nibble
+        hi = packed >> 4
+    else:
+        lo = packed & 0xF
+        hi = (packed >> 4) & 0xF
+    return tl.interleave(lo, hi)
+
+
+@triton.jit
+def round_to_bf16(x):
+    """f32 -> the nearest bf16 value (ties to even), kept in f32. For the interpreter only.
+
+    The interpreter's f32 -> bf16 cast truncates (DESIGN.md section 6); compiled kernels cast
+    with `.to(tl.bfloat16)`, which rounds to nearest even. Finite inputs only.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+class Output:
+    """Output buffer of a launcher, with the interpreter's f32 -> bf16 truncation worked around.
+
+    The interpreter casts f32 to bf16 by truncation instead of round-to-nearest-even (DESIGN.md
+    section 6), so under interpretation a bf16 result is written as f32 by the kernel and rounded
+    by torch (which rounds to nearest even), exactly what a compiled kernel's cast does.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype = dtype
+        store = torch.float32 if (interpreting() and dtype == torch.bfloat16) else dtype
+        self.buffer = torch.empty(shape, dtype=store, device=device)
+
+    def result(self) -> torch.Tensor:
+        return self.buffer if self.buffer.dtype == self.dtype else self.buffer.to(self.dtype)
+
+
+def dot_upcast(act_dtype: torch.dtype) -> bool:
+    """Whether a float MMA must run on f32-upcast operands: the interpreter's bf16 tl.dot is wrong."""
+    return interpreting() and act_dtype == torch.bfloat16
+
+
+def batch_stride(t: torch.Tensor, batched_ndim: int) -> int:
+    """Stride of the leading batch axis of an operand with `batched_ndim` axes when batched; 0 for
+    an operand with fewer axes, shared by every batch (a 2-D weight with a 3-D lhs)."""
+    return t.stride(0) if t.dim() == batched_ndim else 0

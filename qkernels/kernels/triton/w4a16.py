@@ -1,0 +1,156 @@
+"""W4A16: bf16/fp16 activations x packed int4 (or uint4 + zero point) weights, per-group scales.
+
+Inside the K loop each weight tile is unpacked (two codes per byte, low nibble = even k) and
+dequantized in registers, `w = (f32(q) - zero) * scale` cast to the activation dtype (DESIGN.md
+section 4), then fed to a bf16/fp16 tensor-core MMA accumulating in f32; no dequantized weight is
+ever written to memory. BLOCK_K is clamped to the group size, so one tile row needs one scale.
+Accurate, not bit-exact across backends (the f32 accumulation order differs).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qkernels.formats import W4A16
+from qkernels.kernels.triton._common import (
+    MatmulConfig, Output, arch_of, batch_stride, check_device, dot_upcast, pick_config, round_to_bf16,
+    torch_dtype, unpack_int4_tile,
+)
+
+__all__ = ["CONFIGS", "w4a16_matmul", "w4a16_kernel", "FLOAT_ACTIVATIONS"]
+
+FLOAT_ACTIVATIONS = (torch.bfloat16, torch.float16)
+
+CONFIGS: dict[str, tuple[MatmulConfig, ...]] = {
+    "sm_80": (MatmulConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, max_m=16),
+              MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+    "sm_90": (MatmulConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, max_m=16),
+              MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+    "gfx942": (MatmulConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=2, max_m=16),
+               MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=2)),
+    "interpret": (MatmulConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1),),
+}
+
+
+@triton.jit
+def w4a16_kernel(
+    # pointers
+    a_ptr, w_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, out_ptr,
+    # sizes
+    M, N, K, K_STORED,
+    # strides (batch stride 0: operand shared by every batch)
+    stride_ab, stride_am, stride_ak,
+    stride_wb, stride_wn, stride_wk,
+    stride_wsb, stride_wsn, stride_wsg,
+    stride_wzb, stride_wzn, stride_wzg,
+    stride_ob, stride_om, stride_on,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, ZERO_POINT: tl.constexpr, DOT_F32: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_id = pid // (GROUP_M * num_pid_n)
+    first_m = group_id * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_rows)
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    offs_kb = tl.arange(0, BLOCK_K // 2)  # [BLOCK_K // 2] packed bytes
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_ptrs = a_ptr + pid_b * stride_ab + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + pid_b * stride_wb + offs_n[:, None] * stride_wn + offs_kb[None, :] * stride_wk
+    s_ptrs = w_scale_ptr + pid_b * stride_wsb + offs_n * stride_wsn  # [BLOCK_N]
+    z_ptrs = w_zero_ptr + pid_b * stride_wzb + offs_n * stride_wzn  # [BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
+    for k0 in range(0, K, BLOCK_K):
+        g = k0 // GROUP_SIZE
+        k_ok = offs_k < K - k0
+        kb_ok = offs_kb < K_STORED - k0 // 2
+        a = tl.load(a_ptrs + k0 * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        packed = tl.load(w_ptrs + (k0 // 2) * stride_wk, mask=n_ok[:, None] & kb_ok[None, :], other=0)
+        q = unpack_int4_tile(packed, not ZERO_POINT).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+        scale = tl.load(s_ptrs + g * stride_wsg, mask=n_ok, other=1.0)  # [BLOCK_N]
+        if ZERO_POINT:
+            zero = tl.load(z_ptrs + g * stride_wzg, mask=n_ok, other=0).to(tl.float32)  # [BLOCK_N]
+            q = q - zero[:, None]
+        w = q * scale[:, None]  # [BLOCK_N, BLOCK_K] f32
+        if DOT_F32:  # interpreter only: its bf16 dot and bf16 cast are wrong; f32 holds bf16 values exactly
+            acc = tl.dot(a.to(tl.float32), tl.trans(round_to_bf16(w)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tl.trans(w.to(a_ptr.dtype.element_ty)), acc, out_dtype=tl.float32)
+
+    if HAS_BIAS:
+        acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + pid_b * stride_ob + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def w4a16_matmul(
+    lhs: torch.Tensor, rhs: torch.Tensor, rhs_scale: torch.Tensor, rhs_zero: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None, *, group_size: int, out_dtype: str | torch.dtype | None = None,
+    config: MatmulConfig | None = None,
+) -> torch.Tensor:
+    """W4A16 matmul of float activations `lhs` (B?, M, K) with packed 4-bit `rhs` (B?, N, K_padded/2).
+
+    rhs holds int4 codes (rhs_zero None) or uint4 codes with int8 zero points rhs_zero of
+    rhs_scale's shape (B?, N, K_padded / group_size). lhs is bf16 or fp16 (the MMA dtype); out
+    defaults to lhs's dtype. A 2-D rhs is shared by every batch of a 3-D lhs. Any strides.
+    """
+    fmt = W4A16(group_size, zero_point=rhs_zero is not None).rhs
+    batched = lhs.dim() == 3
+    if lhs.dim() not in (2, 3) or rhs.dim() not in (2, 3) or (rhs.dim() == 3 and not batched):
+        raise ValueError(f"lhs {tuple(lhs.shape)} must be (M, K) or (B, M, K) and rhs {tuple(rhs.shape)} "
+                         f"(N, K/2), or (B, N, K/2) with a 3-D lhs")
+    if lhs.dtype not in FLOAT_ACTIVATIONS:
+        raise TypeError(f"W4A16 activations have dtype {lhs.dtype}; the kernel multiplies in bf16 or fp16: "
+                        f"cast them (x.to(torch.bfloat16))")
+    if rhs.dtype != torch.int8:
+        raise TypeError(f"rhs has dtype {rhs.dtype}; packed int4 weights are stored as int8")
+    m, k = lhs.shape[-2:]
+    n = rhs.shape[-2]
+    if rhs.shape[-1] != fmt.stored_k(k):
+        raise ValueError(f"rhs stores {rhs.shape[-1]} bytes per row but K={k} with group_size={group_size} "
+                         f"needs {fmt.stored_k(k)}; the contraction sizes or the group size do not match")
+    groups = fmt.padded_k(k) // group_size
+    expected = (*rhs.shape[:-1], groups)
+    if tuple(rhs_scale.shape) != expected or (rhs_zero is not None and tuple(rhs_zero.shape) != expected):
+        raise ValueError(f"rhs_scale {tuple(rhs_scale.shape)} (and zero point) must have shape {expected}: "
+                         f"one per group of {group_size}")
+    if batched and rhs.dim() == 3 and rhs.shape[0] != lhs.shape[0]:
+        raise ValueError(f"batch sizes differ: lhs {lhs.shape[0]}, rhs {rhs.shape[0]}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+    device = check_device(lhs, rhs, rhs_scale, rhs_zero, bias)
+    arch = arch_of(device)
+    cfg = (config or pick_config(CONFIGS, arch, m)).for_group(group_size)
+
+    nb = lhs.shape[0] if batched else 1
+    out = Output((nb, m, n) if batched else (m, n), torch_dtype(out_dtype or lhs.dtype), device)
+    o = out.buffer if batched else out.buffer.unsqueeze(0)
+    a = lhs if batched else lhs.unsqueeze(0)
+    z = rhs_zero if rhs_zero is not None else rhs_scale
+    if m and n:
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), nb)
+        w4a16_kernel[grid](
+            a, rhs, rhs_scale, z, bias if bias is not None else rhs_scale, o,
+            m, n, k, rhs.shape[-1],
+            a.stride(0), a.stride(1), a.stride(2),
+            batch_stride(rhs, 3), rhs.stride(-2), rhs.stride(-1),
+            batch_stride(rhs_scale, 3), rhs_scale.stride(-2), rhs_scale.stride(-1),
+            batch_stride(z, 3), z.stride(-2), z.stride(-1),
+            o.stride(0), o.stride(1), o.stride(2),
+            HAS_BIAS=bias is not None, ZERO_POINT=rhs_zero is not None, DOT_F32=dot_upcast(lhs.dtype),
+            GROUP_SIZE=group_size,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+    return out.result()
