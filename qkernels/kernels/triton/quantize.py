@@ -23,7 +23,7 @@ CONFIGS: dict[str, QuantizeConfig] = {
     "interpret": QuantizeConfig(block_rows=8, block_k=64, num_warps=1),
 }
 
-QMAX = 127.0
+QMAX = tl.constexpr(127.0)
 
 
 @triton.jit

@@ -22,10 +22,11 @@ from qkernels.kernels.triton._common import (
 __all__ = ["CONFIGS", "w4a8_matmul", "w4a8_kernel"]
 
 CONFIGS: dict[str, tuple[MatmulConfig, ...]] = {
+    # Two accumulators live in registers (int32 group partial + f32 sum): large tiles are 128x64.
     "sm_80": (MatmulConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, max_m=16),
-              MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+              MatmulConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)),
     "sm_90": (MatmulConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, max_m=16),
-              MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
+              MatmulConfig(block_m=128, block_n=64, block_k=64, num_warps=8, num_stages=3)),
     "gfx942": (MatmulConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=2, max_m=16),
                MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=2)),
     "interpret": (MatmulConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1),),

@@ -1,0 +1,214 @@
+"""Compile every shipped Triton config for sm_80 / sm_90 / gfx942 with no GPU, and check the machine code.
+
+`check(target)` (used by `python -m qkernels.aot --target sm_80`) compiles each family's configs for
+`target` with `triton.compile(ASTSource(...), target=GPUTarget(...))`, the way the JIT would
+specialize a typical call (pointers and strides 16-byte divisible, unit K strides, bf16
+activations/outputs, bias on), then reads the machine code: SASS through the wheel's `cuobjdump`
+(tensor-core instruction, registers, spills) or the AMDGCN text (v_mfma, VGPRs, spills, LDS).
+A config fails if it does not compile, lacks the expected tensor-core instruction, spills, or uses
+more shared memory than the target has. This also warms Triton's compilation cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+
+from qkernels.aot import ConfigReport
+from qkernels.kernels.triton import quantize, w4a8, w4a16, w8a8, w8a16
+from qkernels.kernels.triton._common import MatmulConfig, interpreting
+
+__all__ = ["check", "GPU_TARGETS"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GpuTarget:
+    triton_target: GPUTarget
+    shared_limit: int  # bytes of shared memory (LDS) one block may use
+
+
+GPU_TARGETS: dict[str, GpuTarget] = {
+    "sm_80": GpuTarget(triton_target=GPUTarget("cuda", 80, 32), shared_limit=163 * 1024),
+    "sm_90": GpuTarget(triton_target=GPUTarget("cuda", 90, 32), shared_limit=227 * 1024),
+    "gfx942": GpuTarget(triton_target=GPUTarget("hip", "gfx942", 64), shared_limit=64 * 1024),
+}
+
+# Strides of the contiguous (K, or N for outputs) axis: the JIT specializes a stride of 1 to a constant.
+_UNIT_STRIDES = {"stride_ak", "stride_wk", "stride_on", "stride_xk", "stride_qk"}
+_GROUP = 128  # group size compiled for the grouped families (BLOCK_K is clamped to it)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class KernelSpec:
+    """One family's kernel as compiled ahead of time: pointer dtypes, constexprs, expected MMA."""
+
+    name: str
+    fn: Any
+    pointers: dict[str, str]
+    constexprs: Callable[[Any], dict[str, Any]]
+    configs: Callable[[str], tuple[Any, ...]]
+    mma: str | None  # 'int8', '16bit' or None (no matmul)
+
+
+def _blocks(cfg: MatmulConfig, **extra: Any) -> dict[str, Any]:
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, **extra)
+
+
+SPECS: tuple[KernelSpec, ...] = (
+    KernelSpec(name="quantize_rows", fn=quantize.quantize_rows_kernel,
+               pointers=dict(x_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32"),
+               constexprs=lambda c: dict(BLOCK_R=c.block_rows, BLOCK_K=c.block_k),
+               configs=lambda arch: (quantize.CONFIGS[arch],), mma=None),
+    KernelSpec(name="w8a8", fn=w8a8.w8a8_kernel,
+               pointers=dict(a_ptr="*i8", a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32",
+                             bias_ptr="*fp32", out_ptr="*bf16"),
+               constexprs=lambda c: _blocks(c, HAS_BIAS=True, RETURN_ACC=False),
+               configs=lambda arch: w8a8.CONFIGS[arch], mma="int8"),
+    KernelSpec(name="w4a8", fn=w4a8.w4a8_kernel,
+               pointers=dict(a_ptr="*i8", a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32",
+                             bias_ptr="*fp32", out_ptr="*bf16"),
+               constexprs=lambda c: _blocks(c.for_group(_GROUP), HAS_BIAS=True, RETURN_ACC=False,
+                                            GROUP_SIZE=_GROUP),
+               configs=lambda arch: w4a8.CONFIGS[arch], mma="int8"),
+    KernelSpec(name="w4a16", fn=w4a16.w4a16_kernel,
+               pointers=dict(a_ptr="*bf16", w_ptr="*i8", w_scale_ptr="*fp32", w_zero_ptr="*i8",
+                             bias_ptr="*bf16", out_ptr="*bf16"),
+               constexprs=lambda c: _blocks(c.for_group(_GROUP), HAS_BIAS=True, ZERO_POINT=False, DOT_F32=False,
+                                            GROUP_SIZE=_GROUP),
+               configs=lambda arch: w4a16.CONFIGS[arch], mma="16bit"),
+    KernelSpec(name="w8a16", fn=w8a16.w8a16_kernel,
+               pointers=dict(a_ptr="*bf16", w_ptr="*i8", w_scale_ptr="*fp32", bias_ptr="*bf16",
+                             out_ptr="*bf16"),
+               constexprs=lambda c: _blocks(c, HAS_BIAS=True, DOT_F32=False),
+               configs=lambda arch: w8a16.CONFIGS[arch], mma="16bit"),
+)
+
+
+def _source(spec: KernelSpec, cfg: Any) -> ASTSource:
+    constexprs = spec.constexprs(cfg)
+    signature: dict[str, str] = {}
+    attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+    for i, arg in enumerate(spec.fn.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in _UNIT_STRIDES:
+            signature[arg] = "constexpr"
+            constexprs[arg] = 1
+        elif arg in spec.pointers:
+            signature[arg] = spec.pointers[arg]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "i32"
+            if arg.startswith("stride_"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return ASTSource(spec.fn, signature, constexprs, attrs)
+
+
+_MMA_PATTERNS = {
+    ("cuda", "int8"): re.compile(r"\b(?:IMMA|IGMMA)\.\S*S8\S*"),
+    ("cuda", "16bit"): re.compile(r"\b(?:HMMA|HGMMA)\.\S+"),
+    ("hip", "int8"): re.compile(r"\bv_mfma_i32_\w+_i8\b"),
+    ("hip", "16bit"): re.compile(r"\bv_mfma_f32_\w+_(?:bf16|f16)\w*\b"),
+}
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _inspect_cuda(kernel: Any, report: ConfigReport, mma: str | None) -> None:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    with tempfile.NamedTemporaryFile(suffix=".ptx") as f:
+        f.write(kernel.asm["ptx"].encode())
+        f.flush()
+        arch = kernel.metadata.target.arch
+        gpu_name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        ptxas_path = get_ptxas(arch).path  # the ptxas Triton itself used for this arch
+        done = subprocess.run([ptxas_path, "-v", f"--gpu-name={gpu_name}", f.name, "-o", os.devnull],
+                              capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"ptxas -v failed: {done.stderr.strip()[-300:]}")
+    ptxas = done.stdout + done.stderr
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    report.registers = int(regs[1]) if regs else None
+    # ptxas -v counts spill stores; the stack frame catches local arrays too.
+    spill_stores = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", ptxas))
+    report.spill_bytes = max(spill_stores, int(stack[1]) if stack else 0)
+    if mma:
+        found = _MMA_PATTERNS[("cuda", mma)].search(sass)
+        report.mma_instruction = found[0] if found else None
+
+
+def _inspect_hip(kernel: Any, report: ConfigReport, mma: str | None) -> None:
+    gcn = kernel.asm["amdgcn"]
+    vgpr = re.search(r"\.vgpr_count:\s+(\d+)", gcn)
+    spills = [int(v) for v in re.findall(r"\.(?:vgpr|sgpr)_spill_count:\s+(\d+)", gcn)]
+    report.registers = int(vgpr[1]) if vgpr else None
+    report.spill_bytes = 4 * sum(spills)
+    if mma:
+        found = _MMA_PATTERNS[("hip", mma)].search(gcn)
+        report.mma_instruction = found[0] if found else None
+
+
+def _check_one(spec: KernelSpec, cfg: Any, target: str) -> ConfigReport:
+    gpu = GPU_TARGETS[target]
+    report = ConfigReport(kernel=spec.name, config=cfg.name, target=target)
+    options = dict(num_warps=cfg.num_warps, num_stages=getattr(cfg, "num_stages", 1), enable_fp_fusion=False)
+    try:
+        kernel = triton.compile(_source(spec, cfg), target=gpu.triton_target, options=options)
+    except Exception as e:  # a compile failure is the finding: report it, do not hide it
+        report.problems.append(f"compile failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
+        return report
+    report.shared_bytes = int(kernel.metadata.shared)
+    if gpu.triton_target.backend == "cuda":
+        _inspect_cuda(kernel, report, spec.mma)
+    else:
+        _inspect_hip(kernel, report, spec.mma)
+    if spec.mma and report.mma_instruction is None:
+        report.problems.append(f"no {spec.mma} tensor-core instruction in the machine code")
+    if report.spill_bytes:
+        report.problems.append(f"spills {report.spill_bytes} bytes; use more warps or smaller tiles")
+    if report.shared_bytes > gpu.shared_limit:
+        report.problems.append(f"shared memory {report.shared_bytes} B > {gpu.shared_limit} B on {target}; "
+                               f"reduce num_stages or the tile")
+    return report
+
+
+def check(target: str) -> list[ConfigReport]:
+    """Compile every shipped config of every Triton kernel for `target` ('sm_80', 'sm_90', 'gfx942').
+
+    Under TRITON_INTERPRET=1 the kernels are interpreter objects that cannot be compiled, so the
+    check runs in a child process without that variable.
+    """
+    if target not in GPU_TARGETS:
+        raise ValueError(f"target {target!r} is not a Triton target; choose from {', '.join(GPU_TARGETS)}")
+    if interpreting():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        done = subprocess.run([sys.executable, "-m", __name__, target], env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"the AOT check for {target} failed in its child process:\n{done.stderr[-2000:]}")
+        return [ConfigReport(**r) for r in json.loads(done.stdout)]
+    return [_check_one(spec, cfg, target) for spec in SPECS for cfg in spec.configs(target)]
+
+
+if __name__ == "__main__":  # child process of `check` under the interpreter: reports as JSON on stdout
+    print(json.dumps([dataclasses.asdict(r) for r in check(sys.argv[1])]))

@@ -1,0 +1,58 @@
+"""`python -m qkernels.aot --target sm_80 --target sm_90`: every shipped Triton config compiles with no
+GPU, uses int8 tensor cores for integer recipes and 16-bit ones for weight-only recipes, and neither
+spills nor exceeds shared memory."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from qkernels import aot  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+INT8_MMA = ("IMMA.", "IGMMA.")
+FLOAT_MMA = ("HMMA.", "HGMMA.")
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    path = tmp_path_factory.mktemp("aot") / "triton.json"
+    code = aot.main(["--target", "sm_80", "--target", "sm_90", "--json", str(path)])
+    data = json.loads(path.read_text())
+    failed = [f"{r['target']} {r['kernel']} {r['config']}: {r['problems']}" for r in data if not r["ok"]]
+    assert code == 0 and not failed, "\n".join(failed)
+    return data
+
+
+def test_every_family_and_target_is_checked(reports: list[dict]) -> None:
+    seen = {(r["target"], r["kernel"]) for r in reports}
+    families = ("quantize_rows", "w8a8", "w4a8", "w4a16", "w8a16")
+    assert seen == {(t, k) for t in ("sm_80", "sm_90") for k in families}
+
+
+@pytest.mark.parametrize("kernel,expected", [
+    pytest.param("w8a8", INT8_MMA, id="w8a8-int8-mma"), pytest.param("w4a8", INT8_MMA, id="w4a8-int8-mma"),
+    pytest.param("w4a16", FLOAT_MMA, id="w4a16-bf16-mma"), pytest.param("w8a16", FLOAT_MMA, id="w8a16-bf16-mma")])
+def test_tensor_core_instruction(reports: list[dict], kernel: str, expected: tuple[str, ...]) -> None:
+    for r in (r for r in reports if r["kernel"] == kernel):
+        assert (r["mma_instruction"] or "").startswith(expected), r
+        assert r["spill_bytes"] == 0 and r["registers"] <= 255, r
+
+
+def test_sm90_large_tiles_use_warpgroup_mma(reports: list[dict]) -> None:
+    """Hopper's prefill configs (BLOCK_M >= 64) must reach wgmma, not the Ampere mma.sync path."""
+    large = [r for r in reports if r["target"] == "sm_90" and r["kernel"] != "quantize_rows"
+             and r["config"].startswith("m128")]
+    assert large and all(r["mma_instruction"].startswith(("IGMMA.", "HGMMA.")) for r in large), large
+
+
+def test_unknown_target_is_refused() -> None:
+    from qkernels.kernels.triton import aot as triton_aot
+
+    with pytest.raises(ValueError, match="choose from sm_80, sm_90, gfx942"):
+        triton_aot.check("sm_75")
