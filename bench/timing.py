@@ -1,0 +1,64 @@
+"""Timing: warm-up, then repeated samples; `triton.testing.do_bench` on CUDA/ROCm GPUs.
+
+Every timed callable returns its output; `sync(out)` waits for it (JAX `block_until_ready`,
+`torch.cuda.synchronize`), so a sample covers the whole computation and not just its dispatch.
+The number of repetitions adapts to a per-case time budget: a call slower than the budget is timed
+once (after its warm-up), and the row records how many samples it has.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["Samples", "measure"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Samples:
+    """Seconds per call, one entry per timed repetition (warm-up excluded)."""
+
+    seconds: tuple[float, ...]
+    method: str
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def min(self) -> float:
+        return min(self.seconds)
+
+    @property
+    def max(self) -> float:
+        return max(self.seconds)
+
+
+def measure(fn: Callable[[], Any], sync: Callable[[Any], None], *, budget_s: float, min_reps: int,
+            max_reps: int, gpu: bool) -> tuple[Any, Samples]:
+    """Warm up `fn` (compiles, fills caches; its output is returned for the accuracy check), then time it.
+
+    GPU: `triton.testing.do_bench` with `rep` set from the budget, every sample kept.
+    Otherwise: wall clock around `sync(fn())`, `max_reps` at most, fewer when a call is slow, so
+    that the case takes about `budget_s` (at least `min_reps` samples, 1 when the budget is 0).
+    """
+    out = fn()
+    sync(out)
+    if gpu:
+        import triton.testing
+
+        ms = triton.testing.do_bench(fn, warmup=25, rep=max(20, int(budget_s * 1000)), return_mode="all")
+        return out, Samples(seconds=tuple(t / 1e3 for t in ms), method="triton.testing.do_bench")
+    t0 = time.perf_counter()
+    sync(fn())  # second warm-up: first-call effects (allocator, lazy init) show up after compile too
+    estimate = time.perf_counter() - t0
+    reps = max(min_reps, min(max_reps, int(budget_s / max(estimate, 1e-9))))
+    seconds = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        sync(fn())
+        seconds.append(time.perf_counter() - t0)
+    return out, Samples(seconds=tuple(seconds), method="perf_counter + block_until_ready/synchronize")
