@@ -18,6 +18,7 @@ import triton.language as tl
 __all__ = [
     "MatmulConfig", "QuantizeConfig", "ARCHS", "interpreting", "arch_of", "pick_config",
     "TORCH_DTYPES", "torch_dtype", "rint_half_even", "round_to_bf16", "unpack_int4_tile", "Output", "check_device",
+    "dot_upcast", "batch_stride",
 ]
 
 ARCHS = ("sm_80", "sm_90", "gfx942", "interpret")
