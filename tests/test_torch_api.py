@@ -151,6 +151,10 @@ def test_bad_inputs_raise_clear_errors():
     bad[0, 0] = float("inf")
     with pytest.raises(ValueError, match="2 NaN/Inf"):
         qk.quantize(bad, qk.W4A16(32))
+    x_nan = x.clone()
+    x_nan[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf in 1 row"):
+        qk.linear(x_nan, wq)
     with pytest.raises(RuntimeError, match="cannot require grad"):
         wq.requires_grad_(True)
     scale = wq.scale.clone().requires_grad_(True)

@@ -76,11 +76,11 @@ def _run(problem: Problem, lhs: torch.Tensor | QOperand, rhs: QOperand, bias: to
     if recipe.accumulation is Accumulation.INT32:
         # Rescale in the (N, M) layout _int_mm produces (contiguous, in place): same operations, same
         # order as DESIGN.md, then one transposing copy.
-        y = _int_mm_nt(w, a).to(f32)
-        y.mul_(s_lhs[None, :]).mul_(rhs.scale[:, None])
+        y = torch.mul(_int_mm_nt(w, a), s_lhs[None, :])  # int32 promoted to f32, then the multiply
+        y.mul_(rhs.scale[:, None])
         if bias is not None:
             y.add_(bias.to(f32)[:, None])
-        return y.to(out_dtype).t().contiguous()
+        return torch.empty(y.shape[::-1], dtype=out_dtype).copy_(y.t())  # cast + transpose, one pass
     else:
         y = torch.zeros(a.shape[0], w.shape[0], dtype=f32)
         for g, acc_g in enumerate(grouped_int_matmul(a, w, recipe.group_size)):

@@ -139,9 +139,9 @@ def _divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _symmetric(xb: torch.Tensor, fmt: OperandFormat) -> tuple[torch.Tensor, torch.Tensor]:
     qmax = fmt.qtype.qmax
-    amax = xb.abs().amax(-1, keepdim=True)
+    amax = torch.linalg.vector_norm(xb, ord=float("inf"), dim=-1, keepdim=True)  # max |x|, one pass, exact
     scale = torch.where(amax == 0, torch.ones_like(amax), _divide(amax, torch.full_like(amax, qmax)))
-    q = torch.clamp(torch.round(_divide(xb, scale)), -qmax, qmax).to(torch.int8)
+    q = _divide(xb, scale).round_().clamp_(-qmax, qmax).to(torch.int8)
     return q, scale
 
 
@@ -155,7 +155,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     fmt = OperandFormat(qtype=INT8, granularity=Granularity.ROW)
     q, scale = _symmetric(x.to(torch.float32).unsqueeze(-2), fmt)
-    return q.squeeze(-2), scale[..., 0, 0]
+    scale = scale[..., 0, 0]
+    if not bool(torch.isfinite(scale).all()):  # a NaN/Inf anywhere in a row makes its amax non-finite
+        bad = int((~torch.isfinite(scale)).sum())
+        raise ValueError(f"activations contain NaN/Inf in {bad} row(s) and cannot be quantized to int8; "
+                         f"fix the values upstream (e.g. torch.nan_to_num) or use a weight-only recipe")
+    return q.squeeze(-2), scale
 
 
 def _pack_int4(q: torch.Tensor) -> torch.Tensor:
