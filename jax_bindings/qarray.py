@@ -1,0 +1,158 @@
+"""`QArray`: a quantized JAX weight in canonical packed layout, and `quantize()` that makes one.
+
+A weight `w` of any rank is stored for `dot_general` as the canonical rhs of DESIGN.md section 3:
+its batch axes, then its free (kept) axes, then its contracting axes, flattened to
+`(B?, N, K)` and quantized along K. `qvalue` is int8 `(B?, N, K_stored)` (K padded to the group
+size, two int4 per byte when packed), `scale` f32 `(B?, N)` per channel or `(B?, N, G)` per group,
+`zero_point` int8 like `scale` (uint4 formats) or None. The static part (recipe, logical shape,
+dtype, which axes contract and which are batch) maps it back to the original axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_bindings import quant
+from qkernels import numerics
+from qkernels.formats import QOperand, Recipe, resolve_recipe
+
+__all__ = ["QArray", "quantize", "normalize_axes"]
+
+
+def normalize_axes(axes: Sequence[int] | int, ndim: int, what: str) -> tuple[int, ...]:
+    """Axes as non-negative ints, checked against `ndim` and for duplicates."""
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    out = []
+    for a in axes:
+        a = int(a)
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{what} axis {a} is out of range for an array of rank {ndim}")
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what} axes {axes} repeat an axis")
+    return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class QArray:
+    """A quantized weight: `w ≈ dequantize()`, with `(codes - zero_point) * scale` per block along K.
+
+    Invariant (canonical layout): `qvalue` is `(B?, N, K_stored)` int8, where B is the product of the
+    `batch_axes` sizes, N of the free axes (in increasing axis order), K of the `contracting_axes`
+    (in the order given) of the logical `shape`; the padding codes beyond K are zero.
+    A registered pytree: `qvalue`, `scale`, `zero_point` are its leaves, the rest is static.
+    """
+
+    qvalue: jax.Array
+    scale: jax.Array
+    zero_point: jax.Array | None
+    recipe: Recipe
+    shape: tuple[int, ...]
+    dtype: Any
+    contracting_axes: tuple[int, ...]
+    batch_axes: tuple[int, ...] = ()
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def free_axes(self) -> tuple[int, ...]:
+        skip = set(self.contracting_axes) | set(self.batch_axes)
+        return tuple(a for a in range(self.ndim) if a not in skip)
+
+    @property
+    def k(self) -> int:
+        """Logical contraction length (product of the contracting axes)."""
+        return math.prod(self.shape[a] for a in self.contracting_axes)
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.shape[a] for a in self.free_axes)
+
+    @property
+    def batch(self) -> int | None:
+        return math.prod(self.shape[a] for a in self.batch_axes) if self.batch_axes else None
+
+    def operand(self) -> QOperand:
+        return QOperand(self.qvalue, self.scale, self.zero_point)
+
+    def canonical_permutation(self) -> tuple[int, ...]:
+        """Axes order (batch, free, contracting) that maps the logical array onto the storage."""
+        return (*self.batch_axes, *self.free_axes, *self.contracting_axes)
+
+    def dequantize(self, dtype: Any = None) -> jax.Array:
+        """Float array of the logical `shape` (original axis order), in `dtype` (default: `self.dtype`)."""
+        w = quant.dequantize_operand(self.operand(), self.recipe.rhs, self.k, jnp.float32)
+        perm = self.canonical_permutation()
+        w = w.reshape(tuple(self.shape[a] for a in perm))
+        return jnp.transpose(w, np.argsort(perm)).astype(dtype or self.dtype)
+
+
+jax.tree_util.register_dataclass(
+    QArray, data_fields=["qvalue", "scale", "zero_point"],
+    meta_fields=["recipe", "shape", "dtype", "contracting_axes", "batch_axes"])
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def quantize(w: Any, recipe: Any = None, *, contracting_axes: Sequence[int] | int = (0,),
+             batch_axes: Sequence[int] | int = (), name: str = "weight") -> QArray:
+    """Quantize a float weight for `recipe` (default W8A8) into a canonical packed `QArray`.
+
+    `contracting_axes`: the axes the weight is contracted over in the `dot_general` it feeds, e.g.
+    `(0,)` for a Flax `Dense` kernel `(in, out)`, `(1,)` for a PyTorch-style `(out, in)` weight.
+    `batch_axes`: its batch axes (default none). With a concrete (non-traced) `w`, NaN/Inf raise a
+    ValueError naming `name`; under a trace use `dot_general(..., check_finite=True)` and checkify.
+    """
+    recipe = resolve_recipe(recipe)
+    w = jnp.asarray(w)
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise TypeError(f"{name} has dtype {w.dtype}; quantize takes a float array")
+    contracting = normalize_axes(contracting_axes, w.ndim, "contracting")
+    batch = normalize_axes(batch_axes, w.ndim, "batch")
+    if set(contracting) & set(batch):
+        raise ValueError(f"axes {sorted(set(contracting) & set(batch))} are both contracting and batch axes")
+    if _is_concrete(w):
+        numerics.check_finite(np.asarray(w.astype(jnp.float32)), name)
+    skeleton = QArray(None, None, None, recipe, tuple(w.shape), jnp.dtype(w.dtype), contracting, batch)
+    perm = skeleton.canonical_permutation()
+    lead = (skeleton.batch,) if batch else ()
+    canon = jnp.transpose(w, perm).reshape(*lead, skeleton.n, skeleton.k)
+    recipe.check_k(skeleton.k)
+    op = quant.quantize_operand(canon, recipe.rhs)
+    return dataclasses.replace(skeleton, qvalue=op.qvalue, scale=op.scale, zero_point=op.zero_point)
+
+
+def _to_state_dict(q: QArray) -> dict[str, Any]:
+    out = {"qvalue": q.qvalue, "scale": q.scale}
+    if q.zero_point is not None:
+        out["zero_point"] = q.zero_point
+    return out
+
+
+def _from_state_dict(target: QArray, state: dict[str, Any]) -> QArray:
+    """Restore the leaves into `target`'s static layout (recipe, shape, axes come from the target)."""
+    expected = set(_to_state_dict(target))
+    if set(state) != expected:
+        raise ValueError(f"QArray state has fields {sorted(state)}, expected {sorted(expected)} for "
+                         f"{target.recipe.name}; restore into a target quantized with the same recipe")
+    return dataclasses.replace(target, qvalue=jnp.asarray(state["qvalue"]), scale=jnp.asarray(state["scale"]),
+                               zero_point=jnp.asarray(state["zero_point"]) if "zero_point" in state else None)
+
+
+if importlib.util.find_spec("flax") is not None:
+    from flax import serialization
+
+    serialization.register_serialization_state(QArray, _to_state_dict, _from_state_dict, override=True)
