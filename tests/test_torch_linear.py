@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qkernels as qk
-from qkernels import reference, testing
+from qkernels import numerics, reference, testing
 from qkernels.formats import Accumulation
 from torch_bindings import cpu
 from torch_bindings.ops import _to_numpy
@@ -145,3 +145,12 @@ def test_triton_interpret_path_matches_reference(recipe, seed, lead, n, k, dtype
         xq = reference.quantize(_to_numpy(x), recipe.lhs)
         lhs, rhs = xq.dequantize(), wq.dequantize().numpy()
     testing.assert_close(_to_numpy(y).astype(np.float32), expected, lhs, rhs, expected.dtype)
+
+
+@pytest.mark.parametrize("qtype", [pytest.param(numerics.INT4, id="int4"), pytest.param(numerics.UINT4, id="uint4")])
+def test_unpack_int4_every_byte_matches_numerics(qtype):
+    from torch_bindings.qtensor import unpack_int4
+
+    packed = torch.arange(256, dtype=torch.uint8).view(torch.int8).reshape(2, 128)
+    np.testing.assert_array_equal(unpack_int4(packed, qtype.signed).numpy(),
+                                  numerics.unpack_int4(packed.numpy(), 256, qtype))

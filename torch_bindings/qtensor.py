@@ -171,10 +171,13 @@ def _pack_int4(q: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor, signed: bool) -> torch.Tensor:
     """Inverse of the packing: int8 codes (..., 2 * K_stored), sign-extended when `signed`."""
-    b = packed.view(torch.uint8)
-    lo, hi = b & 0xF, b >> 4
-    q = torch.stack([lo, hi], dim=-1).reshape(*b.shape[:-1], 2 * b.shape[-1]).view(torch.int8)
-    return (q ^ 8) - 8 if signed else q
+    if signed:  # arithmetic shifts of the int8 byte sign-extend each nibble
+        b = packed.view(torch.int8)
+        lo, hi = torch.bitwise_left_shift(b, 4) >> 4, b >> 4
+    else:
+        b = packed.view(torch.uint8)
+        lo, hi = b & 0xF, b >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(*b.shape[:-1], 2 * b.shape[-1]).view(torch.int8)
 
 
 def codes(operand: QOperand, fmt: OperandFormat) -> torch.Tensor:
@@ -184,13 +187,13 @@ def codes(operand: QOperand, fmt: OperandFormat) -> torch.Tensor:
 
 def dequantize_operand(operand: QOperand, fmt: OperandFormat, k: int) -> torch.Tensor:
     """`(f32(q) - zero) * scale` in f32, shape (..., K): the reference's dequantize in torch."""
-    q = _blocks(codes(operand, fmt).to(torch.float32), fmt)
+    q = _blocks(codes(operand, fmt), fmt)
     if fmt.zero_point:
-        q = q - operand.zero_point.to(torch.float32).unsqueeze(-1)
+        q = q.to(torch.float32) - operand.zero_point.to(torch.float32).unsqueeze(-1)
     scale = operand.scale.unsqueeze(-1)
     if fmt.granularity is Granularity.ROW:
         scale = scale.unsqueeze(-1)
-    w = q * scale
+    w = torch.mul(q, scale)  # int8 codes promote to f32 inside the multiply: f32(q) * scale
     return w.reshape(*w.shape[:-2], -1)[..., :k]
 
 
