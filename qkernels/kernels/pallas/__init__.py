@@ -1,0 +1,112 @@
+"""Pallas kernels (TPU through Mosaic, GPU through Pallas' Triton lowering) and their registration.
+
+Importing this package with JAX installed registers, for framework 'jax' and `Op.QMATMUL`:
+  pallas.tpu.<family>   priority 100, platforms tpu:v5e / tpu:v6e / tpu:v5p
+  pallas.gpu.<family>   priority 90,  platforms cuda:sm_80 and newer
+  pallas.interpret      priority -10, platform cpu: the TPU kernels with interpret=True (tests;
+                        never chosen automatically, `use_backend('pallas')` selects it on CPU)
+for the families w8a8, w4a16 (int4 and uint4 + zero point) and w4a8. `run` follows dispatch's
+convention with JAX arrays and is traceable under `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any
+
+__all__ = ["supports_tpu", "supports_gpu", "supports_interpret"]
+
+_INT8_MXU_REFUSED = ("v2", "v3", "v4")
+_FLOAT_ACTS = ("bfloat16", "float16", "float32")
+
+
+def _family(problem: Any):
+    from qkernels.kernels.pallas.ops import family_of
+
+    return family_of(problem.recipe)
+
+
+def _common(problem: Any, family: Any) -> str | None:
+    from qkernels.dispatch import Op
+
+    if problem.op is not Op.QMATMUL:
+        return f"Pallas kernels implement qmatmul, not {problem.op.value}"
+    got = _family(problem)
+    if got is None:
+        return f"no Pallas kernel for {problem.recipe.name}; Pallas serves w8a8, w4a16 and w4a8"
+    if family is not None and got is not family:
+        return f"this kernel serves {family.value}, not {problem.recipe.name}"
+    if problem.recipe.lhs is None and problem.act_dtype not in _FLOAT_ACTS:
+        return f"activations of dtype {problem.act_dtype} for weight-only {problem.recipe.name}; pass one of {_FLOAT_ACTS}"
+    if problem.recipe.lhs is not None and not problem.lhs_quantized and problem.act_dtype not in _FLOAT_ACTS:
+        return f"activations of dtype {problem.act_dtype} cannot be quantized on the fly; pass one of {_FLOAT_ACTS}"
+    return None
+
+
+def supports_tpu(problem: Any, family: Any = None) -> str | None:
+    """None if the Mosaic TPU kernel of `family` serves `problem`, else why not."""
+    from qkernels.kernels.pallas.configs import TPU_GENERATIONS
+
+    if problem.device_kind != "tpu":
+        return f"runs on TPU, not {problem.platform}"
+    arch = problem.arch or "unknown"
+    if arch in _INT8_MXU_REFUSED and problem.recipe.lhs is not None:
+        return f"Mosaic rejects int8 matmul on TPU {arch}; use TPU v5e/v6e/v5p or a weight-only recipe on XLA"
+    if arch not in TPU_GENERATIONS:
+        return f"no Pallas config for TPU {arch}; configs exist for {', '.join(TPU_GENERATIONS)}"
+    return _common(problem, family)
+
+
+def supports_gpu(problem: Any, family: Any = None) -> str | None:
+    """None if the Pallas-Triton GPU kernel of `family` serves `problem`, else why not."""
+    if problem.device_kind != "cuda":
+        return f"runs on CUDA GPUs, not {problem.platform}"
+    arch = problem.arch or ""
+    if not arch.startswith("sm_") or not arch[3:].isdigit() or int(arch[3:]) < 80:
+        return f"needs int8 tensor cores of sm_80 or newer, got {problem.platform}"
+    return _common(problem, family)
+
+
+def supports_interpret(problem: Any) -> str | None:
+    """None if the interpreted TPU kernels serve `problem` on CPU (slow: for tests only)."""
+    if problem.platform != "cpu":
+        return f"interprets the TPU kernels on the host CPU only, not on {problem.platform}"
+    return _common(problem, None)
+
+
+def _run(problem: Any, lhs: Any, rhs: Any, bias: Any, *, target: Any) -> Any:
+    from qkernels.kernels.pallas import ops
+
+    return ops.qmatmul(lhs, rhs, problem.recipe, bias=bias, out_dtype=problem.out_dtype, target=target)
+
+
+def _run_tpu(problem: Any, lhs: Any, rhs: Any, bias: Any) -> Any:
+    from qkernels.kernels.pallas.ops import Target
+
+    return _run(problem, lhs, rhs, bias, target=Target(problem.arch))
+
+
+def _register() -> None:
+    from qkernels import dispatch
+    from qkernels.kernels.pallas.configs import Family
+    from qkernels.kernels.pallas.ops import Target
+
+    for family in Family:
+        dispatch.register(dispatch.Implementation(
+            name=f"pallas.tpu.{family.value}", framework="jax", priority=100,
+            supports=functools.partial(supports_tpu, family=family), run=_run_tpu,
+            description=f"Pallas/Mosaic {family.value} kernel, rescale fused, block sizes per TPU generation"))
+        dispatch.register(dispatch.Implementation(
+            name=f"pallas.gpu.{family.value}", framework="jax", priority=90,
+            supports=functools.partial(supports_gpu, family=family),
+            run=functools.partial(_run, target=Target.GPU),
+            description=f"Pallas {family.value} kernel through the Triton lowering (int8 tensor cores)"))
+    dispatch.register(dispatch.Implementation(
+        name="pallas.interpret", framework="jax", priority=-10, supports=supports_interpret,
+        run=functools.partial(_run, target=Target.INTERPRET),
+        description="the Pallas TPU kernels run by the Pallas interpreter on CPU: exact, slow, for tests"))
+
+
+if importlib.util.find_spec("jax") is not None:
+    _register()

@@ -1,0 +1,166 @@
+"""Pallas GPU kernels through the Triton lowering (DESIGN.md section 6): W8A8, W4A16, W4A8.
+
+The Triton grid is parallel, so each program owns one (M, N) tile and loops over K inside the
+kernel (`fori_loop`); int4 kernels step one group at a time so a scale covers the whole step.
+Same arguments as `tpu.py`; `compiler_params=plgpu.CompilerParams(...)` selects the Triton
+lowering (jax 0.10 otherwise picks Mosaic GPU, which cannot lower these dots). Upstream has
+deprecated this lowering, so it stays thin and behind dispatch. FMA contraction inside Triton is
+not controllable from Pallas: f32 outputs are compared within tolerance, accumulators exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from qkernels.kernels.pallas.configs import GpuConfig
+from qkernels.kernels.pallas.layout import even_odd, pad_axis, unpack_nibbles
+
+__all__ = ["w8a8", "w4a16", "w4a8"]
+
+_NT = (((1,), (1,)), ((), ()))
+
+
+def _pad_to(dim: int, block: int) -> int:
+    return -(-dim // block) * block
+
+
+def _w8a8_kernel(a_ref, w_ref, sa_ref, sw_ref, *rest, block_k: int, has_bias: bool, raw: bool):
+    """a_ref (block_m, K) int8; w_ref (block_n, K) int8; sa_ref (block_m,), sw_ref (block_n,) f32;
+    b_ref (block_n,) f32 when has_bias; o_ref (block_m, block_n)."""
+    b_ref, o_ref = rest if has_bias else (None, *rest)
+
+    def step(t, acc):
+        a = a_ref[:, pl.ds(t * block_k, block_k)]  # [bm, bk]
+        w = w_ref[:, pl.ds(t * block_k, block_k)]  # [bn, bk]
+        return acc + jax.lax.dot_general(a, w, _NT, preferred_element_type=jnp.int32)
+
+    acc = jax.lax.fori_loop(0, a_ref.shape[1] // block_k, step,
+                            jnp.zeros((a_ref.shape[0], w_ref.shape[0]), jnp.int32))  # [bm, bn] int32
+    if raw:
+        o_ref[...] = acc
+        return
+    y = (acc.astype(jnp.float32) * sa_ref[...][:, None]) * sw_ref[...][None, :]
+    if has_bias:
+        y = y + b_ref[...][None, :]
+    o_ref[...] = y.astype(o_ref.dtype)
+
+
+def _int4_kernel(a_ref, w_ref, s_ref, *rest, group: int, has_zero: bool, lhs_int: bool, has_bias: bool):
+    """a_ref (block_m, K_p) even/odd within each group; w_ref (block_n, K_p/2) packed int8;
+    s_ref / z_ref (G, block_n) f32; sa_ref (block_m,) f32 (W4A8); b_ref (block_n,); o_ref (block_m, block_n)."""
+    rest = list(rest)
+    z_ref = rest.pop(0) if has_zero else None
+    sa_ref = rest.pop(0) if lhs_int else None
+    b_ref = rest.pop(0) if has_bias else None
+    (o_ref,) = rest
+    half = group // 2
+
+    def step(t, y):
+        a_even = a_ref[:, pl.ds(t * group, half)]  # [bm, g/2]
+        a_odd = a_ref[:, pl.ds(t * group + half, half)]  # [bm, g/2]
+        lo, hi = unpack_nibbles(w_ref[:, pl.ds(t * half, half)], signed=not has_zero)  # [bn, g/2] int32
+        s = s_ref[t, :]  # [bn]
+        if lhs_int:  # exact int32 partial of group t, scaled into f32 in group order
+            p = (jax.lax.dot_general(a_even, lo.astype(jnp.int8), _NT, preferred_element_type=jnp.int32)
+                 + jax.lax.dot_general(a_odd, hi.astype(jnp.int8), _NT, preferred_element_type=jnp.int32))
+            return y + p.astype(jnp.float32) * s[None, :]
+        z = z_ref[t, :][:, None] if has_zero else jnp.float32(0)
+        w_lo = ((lo.astype(jnp.float32) - z) * s[:, None]).astype(a_even.dtype)  # [bn, g/2]
+        w_hi = ((hi.astype(jnp.float32) - z) * s[:, None]).astype(a_even.dtype)
+        return (y + jax.lax.dot_general(a_even, w_lo, _NT, preferred_element_type=jnp.float32)
+                + jax.lax.dot_general(a_odd, w_hi, _NT, preferred_element_type=jnp.float32))
+
+    y = jax.lax.fori_loop(0, a_ref.shape[1] // group, step,
+                          jnp.zeros((a_ref.shape[0], w_ref.shape[0]), jnp.float32))  # [bm, bn] f32
+    if lhs_int:
+        y = y * sa_ref[...][:, None]
+    if has_bias:
+        y = y + b_ref[...][None, :]
+    o_ref[...] = y.astype(o_ref.dtype)
+
+
+def _call(kernel, args, specs, *, grid, out_spec, out_shape, config: GpuConfig, interpret: Any, name: str):
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=specs, out_specs=out_spec, out_shape=out_shape, interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        name=name)(*args)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret", "raw"))
+def w8a8(a_q, a_scale, w_q, w_scale, bias, *, out_dtype: Any, config: GpuConfig, interpret: Any = False,
+         raw: bool = False):
+    """int8 (B, M, K) x int8 (B_w, N, K) with per-row scales (B, M), (B_w, N); B_w in {1, B}."""
+    batch, m, k = a_q.shape
+    n, bw = w_q.shape[1], w_q.shape[0]
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    mp, np_, kp = _pad_to(m, bm), _pad_to(n, bn), _pad_to(k, bk)
+    wb = (lambda i, j, b: b) if bw == batch and batch > 1 else (lambda i, j, b: 0)
+    specs = [pl.BlockSpec((None, bm, kp), lambda i, j, b: (b, i, 0)),
+             pl.BlockSpec((None, bn, kp), lambda i, j, b: (wb(i, j, b), j, 0)),
+             pl.BlockSpec((None, bm), lambda i, j, b: (b, i)),
+             pl.BlockSpec((None, bn), lambda i, j, b: (wb(i, j, b), j))]
+    args = [pad_axis(pad_axis(a_q, 1, mp), 2, kp), pad_axis(pad_axis(w_q, 1, np_), 2, kp),
+            pad_axis(a_scale, 1, mp), pad_axis(w_scale, 1, np_)]
+    if bias is not None:
+        specs.append(pl.BlockSpec((bn,), lambda i, j, b: (j,)))
+        args.append(pad_axis(bias.astype(jnp.float32), 0, np_))
+    out = _call(functools.partial(_w8a8_kernel, block_k=bk, has_bias=bias is not None, raw=raw), args, specs,
+                grid=(mp // bm, np_ // bn, batch),
+                out_spec=pl.BlockSpec((None, bm, bn), lambda i, j, b: (b, i, j)),
+                out_shape=jax.ShapeDtypeStruct((batch, mp, np_), jnp.int32 if raw else out_dtype),
+                config=config, interpret=interpret, name="qk_w8a8_gpu")
+    return out[:, :m, :n]
+
+
+def _int4(a, a_scale, w_q, w_scale, w_zero, bias, *, group, out_dtype, config: GpuConfig, interpret):
+    batch, m, _ = a.shape
+    n, bw = w_q.shape[1], w_q.shape[0]
+    kp = 2 * w_q.shape[2]  # padded to the group size at quantization
+    bm, bn = config.block_m, config.block_n
+    mp, np_ = _pad_to(m, bm), _pad_to(n, bn)
+    wb = (lambda i, j, b: b) if bw == batch and batch > 1 else (lambda i, j, b: 0)
+    n_groups = kp // group
+    group_major = lambda x: jnp.swapaxes(pad_axis(x.astype(jnp.float32), 1, np_), 1, 2)  # (B_w, G, Np)
+    specs = [pl.BlockSpec((None, bm, kp), lambda i, j, b: (b, i, 0)),
+             pl.BlockSpec((None, bn, kp // 2), lambda i, j, b: (wb(i, j, b), j, 0)),
+             pl.BlockSpec((None, n_groups, bn), lambda i, j, b: (wb(i, j, b), 0, j))]
+    args = [even_odd(pad_axis(pad_axis(a, 1, mp), 2, kp), group), pad_axis(w_q, 1, np_), group_major(w_scale)]
+    if w_zero is not None:
+        specs.append(pl.BlockSpec((None, n_groups, bn), lambda i, j, b: (wb(i, j, b), 0, j)))
+        args.append(group_major(w_zero))
+    if a_scale is not None:
+        specs.append(pl.BlockSpec((None, bm), lambda i, j, b: (b, i)))
+        args.append(pad_axis(a_scale, 1, mp))
+    if bias is not None:
+        specs.append(pl.BlockSpec((bn,), lambda i, j, b: (j,)))
+        args.append(pad_axis(bias.astype(jnp.float32), 0, np_))
+    kernel = functools.partial(_int4_kernel, group=group, has_zero=w_zero is not None,
+                               lhs_int=a_scale is not None, has_bias=bias is not None)
+    out = _call(kernel, args, specs, grid=(mp // bm, np_ // bn, batch),
+                out_spec=pl.BlockSpec((None, bm, bn), lambda i, j, b: (b, i, j)),
+                out_shape=jax.ShapeDtypeStruct((batch, mp, np_), out_dtype), config=config, interpret=interpret,
+                name="qk_w4a8_gpu" if a_scale is not None else "qk_w4a16_gpu")
+    return out[:, :m, :n]
+
+
+@functools.partial(jax.jit, static_argnames=("group", "out_dtype", "config", "interpret"))
+def w4a16(a, w_q, w_scale, w_zero, bias, *, group: int, out_dtype: Any, config: GpuConfig, interpret: Any = False):
+    """float (B, M, K) x packed int4/uint4 (B_w, N, K_p/2), group scales/zeros (B_w, N, G)."""
+    return _int4(a, None, w_q, w_scale, w_zero, bias, group=group, out_dtype=out_dtype, config=config,
+                 interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("group", "out_dtype", "config", "interpret", "raw"))
+def w4a8(a_q, a_scale, w_q, w_scale, bias, *, group: int, out_dtype: Any, config: GpuConfig,
+         interpret: Any = False, raw: bool = False):
+    """int8 (B, M, K) x packed int4 (B_w, N, K_p/2); per-token (B, M) and group (B_w, N, G) scales."""
+    if raw:
+        raise ValueError("raw per-group accumulators are exposed by the TPU kernel (tpu.w4a8), not the GPU one")
+    return _int4(a_q, a_scale, w_q, w_scale, None, bias, group=group, out_dtype=out_dtype, config=config,
+                 interpret=interpret)

@@ -1,0 +1,152 @@
+"""Entry points of the Pallas family: canonical shapes in, kernels chosen per target, result out.
+
+`qmatmul(lhs, rhs, recipe, bias=..., out_dtype=..., target=...)` is what the dispatch
+implementations call (`run(problem, lhs, rhs, bias)`); `accumulators(...)` exposes the raw int32
+accumulators (per group for W4A8) for tests. Everything is traceable under `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+
+import jax.numpy as jnp
+
+from qkernels.formats import QOperand, Recipe, W4A8, W4A16, W8A8
+from qkernels.kernels.pallas import configs, quantize, tpu
+from qkernels.kernels.pallas.configs import Family
+from qkernels.kernels.pallas.layout import canonicalize
+
+__all__ = ["Target", "family_of", "qmatmul", "accumulators", "quantize_activations"]
+
+
+class Target(enum.Enum):
+    """Where the kernels run: a TPU generation, a CUDA GPU, or the TPU kernels interpreted on CPU."""
+
+    TPU_V5E = "v5e"
+    TPU_V6E = "v6e"
+    TPU_V5P = "v5p"
+    GPU = "gpu"
+    INTERPRET = "interpret"
+
+    @property
+    def interpret(self) -> bool:
+        return self is Target.INTERPRET
+
+    def tile_config(self, family: Family) -> configs.TileConfig:
+        # interpretation runs the TPU kernels with v5e's table (bigger blocks, fewer grid steps)
+        return configs.tpu_config("v5e" if self.interpret or self is Target.GPU else self.value, family)
+
+
+def family_of(recipe: Recipe) -> Family | None:
+    """The kernel family serving `recipe`, or None (e.g. W8A16 has no Pallas kernel)."""
+    if isinstance(recipe, W8A8):
+        return Family.W8A8
+    if isinstance(recipe, W4A16):
+        return Family.W4A16
+    if isinstance(recipe, W4A8):
+        return Family.W4A8
+    return None
+
+
+def quantize_activations(x: jnp.ndarray, target: Target) -> QOperand:
+    """Dynamic int8 per-row quantization: the Pallas kernel on TPU/interpret, XLA ops on GPU.
+
+    On GPU XLA's f32 division is correctly rounded (kept a division by `quantize.exact_div`),
+    which Pallas' Triton lowering does not promise.
+    """
+    if target is Target.GPU:
+        x32 = x.astype(jnp.float32)
+        amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+        scale = jnp.where(amax == 0, jnp.float32(1), quantize.exact_div(amax, jnp.float32(quantize.QMAX), barrier=True))
+        q = jnp.clip(jnp.round(quantize.exact_div(x32, scale, barrier=True)), -quantize.QMAX, quantize.QMAX)
+        q = q.astype(jnp.int8)
+        return QOperand(q, scale[..., 0])
+    q, s = quantize.quantize_rows(x, interpret=target.interpret)
+    return QOperand(q, s)
+
+
+def _kernels(target: Target):
+    if target is Target.GPU:
+        from qkernels.kernels.pallas import gpu
+
+        return gpu, lambda family: configs.gpu_config(family)
+    return tpu, target.tile_config
+
+
+def _prepare(lhs: Any, rhs: QOperand, recipe: Recipe, target: Target):
+    """Canonical 3-D operands: (lhs array, lhs scale or None, rhs qvalue/scale/zero, shapes)."""
+    if isinstance(lhs, QOperand):
+        lhs_q, lhs_s = jnp.asarray(lhs.qvalue), jnp.asarray(lhs.scale, jnp.float32)
+        canon = canonicalize(lhs_q.shape, rhs.qvalue.shape)
+    else:
+        lhs_q, lhs_s = jnp.asarray(lhs), None
+        canon = canonicalize(lhs_q.shape, rhs.qvalue.shape)
+    recipe.check_k(canon.k)
+    stored = recipe.rhs.stored_k(canon.k)
+    if rhs.qvalue.shape[-1] != stored:
+        raise ValueError(f"rhs qvalue has {rhs.qvalue.shape[-1]} entries along K but K={canon.k} in "
+                         f"{recipe.rhs.describe()} stores {stored}; quantize the weight for this K")
+    lhs_q = lhs_q.reshape(canon.batch, canon.m, canon.k)
+    if recipe.lhs is not None and lhs_s is None:
+        lhs_q, lhs_s, _ = quantize_activations(lhs_q, target)
+    if lhs_s is not None:
+        lhs_s = lhs_s.reshape(canon.batch, canon.m)
+    w_q = jnp.asarray(rhs.qvalue)
+    w_q = w_q if canon.rhs_batched else w_q[None]
+    w_s = jnp.asarray(rhs.scale, jnp.float32)
+    w_s = w_s if canon.rhs_batched else w_s[None]
+    w_z = None if rhs.zero_point is None else jnp.asarray(rhs.zero_point)
+    if w_z is not None and not canon.rhs_batched:
+        w_z = w_z[None]
+    return lhs_q, lhs_s, w_q, w_s, w_z, canon
+
+
+def qmatmul(lhs: Any, rhs: QOperand, recipe: Recipe, *, bias: Any = None, out_dtype: Any = None,
+            target: Target = Target.INTERPRET) -> jnp.ndarray:
+    """`out (..., M, N) = rescale(lhs (..., M, K) @ rhs (..., N, K)^T)` with the Pallas kernels.
+
+    lhs: float activations, or a QOperand of int8 codes and per-row scales (integer recipes).
+    rhs: QOperand in canonical stored layout. out_dtype: default lhs's dtype (f32 if pre-quantized).
+    """
+    family = family_of(recipe)
+    if family is None:
+        raise ValueError(f"{recipe.name} has no Pallas kernel; use W8A8, W4A16 or W4A8, or another backend")
+    if out_dtype is None:
+        out_dtype = jnp.float32 if isinstance(lhs, QOperand) else jnp.asarray(lhs).dtype
+    out_dtype = jnp.dtype(out_dtype)
+    lhs_q, lhs_s, w_q, w_s, w_z, canon = _prepare(lhs, rhs, recipe, target)
+    module, config_for = _kernels(target)
+    config = config_for(family)
+    bias = None if bias is None else jnp.asarray(bias)
+    kw = dict(out_dtype=out_dtype, config=config, interpret=target.interpret)
+    if family is Family.W8A8:
+        out = module.w8a8(lhs_q, lhs_s, w_q, w_s, bias, **kw)
+    elif family is Family.W4A16:
+        out = module.w4a16(lhs_q, w_q, w_s, w_z, bias, group=recipe.group_size, **kw)
+    else:
+        out = module.w4a8(lhs_q, lhs_s, w_q, w_s, bias, group=recipe.group_size, **kw)
+    return out.reshape(canon.out_shape)
+
+
+def accumulators(lhs: Any, rhs: QOperand, recipe: Recipe, *, target: Target = Target.INTERPRET,
+                 interpret: Any = None) -> jnp.ndarray:
+    """Raw int32 accumulators: (..., M, N) for W8A8, (..., M, N, G) per group for W4A8.
+
+    `interpret` overrides the interpret argument of the kernel call (e.g. `pltpu.InterpretParams`).
+    """
+    family = family_of(recipe)
+    if family not in (Family.W8A8, Family.W4A8):
+        raise ValueError(f"{recipe.name} accumulates in float; it has no integer accumulators")
+    lhs_q, lhs_s, w_q, w_s, _, canon = _prepare(lhs, rhs, recipe, target)
+    module, config_for = _kernels(target)
+    kw = dict(out_dtype=jnp.int32, config=config_for(family), raw=True,
+              interpret=target.interpret if interpret is None else interpret)
+    if family is Family.W8A8:
+        out = module.w8a8(lhs_q, lhs_s, w_q, w_s, None, **kw)
+        return out.reshape(canon.out_shape)
+    out = module.w4a8(lhs_q, lhs_s, w_q, w_s, None, group=recipe.group_size, **kw)
+    return out.reshape(*canon.out_shape, out.shape[-1])
+
+

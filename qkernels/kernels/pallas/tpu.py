@@ -1,0 +1,264 @@
+"""Pallas TPU (Mosaic) kernels: W8A8 (int8 MXU), W4A16 and W4A8 (int4 packed along K).
+
+Grid (batch, M blocks, N blocks, K blocks), K innermost and sequential ("arbitrary"): the
+accumulator lives in a VMEM scratch, is zeroed on the first K step and rescaled, biased and cast
+on the last (DESIGN.md section 4 order). Arguments are canonical 3-D arrays (see `ops.py`); the
+wrappers here pad every axis to a block multiple and slice the result back. `raw=True` returns
+the integer accumulators instead (int32 (B, M, N) for W8A8; int32 per group (B, M, N, G) for
+W4A8) so that tests can compare them with the reference exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from qkernels.kernels.pallas.configs import TileConfig
+from qkernels.kernels.pallas.layout import even_odd, fit_block, pad_axis, unpack_nibbles
+
+__all__ = ["w8a8", "w4a16", "w4a8"]
+
+_NT = (((1,), (1,)), ((), ()))  # contract the last axis of both tiles: [bm, bk] x [bn, bk] -> [bm, bn]
+_SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
+
+
+def _params() -> pltpu.CompilerParams:
+    return pltpu.CompilerParams(dimension_semantics=_SEMANTICS)
+
+
+def _w8a8_kernel(a_ref, w_ref, sa_ref, sw_ref, *rest, has_bias: bool, raw: bool):
+    """One (batch, i, j) output tile, accumulated over the K grid axis.
+
+    a_ref:   (block_m, block_k) int8 activation codes, VMEM.
+    w_ref:   (block_n, block_k) int8 weight codes, VMEM.
+    sa_ref:  (block_m, 1) f32 per-token scales, VMEM.
+    sw_ref:  (1, block_n) f32 per-channel scales, VMEM.
+    b_ref:   (1, block_n) f32 bias, VMEM (only when has_bias).
+    o_ref:   (block_m, block_n) output (int32 accumulators when raw), VMEM.
+    acc_ref: (block_m, block_n) int32 scratch accumulator, VMEM.
+    """
+    b_ref, o_ref, acc_ref = rest if has_bias else (None, *rest)
+    k = pl.program_id(3)
+
+    @pl.when(k == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    acc_ref[...] += jax.lax.dot_general(a_ref[...], w_ref[...], _NT, preferred_element_type=jnp.int32)
+
+    @pl.when(k == pl.num_programs(3) - 1)
+    def _epilogue():
+        if raw:
+            o_ref[...] = acc_ref[...]
+            return
+        # int32 accumulator -> f32, lhs scale then rhs scale, then bias: the contract's order
+        y = (acc_ref[...].astype(jnp.float32) * sa_ref[...]) * sw_ref[...]  # [bm, bn]
+        if has_bias:
+            y = y + b_ref[...]
+        o_ref[...] = y.astype(o_ref.dtype)
+
+
+def _int4_kernel(a_ref, w_ref, s_ref, *rest, group: int, has_zero: bool, lhs_int: bool, has_bias: bool,
+                 raw: bool):
+    """One (batch, i, j) output tile of an int4-weight matmul, accumulated over the K grid axis.
+
+    a_ref:   (block_m, block_k) activations in even/odd order within the block (`layout.even_odd`):
+             float (W4A16) or int8 codes (W4A8), VMEM.
+    w_ref:   (block_n, block_k / 2) int8 packed weights (low nibble even k), VMEM.
+    s_ref:   W4A16 (block_n, groups_per_block) f32 group scales; W4A8 (groups_per_block, block_n), VMEM.
+    z_ref:   (block_n, groups_per_block) f32 zero points (uint4 only), VMEM.
+    sa_ref:  (block_m, 1) f32 per-token scales (W4A8 only), VMEM.
+    b_ref:   (1, block_n) f32 bias (only when has_bias), VMEM.
+    o_ref:   (block_m, block_n) output; raw W4A8: (groups_per_block, block_m, block_n) int32, VMEM.
+    acc_ref: (block_m, block_n) f32 scratch accumulator, VMEM.
+    """
+    rest = list(rest)
+    z_ref = rest.pop(0) if has_zero else None
+    sa_ref = rest.pop(0) if lhs_int else None
+    b_ref = rest.pop(0) if has_bias else None
+    o_ref, acc_ref = rest
+    k = pl.program_id(3)
+    half = w_ref.shape[1]  # block_k / 2
+    per_group = group // 2  # codes of one group in each nibble half
+    n_groups = half // per_group
+
+    @pl.when(k == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    lo, hi = unpack_nibbles(w_ref[...], signed=not has_zero)  # [bn, bk/2] int32 each
+    a = a_ref[...]  # [bm, bk]: even k in [:, :half], odd k in [:, half:]
+    if lhs_int:
+        # W4A8: one exact int32 partial per group, scaled into f32 in group order (DESIGN.md 4).
+        lo8, hi8 = lo.astype(jnp.int8), hi.astype(jnp.int8)
+        y = acc_ref[...]
+        for t in range(n_groups):
+            c = slice(t * per_group, (t + 1) * per_group)
+            d = slice(half + t * per_group, half + (t + 1) * per_group)
+            p = (jax.lax.dot_general(a[:, c], lo8[:, c], _NT, preferred_element_type=jnp.int32)
+                 + jax.lax.dot_general(a[:, d], hi8[:, c], _NT, preferred_element_type=jnp.int32))  # [bm, bn]
+            if raw:
+                o_ref[t] = p
+            else:
+                y = y + p.astype(jnp.float32) * s_ref[t:t + 1, :]
+        acc_ref[...] = y
+    else:
+        # W4A16: w = (f32(q) - zero) * scale in the activation dtype, one float MMA per nibble half.
+        gid = jax.lax.broadcasted_iota(jnp.int32, lo.shape, 1) // per_group  # [bn, bk/2] group of each lane
+        s = jnp.zeros(lo.shape, jnp.float32)
+        z = jnp.zeros(lo.shape, jnp.float32)
+        for t in range(n_groups):
+            s = jnp.where(gid == t, s_ref[:, t:t + 1], s)
+            if has_zero:
+                z = jnp.where(gid == t, z_ref[:, t:t + 1], z)
+        w_lo = ((lo.astype(jnp.float32) - z) * s).astype(a.dtype)  # [bn, bk/2]
+        w_hi = ((hi.astype(jnp.float32) - z) * s).astype(a.dtype)
+        acc_ref[...] += (
+            jax.lax.dot_general(a[:, :half], w_lo, _NT, preferred_element_type=jnp.float32)
+            + jax.lax.dot_general(a[:, half:], w_hi, _NT, preferred_element_type=jnp.float32))
+
+    if not raw:
+        @pl.when(k == pl.num_programs(3) - 1)
+        def _epilogue():
+            y = acc_ref[...]  # [bm, bn] f32
+            if lhs_int:
+                y = y * sa_ref[...]
+            if has_bias:
+                y = y + b_ref[...]
+            o_ref[...] = y.astype(o_ref.dtype)
+
+
+def _blocks(config: TileConfig, m: int, n: int, k: int, k_align: int) -> tuple[int, int, int, int, int, int]:
+    bm, mp = fit_block(m, config.block_m, 32)
+    bn, np_ = fit_block(n, config.block_n, 128)
+    bk, kp = fit_block(k, config.block_k, k_align)
+    return bm, mp, bn, np_, bk, kp
+
+
+def _rhs_index(batched: bool):
+    return (lambda b, i, j, k: (b, j, k)) if batched else (lambda b, i, j, k: (0, j, k))
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret", "raw"))
+def w8a8(a_q, a_scale, w_q, w_scale, bias, *, out_dtype: Any, config: TileConfig, interpret: Any = False,
+         raw: bool = False):
+    """int8 (B, M, K) x int8 (B_w, N, K) with per-row scales (B, M), (B_w, N); B_w in {1, B}."""
+    batch, m, k = a_q.shape
+    n = w_q.shape[1]
+    bm, mp, bn, np_, bk, kp = _blocks(config, m, n, k, 128)
+    a_q = pad_axis(pad_axis(a_q, 1, mp), 2, kp)
+    w_q = pad_axis(pad_axis(w_q, 1, np_), 2, kp)
+    sa = pad_axis(a_scale, 1, mp)[..., None]  # (B, Mp, 1)
+    sw = pad_axis(w_scale, 1, np_)[:, None, :]  # (B_w, 1, Np)
+    rhs_ix = _rhs_index(w_q.shape[0] == batch and batch > 1)
+    in_specs = [
+        pl.BlockSpec((None, bm, bk), lambda b, i, j, k: (b, i, k)),
+        pl.BlockSpec((None, bn, bk), rhs_ix),
+        pl.BlockSpec((None, bm, 1), lambda b, i, j, k: (b, i, 0)),
+        pl.BlockSpec((None, 1, bn), lambda b, i, j, k: (rhs_ix(b, i, j, k)[0], 0, j)),
+    ]
+    args = [a_q, w_q, sa, sw]
+    if bias is not None:
+        in_specs.append(pl.BlockSpec((1, bn), lambda b, i, j, k: (0, j)))
+        args.append(pad_axis(bias.astype(jnp.float32), 0, np_)[None, :])
+    out = pl.pallas_call(
+        functools.partial(_w8a8_kernel, has_bias=bias is not None, raw=raw),
+        grid=(batch, mp // bm, np_ // bn, kp // bk),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, bm, bn), lambda b, i, j, k: (b, i, j)),
+        out_shape=jax.ShapeDtypeStruct((batch, mp, np_), jnp.int32 if raw else out_dtype),
+        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.int32)],
+        compiler_params=_params(),
+        interpret=interpret,
+        name="qk_w8a8",
+    )(*args)
+    return out[:, :m, :n]
+
+
+def _int4_call(a, w_q, w_scale, w_zero, a_scale, bias, *, group: int, out_dtype: Any, config: TileConfig,
+               interpret: Any, raw: bool):
+    batch, m, k = a.shape
+    n = w_q.shape[1]
+    kp_logical = 2 * w_q.shape[2]  # weights are padded to the group size (and even) at quantization
+    # block_k: a multiple of the group (tiles never straddle one) and of 256 (128 packed lanes)
+    bm, mp, bn, np_, bk, kp = _blocks(config, m, n, kp_logical, max(256, group))
+    if bk % group:
+        raise ValueError(f"K={kp_logical} with group_size={group}: no block of K fits whole groups; "
+                         f"this is a bug in block fitting, please report it")
+    gpb = bk // group
+    a = even_odd(pad_axis(pad_axis(a, 1, mp), 2, kp), bk)
+    w_q = pad_axis(pad_axis(w_q, 1, np_), 2, kp // 2)
+    bw = w_q.shape[0]
+    n_kb = kp // bk
+    rhs_ix = _rhs_index(bw == batch and batch > 1)
+
+    def group_major(x):  # (B_w, N, G) -> (B_w, K blocks, gpb, Np): a row of scales per group
+        x = pad_axis(pad_axis(x.astype(jnp.float32), 1, np_), 2, kp // group)
+        return jnp.swapaxes(x, 1, 2).reshape(bw, n_kb, gpb, np_)
+
+    def channel_major(x):  # (B_w, N, G) -> (B_w, K blocks, Np, gpb): a column of scales per group
+        x = pad_axis(pad_axis(x.astype(jnp.float32), 1, np_), 2, kp // group)
+        return jnp.swapaxes(x.reshape(bw, np_, n_kb, gpb), 1, 2)
+
+    lhs_int = a_scale is not None
+    in_specs = [pl.BlockSpec((None, bm, bk), lambda b, i, j, k: (b, i, k)),
+                pl.BlockSpec((None, bn, bk // 2), rhs_ix)]
+    args = [a, w_q]
+    if lhs_int:
+        in_specs.append(pl.BlockSpec((None, None, gpb, bn), lambda b, i, j, k: (rhs_ix(b, i, j, k)[0], k, 0, j)))
+        args.append(group_major(w_scale))
+    else:
+        in_specs.append(pl.BlockSpec((None, None, bn, gpb), lambda b, i, j, k: (rhs_ix(b, i, j, k)[0], k, j, 0)))
+        args.append(channel_major(w_scale))
+    if w_zero is not None:
+        in_specs.append(pl.BlockSpec((None, None, bn, gpb), lambda b, i, j, k: (rhs_ix(b, i, j, k)[0], k, j, 0)))
+        args.append(channel_major(w_zero))
+    if lhs_int:
+        in_specs.append(pl.BlockSpec((None, bm, 1), lambda b, i, j, k: (b, i, 0)))
+        args.append(pad_axis(a_scale, 1, mp)[..., None])
+    if bias is not None:
+        in_specs.append(pl.BlockSpec((1, bn), lambda b, i, j, k: (0, j)))
+        args.append(pad_axis(bias.astype(jnp.float32), 0, np_)[None, :])
+    if raw:
+        out_spec = pl.BlockSpec((None, gpb, bm, bn), lambda b, i, j, k: (b, k, i, j))
+        out_shape = jax.ShapeDtypeStruct((batch, kp // group, mp, np_), jnp.int32)
+    else:
+        out_spec = pl.BlockSpec((None, bm, bn), lambda b, i, j, k: (b, i, j))
+        out_shape = jax.ShapeDtypeStruct((batch, mp, np_), out_dtype)
+    out = pl.pallas_call(
+        functools.partial(_int4_kernel, group=group, has_zero=w_zero is not None, lhs_int=lhs_int,
+                          has_bias=bias is not None, raw=raw),
+        grid=(batch, mp // bm, np_ // bn, n_kb),
+        in_specs=in_specs,
+        out_specs=out_spec,
+        out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+        compiler_params=_params(),
+        interpret=interpret,
+        name="qk_w4a8" if lhs_int else "qk_w4a16",
+    )(*args)
+    if raw:  # (B, G, M, N) -> (B, M, N, G), dropping padded groups
+        g_logical = -(-k // group)
+        return jnp.moveaxis(out[:, :g_logical, :m, :n], 1, -1)
+    return out[:, :m, :n]
+
+
+@functools.partial(jax.jit, static_argnames=("group", "out_dtype", "config", "interpret"))
+def w4a16(a, w_q, w_scale, w_zero, bias, *, group: int, out_dtype: Any, config: TileConfig,
+          interpret: Any = False):
+    """float (B, M, K) x packed int4/uint4 (B_w, N, K_p/2), group scales/zeros (B_w, N, K_p/group)."""
+    return _int4_call(a, w_q, w_scale, w_zero, None, bias, group=group, out_dtype=out_dtype, config=config,
+                      interpret=interpret, raw=False)
+
+
+@functools.partial(jax.jit, static_argnames=("group", "out_dtype", "config", "interpret", "raw"))
+def w4a8(a_q, a_scale, w_q, w_scale, bias, *, group: int, out_dtype: Any, config: TileConfig,
+         interpret: Any = False, raw: bool = False):
+    """int8 (B, M, K) x packed int4 (B_w, N, K_p/2); per-token (B, M) and group (B_w, N, G) scales."""
+    return _int4_call(a_q, w_q, w_scale, None, a_scale, bias, group=group, out_dtype=out_dtype, config=config,
+                      interpret=interpret, raw=raw)

@@ -1,0 +1,224 @@
+"""Pallas kernels (TPU kernels interpreted on CPU, GPU kernels interpreted too) against the reference.
+
+Integer accumulators are compared with ==. Float outputs: W8A8 without bias is == (the kernel
+honours DESIGN.md's order and XLA:CPU has nothing to contract); where a multiply feeds an add
+(bias, W4A8's group sum) XLA:CPU — which executes interpret mode — contracts them into an FMA
+(measured: `x * s + b` under jit differs from NumPy by an ulp), so those outputs are compared with
+`qkernels.testing.assert_close`, as W4A16 always is (float path, accurate not bit-exact).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.experimental.pallas import tpu as pltpu
+
+import qkernels.kernels.pallas  # noqa: F401  (registers the implementations)
+from qkernels import dispatch, reference, shapes, testing
+from qkernels.formats import W4A8, W4A16, W8A8, W8A16, QOperand
+from qkernels.kernels.pallas import configs, gpu, ops
+from qkernels.kernels.pallas.configs import Family, TileConfig
+from qkernels.numerics import GROUP_SIZES
+
+dims = st.tuples(st.integers(1, 70), st.integers(1, 300), st.integers(1, 600))
+
+
+def _data(seed: int, m: int, n: int, k: int, recipe, batch: int | None = None):
+    rng = np.random.default_rng(seed)
+    lead = (batch,) if batch else ()
+    x = testing.activations(rng, (*lead, m, k))
+    rq = reference.quantize(testing.weights(rng, (*lead, n, k)), recipe.rhs)
+    bias = rng.standard_normal(n).astype(np.float32)
+    return x, rq, bias
+
+
+def _jax(op: reference.RefQuantized) -> QOperand:
+    return QOperand(*(None if a is None else jnp.asarray(a) for a in op.operand()))
+
+
+def _float_operands(x, rq, recipe):
+    """The float operands a backend multiplies, for `testing.tolerances`."""
+    if recipe.lhs is None:
+        return x, rq.dequantize(x.dtype)
+    return reference.quantize(x, recipe.lhs).dequantize(), rq.dequantize()
+
+
+@settings(max_examples=6)
+@given(dims=dims, seed=st.integers(0, 2**16), with_bias=st.booleans())
+def test_w8a8_accumulators_exact_and_output(dims, seed, with_bias):
+    m, n, k = dims
+    recipe = W8A8()
+    x, rq, bias = _data(seed, m, n, k, recipe)
+    acc = ops.accumulators(jnp.asarray(x), _jax(rq), recipe)
+    np.testing.assert_array_equal(np.asarray(acc), reference.accumulators(x, rq, recipe))
+    b = bias if with_bias else None
+    out = np.asarray(ops.qmatmul(jnp.asarray(x), _jax(rq), recipe, bias=None if b is None else jnp.asarray(b)))
+    ref = reference.qmatmul(x, rq, recipe, bias=b)
+    if with_bias:
+        testing.assert_close(out, ref, *_float_operands(x, rq, recipe), np.float32)
+    else:
+        np.testing.assert_array_equal(out, ref)
+
+
+@settings(max_examples=6)
+@given(dims=dims, seed=st.integers(0, 2**16), group=st.sampled_from(GROUP_SIZES))
+def test_w4a8_group_accumulators_exact_and_output(dims, seed, group):
+    m, n, k = dims
+    recipe = W4A8(group)
+    x, rq, bias = _data(seed, m, n, k, recipe)
+    acc = ops.accumulators(jnp.asarray(x), _jax(rq), recipe)
+    np.testing.assert_array_equal(np.asarray(acc), reference.accumulators(x, rq, recipe))
+    out = ops.qmatmul(jnp.asarray(x), _jax(rq), recipe, bias=jnp.asarray(bias))
+    testing.assert_close(out, reference.qmatmul(x, rq, recipe, bias=bias), *_float_operands(x, rq, recipe),
+                         np.float32)
+
+
+@settings(max_examples=6)
+@given(dims=dims, seed=st.integers(0, 2**16), group=st.sampled_from(GROUP_SIZES), zero_point=st.booleans(),
+       dtype=st.sampled_from(["float32", "bfloat16"]))
+def test_w4a16_output(dims, seed, group, zero_point, dtype):
+    m, n, k = dims
+    recipe = W4A16(group, zero_point=zero_point)
+    x, rq, bias = _data(seed, m, n, k, recipe)
+    x = x.astype(reference.np_dtype(dtype))
+    out = ops.qmatmul(jnp.asarray(x), _jax(rq), recipe, bias=jnp.asarray(bias))
+    assert out.dtype == jnp.dtype(dtype)
+    ref = reference.qmatmul(x, rq, recipe, bias=bias)
+    testing.assert_close(np.asarray(out.astype(jnp.float32)), ref.astype(np.float32),
+                         *_float_operands(x, rq, recipe), dtype)
+
+
+@pytest.mark.parametrize("group", GROUP_SIZES, ids=lambda g: f"g{g}")
+def test_every_group_size_w4a8_and_w4a16_zp(group):
+    x, rq, bias = _data(group, 9, 136, 3 * group + 5, W4A8(group))
+    acc = ops.accumulators(jnp.asarray(x), _jax(rq), W4A8(group))
+    np.testing.assert_array_equal(np.asarray(acc), reference.accumulators(x, rq, W4A8(group)))
+    recipe = W4A16(group, zero_point=True)
+    rz = reference.quantize(testing.weights(np.random.default_rng(1), (136, 3 * group + 5)), recipe.rhs)
+    testing.assert_close(ops.qmatmul(jnp.asarray(x), _jax(rz), recipe), reference.qmatmul(x, rz, recipe),
+                         *_float_operands(x, rz, recipe), np.float32)
+
+
+AWKWARD = [pytest.param(s, id=s.id) for s in shapes.shape_set("awkward") if s.n * s.k <= 300_000]
+
+
+@pytest.mark.parametrize("shape", AWKWARD)
+def test_awkward_shapes_batched_and_decode(shape):
+    """Catalogue's awkward shapes (M=1, odd K, primes, batched weights): exact accumulators."""
+    for recipe in (W8A8(), W4A8(32)):
+        x, rq, _ = _data(7, shape.m, shape.n, shape.k, recipe, batch=shape.batch)
+        acc = ops.accumulators(jnp.asarray(x), _jax(rq), recipe)
+        np.testing.assert_array_equal(np.asarray(acc), reference.accumulators(x, rq, recipe))
+
+
+def test_leading_axes_fold_into_m_and_prequantized_lhs():
+    recipe = W8A8()
+    rng = np.random.default_rng(3)
+    x = testing.activations(rng, (2, 3, 40))
+    rq = reference.quantize(testing.weights(rng, (24, 40)), recipe.rhs)
+    out = ops.qmatmul(jnp.asarray(x), _jax(rq), recipe)
+    assert out.shape == (2, 3, 24)
+    np.testing.assert_array_equal(np.asarray(out), reference.qmatmul(x, rq, recipe))
+    lq = reference.quantize(x, recipe.lhs)
+    pre = ops.qmatmul(_jax(lq), _jax(rq), recipe)
+    np.testing.assert_array_equal(np.asarray(pre), reference.qmatmul(lq, rq, recipe))
+
+
+@settings(max_examples=5)
+@given(rows=st.integers(1, 80), k=st.integers(1, 700), seed=st.integers(0, 2**16), zero_rows=st.booleans())
+def test_quantize_kernel_bit_exact_on_cpu(rows, k, seed, zero_rows):
+    """Interpret mode divides correctly rounded, so codes and scales equal numerics.py's exactly.
+    On TPU the division is approximate: a code may differ by one at a rounding tie (not tested here)."""
+    x = testing.activations(np.random.default_rng(seed), (rows, k))
+    if zero_rows:
+        x[::2] = 0
+    q, s, _ = ops.quantize_activations(jnp.asarray(x), ops.Target.INTERPRET)
+    ref = reference.quantize(x, W8A8().lhs)
+    np.testing.assert_array_equal(np.asarray(q), ref.qvalue)
+    np.testing.assert_array_equal(np.asarray(s), ref.scale)
+
+
+def test_config_cannot_change_numerics():
+    """Different block sizes: identical accumulators and outputs (group order is kept)."""
+    recipe = W4A8(64)
+    x, rq, bias = _data(11, 40, 200, 700, recipe)
+    kw = dict(group=64, out_dtype=jnp.float32, interpret=True)
+    a_q, a_s, _ = ops.quantize_activations(jnp.asarray(x)[None], ops.Target.INTERPRET)
+    args = (a_q, a_s, jnp.asarray(rq.qvalue)[None], jnp.asarray(rq.scale)[None], jnp.asarray(bias))
+    from qkernels.kernels.pallas import tpu
+
+    small = TileConfig(block_m=32, block_n=128, block_k=256)
+    outs = [np.asarray(tpu.w4a8(*args, config=c, **kw)) for c in (small, configs.tpu_config("v6e", Family.W4A8))]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_detect_races_small_case():
+    recipe = W8A8()
+    x, rq, _ = _data(5, 40, 130, 300, recipe)
+    acc = ops.accumulators(jnp.asarray(x), _jax(rq), recipe, interpret=pltpu.InterpretParams(detect_races=True))
+    np.testing.assert_array_equal(np.asarray(acc), reference.accumulators(x, rq, recipe))
+
+
+@pytest.mark.parametrize("recipe", [W8A8(), W4A8(32), W4A16(128, zero_point=True)], ids=lambda r: r.name)
+def test_gpu_kernels_interpreted(recipe):
+    """The Triton-lowering variants, run by the Pallas interpreter."""
+    x, rq, bias = _data(2, 17, 150, 300, recipe)
+    cfg = configs.gpu_config(ops.family_of(recipe))
+    w = (jnp.asarray(rq.qvalue)[None], jnp.asarray(rq.scale)[None])
+    kw = dict(out_dtype=jnp.float32, config=cfg, interpret=True)
+    if recipe.lhs is None:
+        out = gpu.w4a16(jnp.asarray(x)[None], *w, jnp.asarray(rq.zero_point)[None], jnp.asarray(bias),
+                        group=recipe.group_size, **kw)
+    else:
+        lq = reference.quantize(x, recipe.lhs)
+        a = (jnp.asarray(lq.qvalue)[None], jnp.asarray(lq.scale)[None])
+        if recipe.group_size:
+            out = gpu.w4a8(*a, *w, jnp.asarray(bias), group=recipe.group_size, **kw)
+        else:
+            acc = gpu.w8a8(*a, *w, None, raw=True, **kw)
+            np.testing.assert_array_equal(np.asarray(acc[0]), reference.accumulators(x, rq, recipe))
+            out = gpu.w8a8(*a, *w, jnp.asarray(bias), **kw)
+    testing.assert_close(out[0], reference.qmatmul(x, rq, recipe, bias=bias), *_float_operands(x, rq, recipe),
+                         np.float32)
+
+
+def _problem(recipe, platform, **kw):
+    return dispatch.Problem(recipe=recipe, m=4, n=64, k=128, act_dtype="bfloat16", out_dtype="bfloat16",
+                            framework="jax", platform=platform, **kw)
+
+
+@pytest.mark.parametrize("recipe", [W8A8(), W4A8(128), W4A16(128)], ids=lambda r: r.name)
+def test_dispatch_registration(recipe):
+    family = ops.family_of(recipe).value
+    assert dispatch.select(_problem(recipe, "tpu:v5e")).name == f"pallas.tpu.{family}"
+    assert dispatch.select(_problem(recipe, "cuda:sm_90")).name in (f"pallas.gpu.{family}",) + tuple(
+        i.name for i in dispatch.registered("jax") if i.priority > 90)
+    assert dispatch.select(_problem(recipe, "cpu"), backend="pallas").name == "pallas.interpret"
+    auto = dispatch.select(_problem(recipe, "cpu"))
+    assert auto.name != "pallas.interpret"  # negative priority: never chosen automatically
+    with pytest.raises(dispatch.BackendUnavailable, match="cuda:sm_75"):
+        dispatch.select(_problem(recipe, "cuda:sm_75"), backend="pallas.gpu")
+
+
+def test_tpu_v4_refused_for_int8_mxu():
+    reasons = {v.implementation.name: v.reason for v in dispatch.candidates(_problem(W8A8(), "tpu:v4"))}
+    assert "Mosaic rejects int8 matmul on TPU v4" in reasons["pallas.tpu.w8a8"]
+    assert "Mosaic rejects int8 matmul on TPU v4" in reasons["pallas.tpu.w4a8"]
+    w8a16 = {v.implementation.name: v.reason for v in dispatch.candidates(_problem(W8A16(), "tpu:v5e"))}
+    assert "no Pallas kernel for w8a16" in w8a16["pallas.tpu.w8a8"]
+
+
+def test_use_backend_runs_interpreted_kernels_under_jit():
+    recipe = W4A8(32)
+    x, rq, bias = _data(9, 3, 40, 70, recipe)
+    problem = dispatch.Problem(recipe=recipe, m=3, n=40, k=70, act_dtype="float32", out_dtype="float32",
+                               has_bias=True, framework="jax", platform="cpu")
+    with dispatch.use_backend("pallas"):
+        impl = dispatch.select(problem)
+    out = jax.jit(lambda a, w, b: impl.run(problem, a, w, b))(jnp.asarray(x), _jax(rq), jnp.asarray(bias))
+    testing.assert_close(out, reference.qmatmul(x, rq, recipe, bias=bias), *_float_operands(x, rq, recipe),
+                         np.float32)
