@@ -109,7 +109,8 @@ def _int4_kernel(a_ref, w_ref, s_ref, *rest, group: int, has_zero: bool, lhs_int
         acc_ref[...] = y
     else:
         # W4A16: w = (f32(q) - zero) * scale in the activation dtype, one float MMA per nibble half.
-        gid = jax.lax.broadcasted_iota(jnp.int32, lo.shape, 1) // per_group  # [bn, bk/2] group of each lane
+        # group of each lane; lax.div (not //, whose sign fix-up queries the device) as lanes are >= 0
+        gid = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, lo.shape, 1), jnp.int32(per_group))  # [bn, bk/2]
         s = jnp.zeros(lo.shape, jnp.float32)
         z = jnp.zeros(lo.shape, jnp.float32)
         for t in range(n_groups):

@@ -1,0 +1,161 @@
+"""Compile the shipped Pallas configs without the hardware: `check(target)` for `python -m qkernels.aot`.
+
+TPU targets ('tpu-v5e', 'tpu-v6e', 'tpu-v5p'): the real Mosaic/XLA TPU compiler from libtpu, on
+a topology description (no TPU needed); reports VMEM use of the blocks and `memory_analysis()`.
+The W4A16 program must hold no dequantized copy of the weight: temp bytes far below N*K*2.
+GPU targets ('pallas-sm_80', 'pallas-sm_90'): export for cuda, take the Triton IR out of the
+custom call, compile it with the triton wheel, and require int8 tensor-core instructions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from qkernels.aot import ConfigReport
+from qkernels.kernels.pallas import configs, gpu, tpu
+from qkernels.kernels.pallas.configs import Family
+
+__all__ = ["check"]
+
+_TOPOLOGY = {"tpu-v5e": ("v5e", "v5e:2x2"), "tpu-v6e": ("v6e", "v6e:2x2"), "tpu-v5p": ("v5p", "v5p:2x2x1")}
+_VMEM = {"v5e": 128 * 2**20, "v6e": 128 * 2**20, "v5p": 95 * 2**20}
+# (m, n, k): a prefill tile-filling shape, a decode shape, and an awkward one
+_SHAPES = ((1024, 4096, 4096), (8, 4096, 4096), (1, 4096, 4095))
+_GROUP = 128
+
+
+def _vmem_bytes(cfg: configs.TileConfig, family: Family) -> int:
+    a = cfg.block_m * cfg.block_k * (1 if family is not Family.W4A16 else 2)
+    w = cfg.block_n * cfg.block_k // (1 if family is Family.W8A8 else 2)
+    out = cfg.block_m * cfg.block_n * 4
+    return 2 * (a + w + out) + cfg.block_m * cfg.block_n * 4  # double-buffered blocks + accumulator
+
+
+def _fn_and_args(family: Family, cfg, m: int, n: int, k: int, module, sharding=None):
+    sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+    kp = -(-k // _GROUP) * _GROUP
+    if family is Family.W8A8:
+        args = (sd((1, m, k), jnp.int8), sd((1, m), jnp.float32), sd((1, n, k), jnp.int8), sd((1, n), jnp.float32))
+        return lambda a, sa, w, sw: module.w8a8(a, sa, w, sw, None, out_dtype=jnp.bfloat16, config=cfg), args
+    w = (sd((1, n, kp // 2), jnp.int8), sd((1, n, kp // _GROUP), jnp.float32))
+    if family is Family.W4A16:
+        args = (sd((1, m, k), jnp.bfloat16), *w)
+        return lambda a, wq, ws: module.w4a16(a, wq, ws, None, None, group=_GROUP, out_dtype=jnp.bfloat16,
+                                              config=cfg), args
+    args = (sd((1, m, k), jnp.int8), sd((1, m), jnp.float32), *w)
+    return lambda a, sa, wq, ws: module.w4a8(a, sa, wq, ws, None, group=_GROUP, out_dtype=jnp.bfloat16,
+                                             config=cfg), args
+
+
+def _check_tpu(target: str) -> list[ConfigReport]:
+    from jax.experimental import topologies
+
+    # compiling needs no TPU, so do not let libtpu's single-process lock refuse a second user
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    arch, topology = _TOPOLOGY[target]
+    device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    reports = []
+    for family in Family:
+        cfg = configs.tpu_config(arch, family)
+        for m, n, k in _SHAPES:
+            r = ConfigReport(kernel=f"pallas.tpu.{family.value}", config=f"{cfg.describe()} M{m}-N{n}-K{k}",
+                             target=target, mma_instruction="MXU int8" if family is not Family.W4A16 else "MXU bf16",
+                             vmem_bytes=_vmem_bytes(cfg, family))
+            try:
+                fn, args = _fn_and_args(family, cfg, m, n, k, tpu, sharding)
+                mem = jax.jit(fn).trace(*args).lower().compile().memory_analysis()
+                r.memory_analysis = {f: int(getattr(mem, f)) for f in (
+                    "temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+                    "generated_code_size_in_bytes")}
+            except Exception as e:  # a compile error is this config's verdict, reported not raised
+                r.problems.append(f"compile failed: {str(e).splitlines()[0][:300]}")
+                reports.append(r)
+                continue
+            if r.vmem_bytes > _VMEM[arch]:
+                r.problems.append(f"blocks need {r.vmem_bytes} B of VMEM > {_VMEM[arch]}")
+            if family is Family.W4A16 and r.memory_analysis["temp_size_in_bytes"] > n * k * 2 // 8:
+                r.problems.append(f"temp {r.memory_analysis['temp_size_in_bytes']} B is not far below N*K*2 = "
+                                  f"{n * k * 2}: a dequantized weight copy is materialized")
+            reports.append(r)
+    return reports
+
+
+def _triton_ir(fn, args) -> str:
+    """Text of the Triton module inside the exported `__gpu$xla.gpu.triton` custom call."""
+    from jax import export
+    from jax._src.interpreters import mlir as jmlir
+    from jax._src.lib.mlir import ir as jir
+
+    exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    ctx = jmlir.make_ir_context()
+    with ctx:
+        module = jir.Module.parse(exported.mlir_module())
+        found = []
+
+        def walk(op):
+            for region in op.regions:
+                for block in region.blocks:
+                    for o in block.operations:
+                        if o.operation.name == "stablehlo.custom_call" and "gpu.triton" in str(
+                                o.attributes["call_target_name"]):
+                            found.append(o)
+                        walk(o.operation)
+
+        walk(module.operation)
+        if not found:
+            raise RuntimeError("no __gpu$xla.gpu.triton custom call in the exported module")
+        blob = jir.StringAttr(found[0].attributes["mhlo.backend_config"]["ir"]).value_bytes
+        # the bytecode of jax's MLIR does not load in triton's; its text form does
+        return jir.Module.parse(blob).operation.get_asm(enable_debug_info=False)
+
+
+def _check_gpu(target: str) -> list[ConfigReport]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    cap = int(target.rsplit("_", 1)[1])
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    reports = []
+    for family in Family:
+        cfg = configs.gpu_config(family)
+        m, n, k = 256, 512, 1024
+        r = ConfigReport(kernel=f"pallas.gpu.{family.value}", config=f"{cfg.describe()} M{m}-N{n}-K{k}", target=target)
+        try:
+            fn, args = _fn_and_args(family, cfg, m, n, k, gpu)
+            with tempfile.TemporaryDirectory() as tmp:
+                src = Path(tmp) / "kernel.ttir"
+                src.write_text(_triton_ir(fn, args))
+                compiled = triton.compile(str(src), target=GPUTarget("cuda", cap, 32),
+                                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                cubin = Path(tmp) / "kernel.cubin"
+                cubin.write_bytes(compiled.asm["cubin"])
+                sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True).stdout
+            r.shared_bytes = compiled.metadata.shared
+            r.registers = getattr(compiled, "n_regs", None)
+            r.spill_bytes = getattr(compiled, "n_spills", None)
+            mma = sorted(set(re.findall(r"\b(I?G?MMA\.[\w.]+|HMMA\.[\w.]+|HGMMA\.[\w.]+)", sass)))
+            r.mma_instruction = ", ".join(mma)[:26] or None
+            if family is not Family.W4A16 and not any(i.startswith(("IMMA", "IGMMA")) for i in mma):
+                r.problems.append(f"no int8 tensor-core instruction (IMMA/IGMMA) in SASS; found {mma or 'none'}")
+        except Exception as e:  # report the blocker for this config instead of crashing the whole check
+            r.problems.append(f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+        reports.append(r)
+    return reports
+
+
+def check(target: str) -> list[ConfigReport]:
+    """Compile every shipped Pallas config for `target`; see the module docstring."""
+    if target in _TOPOLOGY:
+        return _check_tpu(target)
+    if target in ("pallas-sm_80", "pallas-sm_90"):
+        return _check_gpu(target)
+    raise ValueError(f"unknown Pallas target {target!r}; choose from {', '.join([*_TOPOLOGY, 'pallas-sm_80', 'pallas-sm_90'])}")

@@ -1,0 +1,33 @@
+"""Compile every shipped Pallas TPU config with the real TPU compiler (libtpu, no TPU present)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from qkernels import aot
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                       reason="libtpu not installed: pip install 'qkernels[tpu]'"),
+]
+
+
+@pytest.mark.parametrize("target", ["tpu-v5e", "tpu-v6e"])
+def test_tpu_configs_compile(target):
+    reports = aot.run_checks(target)
+    assert reports, f"no Pallas config was checked for {target}"
+    failed = [r.row() for r in reports if not r.ok]
+    assert not failed, "\n".join(failed)
+    assert {r.kernel for r in reports} == {"pallas.tpu.w8a8", "pallas.tpu.w4a16", "pallas.tpu.w4a8"}
+    for r in reports:
+        assert r.vmem_bytes and r.memory_analysis["generated_code_size_in_bytes"] > 0
+        if r.kernel == "pallas.tpu.w4a16":  # no dequantized bf16 copy of the weight (N*K*2 bytes)
+            n, k = (int(p[1:]) for p in r.config.split()[-1].split("-")[1:])
+            assert r.memory_analysis["temp_size_in_bytes"] < n * k * 2 // 8, r.row()
+
+
+def test_cli_exit_status():
+    assert aot.main(["--target", "tpu-v5e"]) == 0
