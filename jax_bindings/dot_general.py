@@ -28,7 +28,6 @@ weight-only recipes accumulate in f32).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 

@@ -1,4 +1,12 @@
-"""Running a selected implementation so that it partitions under `jit` with sharded inputs."""
+"""Running a selected implementation under `jit`, where inputs may be sharded.
+
+The 'xla' implementation is made of ordinary XLA ops, so GSPMD partitions it by itself: batch/M-
+sharded activations and N-sharded (column-parallel) weights run locally with no all-gather of the
+weight (tests/test_jax_sharding.py asserts it on the HLO); K-sharded (row-parallel) weights get an
+all-reduce of the activations' per-row absmax and one of the partial accumulators. Opaque kernels
+(Pallas custom calls, the host callback) are not partitioned yet: GSPMD replicates their operands.
+`run_partitioned` is the single place where a `custom_partitioning` rule for them belongs.
+"""
 
 from __future__ import annotations
 
