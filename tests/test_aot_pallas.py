@@ -31,3 +31,13 @@ def test_tpu_configs_compile(target):
 
 def test_cli_exit_status():
     assert aot.main(["--target", "tpu-v5e"]) == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton wheel not installed")
+def test_pallas_gpu_triton_ir_compiles_to_int8_tensor_cores():
+    """Export for cuda, extract the Triton IR, compile to sm_80: IMMA for the integer recipes."""
+    reports = aot.run_checks("pallas-sm_80")
+    failed = [r.row() for r in reports if not r.ok]
+    assert not failed, "\n".join(failed)
+    by_kernel = {r.kernel: r.mma_instruction or "" for r in reports}
+    assert by_kernel["pallas.gpu.w8a8"].startswith("IMMA") and by_kernel["pallas.gpu.w4a8"].startswith("IMMA")

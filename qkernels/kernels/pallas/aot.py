@@ -96,7 +96,10 @@ def _triton_ir(fn, args) -> str:
 
     exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
         export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    from jax._src.lib import triton as jax_triton_lib
+
     ctx = jmlir.make_ir_context()
+    jax_triton_lib.dialect.register_dialect(ctx)  # 'tt', to read the kernel's bytecode back
     with ctx:
         module = jir.Module.parse(exported.mlir_module())
         found = []
