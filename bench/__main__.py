@@ -58,7 +58,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--save", action="store_true", help=f"write JSON, markdown and PNG to {RESULTS}/<device>-<date>.*")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the timed sweep before cases drop to one sample "
-                        "(default 480; 120 with --quick; 20 with --smoke)")
+                        "(default 420; 120 with --quick; 20 with --smoke)")
     return p.parse_args(argv)
 
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = device_mod.detect()
     recipes, shapes = _select(args, dev)
     cases = _cases(dev, args.framework, recipes)
-    budget_s = args.budget if args.budget is not None else 20.0 if args.smoke else 120.0 if args.quick else 480.0
+    budget_s = args.budget if args.budget is not None else 20.0 if args.smoke else 120.0 if args.quick else 420.0
     budget = runner.Budget(total_s=budget_s, per_case_s=0.05 if args.smoke else 0.5 if args.quick else 1.5,
                            min_reps=2 if args.smoke else 3, max_reps=5 if args.smoke else 50)
     print(f"bench: {dev.name} ({dev.platform}); {len(shapes)} shapes x {len(cases)} cases; "

@@ -113,11 +113,13 @@ def plot(doc: dict[str, Any], path: str) -> None:
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.6 * rows), squeeze=False)
     float_name = "bf16" if doc["device"]["kind"] != "cpu" else "f32"
+    labels = sorted({label for key in keys for label in panels[key]})
+    colors = {label: plt.get_cmap("tab20")(i % 20) for i, label in enumerate(labels)}  # same line, same color
     for ax, key in zip(axes.flat, keys):
         for label, pts in sorted(panels[key].items()):
             pts.sort()
             style = "-o" if label.startswith("qkernels") else "--s"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, markersize=4)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, markersize=4, color=colors[label])
         ax.axhline(1.0, color="gray", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)

@@ -42,8 +42,8 @@ def measure(fn: Callable[[], Any], sync: Callable[[Any], None], *, budget_s: flo
     """Warm up `fn` (compiles, fills caches; its output is returned for the accuracy check), then time it.
 
     GPU: `triton.testing.do_bench` with `rep` set from the budget, every sample kept.
-    Otherwise: wall clock around `sync(fn())`, `max_reps` at most, fewer when a call is slow, so
-    that the case takes about `budget_s` (at least `min_reps` samples, 1 when the budget is 0).
+    Otherwise: wall clock around `sync(fn())`, one sample after another until `budget_s` is spent
+    (at least `min_reps`, at most `max_reps` samples), so a slow call gets few samples.
     """
     out = fn()
     sync(out)
@@ -52,12 +52,9 @@ def measure(fn: Callable[[], Any], sync: Callable[[Any], None], *, budget_s: flo
 
         ms = triton.testing.do_bench(fn, warmup=25, rep=max(20, int(budget_s * 1000)), return_mode="all")
         return out, Samples(seconds=tuple(t / 1e3 for t in ms), method="triton.testing.do_bench")
-    t0 = time.perf_counter()
-    sync(fn())  # second warm-up: first-call effects (allocator, lazy init) show up after compile too
-    estimate = time.perf_counter() - t0
-    reps = max(min_reps, min(max_reps, int(budget_s / max(estimate, 1e-9))))
-    seconds = []
-    for _ in range(reps):
+    seconds: list[float] = []
+    start = time.perf_counter()
+    while len(seconds) < max_reps and (len(seconds) < min_reps or time.perf_counter() - start < budget_s):
         t0 = time.perf_counter()
         sync(fn())
         seconds.append(time.perf_counter() - t0)
