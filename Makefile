@@ -14,18 +14,15 @@ $(VENV)/.base:
 	$(PIP) torch==2.13.0
 	touch $@
 
+# The tests run `python -m bench --smoke` (plot and baselines included), so they need the bench extra.
 $(VENV)/.test: $(VENV)/.base pyproject.toml constraints.txt
-	$(PIP) -e ".[torch,jax,tpu,test]"
-	touch $@
-
-$(VENV)/.bench: $(VENV)/.test
-	$(PIP) -e ".[bench]" || { echo "optional bench baselines (torchao, aqtp) unavailable; continuing"; $(PIP) matplotlib tqdm; }
+	$(PIP) -e ".[torch,jax,tpu,bench,test]"
 	touch $@
 
 test: $(VENV)/.test
 	$(PY) -m pytest $(PYTEST_ARGS) $(ARGS)
 
-bench: $(VENV)/.bench
+bench: $(VENV)/.test
 	$(PY) -m bench $(ARGS)
 
 aot: $(VENV)/.test
