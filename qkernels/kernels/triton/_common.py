@@ -147,6 +147,20 @@ def check_device(*tensors: torch.Tensor | None) -> torch.device:
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid` in grouped order (Triton tutorial 03): GROUP_M row tiles
+    sweep all column tiles together, so their weight tiles stay in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_id = pid // (GROUP_M * num_pid_n)
+    first_m = group_id * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_rows)
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
 def rint_half_even(y):
     """Round f32 to the nearest integer, ties to even (numpy.rint), for |y| < 2**23.
 

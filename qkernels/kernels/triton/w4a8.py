@@ -15,7 +15,7 @@ import triton.language as tl
 
 from qkernels.formats import W4A8
 from qkernels.kernels.triton._common import (
-    MatmulConfig, Output, arch_of, batch_stride, check_device, pick_config, torch_dtype,
+    MatmulConfig, Output, arch_of, batch_stride, check_device, grouped_tile, pick_config, torch_dtype,
     unpack_int4_tile,
 )
 
@@ -51,13 +51,7 @@ def w4a8_kernel(
 ):
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_id = pid // (GROUP_M * num_pid_n)
-    first_m = group_id * GROUP_M
-    group_rows = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_rows)
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
