@@ -54,6 +54,7 @@ class _Core:
     out_dtype: Any
     backend: str | None
     platform: str
+    device: str
     check_finite: bool
 
 
@@ -142,7 +143,7 @@ def plan(lhs: Any, rhs: Any, dimension_numbers: Any, preferred_element_type: Any
         recipe=recipe, m=math.prod(act.shape[a] for a in a_free), n=math.prod(weight.shape[a] for a in w_free_axes),
         k=math.prod(act.shape[a] for a in ac), batch=math.prod(batch_shape) if ab else None,
         act_dtype=_dtype_name(act.dtype), out_dtype=_dtype_name(out_dtype), framework="jax",
-        platform=implementations.current_platform())
+        platform=implementations.current_platform(), device=implementations.current_device())
     return Plan(swap=swap, act_perm=(*ab, *a_free, *ac), weight_perm=weight_perm, batch_shape=batch_shape,
                 act_free_shape=tuple(act.shape[a] for a in a_free),
                 weight_free_shape=tuple(weight.shape[a] for a in w_free_axes), problem=problem)
@@ -160,7 +161,7 @@ def _problem(core: _Core, lhs: jax.Array, n: int, batched: bool, *, lhs_quantize
     return dispatch.Problem(
         recipe=recipe or core.recipe, m=shape[-2], n=n, k=core.k, batch=shape[0] if batched else None,
         act_dtype="int8" if lhs_quantized else _dtype_name(lhs.dtype), out_dtype=_dtype_name(core.out_dtype),
-        lhs_quantized=lhs_quantized, framework="jax", platform=core.platform)
+        lhs_quantized=lhs_quantized, framework="jax", platform=core.platform, device=core.device)
 
 
 def _weight_operand(core: _Core, rhs: Any) -> QOperand:
@@ -195,7 +196,7 @@ def _dequantized(core: _Core, lhs: jax.Array, rhs: Any) -> tuple[jax.Array, jax.
 def _qmatmul_w8a8(core: _Core, a: jax.Array, b: jax.Array) -> jax.Array:
     """Quantized backward matmul: a (B?, X, C) x b (B?, Y, C) -> (B?, X, Y) in f32, both int8 per row."""
     bwd = _Core(recipe=W8A8(), k=a.shape[-1], out_dtype=jnp.dtype(jnp.float32), backend=core.backend,
-                platform=core.platform, check_finite=False)
+                platform=core.platform, device=core.device, check_finite=False)
     return _forward(bwd, a, b)
 
 
@@ -247,7 +248,8 @@ def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any = Non
     else:
         w = jnp.transpose(weight, p.weight_perm).reshape(*lead, prob.n, prob.k)
     core = _Core(recipe=prob.recipe, k=prob.k, out_dtype=jnp.dtype(prob.out_dtype),
-                 backend=dispatch.requested_backend(backend), platform=prob.platform, check_finite=check_finite)
+                 backend=dispatch.requested_backend(backend), platform=prob.platform, device=prob.device,
+                 check_finite=check_finite)
     out = _core(core, a, w)  # [B?, M, N]
     out = out.reshape(*p.batch_shape, *p.act_free_shape, *p.weight_free_shape)
     if p.swap:  # lax order is (batch, lhs free, rhs free) = (batch, weight free, activation free)

@@ -23,10 +23,10 @@ import numpy as np
 from jax import lax
 
 from jax_bindings import quant
-from qkernels import dispatch, reference
+from qkernels import dispatch, reference, tuning
 from qkernels.formats import Accumulation, QOperand
 
-__all__ = ["platform_of", "current_platform", "run_host", "accumulators"]
+__all__ = ["platform_of", "current_platform", "current_device", "run_host", "accumulators"]
 
 _TPU_KINDS = (  # device_kind prefix -> arch; most specific first
     ("tpu v5 lite", "v5e"), ("tpu v5e", "v5e"), ("tpu v6 lite", "v6e"), ("tpu v6e", "v6e"),
@@ -55,6 +55,12 @@ def platform_of(device: Any) -> str:
 def current_platform() -> str:
     """Platform of the default device (`jax.devices()[0]`)."""
     return platform_of(jax.devices()[0])
+
+
+def current_device() -> str:
+    """Device kind of the default device, the key of its tuned-config tables ('tpu-v5e', 'h100', 'cpu')."""
+    device = jax.devices()[0]
+    return "cpu" if device.platform == "cpu" else tuning.device_kind(device.device_kind)
 
 
 def _lhs_codes(problem: dispatch.Problem, lhs: Any) -> QOperand:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import enum
 import functools
 import importlib
@@ -38,7 +39,7 @@ from qkernels.formats import OperandFormat, Recipe
 
 __all__ = [
     "Op", "Problem", "Implementation", "Verdict", "Explanation", "BackendUnavailable", "register",
-    "registered", "candidates", "select", "explain", "use_backend", "requested_backend", "ENV_VAR",
+    "registered", "invalidate", "candidates", "select", "explain", "use_backend", "requested_backend", "ENV_VAR",
 ]
 
 log = logging.getLogger("qkernels.dispatch")
@@ -64,6 +65,8 @@ class Problem:
     `batch` is None when the weight is 2-D and shared (leading lhs axes are folded into M).
     `act_dtype`: name of the float activation dtype ('int8' if lhs arrives quantized).
     `platform`: 'cpu', 'cuda:sm_80', 'cuda:sm_90', 'rocm:gfx942', 'tpu:v5e', ...
+    `device`: the device kind tuned configs are keyed by ('h100', 'a100', 'tpu-v5e', 'cpu'; see
+    `qkernels.tuning.device_kind`), '' when unknown. It never changes which implementations serve.
     Construction refuses a K that would overflow the recipe's int32 accumulator.
     """
 
@@ -79,6 +82,7 @@ class Problem:
     lhs_quantized: bool = False
     framework: str
     platform: str
+    device: str = ""
 
     def __post_init__(self) -> None:
         for name in ("m", "n", "k"):
@@ -118,6 +122,8 @@ class Implementation:
 
     `name` selects it explicitly: `use_backend('triton')` matches 'triton' and 'triton.w8a8'.
     `framework` is 'torch', 'jax', or 'any' (takes anything NumPy can read, returns NumPy).
+    `configure(problem)`, for kernels that take configs, returns the `qkernels.tuning.Choice` (config
+    and where it came from) that `run` will use; `explain` shows it.
     """
 
     name: str
@@ -127,6 +133,7 @@ class Implementation:
     supports: Callable[[Problem], str | None]
     run: Callable[..., Any] = field(compare=False)
     description: str = ""
+    configure: Callable[[Problem], Any] | None = field(default=None, compare=False)
 
     def matches(self, backend: str) -> bool:
         return self.name == backend or self.name.startswith(backend + ".")
@@ -151,6 +158,7 @@ class Explanation:
     chosen: Implementation | None
     backend: str | None
     error: str | None = None
+    config: Any = None  # tuning.Choice of the chosen implementation, if it takes configs
 
     def __str__(self) -> str:
         lines = [self.problem.describe()]
@@ -162,6 +170,8 @@ class Explanation:
             verdict = "ok" if v.ok else f"no: {v.reason}"
             lines.append(f"{mark} {impl.name:<24} prio {impl.priority:>4}  {verdict}")
         lines.append(f"chosen: {self.chosen.name}" if self.chosen else f"error: {self.error}")
+        if self.config is not None:
+            lines.append(f"config: {self.config}")
         return "\n".join(lines)
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
@@ -190,6 +200,11 @@ def register(impl: Implementation) -> Implementation:
     """Add (or replace, by framework/op/name) an implementation."""
     _REGISTRY.add(impl)
     return impl
+
+
+def invalidate() -> None:
+    """Forget cached choices (e.g. after a tuned-config table changed)."""
+    _REGISTRY.version += 1
 
 
 def registered(framework: str | None = None, op: Op | None = None) -> list[Implementation]:
@@ -261,7 +276,10 @@ def _choose(problem: Problem, backend: str | None) -> Explanation:
 def _select_cached(problem: Problem, backend: str | None, version: int) -> Explanation:
     choice = _choose(problem, backend)
     if choice.chosen is not None:
-        log.debug("qkernels: %s -> %s", problem.describe(), choice.chosen.name)
+        if choice.chosen.configure is not None:
+            choice = dataclasses.replace(choice, config=choice.chosen.configure(problem))
+        log.debug("qkernels: %s -> %s%s", problem.describe(), choice.chosen.name,
+                  f" [{choice.config}]" if choice.config is not None else "")
     return choice
 
 

@@ -11,7 +11,7 @@ from torch import nn
 from qkernels import dispatch
 from qkernels.formats import Recipe, W8A8, resolve_recipe
 from torch_bindings.functional import linear
-from torch_bindings.ops import dtype_name, platform_of
+from torch_bindings.ops import device_of, dtype_name, platform_of
 from torch_bindings.qtensor import QTensor, quantize
 
 __all__ = ["QLinear", "quantize_"]
@@ -64,7 +64,7 @@ class QLinear(nn.Module):
         problem = dispatch.Problem(recipe=self.recipe, m=1, n=self.out_features, k=self.in_features,
                                    act_dtype=dtype_name(dtype), out_dtype=dtype_name(dtype),
                                    has_bias=self.bias is not None, framework="torch",
-                                   platform=platform_of(self.qvalue.device))
+                                   platform=platform_of(self.qvalue.device), device=device_of(self.qvalue.device))
         choice = dispatch.explain(problem)
         return choice.chosen.name if choice.chosen else f"none ({choice.error})"
 

@@ -13,18 +13,19 @@ recipe: str) -> (M, N)` in x's dtype.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 import torch
 
-from qkernels import dispatch
+from qkernels import dispatch, tuning
 from qkernels.dispatch import Problem
 from qkernels.formats import QOperand, Recipe, parse_recipe
 from torch_bindings.qtensor import dequantize_operand
 
-__all__ = ["OPS", "platform_of", "make_problem", "dtype_name"]
+__all__ = ["OPS", "platform_of", "device_of", "make_problem", "dtype_name"]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -43,11 +44,19 @@ def platform_of(device: torch.device) -> str:
     raise ValueError(f"device {device} is not supported; qkernels runs on cpu and cuda (NVIDIA/ROCm) tensors")
 
 
+@functools.lru_cache(maxsize=64)
+def device_of(device: torch.device) -> str:
+    """Device kind of a tensor's device, the key of its tuned-config tables ('h100', 'cpu')."""
+    if device.type == "cuda":
+        return tuning.device_kind(torch.cuda.get_device_name(device))
+    return device.type
+
+
 def make_problem(x: torch.Tensor, n: int, recipe: Recipe, has_bias: bool) -> Problem:
     """The canonical problem of `x (M, K)` against an (N, K) weight (leading axes already folded)."""
     return Problem(recipe=recipe, m=x.shape[0], n=n, k=x.shape[-1], act_dtype=dtype_name(x.dtype),
                    out_dtype=dtype_name(x.dtype), has_bias=has_bias, framework="torch",
-                   platform=platform_of(x.device))
+                   platform=platform_of(x.device), device=device_of(x.device))
 
 
 def _to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
