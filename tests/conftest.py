@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 # No GPU here: run Triton kernels in its interpreter (must precede `import triton`).
 if shutil.which("nvidia-smi") is None and "TRITON_INTERPRET" not in os.environ:
@@ -16,6 +17,10 @@ if shutil.which("nvidia-smi") is None and "TRITON_INTERPRET" not in os.environ:
 # Eight CPU devices for the sharding tests (must precede `import jax`).
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+# Tests never read or write the developer's own tuned-config cache (qkernels.tuning).
+if "QKERNELS_CACHE_DIR" not in os.environ:
+    os.environ["QKERNELS_CACHE_DIR"] = tempfile.mkdtemp(prefix="qkernels-test-cache-")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -1,0 +1,195 @@
+"""Tune kernel configs on this machine's device and save them to the user cache.
+
+    python -m qkernels.tune --recipes w4a16-g128,w8a16,w8a8 --shapes decode
+    python -m qkernels.tune --recipes w4a16-g128 --shapes 1x8192x8192,16x8192x8192 --backend triton
+    python -m qkernels.tune --recipes w8a8 --shapes 4096x4096 --m 1,2,4,8,16 --list
+
+For each recipe and shape (a named set of `qkernels.shapes`, or `MxNxK`, or `NxK` with `--m`), every
+candidate config of the backend (`Tunable.candidates`) is timed on the current device and the fastest
+is stored under the problem's key (recipe family, M bucket, N, K, group size) in
+`$QKERNELS_CACHE_DIR/tuned/<backend>-<device>.json` (see `qkernels.tuning`), which every later call
+on this device kind reads before the shipped table. Existing entries for other keys are kept.
+`--out FILE` writes elsewhere (e.g. a table to ship in `qkernels/tuned/`).
+
+Configs never change numerics, only speed; tuning only ever runs here, never implicitly in a call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qkernels import dispatch, tuning
+from qkernels.formats import Recipe, parse_recipe
+from qkernels.shapes import SETS, shape_set
+
+__all__ = ["main", "Job", "jobs", "tune"]
+
+# Backend -> (framework, module that registers its Tunable, how to describe the current device).
+_BACKENDS = {"triton": ("torch", "qkernels.kernels.triton.tunable"),
+             "pallas": ("jax", "qkernels.kernels.pallas.tunable")}
+DECODE_M = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Job:
+    recipe: Recipe
+    m: int
+    n: int
+    k: int
+
+
+def _parse_shapes(specs: Sequence[str], ms: Sequence[int]) -> list[tuple[int, int, int]]:
+    out: list[tuple[int, int, int]] = []
+    for spec in specs:
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if part.split("+")[0] in SETS:
+                out.extend((s.m, s.n, s.k) for s in shape_set(part) if s.batch is None)
+                continue
+            try:
+                dims = tuple(int(d) for d in part.lower().split("x"))
+            except ValueError:
+                dims = ()
+            if len(dims) == 3 and min(dims) > 0:
+                out.append(dims)  # type: ignore[arg-type]
+            elif len(dims) == 2 and min(dims) > 0:
+                out.extend((m, dims[0], dims[1]) for m in ms)
+            else:
+                raise ValueError(f"shape {part!r} is neither MxNxK, NxK (with --m) nor a shape set "
+                                 f"({', '.join(sorted(SETS))})")
+    return list(dict.fromkeys(out))
+
+
+def jobs(recipes: Sequence[str], shapes: Sequence[str], ms: Sequence[int] = DECODE_M) -> list[Job]:
+    parsed = [parse_recipe(r) for spec in recipes for r in spec.split(",") if r.strip()]
+    return [Job(recipe=r, m=m, n=n, k=k) for r in parsed for m, n, k in _parse_shapes(shapes, ms)]
+
+
+def _device(backend: str) -> tuple[str, str, str]:
+    """(platform, device kind, device name) of the device `backend` tunes on; raises if there is none."""
+    if backend == "triton":
+        import torch
+
+        from qkernels.kernels.triton._common import interpreting
+        from torch_bindings.ops import device_of, platform_of
+
+        if torch.cuda.is_available():
+            dev = torch.device("cuda")
+            return platform_of(dev), device_of(dev), torch.cuda.get_device_name(dev)
+        if interpreting():
+            print("qkernels.tune: no GPU; timing the Triton interpreter (TRITON_INTERPRET=1). These timings say "
+                  "nothing about a GPU and are stored for device 'cpu', which only the interpreter reads.",
+                  file=sys.stderr)
+            return "cpu", "cpu", "Triton interpreter on CPU"
+        raise SystemExit("qkernels.tune: no CUDA/ROCm GPU visible to PyTorch; run this on the GPU you will serve on "
+                         "(or set TRITON_INTERPRET=1 to exercise the tuner in the interpreter)")
+    import jax
+
+    from jax_bindings.implementations import current_device, current_platform
+
+    if jax.devices()[0].platform != "tpu":
+        raise SystemExit(f"qkernels.tune --backend pallas tunes the Pallas TPU kernels and needs a TPU; "
+                         f"JAX sees {jax.devices()[0].platform}")
+    return current_platform(), current_device(), jax.devices()[0].device_kind
+
+
+def _problem(job: Job, framework: str, platform: str, device: str) -> dispatch.Problem:
+    act = "bfloat16"
+    return dispatch.Problem(recipe=job.recipe, m=job.m, n=job.n, k=job.k, act_dtype=act, out_dtype=act,
+                            framework=framework, platform=platform, device=device)
+
+
+def tune(backend: str, todo: Sequence[Job], *, out: Path | None = None, list_only: bool = False,
+         max_configs: int | None = None) -> list[dict[str, Any]]:
+    """Time every candidate of every job; unless `list_only`, merge the winners into the table at `out`
+    (default: the user cache of this device). Returns one row per job."""
+    if backend not in _BACKENDS:
+        raise SystemExit(f"qkernels.tune: unknown backend {backend!r}; choose from {', '.join(_BACKENDS)}")
+    framework, module = _BACKENDS[backend]
+    importlib.import_module(module)
+    platform, device, device_name = _device(backend)
+    tunable = tuning.tunables()[backend]
+    rows, entries = [], {}
+    for job in todo:
+        problem = _problem(job, framework, platform, device)
+        why = tunable.serves(problem)
+        if why:
+            raise SystemExit(f"qkernels.tune: {backend} cannot tune {problem.describe()}: {why}")
+        heuristic, _ = tunable.heuristic(problem)
+        configs = list(dict.fromkeys([heuristic, *tunable.candidates(problem)]))[:max_configs]
+        configs = [c for c in configs if tunable.check(c, problem) is None]
+        if list_only:
+            rows.append({"problem": problem.describe(), "configs": [_name(c) for c in configs]})
+            continue
+        timed = sorted((tunable.measure(problem, c), i, c) for i, c in enumerate(configs))
+        best_s, _, best = timed[0]
+        heuristic_s = next(s for s, _, c in timed if c == heuristic)
+        key = tuning.key_of(problem)
+        if key not in entries or best_s < entries[key].seconds:
+            entries[key] = tuning.Entry(key=key, config=best, seconds=best_s)
+        rows.append({"problem": problem.describe(), "best": _name(best), "us": best_s * 1e6,
+                     "heuristic": _name(heuristic), "heuristic_us": heuristic_s * 1e6, "configs": len(timed)})
+    if not list_only and entries:
+        path = out or tuning.cache_path(backend, device)
+        old = tuning.load_table(path, tunable, device)
+        kept = [e for e in (old.entries if old else ()) if e.key not in entries]
+        tuning.write_table(path, tunable, device, [*kept, *entries.values()], measured=True, provenance={
+            "tool": "python -m qkernels.tune", "device_name": device_name, "platform": platform,
+            "date": datetime.date.today().isoformat(), "versions": _versions(framework)})
+        print(f"qkernels.tune: wrote {len(entries)} entries ({len(kept)} kept) to {path}")
+    return rows
+
+
+def _name(config: Any) -> str:
+    return getattr(config, "name", None) or config.describe()
+
+
+def _versions(framework: str) -> dict[str, str]:
+    mods = ("torch", "triton") if framework == "torch" else ("jax", "jaxlib")
+    out = {}
+    for name in mods:
+        try:
+            out[name] = importlib.import_module(name).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qkernels.tune", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--recipes", action="append", required=True, help="recipe names, comma separated (w4a16-g128,w8a8)")
+    p.add_argument("--shapes", action="append", required=True,
+                   help="shape sets or MxNxK / NxK, comma separated (decode, 1x8192x8192, 8192x8192)")
+    p.add_argument("--m", default=",".join(map(str, DECODE_M)), help="row counts for NxK shapes (default 1,2,4,8,16)")
+    p.add_argument("--backend", default="triton", choices=sorted(_BACKENDS))
+    p.add_argument("--out", type=Path, help="table file to update (default: the user cache of this device)")
+    p.add_argument("--max-configs", type=int, help="time at most this many candidates per problem")
+    p.add_argument("--list", action="store_true", help="print the candidates, time nothing, write nothing")
+    args = p.parse_args(argv)
+    try:
+        ms = tuple(int(m) for m in args.m.split(","))
+        todo = jobs(args.recipes, args.shapes, ms)
+    except ValueError as e:
+        p.error(str(e))
+    rows = tune(args.backend, todo, out=args.out, list_only=args.list, max_configs=args.max_configs)
+    for r in rows:
+        if args.list:
+            print(f"{r['problem']}\n  " + "\n  ".join(r["configs"]))
+        else:
+            print(f"{r['problem']:<70} best {r['best']:<34} {r['us']:9.1f} us   heuristic {r['heuristic']:<34} "
+                  f"{r['heuristic_us']:9.1f} us  ({r['configs']} timed)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
