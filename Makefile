@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 PYTEST_ARGS ?= -n 2
 
-.PHONY: test bench aot clean
+.PHONY: test bench aot tune clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(PY) -m bench $(ARGS)
+
+# Tune decode configs on this machine's GPU into the user cache (qkernels.tuning); ARGS to override.
+tune: $(VENV)/.test
+	$(PY) -m qkernels.tune $(or $(ARGS),--recipes w4a16-g128,w8a16,w8a8 --shapes decode-sweep)
 
 aot: $(VENV)/.test
 	$(PY) -m qkernels.aot --target sm_80

@@ -47,7 +47,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated recipe names (default {DEFAULT_RECIPES})")
     p.add_argument("--shapes", default=None,
                    help="named shape set(s) from qkernels.shapes, joined with '+' (default: 'cpu' on a CPU, "
-                        "'model+square' on an accelerator; 'smoke' with --smoke)")
+                        "'model+square+decode-sweep' on an accelerator; 'smoke' with --smoke)")
     p.add_argument("--framework", choices=("jax", "torch", "both"), default="both")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--smoke", action="store_true", help="tiny shapes, few samples: checks the harness (CI)")
@@ -69,7 +69,7 @@ def _select(args: argparse.Namespace, dev: Any) -> tuple[tuple[Any, ...], tuple[
     recipes = tuple(parse_recipe(r) for r in args.recipes.split(",") if r.strip())
     if not recipes:
         raise SystemExit("--recipes is empty; pass e.g. --recipes w8a8,w4a16-g128")
-    name = args.shapes or ("smoke" if args.smoke else "model+square" if dev.accelerated else "cpu")
+    name = args.shapes or ("smoke" if args.smoke else "model+square+decode-sweep" if dev.accelerated else "cpu")
     shapes = shape_set(name)
     if args.quick:
         shapes = tuple(s for s in shapes if s.m in (1, 16, 256) or "model" not in s.tags and s.m <= 1024)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Shape", "LAYERS", "M_VALUES", "SETS", "shape_set", "tagged"]
+__all__ = ["Shape", "LAYERS", "M_VALUES", "DECODE_M", "SETS", "shape_set", "tagged"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -65,6 +65,13 @@ _AWKWARD = tuple(Shape(m=m, n=n, k=k, batch=b, tags=frozenset({"awkward"}) | _ta
     (5, 130, 129, 2), (64, 100, 384, None), (129, 255, 513, None), (1, 4096, 4095, None),
 ))
 
+# Decode row counts the small-M kernels and tuned tables are built for (issue targets: M = 1..16).
+DECODE_M = (1, 2, 4, 8, 16)
+
+_DECODE_SWEEP = tuple(Shape(m=m, n=n, k=k, layer=name, tags=frozenset({"model", "decode"}))
+                      for name, k, n in LAYERS if name in ("square-8192", "llama3-8b.attn_o", "llama3-8b.mlp_up")
+                      for m in DECODE_M)
+
 SETS: dict[str, tuple[Shape, ...]] = {
     "model": _model(),
     "llama3-8b": tuple(s for s in _model() if s.layer.startswith("llama3-8b")),
@@ -72,6 +79,7 @@ SETS: dict[str, tuple[Shape, ...]] = {
     "square": _SQUARE,
     "awkward": _AWKWARD,
     "decode": tuple(s for s in _model() if "decode" in s.tags),
+    "decode-sweep": _DECODE_SWEEP,
     "prefill": tuple(s for s in _model() if "prefill" in s.tags),
     "smoke": (Shape(m=1, n=64, k=96, tags=frozenset({"decode", "awkward"})),
               Shape(m=33, n=48, k=160, tags=frozenset({"awkward"}))),

@@ -27,14 +27,13 @@ from typing import Any
 
 from qkernels import dispatch, tuning
 from qkernels.formats import Recipe, parse_recipe
-from qkernels.shapes import SETS, shape_set
+from qkernels.shapes import DECODE_M, SETS, shape_set
 
 __all__ = ["main", "Job", "jobs", "tune"]
 
 # Backend -> (framework, module that registers its Tunable, how to describe the current device).
 _BACKENDS = {"triton": ("torch", "qkernels.kernels.triton.tunable"),
              "pallas": ("jax", "qkernels.kernels.pallas.tunable")}
-DECODE_M = (1, 2, 4, 8, 16)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

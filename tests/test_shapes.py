@@ -23,6 +23,8 @@ def test_catalogue_covers_the_issue_shapes() -> None:
     assert {s.m for s in model} == set(shapes.M_VALUES)
     assert all(max(s.n, s.k) <= 4096 for s in shapes.shape_set("cpu"))
     assert all(s.m <= 16 for s in shapes.tagged("decode"))
+    sweep = shapes.shape_set("decode-sweep")  # issue 8's decode targets: M = 1..16 on 8192x8192
+    assert {s.m for s in sweep if (s.n, s.k) == (8192, 8192)} == set(shapes.DECODE_M) == {1, 2, 4, 8, 16}
     awkward = shapes.shape_set("awkward")
     assert any(s.m == 1 for s in awkward) and any(s.k % 2 for s in awkward) and any(s.batch for s in awkward)
 
