@@ -31,8 +31,25 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 
 def test_every_family_and_target_is_checked(reports: list[dict]) -> None:
     seen = {(r["target"], r["kernel"]) for r in reports}
-    families = ("quantize_rows", "w8a8", "w4a8", "w4a16", "w8a16")
-    assert seen == {(t, k) for t in ("sm_80", "sm_90") for k in families}
+    kernels = ("quantize_rows", "w8a8", "w4a8", "w4a16", "w8a16", "gemv-w8a8", "gemv-w8a16", "gemv-w4a16",
+               "gemv-w4a16-zp", "splitk_reduce-i32", "splitk_reduce-fp32")
+    assert seen == {(t, k) for t in ("sm_80", "sm_90") for k in kernels}
+
+
+def test_decode_picks_and_split_variants_are_compiled(reports: list[dict]) -> None:
+    """Every config the heuristic picks at decode (M=1..16 on the decode-sweep layers, on the
+    target's device kinds) is among the compiled ones, split-K as its partial-storing form."""
+    from qkernels.kernels.triton import aot as triton_aot, heuristics
+    from qkernels.shapes import shape_set
+
+    compiled = {(r["target"], r["config"]) for r in reports}
+    for target, device in (("sm_80", "a100"), ("sm_90", "h100")):
+        for family, group in (("w8a8", None), ("w8a16", None), ("w4a16", 128)):
+            for s in shape_set("decode-sweep"):
+                cfg, _ = heuristics.heuristic(family, target, device, s.m, s.n, s.k, group)
+                name = triton_aot.Variant(cfg=cfg.for_group(group) if group else cfg, partial=cfg.split_k > 1).name
+                assert (target, name) in compiled, (family, s, name)
+    assert any(r["config"].endswith("-partial") for r in reports if r["kernel"] == "w8a8")
 
 
 @pytest.mark.parametrize("kernel,expected", [
@@ -42,6 +59,11 @@ def test_tensor_core_instruction(reports: list[dict], kernel: str, expected: tup
     for r in (r for r in reports if r["kernel"] == kernel):
         assert (r["mma_instruction"] or "").startswith(expected), r
         assert r["spill_bytes"] == 0 and r["registers"] <= 255, r
+
+
+def test_gemv_and_reduce_need_no_tensor_cores_and_do_not_spill(reports: list[dict]) -> None:
+    small = [r for r in reports if r["kernel"].startswith(("gemv-", "splitk_reduce-"))]
+    assert small and all(r["mma_instruction"] is None and r["spill_bytes"] == 0 for r in small), small
 
 
 def test_sm90_large_tiles_use_warpgroup_mma(reports: list[dict]) -> None:

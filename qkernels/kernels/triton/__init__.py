@@ -13,10 +13,15 @@ registers, for framework 'torch':
 
 so `with qkernels.use_backend("triton"): ...` runs the real kernels in the interpreter on CPU
 tensors, and automatic selection never picks the (slow) interpreter.
+
+Each matmul runs with the config `qkernels.tuning.choose(problem, "triton")` returns (kernel variant
+— tile, split-K tile or GEMV — and block sizes, by M bucket, N, K and device: user cache, shipped
+table, then `heuristics`); `qkernels.explain` prints it with its source.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Callable
@@ -25,10 +30,11 @@ from typing import Any
 
 import torch
 
-from qkernels import dispatch
+from qkernels import dispatch, tuning
 from qkernels.formats import OperandFormat, QOperand
 from qkernels.kernels.triton._common import MatmulConfig, QuantizeConfig
 from qkernels.kernels.triton.quantize import quantize_rows
+from qkernels.kernels.triton.tunable import BACKEND as _TUNED
 from qkernels.kernels.triton.w4a8 import w4a8_matmul
 from qkernels.kernels.triton.w4a16 import w4a16_matmul
 from qkernels.kernels.triton.w8a8 import w8a8_matmul
@@ -98,10 +104,14 @@ def _run(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any, matmul: 
     return matmul(flat, rhs, bias).reshape(*lead, problem.n)
 
 
+def _config(problem: dispatch.Problem) -> MatmulConfig:
+    return tuning.choose(problem, _TUNED).config
+
+
 def _run_w8a8(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any) -> Any:
     def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
         q, s = _lhs_codes(problem, x)
-        return w8a8_matmul(q, s, w.qvalue, w.scale, b, out_dtype=problem.out_dtype)
+        return w8a8_matmul(q, s, w.qvalue, w.scale, b, out_dtype=problem.out_dtype, config=_config(problem))
     return _run(problem, lhs, rhs, bias, matmul)
 
 
@@ -109,20 +119,20 @@ def _run_w4a8(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any) -> 
     def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
         q, s = _lhs_codes(problem, x)
         return w4a8_matmul(q, s, w.qvalue, w.scale, b, group_size=problem.recipe.group_size,
-                           out_dtype=problem.out_dtype)
+                           out_dtype=problem.out_dtype, config=_config(problem))
     return _run(problem, lhs, rhs, bias, matmul)
 
 
 def _run_w4a16(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any) -> Any:
     def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
         return w4a16_matmul(x, w.qvalue, w.scale, w.zero_point, b, group_size=problem.recipe.group_size,
-                            out_dtype=problem.out_dtype)
+                            out_dtype=problem.out_dtype, config=_config(problem))
     return _run(problem, lhs, rhs, bias, matmul)
 
 
 def _run_w8a16(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any) -> Any:
     def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
-        return w8a16_matmul(x, w.qvalue, w.scale, b, out_dtype=problem.out_dtype)
+        return w8a16_matmul(x, w.qvalue, w.scale, b, out_dtype=problem.out_dtype, config=_config(problem))
     return _run(problem, lhs, rhs, bias, matmul)
 
 
@@ -190,6 +200,7 @@ def _register() -> None:
             dispatch.register(dispatch.Implementation(
                 name=f"{prefix}.{fam.name}", framework="torch", op=dispatch.Op.QMATMUL, priority=priority,
                 supports=_supports(platform_reason, fam.reason), run=fam.run,
+                configure=functools.partial(tuning.choose, backend=_TUNED),
                 description=f"Triton {fam.name} kernel, rescale fused{where}"))
         dispatch.register(dispatch.Implementation(
             name=f"{prefix}.quantize", framework="torch", op=dispatch.Op.QUANTIZE, priority=priority,

@@ -7,18 +7,23 @@ whatever the tile shape (a test proves two configs give identical integer output
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
+from qkernels import tuning
+
 __all__ = [
-    "MatmulConfig", "QuantizeConfig", "ARCHS", "interpreting", "arch_of", "pick_config",
-    "TORCH_DTYPES", "torch_dtype", "rint_half_even", "round_to_bf16", "unpack_int4_tile", "Output", "check_device",
-    "dot_upcast", "batch_stride",
+    "Kernel", "MatmulConfig", "QuantizeConfig", "ARCHS", "interpreting", "arch_of", "pick_config",
+    "TORCH_DTYPES", "torch_dtype", "device_kind_of", "rint_half_even", "round_to_bf16", "unpack_int4_tile", "Output", "check_device",
+    "dot_upcast", "batch_stride", "store_rescaled",
 ]
 
 ARCHS = ("sm_80", "sm_90", "gfx942", "interpret")
@@ -40,12 +45,34 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+class Kernel(enum.Enum):
+    """Which kernel a `MatmulConfig` runs.
+
+    TILE: the tensor-core kernel of the family (`tl.dot` on [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]
+          tiles), optionally split along K.
+    GEMV: the no-tensor-core kernel for a few rows (`qkernels.kernels.triton.gemv`): each program
+          streams a [BLOCK_N, BLOCK_K] weight tile once and reduces it with `tl.sum` for all M rows.
+    """
+
+    TILE = "tile"
+    GEMV = "gemv"
+
+
+_GEMV_MAX_M = 16  # a GEMV program holds every row: beyond 16 the tile kernel's MMA wins
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MatmulConfig:
-    """Tile shape and pipelining of a matmul kernel. Cannot change numerics (only speed).
+    """Kernel variant, tile shape, K split and pipelining of a matmul. Cannot change numerics (only speed).
 
     `max_m`: this config is chosen for calls with M <= max_m (None: any M); a family's table is
     ordered from the smallest `max_m` up, the first that covers M wins.
+    `kernel`: `Kernel.TILE` (tensor cores; every block >= 16) or `Kernel.GEMV` (no MMA; M <= block_m,
+    block_m may be 1..16).
+    `split_k`: K is cut into up to `split_k` ranges, each a whole number of BLOCK_K tiles (so a
+    range never straddles a quantization group), computed by separate programs; their partials
+    (int32 for integer recipes: exact; f32 for float recipes) are summed in fixed split order by
+    `qkernels.kernels.triton.splitk` before the rescale, so integer outputs stay bit-exact.
     """
 
     block_m: int
@@ -55,21 +82,36 @@ class MatmulConfig:
     num_stages: int = 2
     group_m: int = 8
     max_m: int | None = None
+    kernel: Kernel = Kernel.TILE
+    split_k: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.kernel, Kernel):
+            raise ValueError(f"kernel={self.kernel!r} is not one of {[k.value for k in Kernel]}")
         for name in ("block_m", "block_n", "block_k", "num_warps"):
             v = getattr(self, name)
-            if v < 1 or v & (v - 1):
-                raise ValueError(f"{name}={v} must be a power of two")
-        if min(self.block_m, self.block_n, self.block_k) < 16:
+            if not isinstance(v, int) or v < 1 or v & (v - 1):
+                raise ValueError(f"{name}={v!r} must be a power of two")
+        if self.kernel is Kernel.TILE and min(self.block_m, self.block_n, self.block_k) < 16:
             raise ValueError(f"blocks {self.block_m}x{self.block_n}x{self.block_k}: tl.dot needs every "
-                             f"block dimension >= 16")
+                             f"block dimension >= 16 (use kernel=Kernel.GEMV for fewer rows)")
+        if self.kernel is Kernel.GEMV and (self.block_m > _GEMV_MAX_M or min(self.block_n, self.block_k) < 16):
+            raise ValueError(f"GEMV blocks {self.block_m}x{self.block_n}x{self.block_k}: block_m must be <= "
+                             f"{_GEMV_MAX_M} (use the tile kernel for more rows) and block_n, block_k >= 16")
+        if not isinstance(self.split_k, int) or not 1 <= self.split_k <= 16:
+            raise ValueError(f"split_k={self.split_k!r} must be an integer in 1..16")
         if self.num_stages < 1 or self.group_m < 1:
             raise ValueError(f"num_stages={self.num_stages} and group_m={self.group_m} must be >= 1")
+        if self.max_m is not None and self.max_m < 1:
+            raise ValueError(f"max_m={self.max_m} must be >= 1 or None")
 
     @property
     def name(self) -> str:
-        return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}"
+        """'m16n64k128w4s4' (tile, as the aot reports name it), '...-sk4' split, 'gemv-m4n64k256w4s2-sk2'."""
+        base = f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}"
+        prefix = "gemv-" if self.kernel is Kernel.GEMV else ""
+        suffix = f"-sk{self.split_k}" if self.split_k > 1 else ""
+        return prefix + base + suffix
 
     def for_group(self, group_size: int) -> MatmulConfig:
         """This config with BLOCK_K clamped to the group size, so that no K tile straddles a group.
@@ -78,9 +120,40 @@ class MatmulConfig:
         """
         if self.block_k <= group_size:
             return self
-        return MatmulConfig(block_m=self.block_m, block_n=self.block_n, block_k=group_size,
-                            num_warps=self.num_warps, num_stages=self.num_stages, group_m=self.group_m,
-                            max_m=self.max_m)
+        return dataclasses.replace(self, block_k=group_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (the kernel by its value); `from_dict` is the inverse."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["kernel"] = self.kernel.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> MatmulConfig:
+        """Strict inverse of `to_dict`: unknown keys, missing required keys or bad values raise ValueError."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a MatmulConfig is a JSON object, got {type(d).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(fields))
+        if unknown:
+            raise ValueError(f"unknown MatmulConfig keys {unknown}; known: {sorted(fields)}")
+        required = [n for n, f in fields.items() if f.default is dataclasses.MISSING]
+        missing = [n for n in required if n not in d]
+        if missing:
+            raise ValueError(f"MatmulConfig keys {missing} are missing from {dict(d)}")
+        kw = dict(d)
+        for n, v in kw.items():
+            if n == "kernel":
+                continue
+            ok = v is None if n == "max_m" and v is None else isinstance(v, int) and not isinstance(v, bool)
+            if not ok:
+                raise ValueError(f"MatmulConfig {n}={v!r} must be an integer")
+        if "kernel" in kw:
+            try:
+                kw["kernel"] = Kernel(kw["kernel"])
+            except ValueError:
+                raise ValueError(f"kernel={kw['kernel']!r} is not one of {[k.value for k in Kernel]}") from None
+        return cls(**kw)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -129,6 +202,13 @@ def arch_of(device: torch.device) -> str:
     return "sm_90" if major >= 9 else "sm_80"
 
 
+def device_kind_of(device: torch.device) -> str:
+    """Device kind keying the tuned tables and SM counts ('h100', 'mi300x'); 'cpu' in the interpreter."""
+    if device.type == "cuda":
+        return tuning.device_kind(torch.cuda.get_device_name(device))
+    return device.type
+
+
 def pick_config(table: Mapping[str, tuple[MatmulConfig, ...]], arch: str, m: int) -> MatmulConfig:
     """First config of `table[arch]` whose `max_m` covers `m`."""
     for cfg in table[arch]:
@@ -158,6 +238,22 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     pid_m = first_m + (pid % group_rows)
     pid_n = (pid % (GROUP_M * num_pid_n)) // group_rows
     return pid_m, pid_n
+
+
+@triton.jit
+def store_rescaled(acc, out_ptrs, mask, a_scale_ptrs, w_scale_ptrs, bias_ptrs, m_ok, n_ok,
+                   RESCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Store a whole-K accumulator [BLOCK_M, BLOCK_N] through DESIGN.md section 4's epilogue:
+    W8A8 (RESCALE) `(f32(acc) * s_lhs[m]) * s_rhs[n]`, then `+ bias[n]`, then one cast to the
+    output dtype. The tile, GEMV and split-K reduce kernels all end here, so they round alike."""
+    y = acc
+    if RESCALE:
+        s_a = tl.load(a_scale_ptrs, mask=m_ok, other=1.0)  # [BLOCK_M]
+        s_w = tl.load(w_scale_ptrs, mask=n_ok, other=1.0)  # [BLOCK_N]
+        y = (acc.to(tl.float32) * s_a[:, None]) * s_w[None, :]  # [BLOCK_M, BLOCK_N] f32
+    if HAS_BIAS:
+        y = y.to(tl.float32) + tl.load(bias_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -1,8 +1,9 @@
 """Compile every shipped Triton config for sm_80 / sm_90 / gfx942 with no GPU, and check the machine code.
 
-`check(target)` (used by `python -m qkernels.aot --target sm_80`) compiles each family's configs for
-`target` with `triton.compile(ASTSource(...), target=GPUTarget(...))`, the way the JIT would
-specialize a typical call (pointers and strides 16-byte divisible, unit K strides, bf16
+`check(target)` (used by `python -m qkernels.aot --target sm_80`) compiles, for `target`, each
+family's table configs, the heuristic's decode/split-K/GEMV picks (`matmul_variants`), every config
+of the tuned tables shipped for the target's device kinds, the GEMV kernel and the split-K reduce,
+with `triton.compile(ASTSource(...), target=GPUTarget(...))`, the way the JIT would specialize a typical call (pointers and strides 16-byte divisible, unit K strides, bf16
 activations/outputs, bias on), then reads the machine code: SASS through the wheel's `cuobjdump`
 (tensor-core instruction, registers, spills) or the AMDGCN text (v_mfma, VGPRs, spills, LDS).
 A config fails if it does not compile, lacks the expected tensor-core instruction, spills, or uses
@@ -12,6 +13,7 @@ more shared memory than the target has. This also warms Triton's compilation cac
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -27,9 +29,11 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
+from qkernels import tuning
 from qkernels.aot import ConfigReport
-from qkernels.kernels.triton import quantize, w4a8, w4a16, w8a8, w8a16
-from qkernels.kernels.triton._common import MatmulConfig, interpreting
+from qkernels.kernels.triton import gemv, heuristics, quantize, splitk, tunable, w4a8, w4a16, w8a8, w8a16
+from qkernels.kernels.triton._common import Kernel, MatmulConfig, interpreting
+from qkernels.shapes import shape_set
 
 __all__ = ["check", "GPU_TARGETS"]
 
@@ -52,53 +56,167 @@ _GROUP = 128  # group size compiled for the grouped families (BLOCK_K is clamped
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Variant:
+    """One compiled form of a matmul config: split-K only changes the grid and K range (runtime
+    arguments), but a split kernel stores raw partials (another constexpr and output dtype)."""
+
+    cfg: MatmulConfig
+    partial: bool
+
+    @property
+    def name(self) -> str:
+        base = dataclasses.replace(self.cfg, split_k=1).name
+        return f"{base}-partial" if self.partial else base
+
+    @property
+    def num_warps(self) -> int:
+        return self.cfg.num_warps
+
+    @property
+    def num_stages(self) -> int:
+        return self.cfg.num_stages
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ReduceVariant:
+    """The split-K reduce kernel at one row block (`splitk.reduce_block_m` of M = 1..16)."""
+
+    block_m: int
+    num_stages: int = 1
+
+    @property
+    def num_warps(self) -> int:
+        return splitk.reduce_num_warps(self.block_m)
+
+    @property
+    def name(self) -> str:
+        return f"m{self.block_m}n{splitk.REDUCE_BLOCK_N}w{self.num_warps}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class KernelSpec:
-    """One family's kernel as compiled ahead of time: pointer dtypes, constexprs, expected MMA."""
+    """One kernel as compiled ahead of time: pointer dtypes, constexprs, configs, expected MMA."""
 
     name: str
     fn: Any
-    pointers: dict[str, str]
+    pointers: Callable[[Any], dict[str, str]]
     constexprs: Callable[[Any], dict[str, Any]]
     configs: Callable[[str], tuple[Any, ...]]
     mma: str | None  # 'int8', '16bit' or None (no matmul)
+
+
+# Device kinds whose heuristic picks are compiled per target (the tables shipped for any device
+# kind of the target's arch are compiled too).
+_DECODE_DEVICES = {"sm_80": ("a100", ""), "sm_90": ("h100", "h200"), "gfx942": ("mi300x",)}
+
+
+def _shipped(family: str, arch: str) -> list[MatmulConfig]:
+    """Configs of `family` in the tables shipped in the package for device kinds of `arch`."""
+    out: list[MatmulConfig] = []
+    for path in sorted(tuning.SHIPPED_DIR.glob(f"{tunable.BACKEND}-*.json")):
+        device = path.stem.removeprefix(f"{tunable.BACKEND}-")
+        if heuristics.ARCH_OF_DEVICE.get(device) != arch:
+            continue
+        table = tuning.load_table(path, tunable.TUNABLE, device)
+        out += [e.config for e in (table.entries if table else ()) if e.key.family == family]
+    return out
+
+
+def matmul_variants(family: str, arch: str, group_size: int | None) -> tuple[Variant, ...]:
+    """Every compiled form a `family` call on `arch` can run: the family's table, the heuristic's
+    picks for decode and model shapes on the arch's device kinds, and the shipped tuned tables."""
+    configs = list(importlib.import_module(f"qkernels.kernels.triton.{family}").CONFIGS[arch])
+    for device in _DECODE_DEVICES[arch]:
+        for shape in (*shape_set("decode-sweep"), *shape_set("model")):
+            if shape.batch is None:
+                configs.append(heuristics.heuristic(family, arch, device, shape.m, shape.n, shape.k, group_size)[0])
+    configs += _shipped(family, arch)
+    seen: dict[Variant, None] = {}
+    for cfg in configs:
+        eff = cfg.for_group(group_size) if group_size else cfg
+        seen[Variant(cfg=dataclasses.replace(eff, split_k=1, max_m=None), partial=cfg.split_k > 1)] = None
+    return tuple(seen)
 
 
 def _blocks(cfg: MatmulConfig, **extra: Any) -> dict[str, Any]:
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, **extra)
 
 
+def _tiles(family: str, group_size: int | None = None) -> Callable[[str], tuple[Variant, ...]]:
+    return lambda arch: tuple(v for v in matmul_variants(family, arch, group_size) if v.cfg.kernel is Kernel.TILE)
+
+
+def _gemvs(family: str, group_size: int | None = None) -> Callable[[str], tuple[Variant, ...]]:
+    return lambda arch: tuple(v for v in matmul_variants(family, arch, group_size) if v.cfg.kernel is Kernel.GEMV)
+
+
+def _out(v: Variant, partial: str, final: str = "*bf16") -> dict[str, str]:
+    return dict(out_ptr=partial if v.partial else final)
+
+
+def _gemv_spec(family: str, weight: int, act: str, group_size: int | None) -> KernelSpec:
+    int_act = family == "w8a8"
+    acc = "*i32" if int_act else "*fp32"
+    suffix = "-zp" if weight == gemv.UINT4_ZP else ""
+    return KernelSpec(
+        name=f"gemv-{family}{suffix}", fn=gemv.gemv_kernel,
+        pointers=lambda v: dict(a_ptr=act, a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32", w_zero_ptr="*i8",
+                                bias_ptr="*fp32" if int_act else "*bf16", **_out(v, acc)),
+        constexprs=lambda v: dict(WEIGHT=weight, INT_ACT=int_act, PARTIAL=v.partial, HAS_BIAS=True, ROUND_BF16=False,
+                                  GROUP_SIZE=group_size or 1, BLOCK_M=v.cfg.block_m, BLOCK_N=v.cfg.block_n,
+                                  BLOCK_K=v.cfg.block_k),
+        configs=_gemvs(family, group_size), mma=None)
+
+
+def _reduce_spec(acc: str) -> KernelSpec:
+    rescale = acc == "*i32"
+    return KernelSpec(
+        name=f"splitk_reduce-{acc[1:]}", fn=splitk.splitk_reduce_kernel,
+        pointers=lambda v: dict(part_ptr=acc, a_scale_ptr="*fp32", w_scale_ptr="*fp32",
+                                bias_ptr="*fp32" if rescale else "*bf16", out_ptr="*bf16"),
+        constexprs=lambda v: dict(RESCALE=rescale, HAS_BIAS=True, BLOCK_M=v.block_m, BLOCK_N=splitk.REDUCE_BLOCK_N),
+        configs=lambda arch: tuple(ReduceVariant(block_m=splitk.reduce_block_m(m)) for m in (1, 2, 4, 8, 16)),
+        mma=None)
+
+
 SPECS: tuple[KernelSpec, ...] = (
     KernelSpec(name="quantize_rows", fn=quantize.quantize_rows_kernel,
-               pointers=dict(x_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32"),
+               pointers=lambda c: dict(x_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32"),
                constexprs=lambda c: dict(BLOCK_R=c.block_rows, BLOCK_K=c.block_k),
                configs=lambda arch: (quantize.CONFIGS[arch],), mma=None),
     KernelSpec(name="w8a8", fn=w8a8.w8a8_kernel,
-               pointers=dict(a_ptr="*i8", a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32",
-                             bias_ptr="*fp32", out_ptr="*bf16"),
-               constexprs=lambda c: _blocks(c, HAS_BIAS=True, RETURN_ACC=False),
-               configs=lambda arch: w8a8.CONFIGS[arch], mma="int8"),
+               pointers=lambda v: dict(a_ptr="*i8", a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32",
+                                       bias_ptr="*fp32", **_out(v, "*i32")),
+               constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, RETURN_ACC=v.partial),
+               configs=_tiles("w8a8"), mma="int8"),
     KernelSpec(name="w4a8", fn=w4a8.w4a8_kernel,
-               pointers=dict(a_ptr="*i8", a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32",
-                             bias_ptr="*fp32", out_ptr="*bf16"),
-               constexprs=lambda c: _blocks(c.for_group(_GROUP), HAS_BIAS=True, RETURN_ACC=False,
-                                            GROUP_SIZE=_GROUP),
-               configs=lambda arch: w4a8.CONFIGS[arch], mma="int8"),
+               pointers=lambda v: dict(a_ptr="*i8", a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32",
+                                       bias_ptr="*fp32", out_ptr="*bf16"),
+               constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, RETURN_ACC=False, GROUP_SIZE=_GROUP),
+               configs=_tiles("w4a8", _GROUP), mma="int8"),
     KernelSpec(name="w4a16", fn=w4a16.w4a16_kernel,
-               pointers=dict(a_ptr="*bf16", w_ptr="*i8", w_scale_ptr="*fp32", w_zero_ptr="*i8",
-                             bias_ptr="*bf16", out_ptr="*bf16"),
-               constexprs=lambda c: _blocks(c.for_group(_GROUP), HAS_BIAS=True, ZERO_POINT=False, DOT_F32=False,
+               pointers=lambda v: dict(a_ptr="*bf16", w_ptr="*i8", w_scale_ptr="*fp32", w_zero_ptr="*i8",
+                                       bias_ptr="*bf16", **_out(v, "*fp32")),
+               constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, PARTIAL=v.partial, ZERO_POINT=False, DOT_F32=False,
                                             GROUP_SIZE=_GROUP),
-               configs=lambda arch: w4a16.CONFIGS[arch], mma="16bit"),
+               configs=_tiles("w4a16", _GROUP), mma="16bit"),
     KernelSpec(name="w8a16", fn=w8a16.w8a16_kernel,
-               pointers=dict(a_ptr="*bf16", w_ptr="*i8", w_scale_ptr="*fp32", bias_ptr="*bf16",
-                             out_ptr="*bf16"),
-               constexprs=lambda c: _blocks(c, HAS_BIAS=True, DOT_F32=False),
-               configs=lambda arch: w8a16.CONFIGS[arch], mma="16bit"),
+               pointers=lambda v: dict(a_ptr="*bf16", w_ptr="*i8", w_scale_ptr="*fp32", bias_ptr="*bf16",
+                                       **_out(v, "*fp32")),
+               constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, PARTIAL=v.partial, DOT_F32=False),
+               configs=_tiles("w8a16"), mma="16bit"),
+    _gemv_spec("w8a8", gemv.INT8, "*i8", None),
+    _gemv_spec("w8a16", gemv.INT8, "*bf16", None),
+    _gemv_spec("w4a16", gemv.INT4, "*bf16", _GROUP),
+    _gemv_spec("w4a16", gemv.UINT4_ZP, "*bf16", _GROUP),
+    _reduce_spec("*i32"),
+    _reduce_spec("*fp32"),
 )
 
 
 def _source(spec: KernelSpec, cfg: Any) -> ASTSource:
     constexprs = spec.constexprs(cfg)
+    pointers = spec.pointers(cfg)
     signature: dict[str, str] = {}
     attrs: dict[tuple[int, ...], list[list[Any]]] = {}
     for i, arg in enumerate(spec.fn.arg_names):
@@ -107,8 +225,8 @@ def _source(spec: KernelSpec, cfg: Any) -> ASTSource:
         elif arg in _UNIT_STRIDES:
             signature[arg] = "constexpr"
             constexprs[arg] = 1
-        elif arg in spec.pointers:
-            signature[arg] = spec.pointers[arg]
+        elif arg in pointers:
+            signature[arg] = pointers[arg]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[arg] = "i32"
@@ -194,7 +312,7 @@ def _check_one(spec: KernelSpec, cfg: Any, target: str) -> ConfigReport:
 
 
 def check(target: str) -> list[ConfigReport]:
-    """Compile every shipped config of every Triton kernel for `target` ('sm_80', 'sm_90', 'gfx942').
+    """Compile every config every Triton kernel can run on `target` ('sm_80', 'sm_90', 'gfx942').
 
     Under TRITON_INTERPRET=1 the kernels are interpreter objects that cannot be compiled, so the
     check runs in a child process without that variable.

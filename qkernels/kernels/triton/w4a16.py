@@ -5,6 +5,10 @@ dequantized in registers, `w = (f32(q) - zero) * scale` cast to the activation d
 section 4), then fed to a bf16/fp16 tensor-core MMA accumulating in f32; no dequantized weight is
 ever written to memory. BLOCK_K is clamped to the group size, so one tile row needs one scale.
 Accurate, not bit-exact across backends (the f32 accumulation order differs).
+
+For decode the config may run the GEMV kernel (`gemv.py`) or split K (`splitk.py`): a split is a
+whole number of BLOCK_K tiles, so it never straddles a group; f32 partials are summed in fixed
+split order, then bias and the cast once.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import triton
 import triton.language as tl
 
 from qkernels.formats import W4A16
+from qkernels.kernels.triton import heuristics, splitk
 from qkernels.kernels.triton._common import (
-    MatmulConfig, Output, arch_of, batch_stride, check_device, grouped_tile, dot_upcast, pick_config, round_to_bf16,
-    torch_dtype, unpack_int4_tile,
+    Kernel, MatmulConfig, Output, arch_of, batch_stride, check_device, device_kind_of, dot_upcast, grouped_tile,
+    round_to_bf16, torch_dtype, unpack_int4_tile,
 )
+from qkernels.kernels.triton.gemv import INT4, UINT4_ZP, launch_gemv
 
 __all__ = ["CONFIGS", "w4a16_matmul", "w4a16_kernel", "FLOAT_ACTIVATIONS"]
 
@@ -39,20 +45,23 @@ def w4a16_kernel(
     # pointers
     a_ptr, w_ptr, w_scale_ptr, w_zero_ptr, bias_ptr, out_ptr,
     # sizes
-    M, N, K, K_STORED,
+    M, N, K, K_STORED, K_PER_SPLIT,
     # strides (batch stride 0: operand shared by every batch)
     stride_ab, stride_am, stride_ak,
     stride_wb, stride_wn, stride_wk,
     stride_wsb, stride_wsn, stride_wsg,
     stride_wzb, stride_wzn, stride_wzg,
-    stride_ob, stride_om, stride_on,
+    stride_os, stride_ob, stride_om, stride_on,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, ZERO_POINT: tl.constexpr, DOT_F32: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, ZERO_POINT: tl.constexpr, DOT_F32: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)  # K split: this program sums K in [k_start, k_end)
     pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_start = tl.multiple_of(pid_s * K_PER_SPLIT, BLOCK_K)  # whole K tiles: keeps loads vectorized
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -66,7 +75,7 @@ def w4a16_kernel(
     z_ptrs = w_zero_ptr + pid_b * stride_wzb + offs_n * stride_wzn  # [BLOCK_N]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         g = k0 // GROUP_SIZE
         k_ok = offs_k < K - k0
         kb_ok = offs_kb < K_STORED - k0 // 2
@@ -83,9 +92,9 @@ def w4a16_kernel(
         else:
             acc = tl.dot(a, tl.trans(w.to(a_ptr.dtype.element_ty)), acc, out_dtype=tl.float32)
 
-    if HAS_BIAS:
+    if HAS_BIAS and not PARTIAL:
         acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_b * stride_ob + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = out_ptr + pid_s * stride_os + pid_b * stride_ob + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -125,8 +134,7 @@ def w4a16_matmul(
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
     device = check_device(lhs, rhs, rhs_scale, rhs_zero, bias)
-    arch = arch_of(device)
-    cfg = (config or pick_config(CONFIGS, arch, m)).for_group(group_size)
+    cfg = heuristics.resolve(config, "w4a16", arch_of(device), device_kind_of(device), m, n, k, group_size)
 
     nb = lhs.shape[0] if batched else 1
     out = Output((nb, m, n) if batched else (m, n), torch_dtype(out_dtype or lhs.dtype), device)
@@ -134,17 +142,23 @@ def w4a16_matmul(
     a = lhs if batched else lhs.unsqueeze(0)
     z = rhs_zero if rhs_zero is not None else rhs_scale
     if m and n:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), nb)
-        w4a16_kernel[grid](
-            a, rhs, rhs_scale, z, bias if bias is not None else rhs_scale, o,
-            m, n, k, rhs.shape[-1],
-            a.stride(0), a.stride(1), a.stride(2),
-            batch_stride(rhs, 3), rhs.stride(-2), rhs.stride(-1),
-            batch_stride(rhs_scale, 3), rhs_scale.stride(-2), rhs_scale.stride(-1),
-            batch_stride(z, 3), z.stride(-2), z.stride(-1),
-            o.stride(0), o.stride(1), o.stride(2),
-            HAS_BIAS=bias is not None, ZERO_POINT=rhs_zero is not None, DOT_F32=dot_upcast(lhs.dtype),
-            GROUP_SIZE=group_size,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+        plan = splitk.plan(cfg, k, o, torch.float32)
+        if cfg.kernel is Kernel.GEMV:
+            launch_gemv(cfg, plan, a, rhs, rhs_scale, weight=INT4 if rhs_zero is None else UINT4_ZP, w_zero=rhs_zero,
+                        bias=bias, group_size=group_size, round_bf16=dot_upcast(lhs.dtype))
+        else:
+            grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), nb, plan.splits)
+            w4a16_kernel[grid](
+                a, rhs, rhs_scale, z, bias if bias is not None else rhs_scale, plan.target,
+                m, n, k, rhs.shape[-1], plan.k_per_split,
+                a.stride(0), a.stride(1), a.stride(2),
+                batch_stride(rhs, 3), rhs.stride(-2), rhs.stride(-1),
+                batch_stride(rhs_scale, 3), rhs_scale.stride(-2), rhs_scale.stride(-1),
+                batch_stride(z, 3), z.stride(-2), z.stride(-1),
+                *plan.target_strides(),
+                HAS_BIAS=bias is not None, PARTIAL=plan.partial, ZERO_POINT=rhs_zero is not None,
+                DOT_F32=dot_upcast(lhs.dtype), GROUP_SIZE=group_size,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+        plan.finish(bias=bias)
     return out.result()

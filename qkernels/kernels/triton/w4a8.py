@@ -14,8 +14,9 @@ import triton
 import triton.language as tl
 
 from qkernels.formats import W4A8
+from qkernels.kernels.triton import heuristics
 from qkernels.kernels.triton._common import (
-    MatmulConfig, Output, arch_of, batch_stride, check_device, grouped_tile, pick_config, torch_dtype,
+    MatmulConfig, Output, arch_of, batch_stride, check_device, device_kind_of, grouped_tile, torch_dtype,
     unpack_int4_tile,
 )
 
@@ -125,8 +126,7 @@ def w4a8_matmul(
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
     device = check_device(lhs, lhs_scale, rhs, rhs_scale, bias)
-    arch = arch_of(device)
-    cfg = (config or pick_config(CONFIGS, arch, m)).for_group(group_size)
+    cfg = heuristics.resolve(config, "w4a8", arch_of(device), device_kind_of(device), m, n, k, group_size)
 
     nb = lhs.shape[0] if batched else 1
     shape = ((nb,) if batched else ()) + ((m, n, groups) if return_acc else (m, n))

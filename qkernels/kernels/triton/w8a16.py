@@ -3,6 +3,9 @@
 Inside the K loop each weight tile is dequantized in registers, `w = f32(q) * scale[n]` cast to the
 activation dtype (DESIGN.md section 4), then fed to a bf16/fp16 tensor-core MMA accumulating in f32.
 Accurate, not bit-exact across backends (the f32 accumulation order differs).
+
+For decode the config may run the GEMV kernel (`gemv.py`) or split K (`splitk.py`: f32 partials
+summed in fixed split order, then bias and the cast once).
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import triton
 import triton.language as tl
 
 from qkernels.formats import W8A16
+from qkernels.kernels.triton import heuristics, splitk
 from qkernels.kernels.triton._common import (
-    MatmulConfig, Output, arch_of, batch_stride, check_device, grouped_tile, dot_upcast, pick_config, round_to_bf16,
-    torch_dtype,
+    Kernel, MatmulConfig, Output, arch_of, batch_stride, check_device, device_kind_of, dot_upcast, grouped_tile,
+    round_to_bf16, torch_dtype,
 )
+from qkernels.kernels.triton.gemv import INT8, launch_gemv
 from qkernels.kernels.triton.w4a16 import FLOAT_ACTIVATIONS
 
 __all__ = ["CONFIGS", "w8a16_matmul", "w8a16_kernel"]
@@ -36,31 +41,34 @@ def w8a16_kernel(
     # pointers
     a_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
     # sizes
-    M, N, K,
+    M, N, K, K_PER_SPLIT,
     # strides (batch stride 0: operand shared by every batch)
     stride_ab, stride_am, stride_ak,
     stride_wb, stride_wn, stride_wk,
     stride_wsb, stride_wsn,
-    stride_ob, stride_om, stride_on,
+    stride_os, stride_ob, stride_om, stride_on,
     # meta-parameters
-    HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)  # K split: this program sums K in [k_start, k_end)
     pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    k_start = tl.multiple_of(pid_s * K_PER_SPLIT, BLOCK_K)  # whole K tiles: keeps loads vectorized
+    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
     offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     m_ok = offs_m < M
     n_ok = offs_n < N
-    a_ptrs = a_ptr + pid_b * stride_ab + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-    w_ptrs = w_ptr + pid_b * stride_wb + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn
+    a_ptrs = a_ptr + pid_b * stride_ab + offs_m[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
+    w_ptrs = w_ptr + pid_b * stride_wb + (k_start + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn
     scale = tl.load(w_scale_ptr + pid_b * stride_wsb + offs_n * stride_wsn, mask=n_ok, other=1.0)  # [BLOCK_N]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
         q = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)  # [BLOCK_K, BLOCK_N] int8
@@ -72,9 +80,9 @@ def w8a16_kernel(
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
 
-    if HAS_BIAS:
+    if HAS_BIAS and not PARTIAL:
         acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + pid_b * stride_ob + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
+    out_ptrs = out_ptr + pid_s * stride_os + pid_b * stride_ob + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -107,22 +115,27 @@ def w8a16_matmul(
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
     device = check_device(lhs, rhs, rhs_scale, bias)
-    cfg = config or pick_config(CONFIGS, arch_of(device), m)
+    cfg = heuristics.resolve(config, "w8a16", arch_of(device), device_kind_of(device), m, n, k, None)
 
     nb = lhs.shape[0] if batched else 1
     out = Output((nb, m, n) if batched else (m, n), torch_dtype(out_dtype or lhs.dtype), device)
     o = out.buffer if batched else out.buffer.unsqueeze(0)
     a = lhs if batched else lhs.unsqueeze(0)
     if m and n:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), nb)
-        w8a16_kernel[grid](
-            a, rhs, rhs_scale, bias if bias is not None else rhs_scale, o,
-            m, n, k,
-            a.stride(0), a.stride(1), a.stride(2),
-            batch_stride(rhs, 3), rhs.stride(-2), rhs.stride(-1),
-            batch_stride(rhs_scale, 2), rhs_scale.stride(-1),
-            o.stride(0), o.stride(1), o.stride(2),
-            HAS_BIAS=bias is not None, DOT_F32=dot_upcast(lhs.dtype),
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+        plan = splitk.plan(cfg, k, o, torch.float32)
+        if cfg.kernel is Kernel.GEMV:
+            launch_gemv(cfg, plan, a, rhs, rhs_scale, weight=INT8, bias=bias, round_bf16=dot_upcast(lhs.dtype))
+        else:
+            grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), nb, plan.splits)
+            w8a16_kernel[grid](
+                a, rhs, rhs_scale, bias if bias is not None else rhs_scale, plan.target,
+                m, n, k, plan.k_per_split,
+                a.stride(0), a.stride(1), a.stride(2),
+                batch_stride(rhs, 3), rhs.stride(-2), rhs.stride(-1),
+                batch_stride(rhs_scale, 2), rhs_scale.stride(-1),
+                *plan.target_strides(),
+                HAS_BIAS=bias is not None, PARTIAL=plan.partial, DOT_F32=dot_upcast(lhs.dtype),
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+        plan.finish(bias=bias)
     return out.result()

@@ -1,0 +1,128 @@
+"""The Triton kernels as a `qkernels.tuning.Tunable`: which config a call runs, and how to time one.
+
+Configs come from `qkernels.tuning.choose(problem, "triton")` (user cache, shipped table, then
+`heuristics.heuristic`); `measure` times one config on the current device for `python -m
+qkernels.tune`: CUDA events through `triton.testing.do_bench` on a GPU, wall clock in the
+interpreter (where timings say nothing about a GPU, and the table written is the 'cpu' one, which
+only the interpreter reads).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+
+from qkernels import dispatch, tuning
+from qkernels.formats import QOperand
+from qkernels.kernels.triton import heuristics
+from qkernels.kernels.triton._common import MatmulConfig, interpreting
+
+__all__ = ["TUNABLE", "arch_of_platform", "family_of", "launch"]
+
+BACKEND = "triton"
+_FAMILIES = ("w8a8", "w4a8", "w4a16", "w8a16")
+
+
+def arch_of_platform(platform: str) -> str | None:
+    """Config-table arch of a dispatch platform: 'sm_80' (sm_80..sm_89), 'sm_90' (sm_90+), 'gfx942',
+    'interpret' (CPU under TRITON_INTERPRET=1), or None if the Triton kernels do not run there."""
+    if platform == "cpu":
+        return "interpret"
+    if platform == "rocm:gfx942":
+        return "gfx942"
+    cc = re.fullmatch(r"cuda:sm_(\d+)\d[a-z]?", platform)
+    if cc and int(cc[1]) >= 8:
+        return "sm_90" if int(cc[1]) >= 9 else "sm_80"
+    return None
+
+
+def family_of(problem: dispatch.Problem) -> str:
+    return problem.recipe.tag
+
+
+def _serves(problem: dispatch.Problem) -> str | None:
+    if arch_of_platform(problem.platform) is None:
+        return f"no Triton config table for platform {problem.platform}"
+    if family_of(problem) not in _FAMILIES:
+        return f"no Triton kernel family for {problem.recipe.name}"
+    return None
+
+
+def _args(problem: dispatch.Problem) -> tuple[str, str, str, int, int, int, int | None]:
+    return (family_of(problem), arch_of_platform(problem.platform), problem.device, problem.m, problem.n, problem.k,
+            problem.recipe.group_size)
+
+
+def _heuristic(problem: dispatch.Problem) -> tuple[MatmulConfig, str]:
+    return heuristics.heuristic(*_args(problem))
+
+
+def _candidates(problem: dispatch.Problem) -> tuple[MatmulConfig, ...]:
+    return heuristics.candidates(*_args(problem))
+
+
+def _check(config: MatmulConfig, problem: dispatch.Problem) -> str | None:
+    return heuristics.check(config, family_of(problem), problem.m, problem.k, problem.recipe.group_size)
+
+
+def launch(problem: dispatch.Problem, inputs: dict[str, Any], config: MatmulConfig) -> torch.Tensor:
+    """One call of the family's launcher on pre-built `inputs` (see `_inputs`) with `config`."""
+    from qkernels.kernels.triton import w4a8_matmul, w4a16_matmul, w8a8_matmul, w8a16_matmul
+
+    x, w, b, g, out = inputs["x"], inputs["w"], inputs["bias"], problem.recipe.group_size, problem.out_dtype
+    family = family_of(problem)
+    if family == "w8a8":
+        return w8a8_matmul(x.qvalue, x.scale, w.qvalue, w.scale, b, out_dtype=out, config=config)
+    if family == "w4a8":
+        return w4a8_matmul(x.qvalue, x.scale, w.qvalue, w.scale, b, group_size=g, out_dtype=out, config=config)
+    if family == "w4a16":
+        return w4a16_matmul(x, w.qvalue, w.scale, w.zero_point, b, group_size=g, out_dtype=out, config=config)
+    return w8a16_matmul(x, w.qvalue, w.scale, b, out_dtype=out, config=config)
+
+
+@functools.lru_cache(maxsize=8)
+def _inputs(problem: dispatch.Problem) -> dict[str, Any]:
+    """Random operands of `problem` on the current device, weights quantized, activations quantized
+    beforehand for integer recipes (the timed call is the matmul kernel alone)."""
+    from qkernels.kernels.triton import quantize_rows
+    from torch_bindings.qtensor import quantize
+
+    device = torch.device("cpu" if interpreting() else "cuda")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    act = torch.bfloat16 if problem.act_dtype in ("int8", "float32") else getattr(torch, problem.act_dtype)
+    lead = (problem.batch,) if problem.batch is not None else ()
+    x = torch.randn(*lead, problem.m, problem.k, generator=gen).to(device, act)
+    w = quantize(torch.randn(problem.n, problem.k, generator=gen) * 0.02, problem.recipe)
+    w = w.to(device)
+    if problem.recipe.lhs is not None:
+        q, s = quantize_rows(x)
+        x = QOperand(q, s)
+    bias = torch.randn(problem.n, generator=gen).to(device, act) if problem.has_bias else None
+    return {"x": x, "w": w, "bias": bias}
+
+
+def _measure(problem: dispatch.Problem, config: MatmulConfig) -> float:
+    """Median seconds per call of `config` on `problem` (GPU: do_bench; interpreter: wall clock)."""
+    inputs = _inputs(problem)
+    fn: Callable[[], Any] = functools.partial(launch, problem, inputs, config)
+    if not interpreting():
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    fn()
+    samples = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+TUNABLE = tuning.register(tuning.Tunable(
+    backend=BACKEND, serves=_serves, parse=MatmulConfig.from_dict, dump=MatmulConfig.to_dict, check=_check,
+    heuristic=_heuristic, candidates=_candidates, measure=_measure))
