@@ -92,8 +92,13 @@ def nbytes(*arrays: Any) -> int:
 
 
 def chosen_name(explanation: Any) -> str:
-    """The implementation `qkernels.explain` says a call runs, or why none can."""
+    """The implementation `qkernels.explain` says a call runs (with its kernel config and where the
+    config came from: 'triton.w4a16 [gemv-m1n64k128w4s3-sk4, heuristic]'), or why none can."""
     chosen = getattr(explanation, "chosen", None)
     if chosen is not None:
-        return chosen.name
+        choice = getattr(explanation, "config", None)
+        if choice is None:
+            return chosen.name
+        config = str(choice).removesuffix(f" ({choice.source})")
+        return f"{chosen.name} [{config}, {choice.source.split(':')[0]}]"
     return f"none ({getattr(explanation, 'error', explanation)})"
