@@ -265,7 +265,8 @@ class QDotGeneral:
     """A hashable drop-in for `lax.dot_general` bound to a recipe (what `make_dot_general` returns).
 
     Frozen and compared by value, so it can be a Flax module attribute or a static argument of
-    `jax.jit` (`jnp.einsum(..., _dot_general=QDotGeneral(...))`).
+    `jax.jit`. For einsums use `make_einsum`: `jnp.einsum(..., _dot_general=QDotGeneral(...))` may
+    pass the kernel first (e.g. for 'bk,nk->nb'), and the activations would be quantized as the weight.
     """
 
     recipe: Recipe
