@@ -153,6 +153,31 @@ def test_row_parallel_w8a8_all_reduces_int32_accumulators(axis_type):
     assert not re.search(r"all-gather", hlo)
 
 
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+@pytest.mark.parametrize("backend", ["xla", "pallas.interpret"])
+def test_out_sharding_is_honoured(backend, axis_type):
+    mesh = _mesh(axis_type)
+    x, w_q = _case(qk.W8A8())
+    wanted = NamedSharding(mesh, P("d", None))  # row-parallel: the partial sums come out replicated
+    f = jax.jit(lambda x, w: qk.dot_general(x, w, DIMS, out_sharding=wanted))
+    with qk.use_backend(backend):
+        unsharded = jax.jit(lambda x, w: qk.dot_general(x, w, DIMS))(jnp.asarray(x), w_q)
+        out = f(jax.device_put(jnp.asarray(x), NamedSharding(mesh, P(None, "d"))), _shard(w_q, P(None, "d"), mesh))
+    assert out.sharding.is_equivalent_to(wanted, out.ndim)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(unsharded))
+
+
+def test_einsum_out_sharding_follows_the_output_order():
+    mesh = _mesh(AxisType.Explicit)
+    x = jax.device_put(jnp.asarray(activations(np.random.default_rng(9), (8, 64))), NamedSharding(mesh, P("d", None)))
+    w = jnp.asarray(weights(np.random.default_rng(10), (16, 64)))
+    op = qk.make_einsum(qk.W8A8())
+    wanted = NamedSharding(mesh, P("d", None))  # over n, the kernel's free axis, while x is split over b
+    out = jax.jit(lambda x, w: op("bk,nk->nb", x, w, out_sharding=wanted))(x, w)
+    assert out.shape == (16, 8) and out.sharding.is_equivalent_to(wanted, 2)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(op("bk,nk->nb", np.asarray(x), w)))
+
+
 def test_two_axis_mesh_data_and_row_parallel():
     mesh = _mesh(shape=(2, 4), names=("data", "model"))
     x, w_q = _case(qk.W8A8())
