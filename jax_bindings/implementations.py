@@ -164,7 +164,8 @@ def run_host(impl: dispatch.Implementation, problem: dispatch.Problem, lhs: Any,
     out_shape = jax.ShapeDtypeStruct((*lead, problem.n), jnp.dtype(reference.np_dtype(problem.out_dtype)))
 
     def host(lhs: Any, rhs: QOperand, bias: Any) -> np.ndarray:
-        out = impl.run(problem, _to_numpy(lhs), QOperand(*_to_numpy(tuple(rhs))), None if bias is None else np.asarray(bias))
+        bias = None if bias is None else np.asarray(bias)
+        out = impl.run(problem, _to_numpy(lhs), QOperand(*_to_numpy(tuple(rhs))), bias)
         return np.asarray(out, out_shape.dtype)
 
     return jax.pure_callback(host, out_shape, lhs, rhs, bias, vmap_method="sequential")

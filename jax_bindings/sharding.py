@@ -73,7 +73,8 @@ log = logging.getLogger("qkernels.sharding")
 Axes = tuple[str, ...]
 
 
-def run(impl: dispatch.Implementation, problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any = None) -> jax.Array:
+def run(impl: dispatch.Implementation, problem: dispatch.Problem, lhs: Any, rhs: QOperand,
+        bias: Any = None) -> jax.Array:
     """Call `impl` on JAX arrays; framework-neutral (NumPy) implementations go through a host callback."""
     if impl.framework == dispatch.ANY_FRAMEWORK:
         return implementations.run_host(impl, problem, lhs, rhs, bias)
@@ -247,19 +248,19 @@ def _per_shard(call: _Call, layout: Layout, *args: jax.Array) -> jax.Array:
         return run(impl, local, lhs, rhs, bias)
     f32 = jnp.float32
     recipe = local.recipe
-    partial = dataclasses.replace(local, out_dtype="float32", has_bias=False)
+    part = dataclasses.replace(local, out_dtype="float32", has_bias=False)  # a partial sum: f32, no bias
     if recipe.accumulation is Accumulation.FLOAT:
-        y = lax.psum(run(impl, partial, lhs, rhs).astype(f32), layout.k)
+        y = lax.psum(run(impl, part, lhs, rhs).astype(f32), layout.k)
     else:
         lhs_op = lhs if isinstance(lhs, QOperand) else _quantize_global(lhs, call, layout.k)
-        partial = dataclasses.replace(partial, lhs_quantized=True, act_dtype="int8")
+        part = dataclasses.replace(part, lhs_quantized=True, act_dtype="int8")
         lhs_scale = lhs_op.scale.astype(f32)[..., :, None]
         if recipe.accumulation is Accumulation.INT32:
-            acc = lax.psum(_accumulate(impl, partial, lhs_op, rhs), layout.k)  # exact: |sum| < 2**31 (check_k)
+            acc = lax.psum(_accumulate(impl, part, lhs_op, rhs), layout.k)  # exact: |sum| < 2**31 (check_k)
             y = (acc.astype(f32) * lhs_scale) * rhs.scale.astype(f32)[..., None, :]
         else:  # each shard's groups in order, unit activation scale; the activation scale once at the end
             ones = QOperand(lhs_op.qvalue, jnp.ones_like(lhs_op.scale))
-            y = lax.psum(run(impl, partial, ones, rhs).astype(f32), layout.k) * lhs_scale
+            y = lax.psum(run(impl, part, ones, rhs).astype(f32), layout.k) * lhs_scale
     if bias is not None:
         y = y + bias.astype(f32)
     return y.astype(local.out_dtype)
@@ -323,7 +324,7 @@ def _sharding_rule(call: _Call) -> tuple[str, dict[str, Any]]:
         kwargs = dict(reduction_factors=("k",))
     else:
         lk, wk = "k", "kw"
-        scale = f"{b}n g" if fmt.granularity is Granularity.GROUP else f"{b}n" if fmt.granularity is Granularity.ROW else ""
+        scale = {Granularity.GROUP: f"{b}n g", Granularity.ROW: f"{b}n"}.get(fmt.granularity, "")
         kwargs = dict(need_replication_factors=("k", "kw", "g") if "g" in scale else ("k", "kw"))
     operands = [f"{b}m {lk}"] + ([f"{b}m"] if call.lhs_quantized else []) + [f"{b}n {wk}", scale]
     operands += ([scale] if call.zero_point else []) + (["n"] if call.bias else [])

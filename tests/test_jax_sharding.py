@@ -71,7 +71,8 @@ def _hlo_shapes(hlo: str) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
     """Instruction name -> the (dtype, dims) of its result (several for a tuple)."""
     shapes = {}
     for name, type_ in re.findall(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = (\(.*?\)|\w+\[[\d,]*\])", hlo, re.M):
-        shapes[name] = [(d, tuple(int(s) for s in dims.split(",") if s)) for d, dims in re.findall(r"(\w+)\[([\d,]*)\]", type_)]
+        arrays = re.findall(r"(\w+)\[([\d,]*)\]", type_)
+        shapes[name] = [(dtype, tuple(int(s) for s in dims.split(",") if s)) for dtype, dims in arrays]
     return shapes
 
 
@@ -321,7 +322,8 @@ def test_run_partitioned_refuses_non_canonical_operands():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed: pip install 'qkernels[tpu]'")
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed: pip install 'qkernels[tpu]'")
 def test_pallas_tpu_kernels_partition_under_explicit_axes_for_a_v5e_mesh():
     """The real Mosaic kernels on a 2x2 v5e topology (no TPU needed): per-shard custom calls, the
     column-parallel program has no collective, the row-parallel one all-reduces int32 accumulators;
@@ -338,7 +340,9 @@ def test_pallas_tpu_kernels_partition_under_explicit_axes_for_a_v5e_mesh():
     assert impl.name == "pallas.tpu.w8a8"
 
     def compiled(f, x_spec, w_spec, s_spec):
-        sds = lambda shape, dtype, spec: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))  # noqa: E731
+        def sds(shape, dtype, spec):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
         args = (sds((m, k), jnp.bfloat16, x_spec), sds((n, k), jnp.int8, w_spec), sds((n,), jnp.float32, s_spec))
         return jax.jit(f).trace(*args).lower().compile().as_text()
 
