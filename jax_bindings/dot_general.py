@@ -256,8 +256,17 @@ def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any = Non
         nb, na, nw = len(p.batch_shape), len(p.act_free_shape), len(p.weight_free_shape)
         out = jnp.transpose(out, (*range(nb), *range(nb + na, nb + na + nw), *range(nb, nb + na)))
     if out_sharding is not None:
-        out = lax.with_sharding_constraint(out, out_sharding)
+        out = _constrain(out, out_sharding)
     return out
+
+
+def _constrain(out: jax.Array, out_sharding: Any) -> jax.Array:
+    """Give `out` the requested sharding: a reshard under Explicit mesh axes (where
+    `with_sharding_constraint` only asserts), a constraint for GSPMD under Auto ones."""
+    mesh = jax.typeof(out).sharding.mesh
+    if not mesh.empty and jax.sharding.AxisType.Explicit in mesh.axis_types:
+        return jax.sharding.reshard(out, out_sharding)
+    return lax.with_sharding_constraint(out, out_sharding)
 
 
 @dataclass(frozen=True)  # no slots: jax.jit(QDotGeneral(...)) needs a weak reference
@@ -265,7 +274,8 @@ class QDotGeneral:
     """A hashable drop-in for `lax.dot_general` bound to a recipe (what `make_dot_general` returns).
 
     Frozen and compared by value, so it can be a Flax module attribute or a static argument of
-    `jax.jit` (`jnp.einsum(..., _dot_general=QDotGeneral(...))`).
+    `jax.jit`. For einsums use `make_einsum`: `jnp.einsum(..., _dot_general=QDotGeneral(...))` may
+    pass the kernel first (e.g. for 'bk,nk->nb'), and the activations would be quantized as the weight.
     """
 
     recipe: Recipe

@@ -10,12 +10,16 @@
   trip, slow; bf16 crosses as ml_dtypes.bfloat16). It sits just above the framework-neutral
   `reference` (priority 0), which takes NumPy and so cannot run on tracers; the binding also wraps
   any other framework-neutral implementation the same way.
+
+`execution_of(impl)` says how an implementation runs under `jit` (ordinary XLA ops, an opaque
+kernel, or a host callback), which is what `jax_bindings.sharding` needs to partition it.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
+
+import enum
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +30,26 @@ from jax_bindings import quant
 from qkernels import dispatch, reference, tuning
 from qkernels.formats import Accumulation, QOperand
 
-__all__ = ["platform_of", "current_platform", "current_device", "run_host", "accumulators"]
+__all__ = ["platform_of", "current_platform", "current_device", "run_host", "accumulate_host", "accumulators",
+           "Execution", "execution_of"]
+
+class Execution(enum.Enum):
+    """How an implementation runs under `jit`, i.e. what can partition it over a mesh."""
+
+    XLA_OPS = "ordinary XLA ops: GSPMD/Shardy partition them like any other op"
+    KERNEL = "an opaque kernel call (Pallas): partitioned by jax_bindings.sharding's rule"
+    HOST = "a host callback: runs per shard only where the layout is known while tracing"
+
+
+_EXECUTION: dict[str, Execution] = {}  # by implementation name; kernels are the default
+
+
+def execution_of(impl: dispatch.Implementation) -> Execution:
+    """`Execution` of a JAX-side (or framework-neutral, hence host-called) implementation."""
+    if impl.framework == dispatch.ANY_FRAMEWORK:
+        return Execution.HOST
+    return _EXECUTION.get(impl.name, Execution.KERNEL)
+
 
 _TPU_KINDS = (  # device_kind prefix -> arch; most specific first
     ("tpu v5 lite", "v5e"), ("tpu v5e", "v5e"), ("tpu v6 lite", "v6e"), ("tpu v6e", "v6e"),
@@ -130,6 +153,10 @@ def _supports_xla(problem: dispatch.Problem) -> str | None:
     return None
 
 
+def _to_numpy(tree: Any) -> Any:
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
 def run_host(impl: dispatch.Implementation, problem: dispatch.Problem, lhs: Any, rhs: QOperand,
              bias: Any) -> jnp.ndarray:
     """Run a framework-neutral (NumPy) implementation from JAX through `jax.pure_callback`."""
@@ -137,16 +164,40 @@ def run_host(impl: dispatch.Implementation, problem: dispatch.Problem, lhs: Any,
     out_shape = jax.ShapeDtypeStruct((*lead, problem.n), jnp.dtype(reference.np_dtype(problem.out_dtype)))
 
     def host(lhs: Any, rhs: QOperand, bias: Any) -> np.ndarray:
-        to_np = functools.partial(jax.tree_util.tree_map, np.asarray)
-        out = impl.run(problem, to_np(lhs), QOperand(*to_np(tuple(rhs))), None if bias is None else np.asarray(bias))
+        bias = None if bias is None else np.asarray(bias)
+        out = impl.run(problem, _to_numpy(lhs), QOperand(*_to_numpy(tuple(rhs))), bias)
         return np.asarray(out, out_shape.dtype)
 
     return jax.pure_callback(host, out_shape, lhs, rhs, bias, vmap_method="sequential")
 
 
+def accumulate_host(impl: dispatch.Implementation, problem: dispatch.Problem, lhs: Any, rhs: QOperand) -> jnp.ndarray:
+    """`impl.accumulate` of a framework-neutral implementation through `jax.pure_callback`: int32
+    (..., M, N), or (..., M, N, G) per group."""
+    if impl.accumulate is None:
+        raise ValueError(f"implementation {impl.name!r} does not expose integer accumulators; "
+                         f"use one that does (e.g. 'reference') or keep K unsharded")
+    lead = lhs.qvalue.shape[:-1] if isinstance(lhs, QOperand) else lhs.shape[:-1]
+    recipe = problem.recipe
+    groups = () if recipe.accumulation is Accumulation.INT32 else (recipe.rhs.padded_k(problem.k) // recipe.group_size,)
+    out_shape = jax.ShapeDtypeStruct((*lead, problem.n, *groups), jnp.dtype(jnp.int32))
+
+    def host(lhs: Any, rhs: QOperand) -> np.ndarray:
+        return np.asarray(impl.accumulate(problem, _to_numpy(lhs), QOperand(*_to_numpy(tuple(rhs)))), np.int32)
+
+    return jax.pure_callback(host, out_shape, lhs, rhs, vmap_method="sequential")
+
+
+def _reference() -> dispatch.Implementation:
+    return next(i for i in dispatch.registered(dispatch.ANY_FRAMEWORK, dispatch.Op.QMATMUL) if i.name == "reference")
+
+
 def _run_reference(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any) -> jnp.ndarray:
-    impl = next(i for i in dispatch.registered(dispatch.ANY_FRAMEWORK, problem.op) if i.name == "reference")
-    return run_host(impl, problem, lhs, rhs, bias)
+    return run_host(_reference(), problem, lhs, rhs, bias)
+
+
+def _accumulate_reference(problem: dispatch.Problem, lhs: Any, rhs: QOperand) -> jnp.ndarray:
+    return accumulate_host(_reference(), problem, lhs, rhs)
 
 
 def _serves_everything(problem: dispatch.Problem) -> None:
@@ -154,12 +205,13 @@ def _serves_everything(problem: dispatch.Problem) -> None:
 
 
 def _register() -> None:
+    _EXECUTION.update({"xla": Execution.XLA_OPS, "reference.callback": Execution.HOST})
     dispatch.register(dispatch.Implementation(
-        name="xla", framework="jax", priority=50, supports=_supports_xla, run=_run_xla,
+        name="xla", framework="jax", priority=50, supports=_supports_xla, run=_run_xla, accumulate=accumulators,
         description="XLA integer dot (int8 x int8 -> int32) with the rescale fused by XLA; every platform"))
     dispatch.register(dispatch.Implementation(
         name="reference.callback", framework="jax", priority=1, supports=_serves_everything,
-        run=_run_reference,
+        run=_run_reference, accumulate=_accumulate_reference,
         description="NumPy reference through jax.pure_callback (host round trip; exact, slow)"))
 
 

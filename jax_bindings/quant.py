@@ -87,13 +87,18 @@ def _div(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return a / lax.optimization_barrier(jnp.broadcast_to(b, a.shape))
 
 
-def quantize_operand(x: jnp.ndarray, fmt: OperandFormat) -> QOperand:
+def quantize_operand(x: jnp.ndarray, fmt: OperandFormat, *, amax: jnp.ndarray | None = None) -> QOperand:
     """Quantize float `x` (..., K) along its last axis: `QOperand(qvalue, scale, zero_point)`.
 
     K is zero-padded to `fmt.padded_k(K)` first (zeros change neither an absmax nor a range that
     includes 0); packed formats then store two codes per byte. NaN/Inf give garbage codes: check
     before (see `jax_bindings.dot_general`'s `check_finite`).
+    `amax` (symmetric per-row formats): the rows' absolute maximum (...,) to calibrate with instead
+    of `x`'s own, e.g. the all-reduced maximum when `x` is one K-shard of longer rows.
     """
+    if amax is not None and (fmt.zero_point or fmt.granularity is not Granularity.ROW):
+        raise ValueError(f"amax= calibrates symmetric per-row formats only, not {fmt.describe()}; "
+                         f"drop amax to calibrate on x itself")
     x = pad_k(x.astype(jnp.float32), fmt.padded_k(x.shape[-1]))
     xb = _blocks(x, fmt)
     qt = fmt.qtype
@@ -107,7 +112,10 @@ def quantize_operand(x: jnp.ndarray, fmt: OperandFormat) -> QOperand:
         q = jnp.clip(jnp.round(_div(xb, scale)) + zero, qt.qmin, qt.qmax).astype(jnp.int8)
         zero = _unblocks(zero[..., 0].astype(jnp.int8), fmt)
     else:
-        amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+        if amax is None:
+            amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+        else:
+            amax = jnp.asarray(amax, jnp.float32)[..., None, None]  # [..., 1 block, 1]
         scale = jnp.where(amax == 0, jnp.float32(1), _div(amax, qmax))
         q = jnp.clip(jnp.round(_div(xb, scale)), qt.qmin, qt.qmax).astype(jnp.int8)
         zero = None

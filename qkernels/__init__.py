@@ -1,9 +1,9 @@
 """qkernels: hand-written quantized matmul kernels (Triton, Pallas) behind drop-in JAX/PyTorch APIs.
 
 `import qkernels` needs neither JAX nor PyTorch: the framework entry points (`dot_general`,
-`make_dot_general`, `linear`, `quantize_`, `QLinear`, `QTensor`, `QArray`) are loaded on first
-use from `jax_bindings` / `torch_bindings`. `quantize` and `explain` route by the type of their
-first argument.
+`make_dot_general`, `make_einsum`, `linear`, `quantize_`, `QLinear`, `QTensor`, `QArray`) are
+loaded on first use from `jax_bindings` / `torch_bindings`. `quantize` and `explain` route by the
+type of their first argument.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ __version__ = "0.1.0"
 __all__ = [
     "W8A8", "W8A16", "W4A16", "W4A8", "Recipe", "RECIPES", "parse_recipe", "resolve_recipe",
     "Problem", "BackendUnavailable", "use_backend", "explain", "quantize",
-    "dot_general", "make_dot_general", "QArray", "linear", "quantize_", "QLinear", "QTensor",
+    "dot_general", "make_dot_general", "make_einsum", "QArray", "linear", "quantize_", "QLinear", "QTensor",
 ]
 
 _LAZY = {
     "dot_general": "jax_bindings",
     "make_dot_general": "jax_bindings",
+    "make_einsum": "jax_bindings",
     "QArray": "jax_bindings",
     "linear": "torch_bindings",
     "quantize_": "torch_bindings",

@@ -18,6 +18,10 @@ Calling convention of `Implementation.run` for `Op.QMATMUL` (framework-native ar
     out:  (..., M, N) of dtype `problem.out_dtype`.
 For `Op.QUANTIZE` (dynamic quantization of activations along the last axis):
     run(problem, x) -> QOperand(qvalue, scale, None) with the format `problem.recipe.lhs`.
+Optional, for integer recipes (`Implementation.accumulate`):
+    accumulate(problem, lhs, rhs) -> exact int32 accumulators (..., M, N), or (..., M, N, G) per
+    group, before any rescale. Partitioned callers sum them over K shards exactly (a row-parallel
+    W8A8 matmul is an int32 all-reduce, then one rescale).
 """
 
 from __future__ import annotations
@@ -124,6 +128,8 @@ class Implementation:
     `framework` is 'torch', 'jax', or 'any' (takes anything NumPy can read, returns NumPy).
     `configure(problem)`, for kernels that take configs, returns the `qkernels.tuning.Choice` (config
     and where it came from) that `run` will use; `explain` shows it.
+    `accumulate(problem, lhs, rhs)`, where the kernel can stop before its rescale, returns the raw
+    integer accumulators (see the module docstring); None where it cannot.
     """
 
     name: str
@@ -134,6 +140,7 @@ class Implementation:
     run: Callable[..., Any] = field(compare=False)
     description: str = ""
     configure: Callable[[Problem], Any] | None = field(default=None, compare=False)
+    accumulate: Callable[..., Any] | None = field(default=None, compare=False)
 
     def matches(self, backend: str) -> bool:
         return self.name == backend or self.name.startswith(backend + ".")

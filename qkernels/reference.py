@@ -225,6 +225,12 @@ def _run_qmatmul(problem: Any, lhs: Any, rhs: QOperand, bias: Any) -> np.ndarray
     return qmatmul(lhs, rhs, problem.recipe, bias=bias, out_dtype=problem.out_dtype)
 
 
+def _accumulate_qmatmul(problem: Any, lhs: Any, rhs: QOperand) -> np.ndarray:
+    """`Implementation.accumulate`: the exact accumulators as int32 (`accumulators` refused overflow)."""
+    lhs = QOperand(*(None if a is None else np.asarray(a) for a in lhs)) if isinstance(lhs, QOperand) else lhs
+    return accumulators(lhs, rhs, problem.recipe).astype(np.int32)
+
+
 def _run_quantize(problem: Any, x: Any) -> QOperand:
     return quantize(x, problem.recipe.lhs, name="activations").operand()
 
@@ -240,6 +246,7 @@ def _register() -> None:
         dispatch.register(dispatch.Implementation(
             name="reference", framework=dispatch.ANY_FRAMEWORK, op=op, priority=0,
             supports=_serves_everything, run=run,
+            accumulate=_accumulate_qmatmul if op is dispatch.Op.QMATMUL else None,
             description="NumPy reference on the host: exact int64 accumulation, slow; the last resort"))
 
 

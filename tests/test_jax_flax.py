@@ -1,4 +1,4 @@
-"""Flax injection (Dense, DenseGeneral, jnp.einsum) and QArray as a pytree / serialized state."""
+"""Flax injection (Dense, DenseGeneral, einsum, nnx.Einsum, linen Einsum) and QArray as a pytree / state."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization
+import pytest
+from flax import nnx, serialization
 
 import qkernels as qk
-from qkernels.testing import activations, weights
+from jax_bindings import flax as qflax
+from qkernels import reference
+from qkernels.testing import activations, tolerances, weights
 
 
 class MLP(nn.Module):
@@ -73,3 +76,91 @@ def test_qarray_is_a_pytree_that_jits_and_serializes():
     for a, b in zip(jax.tree_util.tree_leaves(restored), leaves):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert restored.recipe == w_q.recipe and restored.shape == (70, 24)
+
+
+# --- einsum: qk.make_einsum (flax.nnx.Einsum's einsum_op) and jax_bindings.flax.Einsum (linen) ---------
+# Each case: subscripts, activation and kernel shapes, and the canonical view of the call (activations
+# (M, K), kernel (N, K), output from (M, N)) to compare against with qkernels.testing's tolerances.
+EINSUMS = [
+    pytest.param("bk,nk->nb", (8, 64), (16, 64), lambda x: x, lambda w: w, lambda y, x, w: y.T,
+                 id="kernel-first-in-jnp-einsum"),
+    pytest.param("btk,hkn->bhtn", (2, 4, 64), (3, 64, 8), lambda x: x.reshape(8, 64),
+                 lambda w: w.transpose(0, 2, 1).reshape(24, 64),
+                 lambda y, x, w: y.reshape(2, 4, 3, 8).transpose(0, 2, 1, 3), id="transposed-output"),
+    pytest.param("nta,hab->nthb", (4, 2, 64), (8, 64, 16), lambda x: x.reshape(8, 64),
+                 lambda w: w.transpose(0, 2, 1).reshape(128, 64), lambda y, x, w: y.reshape(4, 2, 8, 16),
+                 id="nnx-docstring"),
+]
+EINSUM_RECIPES = [pytest.param(qk.W4A16(32), id="w4a16-g32"), pytest.param(qk.W8A8(), id="w8a8")]
+
+
+def _expected(recipe, x2d, w2d, bias=None):
+    """The float result on the operands as the recipe quantizes them (canonical (M, N)) and its bound."""
+    x2d, w2d = np.asarray(x2d, np.float32), np.asarray(w2d, np.float32)
+    x_deq = x2d if recipe.lhs is None else reference.quantize(x2d, recipe.lhs).dequantize()
+    w_deq = reference.quantize(w2d, recipe.rhs).dequantize()
+    y = np.asarray(x_deq, np.float64) @ np.asarray(w_deq, np.float64).T
+    return y, tolerances(x_deq, w_deq, np.float32)
+
+
+@pytest.mark.parametrize("recipe", EINSUM_RECIPES)
+@pytest.mark.parametrize("subscripts,x_shape,w_shape,canon_x,canon_w,uncanon", EINSUMS)
+def test_make_einsum_quantizes_the_second_operand(subscripts, x_shape, w_shape, canon_x, canon_w, uncanon, recipe):
+    rng = np.random.default_rng(5)
+    x, w = activations(rng, x_shape), weights(rng, w_shape)
+    op = qk.make_einsum(recipe)
+    assert op == qk.make_einsum(recipe) and hash(op) == hash(qk.make_einsum(recipe))
+    out = jax.jit(lambda x, w: op(subscripts, x, w))(jnp.asarray(x), jnp.asarray(w))
+    y, bound = _expected(recipe, canon_x(x), canon_w(w))
+    expected, bound = uncanon(y, x, w), uncanon(bound, x, w)
+    assert out.shape == expected.shape
+    err = np.abs(np.asarray(out, np.float64) - expected)
+    assert (err <= bound).all(), f"max excess {np.max(err - bound):.3g}"
+
+
+def test_make_einsum_refuses_what_one_dot_general_cannot_do():
+    op = qk.make_einsum(qk.W8A8())
+    x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
+    with pytest.raises(ValueError, match="no output"):
+        op("bk,kn", x, w)
+    with pytest.raises(TypeError, match="two operands"):
+        op("bk,kn,n->b", x, w, jnp.ones(3))
+    with pytest.raises(ValueError, match="diagonal"):
+        op("kk,kn->n", jnp.ones((8, 8)), w)
+
+
+def test_nnx_einsum_with_make_einsum_inits_runs_under_jit_and_matches_float():
+    recipe = qk.W4A16(32)
+    kw = dict(einsum_str="nta,hab->nthb", kernel_shape=(8, 64, 16), bias_shape=(8, 16))
+    layer = nnx.Einsum(**kw, einsum_op=qk.make_einsum(recipe), rngs=nnx.Rngs(0))
+    float_layer = nnx.Einsum(**kw, rngs=nnx.Rngs(0))
+    layer.bias[...] = jnp.asarray(np.random.default_rng(6).standard_normal((8, 16), dtype=np.float32))
+    float_layer.bias[...] = layer.bias[...]
+    x = jnp.asarray(activations(np.random.default_rng(7), (4, 2, 64)))
+    out = nnx.jit(lambda m, x: m(x))(layer, x)
+    float_out = nnx.jit(lambda m, x: m(x))(float_layer, x)
+    w = np.asarray(layer.kernel[...])
+    y, bound = _expected(recipe, np.asarray(x).reshape(8, 64), w.transpose(0, 2, 1).reshape(128, 64))
+    expected = y.reshape(4, 2, 8, 16) + np.asarray(layer.bias[...])
+    assert (np.abs(np.asarray(out, np.float64) - expected) <= bound.reshape(4, 2, 8, 16) + 1e-6).all()
+    assert qk.testing.snr_db(out, float_out) > 15  # int4 g32: ~20 dB of quantization noise
+
+
+def test_linen_einsum_takes_a_dot_general():
+    recipe = qk.W4A16(32)
+    x = jnp.asarray(activations(np.random.default_rng(8), (4, 2, 64)))
+    module = qflax.Einsum((8, 64, 16), "nta,hab->nthb", dot_general=qk.make_dot_general(recipe),
+                          bias_init=nn.initializers.normal(1.0))
+    params = jax.jit(module.init)(jax.random.key(0), x)
+    reference_module = nn.Einsum((8, 64, 16), "nta,hab->nthb")
+    assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(
+        jnp.shape, reference_module.init(jax.random.key(0), x))
+    out = jax.jit(module.apply)(params, x)
+    w, b = np.asarray(params["params"]["kernel"]), np.asarray(params["params"]["bias"])
+    y, bound = _expected(recipe, np.asarray(x).reshape(8, 64), w.transpose(0, 2, 1).reshape(128, 64))
+    expected = y.reshape(4, 2, 8, 16) + b
+    assert (np.abs(np.asarray(out, np.float64) - expected) <= bound.reshape(4, 2, 8, 16) + 1e-6).all()
+    float_out = jax.jit(reference_module.apply)(params, x)
+    assert qk.testing.snr_db(out, float_out) > 15
+    unquantized = jax.jit(qflax.Einsum((8, 64, 16), "nta,hab->nthb").apply)(params, x)  # lax.dot_general
+    np.testing.assert_allclose(np.asarray(unquantized), np.asarray(float_out), rtol=1e-5, atol=1e-5)

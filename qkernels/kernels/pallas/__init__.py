@@ -87,24 +87,36 @@ def _run_tpu(problem: Any, lhs: Any, rhs: Any, bias: Any) -> Any:
     return _run(problem, lhs, rhs, bias, target=Target(problem.arch))
 
 
+def _accumulate(problem: Any, lhs: Any, rhs: Any, *, target: Any = None) -> Any:
+    """`Implementation.accumulate`: the kernels' raw int32 accumulators (integer recipes)."""
+    from qkernels.kernels.pallas import ops
+
+    return ops.accumulators(lhs, rhs, problem.recipe, target=target or ops.Target(problem.arch))
+
+
 def _register() -> None:
     from qkernels import dispatch
     from qkernels.kernels.pallas.configs import Family
     from qkernels.kernels.pallas.ops import Target
 
     for family in Family:
+        integer = family in (Family.W8A8, Family.W4A8)
         dispatch.register(dispatch.Implementation(
             name=f"pallas.tpu.{family.value}", framework="jax", priority=100,
             supports=functools.partial(supports_tpu, family=family), run=_run_tpu,
+            accumulate=_accumulate if integer else None,
             description=f"Pallas/Mosaic {family.value} kernel, rescale fused, block sizes per TPU generation"))
         dispatch.register(dispatch.Implementation(
             name=f"pallas.gpu.{family.value}", framework="jax", priority=90,
             supports=functools.partial(supports_gpu, family=family),
             run=functools.partial(_run, target=Target.GPU),
+            # the GPU kernels expose raw accumulators for W8A8 only (per-group ones live in the TPU kernel)
+            accumulate=functools.partial(_accumulate, target=Target.GPU) if family is Family.W8A8 else None,
             description=f"Pallas {family.value} kernel through the Triton lowering (int8 tensor cores)"))
     dispatch.register(dispatch.Implementation(
         name="pallas.interpret", framework="jax", priority=-10, supports=supports_interpret,
         run=functools.partial(_run, target=Target.INTERPRET),
+        accumulate=functools.partial(_accumulate, target=Target.INTERPRET),
         description="the Pallas TPU kernels run by the Pallas interpreter on CPU: exact, slow, for tests"))
 
 

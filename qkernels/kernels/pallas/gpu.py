@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from qkernels.kernels.pallas.configs import GpuConfig
-from qkernels.kernels.pallas.layout import even_odd, pad_axis, unpack_nibbles
+from qkernels.kernels.pallas.layout import even_odd, out_struct, pad_axis, unpack_nibbles
 
 __all__ = ["w8a8", "w4a16", "w4a8"]
 
@@ -113,7 +113,7 @@ def w8a8(a_q, a_scale, w_q, w_scale, bias, *, out_dtype: Any, config: GpuConfig,
     out = _call(functools.partial(_w8a8_kernel, block_k=bk, has_bias=bias is not None, raw=raw), args, specs,
                 grid=(mp // bm, np_ // bn, batch),
                 out_spec=pl.BlockSpec((None, bm, bn), lambda i, j, b: (b, i, j)),
-                out_shape=jax.ShapeDtypeStruct((batch, mp, np_), jnp.int32 if raw else out_dtype),
+                out_shape=out_struct((batch, mp, np_), jnp.int32 if raw else out_dtype, args),
                 config=config, interpret=interpret, name="qk_w8a8_gpu")
     return out[:, :m, :n]
 
@@ -144,7 +144,7 @@ def _int4(a, a_scale, w_q, w_scale, w_zero, bias, *, group, out_dtype, config: G
                                lhs_int=a_scale is not None, has_bias=bias is not None)
     out = _call(kernel, args, specs, grid=(mp // bm, np_ // bn, batch),
                 out_spec=pl.BlockSpec((None, bm, bn), lambda i, j, b: (b, i, j)),
-                out_shape=jax.ShapeDtypeStruct((batch, mp, np_), out_dtype), config=config, interpret=interpret,
+                out_shape=out_struct((batch, mp, np_), out_dtype, args), config=config, interpret=interpret,
                 name="qk_w4a8_gpu" if a_scale is not None else "qk_w4a16_gpu")
     return out[:, :m, :n]
 

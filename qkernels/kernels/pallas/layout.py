@@ -7,11 +7,26 @@ unpack, shared by the TPU and GPU kernels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import jax
 import jax.numpy as jnp
+from jax.sharding import ManualAxisType
 
-__all__ = ["fit_block", "pad_axis", "even_odd", "unpack_nibbles", "Canonical", "canonicalize"]
+__all__ = ["fit_block", "pad_axis", "even_odd", "unpack_nibbles", "Canonical", "canonicalize", "out_struct"]
+
+
+def out_struct(shape: Sequence[int], dtype: Any, operands: Sequence[Any]) -> jax.ShapeDtypeStruct:
+    """`out_shape` of a pallas_call on `operands`.
+
+    Inside a `shard_map` that checks varying axes (`check_vma=True`, its default) pallas_call needs
+    to be told how its output varies: over every manual mesh axis some operand varies over.
+    Elsewhere the annotation is empty and ignored.
+    """
+    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in operands))
+    return jax.ShapeDtypeStruct(tuple(shape), dtype, manual_axis_type=ManualAxisType(varying=varying))
 
 
 def fit_block(dim: int, block: int, align: int) -> tuple[int, int]:

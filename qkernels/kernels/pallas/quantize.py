@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from qkernels.kernels.pallas.layout import fit_block, pad_axis
+from qkernels.kernels.pallas.layout import fit_block, out_struct, pad_axis
 
 __all__ = ["quantize_rows", "exact_div"]
 
@@ -65,7 +65,7 @@ def quantize_rows(x: jnp.ndarray, *, interpret: Any = False) -> tuple[jnp.ndarra
         grid=(mp // bm,),
         in_specs=[pl.BlockSpec((bm, k), lambda i: (i, 0))],
         out_specs=[pl.BlockSpec((bm, k), lambda i: (i, 0)), pl.BlockSpec((bm, 1), lambda i: (i, 0))],
-        out_shape=[jax.ShapeDtypeStruct((mp, k), jnp.int8), jax.ShapeDtypeStruct((mp, 1), jnp.float32)],
+        out_shape=[out_struct((mp, k), jnp.int8, [x2]), out_struct((mp, 1), jnp.float32, [x2])],
         interpret=interpret,
         name="qk_quantize_rows",
     )(x2)

@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from qkernels.kernels.pallas.configs import TileConfig
-from qkernels.kernels.pallas.layout import even_odd, fit_block, pad_axis, unpack_nibbles
+from qkernels.kernels.pallas.layout import even_odd, fit_block, out_struct, pad_axis, unpack_nibbles
 
 __all__ = ["w8a8", "w4a16", "w4a8"]
 
@@ -172,7 +172,7 @@ def w8a8(a_q, a_scale, w_q, w_scale, bias, *, out_dtype: Any, config: TileConfig
         grid=(batch, mp // bm, np_ // bn, kp // bk),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, bm, bn), lambda b, i, j, k: (b, i, j)),
-        out_shape=jax.ShapeDtypeStruct((batch, mp, np_), jnp.int32 if raw else out_dtype),
+        out_shape=out_struct((batch, mp, np_), jnp.int32 if raw else out_dtype, args),
         scratch_shapes=[pltpu.VMEM((bm, bn), jnp.int32)],
         compiler_params=_params(),
         interpret=interpret,
@@ -227,10 +227,10 @@ def _int4_call(a, w_q, w_scale, w_zero, a_scale, bias, *, group: int, out_dtype:
         args.append(pad_axis(bias.astype(jnp.float32), 0, np_)[None, :])
     if raw:
         out_spec = pl.BlockSpec((None, gpb, bm, bn), lambda b, i, j, k: (b, k, i, j))
-        out_shape = jax.ShapeDtypeStruct((batch, kp // group, mp, np_), jnp.int32)
+        out_shape = out_struct((batch, kp // group, mp, np_), jnp.int32, args)
     else:
         out_spec = pl.BlockSpec((None, bm, bn), lambda b, i, j, k: (b, i, j))
-        out_shape = jax.ShapeDtypeStruct((batch, mp, np_), out_dtype)
+        out_shape = out_struct((batch, mp, np_), out_dtype, args)
     out = pl.pallas_call(
         functools.partial(_int4_kernel, group=group, has_zero=w_zero is not None, lhs_int=lhs_int,
                           has_bias=bias is not None, raw=raw),
