@@ -1,14 +1,20 @@
 """Compile the shipped Pallas configs without the hardware: `check(target)` for `python -m qkernels.aot`.
 
 TPU targets ('tpu-v5e', 'tpu-v6e', 'tpu-v5p'): the real Mosaic/XLA TPU compiler from libtpu, on
-a topology description (no TPU needed); reports VMEM use of the blocks and `memory_analysis()`.
-The W4A16 program must hold no dequantized copy of the weight: temp bytes far below N*K*2.
+a topology description (no TPU needed); reports the VMEM estimate of the blocks and
+`memory_analysis()`. Every entry of the generation's tables (`configs.TPU_CONFIGS`) is compiled at
+shapes of the M range it serves — decode entries at M=1 and M=16 on 8192x8192 and an awkward
+M=3 x 4096x4095, the any-M entry at M=1024 and an awkward M=17 — with bf16 activations and g128;
+for the int4 families the largest-VMEM variant (f32 activations, g32, zero points for W4A16; g32 for
+W4A8) is compiled too. A config whose VMEM estimate (`configs.vmem_estimate`) exceeds the scoped
+VMEM fails. The W4A16 program must hold no dequantized copy of the weight: temp bytes far below N*K*2.
 GPU targets ('pallas-sm_80', 'pallas-sm_90'): export for cuda, take the Triton IR out of the
 custom call, compile it with the triton wheel, and require int8 tensor-core instructions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -25,33 +31,59 @@ from qkernels.kernels.pallas.configs import Family
 __all__ = ["check"]
 
 _TOPOLOGY = {"tpu-v5e": ("v5e", "v5e:2x2"), "tpu-v6e": ("v6e", "v6e:2x2"), "tpu-v5p": ("v5p", "v5p:2x2x1")}
-_VMEM = {"v5e": 128 * 2**20, "v6e": 128 * 2**20, "v5p": 95 * 2**20}
-# (m, n, k): a prefill tile-filling shape, a decode shape, and an awkward one
-_SHAPES = ((1024, 4096, 4096), (8, 4096, 4096), (1, 4096, 4095))
+# (m, n, k) per kind of entry: the M range's ends on a realistic layer, and an awkward shape
+_DECODE_SHAPES = ((1, 8192, 8192), (configs.SMALL_M, 8192, 8192), (3, 4096, 4095))
+_ANY_M_SHAPES = ((1024, 4096, 4096), (configs.SMALL_M + 1, 4096, 4095))
 _GROUP = 128
 
 
-def _vmem_bytes(cfg: configs.TileConfig, family: Family) -> int:
-    a = cfg.block_m * cfg.block_k * (1 if family is not Family.W4A16 else 2)
-    w = cfg.block_n * cfg.block_k // (1 if family is Family.W8A8 else 2)
-    out = cfg.block_m * cfg.block_n * 4
-    return 2 * (a + w + out) + cfg.block_m * cfg.block_n * 4  # double-buffered blocks + accumulator
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Variant:
+    """Operand formats a config is compiled for: activation dtype, group size, zero points."""
+
+    act: str = "bfloat16"
+    group: int = _GROUP
+    zero_point: bool = False
+
+    @property
+    def tag(self) -> str:
+        return f"{'f32' if self.act == 'float32' else 'bf16'}-g{self.group}{'-zp' if self.zero_point else ''}"
 
 
-def _fn_and_args(family: Family, cfg, m: int, n: int, k: int, module, sharding=None):
+_DEFAULT = _Variant()
+# the largest VMEM working set of each family's kernel (most groups per block, f32 dequantization)
+_LARGEST = {Family.W4A16: _Variant(act="float32", group=32, zero_point=True), Family.W4A8: _Variant(group=32)}
+
+
+def _fn_and_args(family: Family, cfg, m: int, n: int, k: int, module, sharding=None, variant: _Variant = _DEFAULT):
     sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
-    kp = -(-k // _GROUP) * _GROUP
+    group = variant.group
+    kp = -(-k // group) * group
     if family is Family.W8A8:
         args = (sd((1, m, k), jnp.int8), sd((1, m), jnp.float32), sd((1, n, k), jnp.int8), sd((1, n), jnp.float32))
         return lambda a, sa, w, sw: module.w8a8(a, sa, w, sw, None, out_dtype=jnp.bfloat16, config=cfg), args
-    w = (sd((1, n, kp // 2), jnp.int8), sd((1, n, kp // _GROUP), jnp.float32))
+    w = (sd((1, n, kp // 2), jnp.int8), sd((1, n, kp // group), jnp.float32))
     if family is Family.W4A16:
-        args = (sd((1, m, k), jnp.bfloat16), *w)
-        return lambda a, wq, ws: module.w4a16(a, wq, ws, None, None, group=_GROUP, out_dtype=jnp.bfloat16,
-                                              config=cfg), args
+        out = jnp.dtype(variant.act)
+        z = sd((1, n, kp // group), jnp.int8) if variant.zero_point else None
+        args = (sd((1, m, k), jnp.dtype(variant.act)), *w, z)
+        return lambda a, wq, ws, wz: module.w4a16(a, wq, ws, wz, None, group=group, out_dtype=out,
+                                                  config=cfg), args
     args = (sd((1, m, k), jnp.int8), sd((1, m), jnp.float32), *w)
-    return lambda a, sa, wq, ws: module.w4a8(a, sa, wq, ws, None, group=_GROUP, out_dtype=jnp.bfloat16,
+    return lambda a, sa, wq, ws: module.w4a8(a, sa, wq, ws, None, group=group, out_dtype=jnp.bfloat16,
                                              config=cfg), args
+
+
+def _jobs(arch: str) -> list[tuple[Family, configs.TileConfig, _Variant, tuple[int, int, int]]]:
+    """(family, config, variant, shape) to compile: see the module docstring."""
+    jobs = []
+    for family in Family:
+        for cfg in configs.tpu_configs(arch, family):
+            shapes = _ANY_M_SHAPES if cfg.max_m is None else _DECODE_SHAPES
+            jobs.extend((family, cfg, _DEFAULT, shape) for shape in shapes)
+            if family in _LARGEST:
+                jobs.append((family, cfg, _LARGEST[family], shapes[0] if cfg.max_m is None else shapes[1]))
+    return jobs
 
 
 def _check_tpu(target: str) -> list[ConfigReport]:
@@ -63,28 +95,28 @@ def _check_tpu(target: str) -> list[ConfigReport]:
     device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     reports = []
-    for family in Family:
-        cfg = configs.tpu_config(arch, family)
-        for m, n, k in _SHAPES:
-            r = ConfigReport(kernel=f"pallas.tpu.{family.value}", config=f"{cfg.describe()} M{m}-N{n}-K{k}",
-                             target=target, mma_instruction="MXU int8" if family is not Family.W4A16 else "MXU bf16",
-                             vmem_bytes=_vmem_bytes(cfg, family))
-            try:
-                fn, args = _fn_and_args(family, cfg, m, n, k, tpu, sharding)
-                mem = jax.jit(fn).trace(*args).lower().compile().memory_analysis()
-                r.memory_analysis = {f: int(getattr(mem, f)) for f in (
-                    "temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-                    "generated_code_size_in_bytes")}
-            except Exception as e:  # a compile error is this config's verdict, reported not raised
-                r.problems.append(f"compile failed: {str(e).splitlines()[0][:300]}")
-                reports.append(r)
-                continue
-            if r.vmem_bytes > _VMEM[arch]:
-                r.problems.append(f"blocks need {r.vmem_bytes} B of VMEM > {_VMEM[arch]}")
-            if family is Family.W4A16 and r.memory_analysis["temp_size_in_bytes"] > n * k * 2 // 8:
-                r.problems.append(f"temp {r.memory_analysis['temp_size_in_bytes']} B is not far below N*K*2 = "
-                                  f"{n * k * 2}: a dequantized weight copy is materialized")
+    for family, cfg, variant, (m, n, k) in _jobs(arch):
+        vmem = configs.vmem_estimate(cfg, family, m=m, act_bytes=jnp.dtype(variant.act).itemsize,
+                                     group=variant.group, zero_point=variant.zero_point)
+        r = ConfigReport(kernel=f"pallas.tpu.{family.value}", config=f"{cfg.name} {variant.tag} M{m}-N{n}-K{k}",
+                         target=target, mma_instruction="MXU int8" if family is not Family.W4A16 else "MXU bf16",
+                         vmem_bytes=vmem)
+        try:
+            fn, args = _fn_and_args(family, cfg, m, n, k, tpu, sharding, variant)
+            mem = jax.jit(fn).trace(*args).lower().compile().memory_analysis()
+            r.memory_analysis = {f: int(getattr(mem, f)) for f in (
+                "temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+                "generated_code_size_in_bytes")}
+        except Exception as e:  # a compile error is this config's verdict, reported not raised
+            r.problems.append(f"compile failed: {str(e).splitlines()[0][:300]}")
             reports.append(r)
+            continue
+        if vmem > configs.SCOPED_VMEM[arch]:
+            r.problems.append(f"blocks need ~{vmem} B of VMEM > the {configs.SCOPED_VMEM[arch]} B scoped default")
+        if family is Family.W4A16 and r.memory_analysis["temp_size_in_bytes"] > n * k * 2 // 8:
+            r.problems.append(f"temp {r.memory_analysis['temp_size_in_bytes']} B is not far below N*K*2 = "
+                              f"{n * k * 2}: a dequantized weight copy is materialized")
+        reports.append(r)
     return reports
 
 
