@@ -6,8 +6,9 @@ a topology description (no TPU needed); reports the VMEM estimate of the blocks 
 shapes of the M range it serves — decode entries at M=1 and M=16 on 8192x8192 and an awkward
 M=3 x 4096x4095, the any-M entry at M=1024 and an awkward M=17 — with bf16 activations and g128;
 for the int4 families the largest-VMEM variant (f32 activations, g32, zero points for W4A16; g32 for
-W4A8) is compiled too. A config whose VMEM estimate (`configs.vmem_estimate`) exceeds the scoped
-VMEM fails. The W4A16 program must hold no dequantized copy of the weight: temp bytes far below N*K*2.
+W4A8) is compiled too, with the config the 'pallas' tunable's heuristic picks for it. A config
+whose VMEM estimate exceeds the scoped VMEM fails (`tunable.check` would refuse it). The W4A16
+program must hold no dequantized copy of the weight: temp bytes far below N*K*2.
 GPU targets ('pallas-sm_80', 'pallas-sm_90'): export for cuda, take the Triton IR out of the
 custom call, compile it with the triton wheel, and require int8 tensor-core instructions.
 """
@@ -24,8 +25,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from qkernels import dispatch
 from qkernels.aot import ConfigReport
-from qkernels.kernels.pallas import configs, gpu, tpu
+from qkernels.formats import W4A8, W4A16, W8A8, Recipe
+from qkernels.kernels.pallas import configs, gpu, tpu, tunable
 from qkernels.kernels.pallas.configs import Family
 
 __all__ = ["check"]
@@ -48,6 +51,13 @@ class _Variant:
     @property
     def tag(self) -> str:
         return f"{'f32' if self.act == 'float32' else 'bf16'}-g{self.group}{'-zp' if self.zero_point else ''}"
+
+    def recipe(self, family: Family) -> Recipe:
+        if family is Family.W8A8:
+            return W8A8()
+        if family is Family.W4A16:
+            return W4A16(self.group, zero_point=self.zero_point)
+        return W4A8(self.group)
 
 
 _DEFAULT = _Variant()
@@ -74,6 +84,11 @@ def _fn_and_args(family: Family, cfg, m: int, n: int, k: int, module, sharding=N
                                              config=cfg), args
 
 
+def _problem(arch: str, family: Family, variant: _Variant, m: int, n: int, k: int) -> dispatch.Problem:
+    return dispatch.Problem(recipe=variant.recipe(family), m=m, n=n, k=k, act_dtype=variant.act,
+                            out_dtype=variant.act, framework="jax", platform=f"tpu:{arch}", device=f"tpu-{arch}")
+
+
 def _jobs(arch: str) -> list[tuple[Family, configs.TileConfig, _Variant, tuple[int, int, int]]]:
     """(family, config, variant, shape) to compile: see the module docstring."""
     jobs = []
@@ -82,7 +97,9 @@ def _jobs(arch: str) -> list[tuple[Family, configs.TileConfig, _Variant, tuple[i
             shapes = _ANY_M_SHAPES if cfg.max_m is None else _DECODE_SHAPES
             jobs.extend((family, cfg, _DEFAULT, shape) for shape in shapes)
             if family in _LARGEST:
-                jobs.append((family, cfg, _LARGEST[family], shapes[0] if cfg.max_m is None else shapes[1]))
+                m, n, k = shapes[0] if cfg.max_m is None else shapes[1]
+                picked, _ = tunable.heuristic(_problem(arch, family, _LARGEST[family], m, n, k))
+                jobs.append((family, picked, _LARGEST[family], (m, n, k)))
     return jobs
 
 
@@ -96,6 +113,7 @@ def _check_tpu(target: str) -> list[ConfigReport]:
     sharding = jax.sharding.SingleDeviceSharding(device)
     reports = []
     for family, cfg, variant, (m, n, k) in _jobs(arch):
+        problem = _problem(arch, family, variant, m, n, k)
         vmem = configs.vmem_estimate(cfg, family, m=m, act_bytes=jnp.dtype(variant.act).itemsize,
                                      group=variant.group, zero_point=variant.zero_point)
         r = ConfigReport(kernel=f"pallas.tpu.{family.value}", config=f"{cfg.name} {variant.tag} M{m}-N{n}-K{k}",
@@ -111,11 +129,13 @@ def _check_tpu(target: str) -> list[ConfigReport]:
             r.problems.append(f"compile failed: {str(e).splitlines()[0][:300]}")
             reports.append(r)
             continue
-        if vmem > configs.SCOPED_VMEM[arch]:
-            r.problems.append(f"blocks need ~{vmem} B of VMEM > the {configs.SCOPED_VMEM[arch]} B scoped default")
+        why = tunable.check(cfg, problem)
+        if why:
+            r.problems.append(f"the tunable refuses it: {why}")
         if family is Family.W4A16 and r.memory_analysis["temp_size_in_bytes"] > n * k * 2 // 8:
             r.problems.append(f"temp {r.memory_analysis['temp_size_in_bytes']} B is not far below N*K*2 = "
-                              f"{n * k * 2}: a dequantized weight copy is materialized")
+                              f"{n * k * 2} (one copy of the packed weight is N*K/2 = {n * k // 2}): the "
+                              f"weight is copied or dequantized outside the kernel")
         reports.append(r)
     return reports
 
