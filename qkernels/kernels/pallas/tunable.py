@@ -151,7 +151,9 @@ def _operands(problem: dispatch.Problem, target: Any) -> tuple[Any, Any, Any]:
     qvalue = jax.random.randint(keys[1], (*lead, problem.n, stored), lo, 128, jnp.int32).astype(jnp.int8)
     scale_shape = recipe.rhs.scale_shape((*lead, problem.n, problem.k))
     scale = jax.random.uniform(keys[2], scale_shape, jnp.float32, 1e-3, 1e-2)
-    zero = jax.random.randint(keys[3], scale_shape, 0, 16, jnp.int32).astype(jnp.int8) if recipe.rhs.zero_point else None
+    zero = None
+    if recipe.rhs.zero_point:
+        zero = jax.random.randint(keys[3], scale_shape, 0, 16, jnp.int32).astype(jnp.int8)
     bias = jax.random.normal(keys[4], (problem.n,), jnp.float32) if problem.has_bias else None
     if recipe.lhs is not None:  # time the matmul kernel alone: quantize the activations once, here
         lhs = ops.quantize_activations(lhs, target)
