@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 
 from qkernels import aot
+from qkernels.kernels.pallas import configs
 
 pytestmark = [
     pytest.mark.slow,
@@ -22,6 +23,12 @@ def test_tpu_configs_compile(target):
     failed = [r.row() for r in reports if not r.ok]
     assert not failed, "\n".join(failed)
     assert {r.kernel for r in reports} == {"pallas.tpu.w8a8", "pallas.tpu.w4a16", "pallas.tpu.w4a8"}
+    compiled = {(r.kernel, r.config.split()[0], r.config.split()[-1]) for r in reports}
+    for family in configs.Family:
+        for config in configs.tpu_configs(target.removeprefix("tpu-"), family):
+            shapes = ("M1-N8192-K8192", "M16-N8192-K8192") if config.max_m else ("M1024-N4096-K4096",)
+            for shape in shapes:  # every table entry, decode ones at decode shapes
+                assert (f"pallas.tpu.{family.value}", config.name, shape) in compiled, (config.name, shape)
     for r in reports:
         assert r.vmem_bytes and r.memory_analysis["generated_code_size_in_bytes"] > 0
         if r.kernel == "pallas.tpu.w4a16":  # no dequantized bf16 copy of the weight (N*K*2 bytes)

@@ -143,7 +143,7 @@ def test_quantize_kernel_bit_exact_on_cpu(rows, k, seed, zero_rows):
 
 
 def test_config_cannot_change_numerics():
-    """Different block sizes: identical accumulators and outputs (group order is kept)."""
+    """Different block sizes, decode entry included: identical outputs (group order is kept)."""
     recipe = W4A8(64)
     x, rq, bias = _data(11, 40, 200, 700, recipe)
     kw = dict(group=64, out_dtype=jnp.float32, interpret=True)
@@ -152,8 +152,55 @@ def test_config_cannot_change_numerics():
     from qkernels.kernels.pallas import tpu
 
     small = TileConfig(block_m=32, block_n=128, block_k=256)
-    outs = [np.asarray(tpu.w4a8(*args, config=c, **kw)) for c in (small, configs.tpu_config("v6e", Family.W4A8))]
-    np.testing.assert_array_equal(outs[0], outs[1])
+    outs = [np.asarray(tpu.w4a8(*args, config=c, **kw))
+            for c in (small, *configs.tpu_configs("v6e", Family.W4A8))]
+    for out in outs[1:]:
+        np.testing.assert_array_equal(outs[0], out)
+
+
+def _small_m_configs():
+    """Every distinct decode (max_m) table entry of every TPU generation, with its family."""
+    seen = {(family, c) for arch in configs.TPU_GENERATIONS for family in Family
+            for c in configs.tpu_configs(arch, family) if c.max_m is not None}
+    return sorted(seen, key=lambda fc: (fc[0].value, fc[1].block_n, fc[1].block_k))
+
+
+SMALL_M_RECIPES = {Family.W8A8: W8A8(), Family.W4A16: W4A16(128, zero_point=True), Family.W4A8: W4A8(64)}
+
+
+@pytest.mark.parametrize("m", [1, 3, 16], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("family,config", [pytest.param(f, c, id=f"{f.value}-{c.name}") for f, c in _small_m_configs()])
+def test_small_m_table_configs_match_reference(family, config, m):
+    """Each decode entry, interpreted, on N and K just past its blocks (padded, several blocks):
+    exact int32 accumulators (W8A8, W4A8 per group); outputs equal (W8A8) or within tolerance."""
+    assert m <= config.max_m
+    recipe = SMALL_M_RECIPES[family]
+    n, k = config.block_n + 136, config.block_k + 200
+    x, rq, bias = _data(m + config.block_n, m, n, k, recipe)
+    if recipe.lhs is not None:
+        acc = ops.accumulators(jnp.asarray(x), _jax(rq), recipe, config=config)
+        np.testing.assert_array_equal(np.asarray(acc), reference.accumulators(x, rq, recipe))
+    if family is Family.W8A8:
+        out = ops.qmatmul(jnp.asarray(x), _jax(rq), recipe, config=config)
+        np.testing.assert_array_equal(np.asarray(out), reference.qmatmul(x, rq, recipe))
+        return
+    out = ops.qmatmul(jnp.asarray(x), _jax(rq), recipe, bias=jnp.asarray(bias), config=config)
+    testing.assert_close(out, reference.qmatmul(x, rq, recipe, bias=bias), *_float_operands(x, rq, recipe),
+                         np.float32)
+
+
+def test_interpret_runs_the_decode_entry_for_small_m():
+    for family in Family:
+        assert ops.Target.INTERPRET.tile_config(family, 16) == configs.tpu_config("v5e", family, m=16)
+        assert ops.Target.INTERPRET.tile_config(family, 16).max_m == configs.SMALL_M
+        assert ops.Target.INTERPRET.tile_config(family, 17).max_m is None
+
+
+def test_qmatmul_refuses_a_config_of_the_wrong_kind():
+    recipe = W8A8()
+    x, rq, _ = _data(1, 2, 8, 16, recipe)
+    with pytest.raises(ValueError, match="take a TileConfig"):
+        ops.qmatmul(jnp.asarray(x), _jax(rq), recipe, config=configs.gpu_config(Family.W8A8))
 
 
 def test_detect_races_small_case():
@@ -222,3 +269,58 @@ def test_use_backend_runs_interpreted_kernels_under_jit():
     out = jax.jit(lambda a, w, b: impl.run(problem, a, w, b))(jnp.asarray(x), _jax(rq), jnp.asarray(bias))
     testing.assert_close(out, reference.qmatmul(x, rq, recipe, bias=bias), *_float_operands(x, rq, recipe),
                          np.float32)
+
+
+def test_tile_config_dict_round_trip_and_name():
+    decode = TileConfig(block_m=32, block_n=2048, block_k=1024, max_m=16)
+    assert decode.to_dict() == {"block_m": 32, "block_n": 2048, "block_k": 1024, "max_m": 16}
+    assert TileConfig.from_dict(decode.to_dict()) == decode
+    assert decode.name == decode.describe() == "bm32-bn2048-bk1024-M<=16"
+    any_m = TileConfig.from_dict({"block_m": 512, "block_n": 512, "block_k": 1024})
+    assert any_m.max_m is None and any_m.name == "bm512-bn512-bk1024-anyM"
+    assert TileConfig.from_dict(any_m.to_dict()) == any_m
+
+
+_OK = {"block_m": 32, "block_n": 128, "block_k": 256}
+BAD_DICTS = [
+    pytest.param({**_OK, "warps": 4}, r"unknown TileConfig keys \['warps'\]", id="unknown-key"),
+    pytest.param({"block_m": 32, "block_n": 128}, r"lacks \['block_k'\]", id="missing-key"),
+    pytest.param({**_OK, "block_n": 160}, "block_n=160 must be a multiple of 128", id="block_n-lanes"),
+    pytest.param({**_OK, "block_k": 384}, "block_k=384 a multiple of 256", id="block_k-packed"),
+    pytest.param({**_OK, "block_m": 48}, "block_m=48 must be a positive multiple of 32", id="block_m-sublanes"),
+    pytest.param({**_OK, "max_m": 0}, "max_m=0 must be a positive row count", id="max_m-zero"),
+    pytest.param({**_OK, "max_m": True}, "max_m=True must be an int or None", id="max_m-bool"),
+    pytest.param({**_OK, "block_k": "256"}, "block_k='256' must be an int", id="string-value"),
+    pytest.param([32, 128, 256], "a TileConfig is a JSON object", id="not-an-object"),
+]
+
+
+@pytest.mark.parametrize("raw,message", BAD_DICTS)
+def test_tile_config_from_dict_is_strict(raw, message):
+    with pytest.raises(ValueError, match=message):
+        TileConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("arch", configs.TPU_GENERATIONS)
+def test_tpu_tables_ordered_by_max_m_and_within_scoped_vmem(arch):
+    """Decode entry first, any-M entry last; every entry fits the generation's scoped VMEM at the
+    largest M it serves for every group size, activation width and zero-point setting."""
+    for family in Family:
+        table = configs.tpu_configs(arch, family)
+        assert [c.max_m for c in table] == [configs.SMALL_M, None]
+        assert configs.tpu_config(arch, family, m=1) is table[0]
+        assert configs.tpu_config(arch, family, m=configs.SMALL_M) is table[0]
+        assert configs.tpu_config(arch, family, m=configs.SMALL_M + 1) is table[1]
+        groups = (None,) if family is Family.W8A8 else GROUP_SIZES
+        for config in table:
+            for group in groups:
+                assert group is None or config.block_k % group == 0
+                for act_bytes, zero_point in ((2, False), (4, False), (4, family is Family.W4A16)):
+                    need = configs.vmem_estimate(config, family, m=config.max_m or 1024, act_bytes=act_bytes,
+                                                 group=group, zero_point=zero_point)
+                    assert need <= configs.SCOPED_VMEM[arch], (config.name, group, act_bytes, zero_point, need)
+
+
+def test_unknown_tpu_generation_is_refused():
+    with pytest.raises(ValueError, match="known generations: v5e, v6e, v5p"):
+        configs.tpu_config("v4", Family.W8A8, m=1)

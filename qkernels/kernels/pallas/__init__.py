@@ -6,7 +6,10 @@ Importing this package with JAX installed registers, for framework 'jax' and `Op
   pallas.interpret      priority -10, platform cpu: the TPU kernels with interpret=True (tests;
                         never chosen automatically, `use_backend('pallas')` selects it on CPU)
 for the families w8a8, w4a16 (int4 and uint4 + zero point) and w4a8. `run` follows dispatch's
-convention with JAX arrays and is traceable under `jax.jit`.
+convention with JAX arrays and is traceable under `jax.jit`. The TPU implementations run the
+`TileConfig` that `qkernels.tuning` chooses for backend 'pallas' (`tunable.py`: user cache, shipped
+table, else the generation's table entry for M); `explain` shows it. The GPU and interpreted kernels
+use the tables in `configs.py` directly (interpretation: v5e's entry for the call's M).
 """
 
 from __future__ import annotations
@@ -75,27 +78,36 @@ def supports_interpret(problem: Any) -> str | None:
     return _common(problem, None)
 
 
-def _run(problem: Any, lhs: Any, rhs: Any, bias: Any, *, target: Any) -> Any:
+def _run(problem: Any, lhs: Any, rhs: Any, bias: Any, *, target: Any, config: Any = None) -> Any:
     from qkernels.kernels.pallas import ops
 
-    return ops.qmatmul(lhs, rhs, problem.recipe, bias=bias, out_dtype=problem.out_dtype, target=target)
+    return ops.qmatmul(lhs, rhs, problem.recipe, bias=bias, out_dtype=problem.out_dtype, target=target,
+                       config=config)
 
 
 def _run_tpu(problem: Any, lhs: Any, rhs: Any, bias: Any) -> Any:
+    from qkernels import tuning
     from qkernels.kernels.pallas.ops import Target
 
-    return _run(problem, lhs, rhs, bias, target=Target(problem.arch))
+    return _run(problem, lhs, rhs, bias, target=Target(problem.arch),
+                config=tuning.choose(problem, "pallas").config)
 
 
 def _accumulate(problem: Any, lhs: Any, rhs: Any, *, target: Any = None) -> Any:
-    """`Implementation.accumulate`: the kernels' raw int32 accumulators (integer recipes)."""
+    """`Implementation.accumulate`: the kernels' raw int32 accumulators (integer recipes); on TPU
+    (`target` None) with the tuned config its `run` uses."""
+    from qkernels import tuning
     from qkernels.kernels.pallas import ops
 
-    return ops.accumulators(lhs, rhs, problem.recipe, target=target or ops.Target(problem.arch))
+    if target is None:
+        return ops.accumulators(lhs, rhs, problem.recipe, target=ops.Target(problem.arch),
+                                config=tuning.choose(problem, "pallas").config)
+    return ops.accumulators(lhs, rhs, problem.recipe, target=target)
 
 
 def _register() -> None:
-    from qkernels import dispatch
+    from qkernels import dispatch, tuning
+    from qkernels.kernels.pallas import tunable  # noqa: F401  (registers the 'pallas' Tunable)
     from qkernels.kernels.pallas.configs import Family
     from qkernels.kernels.pallas.ops import Target
 
@@ -104,8 +116,8 @@ def _register() -> None:
         dispatch.register(dispatch.Implementation(
             name=f"pallas.tpu.{family.value}", framework="jax", priority=100,
             supports=functools.partial(supports_tpu, family=family), run=_run_tpu,
-            accumulate=_accumulate if integer else None,
-            description=f"Pallas/Mosaic {family.value} kernel, rescale fused, block sizes per TPU generation"))
+            accumulate=_accumulate if integer else None, configure=functools.partial(tuning.choose, backend="pallas"),
+            description=f"Pallas/Mosaic {family.value} kernel, rescale fused, block sizes tuned per TPU and M"))
         dispatch.register(dispatch.Implementation(
             name=f"pallas.gpu.{family.value}", framework="jax", priority=90,
             supports=functools.partial(supports_gpu, family=family),

@@ -1,14 +1,21 @@
 """Compile the shipped Pallas configs without the hardware: `check(target)` for `python -m qkernels.aot`.
 
 TPU targets ('tpu-v5e', 'tpu-v6e', 'tpu-v5p'): the real Mosaic/XLA TPU compiler from libtpu, on
-a topology description (no TPU needed); reports VMEM use of the blocks and `memory_analysis()`.
-The W4A16 program must hold no dequantized copy of the weight: temp bytes far below N*K*2.
+a topology description (no TPU needed); reports the VMEM estimate of the blocks and
+`memory_analysis()`. Every entry of the generation's tables (`configs.TPU_CONFIGS`) is compiled at
+shapes of the M range it serves — decode entries at M=1 and M=16 on 8192x8192 and an awkward
+M=3 x 4096x4095, the any-M entry at M=1024 and an awkward M=17 — with bf16 activations and g128;
+for the int4 families the largest-VMEM variant (f32 activations, g32, zero points for W4A16; g32 for
+W4A8) is compiled too, with the config the 'pallas' tunable's heuristic picks for it. A config
+whose VMEM estimate exceeds the scoped VMEM fails (`tunable.check` would refuse it). The W4A16
+program must hold no dequantized copy of the weight: temp bytes far below N*K*2.
 GPU targets ('pallas-sm_80', 'pallas-sm_90'): export for cuda, take the Triton IR out of the
 custom call, compile it with the triton wheel, and require int8 tensor-core instructions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -18,40 +25,82 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from qkernels import dispatch
 from qkernels.aot import ConfigReport
-from qkernels.kernels.pallas import configs, gpu, tpu
+from qkernels.formats import W4A8, W4A16, W8A8, Recipe
+from qkernels.kernels.pallas import configs, gpu, tpu, tunable
 from qkernels.kernels.pallas.configs import Family
 
 __all__ = ["check"]
 
 _TOPOLOGY = {"tpu-v5e": ("v5e", "v5e:2x2"), "tpu-v6e": ("v6e", "v6e:2x2"), "tpu-v5p": ("v5p", "v5p:2x2x1")}
-_VMEM = {"v5e": 128 * 2**20, "v6e": 128 * 2**20, "v5p": 95 * 2**20}
-# (m, n, k): a prefill tile-filling shape, a decode shape, and an awkward one
-_SHAPES = ((1024, 4096, 4096), (8, 4096, 4096), (1, 4096, 4095))
+# (m, n, k) per kind of entry: the M range's ends on a realistic layer, and an awkward shape
+_DECODE_SHAPES = ((1, 8192, 8192), (configs.SMALL_M, 8192, 8192), (3, 4096, 4095))
+_ANY_M_SHAPES = ((1024, 4096, 4096), (configs.SMALL_M + 1, 4096, 4095))
 _GROUP = 128
 
 
-def _vmem_bytes(cfg: configs.TileConfig, family: Family) -> int:
-    a = cfg.block_m * cfg.block_k * (1 if family is not Family.W4A16 else 2)
-    w = cfg.block_n * cfg.block_k // (1 if family is Family.W8A8 else 2)
-    out = cfg.block_m * cfg.block_n * 4
-    return 2 * (a + w + out) + cfg.block_m * cfg.block_n * 4  # double-buffered blocks + accumulator
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _Variant:
+    """Operand formats a config is compiled for: activation dtype, group size, zero points."""
+
+    act: str = "bfloat16"
+    group: int = _GROUP
+    zero_point: bool = False
+
+    @property
+    def tag(self) -> str:
+        return f"{'f32' if self.act == 'float32' else 'bf16'}-g{self.group}{'-zp' if self.zero_point else ''}"
+
+    def recipe(self, family: Family) -> Recipe:
+        if family is Family.W8A8:
+            return W8A8()
+        if family is Family.W4A16:
+            return W4A16(self.group, zero_point=self.zero_point)
+        return W4A8(self.group)
 
 
-def _fn_and_args(family: Family, cfg, m: int, n: int, k: int, module, sharding=None):
+_DEFAULT = _Variant()
+# the largest VMEM working set of each family's kernel (most groups per block, f32 dequantization)
+_LARGEST = {Family.W4A16: _Variant(act="float32", group=32, zero_point=True), Family.W4A8: _Variant(group=32)}
+
+
+def _fn_and_args(family: Family, cfg, m: int, n: int, k: int, module, sharding=None, variant: _Variant = _DEFAULT):
     sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
-    kp = -(-k // _GROUP) * _GROUP
+    group = variant.group
+    kp = -(-k // group) * group
     if family is Family.W8A8:
         args = (sd((1, m, k), jnp.int8), sd((1, m), jnp.float32), sd((1, n, k), jnp.int8), sd((1, n), jnp.float32))
         return lambda a, sa, w, sw: module.w8a8(a, sa, w, sw, None, out_dtype=jnp.bfloat16, config=cfg), args
-    w = (sd((1, n, kp // 2), jnp.int8), sd((1, n, kp // _GROUP), jnp.float32))
+    w = (sd((1, n, kp // 2), jnp.int8), sd((1, n, kp // group), jnp.float32))
     if family is Family.W4A16:
-        args = (sd((1, m, k), jnp.bfloat16), *w)
-        return lambda a, wq, ws: module.w4a16(a, wq, ws, None, None, group=_GROUP, out_dtype=jnp.bfloat16,
-                                              config=cfg), args
+        out = jnp.dtype(variant.act)
+        z = sd((1, n, kp // group), jnp.int8) if variant.zero_point else None
+        args = (sd((1, m, k), jnp.dtype(variant.act)), *w, z)
+        return lambda a, wq, ws, wz: module.w4a16(a, wq, ws, wz, None, group=group, out_dtype=out,
+                                                  config=cfg), args
     args = (sd((1, m, k), jnp.int8), sd((1, m), jnp.float32), *w)
-    return lambda a, sa, wq, ws: module.w4a8(a, sa, wq, ws, None, group=_GROUP, out_dtype=jnp.bfloat16,
+    return lambda a, sa, wq, ws: module.w4a8(a, sa, wq, ws, None, group=group, out_dtype=jnp.bfloat16,
                                              config=cfg), args
+
+
+def _problem(arch: str, family: Family, variant: _Variant, m: int, n: int, k: int) -> dispatch.Problem:
+    return dispatch.Problem(recipe=variant.recipe(family), m=m, n=n, k=k, act_dtype=variant.act,
+                            out_dtype=variant.act, framework="jax", platform=f"tpu:{arch}", device=f"tpu-{arch}")
+
+
+def _jobs(arch: str) -> list[tuple[Family, configs.TileConfig, _Variant, tuple[int, int, int]]]:
+    """(family, config, variant, shape) to compile: see the module docstring."""
+    jobs = []
+    for family in Family:
+        for cfg in configs.tpu_configs(arch, family):
+            shapes = _ANY_M_SHAPES if cfg.max_m is None else _DECODE_SHAPES
+            jobs.extend((family, cfg, _DEFAULT, shape) for shape in shapes)
+            if family in _LARGEST:
+                m, n, k = shapes[0] if cfg.max_m is None else shapes[1]
+                picked, _ = tunable.heuristic(_problem(arch, family, _LARGEST[family], m, n, k))
+                jobs.append((family, picked, _LARGEST[family], (m, n, k)))
+    return jobs
 
 
 def _check_tpu(target: str) -> list[ConfigReport]:
@@ -63,28 +112,31 @@ def _check_tpu(target: str) -> list[ConfigReport]:
     device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     reports = []
-    for family in Family:
-        cfg = configs.tpu_config(arch, family)
-        for m, n, k in _SHAPES:
-            r = ConfigReport(kernel=f"pallas.tpu.{family.value}", config=f"{cfg.describe()} M{m}-N{n}-K{k}",
-                             target=target, mma_instruction="MXU int8" if family is not Family.W4A16 else "MXU bf16",
-                             vmem_bytes=_vmem_bytes(cfg, family))
-            try:
-                fn, args = _fn_and_args(family, cfg, m, n, k, tpu, sharding)
-                mem = jax.jit(fn).trace(*args).lower().compile().memory_analysis()
-                r.memory_analysis = {f: int(getattr(mem, f)) for f in (
-                    "temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
-                    "generated_code_size_in_bytes")}
-            except Exception as e:  # a compile error is this config's verdict, reported not raised
-                r.problems.append(f"compile failed: {str(e).splitlines()[0][:300]}")
-                reports.append(r)
-                continue
-            if r.vmem_bytes > _VMEM[arch]:
-                r.problems.append(f"blocks need {r.vmem_bytes} B of VMEM > {_VMEM[arch]}")
-            if family is Family.W4A16 and r.memory_analysis["temp_size_in_bytes"] > n * k * 2 // 8:
-                r.problems.append(f"temp {r.memory_analysis['temp_size_in_bytes']} B is not far below N*K*2 = "
-                                  f"{n * k * 2}: a dequantized weight copy is materialized")
+    for family, cfg, variant, (m, n, k) in _jobs(arch):
+        problem = _problem(arch, family, variant, m, n, k)
+        vmem = configs.vmem_estimate(cfg, family, m=m, act_bytes=jnp.dtype(variant.act).itemsize,
+                                     group=variant.group, zero_point=variant.zero_point)
+        r = ConfigReport(kernel=f"pallas.tpu.{family.value}", config=f"{cfg.name} {variant.tag} M{m}-N{n}-K{k}",
+                         target=target, mma_instruction="MXU int8" if family is not Family.W4A16 else "MXU bf16",
+                         vmem_bytes=vmem)
+        try:
+            fn, args = _fn_and_args(family, cfg, m, n, k, tpu, sharding, variant)
+            mem = jax.jit(fn).trace(*args).lower().compile().memory_analysis()
+            r.memory_analysis = {f: int(getattr(mem, f)) for f in (
+                "temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes",
+                "generated_code_size_in_bytes")}
+        except Exception as e:  # a compile error is this config's verdict, reported not raised
+            r.problems.append(f"compile failed: {str(e).splitlines()[0][:300]}")
             reports.append(r)
+            continue
+        why = tunable.check(cfg, problem)
+        if why:
+            r.problems.append(f"the tunable refuses it: {why}")
+        if family is Family.W4A16 and r.memory_analysis["temp_size_in_bytes"] > n * k * 2 // 8:
+            r.problems.append(f"temp {r.memory_analysis['temp_size_in_bytes']} B is not far below N*K*2 = "
+                              f"{n * k * 2} (one copy of the packed weight is N*K/2 = {n * k // 2}): the "
+                              f"weight is copied or dequantized outside the kernel")
+        reports.append(r)
     return reports
 
 

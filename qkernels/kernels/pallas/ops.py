@@ -1,15 +1,15 @@
 """Entry points of the Pallas family: canonical shapes in, kernels chosen per target, result out.
 
-`qmatmul(lhs, rhs, recipe, bias=..., out_dtype=..., target=...)` is what the dispatch
-implementations call (`run(problem, lhs, rhs, bias)`); `accumulators(...)` exposes the raw int32
-accumulators (per group for W4A8) for tests. Everything is traceable under `jax.jit`.
+`qmatmul(lhs, rhs, recipe, bias=..., out_dtype=..., target=..., config=...)` is what the dispatch
+implementations call (`run(problem, lhs, rhs, bias)`; on TPU with the config `qkernels.tuning` chose);
+`accumulators(...)` exposes the raw int32 accumulators (per group for W4A8) for tests. Without a
+config, the target's table entry for the call's M is used. Everything is traceable under `jax.jit`.
 """
 
 from __future__ import annotations
 
 import enum
 from typing import Any
-
 
 import jax.numpy as jnp
 
@@ -34,9 +34,9 @@ class Target(enum.Enum):
     def interpret(self) -> bool:
         return self is Target.INTERPRET
 
-    def tile_config(self, family: Family) -> configs.TileConfig:
-        # interpretation runs the TPU kernels with v5e's table (bigger blocks, fewer grid steps)
-        return configs.tpu_config("v5e" if self.interpret or self is Target.GPU else self.value, family)
+    def tile_config(self, family: Family, m: int) -> configs.TileConfig:
+        """Table entry for M rows; interpretation runs the TPU kernels with v5e's table."""
+        return configs.tpu_config("v5e" if self.interpret or self is Target.GPU else self.value, family, m=m)
 
 
 def family_of(recipe: Recipe) -> Family | None:
@@ -67,12 +67,20 @@ def quantize_activations(x: jnp.ndarray, target: Target) -> QOperand:
     return QOperand(q, s)
 
 
-def _kernels(target: Target):
+def _kernels(target: Target, family: Family, m: int, config: Any):
+    """(kernel module, config): `config` checked against the target, or the table's when None."""
     if target is Target.GPU:
         from qkernels.kernels.pallas import gpu
 
-        return gpu, lambda family: configs.gpu_config(family)
-    return tpu, target.tile_config
+        module, kind, default = gpu, configs.GpuConfig, lambda: configs.gpu_config(family)
+    else:
+        module, kind, default = tpu, configs.TileConfig, lambda: target.tile_config(family, m)
+    if config is None:
+        return module, default()
+    if not isinstance(config, kind):
+        raise ValueError(f"config {config!r} is a {type(config).__name__}; the {target.value} kernels take a "
+                         f"{kind.__name__} (see qkernels.kernels.pallas.configs)")
+    return module, config
 
 
 def _prepare(lhs: Any, rhs: QOperand, recipe: Recipe, target: Target):
@@ -104,11 +112,12 @@ def _prepare(lhs: Any, rhs: QOperand, recipe: Recipe, target: Target):
 
 
 def qmatmul(lhs: Any, rhs: QOperand, recipe: Recipe, *, bias: Any = None, out_dtype: Any = None,
-            target: Target = Target.INTERPRET) -> jnp.ndarray:
+            target: Target = Target.INTERPRET, config: Any = None) -> jnp.ndarray:
     """`out (..., M, N) = rescale(lhs (..., M, K) @ rhs (..., N, K)^T)` with the Pallas kernels.
 
     lhs: float activations, or a QOperand of int8 codes and per-row scales (integer recipes).
     rhs: QOperand in canonical stored layout. out_dtype: default lhs's dtype (f32 if pre-quantized).
+    config: a `TileConfig` (TPU, interpret) or `GpuConfig` (GPU); None: the table's for this M.
     """
     family = family_of(recipe)
     if family is None:
@@ -117,8 +126,7 @@ def qmatmul(lhs: Any, rhs: QOperand, recipe: Recipe, *, bias: Any = None, out_dt
         out_dtype = jnp.float32 if isinstance(lhs, QOperand) else jnp.asarray(lhs).dtype
     out_dtype = jnp.dtype(out_dtype)
     lhs_q, lhs_s, w_q, w_s, w_z, canon = _prepare(lhs, rhs, recipe, target)
-    module, config_for = _kernels(target)
-    config = config_for(family)
+    module, config = _kernels(target, family, canon.m, config)
     bias = None if bias is None else jnp.asarray(bias)
     kw = dict(out_dtype=out_dtype, config=config, interpret=target.interpret)
     if family is Family.W8A8:
@@ -131,7 +139,7 @@ def qmatmul(lhs: Any, rhs: QOperand, recipe: Recipe, *, bias: Any = None, out_dt
 
 
 def accumulators(lhs: Any, rhs: QOperand, recipe: Recipe, *, target: Target = Target.INTERPRET,
-                 interpret: Any = None) -> jnp.ndarray:
+                 interpret: Any = None, config: Any = None) -> jnp.ndarray:
     """Raw int32 accumulators: (..., M, N) for W8A8, (..., M, N, G) per group for W4A8.
 
     `interpret` overrides the interpret argument of the kernel call (e.g. `pltpu.InterpretParams`).
@@ -140,8 +148,8 @@ def accumulators(lhs: Any, rhs: QOperand, recipe: Recipe, *, target: Target = Ta
     if family not in (Family.W8A8, Family.W4A8):
         raise ValueError(f"{recipe.name} accumulates in float; it has no integer accumulators")
     lhs_q, lhs_s, w_q, w_s, _, canon = _prepare(lhs, rhs, recipe, target)
-    module, config_for = _kernels(target)
-    kw = dict(out_dtype=jnp.int32, config=config_for(family), raw=True,
+    module, config = _kernels(target, family, canon.m, config)
+    kw = dict(out_dtype=jnp.int32, config=config, raw=True,
               interpret=target.interpret if interpret is None else interpret)
     if family is Family.W8A8:
         out = module.w8a8(lhs_q, lhs_s, w_q, w_s, None, **kw)
