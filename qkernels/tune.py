@@ -3,6 +3,7 @@
     python -m qkernels.tune --recipes w4a16-g128,w8a16,w8a8 --shapes decode
     python -m qkernels.tune --recipes w4a16-g128 --shapes 1x8192x8192,16x8192x8192 --backend triton
     python -m qkernels.tune --recipes w8a8 --shapes 4096x4096 --m 1,2,4,8,16 --list
+    python -m qkernels.tune --recipes w4a16-g128 --shapes decode-sweep --list --device h100   # no GPU needed
 
 For each recipe and shape (a named set of `qkernels.shapes`, or `MxNxK`, or `NxK` with `--m`), every
 candidate config of the backend (`Tunable.candidates`) is timed on the current device and the fastest
@@ -101,6 +102,21 @@ def _device(backend: str) -> tuple[str, str, str]:
     return current_platform(), current_device(), jax.devices()[0].device_kind
 
 
+def _named_device(backend: str, kind: str) -> tuple[str, str, str]:
+    """(platform, device kind, name) of a device kind given on the command line (`--list --device`)."""
+    if backend == "pallas":
+        if not kind.startswith("tpu-"):
+            raise SystemExit(f"qkernels.tune: --device {kind!r} is not a TPU kind; use e.g. tpu-v5e, tpu-v6e, tpu-v5p")
+        return f"tpu:{kind.removeprefix('tpu-')}", kind, kind
+    from qkernels.kernels.triton.heuristics import ARCH_OF_DEVICE
+
+    if kind not in ARCH_OF_DEVICE:
+        raise SystemExit(f"qkernels.tune: --device {kind!r} is not a known GPU kind; choose from "
+                         f"{', '.join(sorted(ARCH_OF_DEVICE))}")
+    arch = ARCH_OF_DEVICE[kind]
+    return (f"rocm:{arch}" if arch.startswith("gfx") else f"cuda:{arch}"), kind, kind
+
+
 def _problem(job: Job, framework: str, platform: str, device: str) -> dispatch.Problem:
     act = "bfloat16"
     return dispatch.Problem(recipe=job.recipe, m=job.m, n=job.n, k=job.k, act_dtype=act, out_dtype=act,
@@ -108,14 +124,17 @@ def _problem(job: Job, framework: str, platform: str, device: str) -> dispatch.P
 
 
 def tune(backend: str, todo: Sequence[Job], *, out: Path | None = None, list_only: bool = False,
-         max_configs: int | None = None) -> list[dict[str, Any]]:
+         max_configs: int | None = None, device: str | None = None) -> list[dict[str, Any]]:
     """Time every candidate of every job; unless `list_only`, merge the winners into the table at `out`
-    (default: the user cache of this device). Returns one row per job."""
+    (default: the user cache of this device). Returns one row per job. `device` (a device kind, with
+    `list_only` only) lists the candidates for a device that is not here."""
     if backend not in _BACKENDS:
         raise SystemExit(f"qkernels.tune: unknown backend {backend!r}; choose from {', '.join(_BACKENDS)}")
     framework, module = _BACKENDS[backend]
     importlib.import_module(module)
-    platform, device, device_name = _device(backend)
+    if device is not None and not list_only:
+        raise SystemExit("qkernels.tune: --device only goes with --list; timing needs the device itself")
+    platform, device, device_name = _named_device(backend, device) if device else _device(backend)
     tunable = tuning.tunables()[backend]
     rows, entries = [], {}
     for job in todo:
@@ -174,13 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="table file to update (default: the user cache of this device)")
     p.add_argument("--max-configs", type=int, help="time at most this many candidates per problem")
     p.add_argument("--list", action="store_true", help="print the candidates, time nothing, write nothing")
+    p.add_argument("--device", help="with --list: a device kind to list for instead of this machine's (h100, tpu-v5e)")
     args = p.parse_args(argv)
     try:
         ms = tuple(int(m) for m in args.m.split(","))
         todo = jobs(args.recipes, args.shapes, ms)
     except ValueError as e:
         p.error(str(e))
-    rows = tune(args.backend, todo, out=args.out, list_only=args.list, max_configs=args.max_configs)
+    rows = tune(args.backend, todo, out=args.out, list_only=args.list, max_configs=args.max_configs,
+                device=args.device)
     for r in rows:
         if args.list:
             print(f"{r['problem']}\n  " + "\n  ".join(r["configs"]))

@@ -183,3 +183,14 @@ def test_measure_operands_run_the_kernels(recipe):
         x = host(lhs)
         ref, operands = reference.qmatmul(x, rq, recipe, bias=host(bias)), (x, rq.dequantize(x.dtype))
     testing.assert_close(out, ref, *operands, np.float32)
+
+
+def test_tune_list_for_a_named_tpu_without_one(capsys):
+    from qkernels import tune
+
+    assert tune.main(["--recipes", "w8a8", "--shapes", "1x8192x8192", "--backend", "pallas", "--list",
+                      "--device", "tpu-v5e"]) == 0
+    out = capsys.readouterr().out
+    assert "on jax/tpu:v5e" in out and "bm32-" in out
+    with pytest.raises(SystemExit, match="not a TPU kind"):
+        tune.main(["--recipes", "w8a8", "--shapes", "1x64x64", "--backend", "pallas", "--list", "--device", "h100"])

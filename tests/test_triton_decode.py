@@ -247,3 +247,14 @@ def test_tune_cli_in_the_interpreter_writes_the_cache_dispatch_reads(cache: Path
     acc = w8a8_matmul(q, s, t(wq.qvalue), t(wq.scale), return_acc=True, config=choice.config)
     np.testing.assert_array_equal(acc.numpy(), reference.accumulators(x, wq, formats.W8A8()))
     assert "best" in capsys.readouterr().out
+
+
+def test_tune_list_for_a_named_gpu_without_one(capsys) -> None:
+    assert tune.main(["--recipes", "w4a16-g128", "--shapes", "8192x8192", "--m", "1,16", "--list",
+                      "--device", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "on torch/cuda:sm_90" in out and "gemv-m1n64k128" in out and "-sk" in out
+    with pytest.raises(SystemExit, match="only goes with --list"):
+        tune.main(["--recipes", "w8a8", "--shapes", "1x64x64", "--device", "h100"])
+    with pytest.raises(SystemExit, match="not a known GPU kind"):
+        tune.main(["--recipes", "w8a8", "--shapes", "1x64x64", "--list", "--device", "tpu-v5e"])
