@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 
 from qkernels import aot
+from qkernels.kernels.pallas import aot as aot_pallas
 from qkernels.kernels.pallas import configs
 
 pytestmark = [
@@ -16,7 +17,7 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("target", ["tpu-v5e", "tpu-v6e"])
+@pytest.mark.parametrize("target", ["tpu-v5e", "tpu-v6e", "tpu-v5p"])
 def test_tpu_configs_compile(target):
     reports = aot.run_checks(target)
     assert reports, f"no Pallas config was checked for {target}"
@@ -31,9 +32,15 @@ def test_tpu_configs_compile(target):
                 assert (f"pallas.tpu.{family.value}", config.name, shape) in compiled, (config.name, shape)
     for r in reports:
         assert r.vmem_bytes and r.memory_analysis["generated_code_size_in_bytes"] > 0
-        if r.kernel == "pallas.tpu.w4a16":  # no dequantized bf16 copy of the weight (N*K*2 bytes)
+        if r.kernel == "pallas.tpu.w4a16" and target != "tpu-v5p":  # v5p counts its S(1) prefetches as temp
             n, k = (int(p[1:]) for p in r.config.split()[-1].split("-")[1:])
             assert r.memory_analysis["temp_size_in_bytes"] < n * k * 2 // 8, r.row()
+
+
+def test_dequantized_weight_copy_is_caught():
+    hlo = "%c = bf16[1,4096,4096]{2,1,0} convert(%w)\n%p = s8[1,4096,2048]{2,1,0} parameter(1)"
+    assert "unpacked or dequantized" in aot_pallas._dequantized_copy(hlo, 4096, 4096)[0]
+    assert aot_pallas._dequantized_copy(hlo.splitlines()[1], 4096, 4096) == []
 
 
 def test_cli_exit_status():
