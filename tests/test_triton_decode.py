@@ -1,4 +1,5 @@
-"""Decode paths of the Triton kernels in the interpreter: split-K and GEMV against the reference.
+"""Decode paths of the Triton kernels: split-K and GEMV against the reference, on a CUDA GPU when
+one is present (compiled kernels), else in the interpreter (TRITON_INTERPRET=1, set by conftest).
 
 W8A8: every variant's int32 accumulator and output are identical to the reference's (split-K sums
 int32 partials exactly before the one epilogue). W8A16 / W4A16: within `testing.assert_close`, and
@@ -18,9 +19,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests run the Triton kernels in the interpreter (TRITON_INTERPRET=1)",
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("these tests run the Triton kernels on a CUDA GPU or in the interpreter (TRITON_INTERPRET=1)",
                 allow_module_level=True)
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -37,7 +40,11 @@ TILE = MatmulConfig(block_m=16, block_n=16, block_k=32, num_warps=1, num_stages=
 
 
 def t(x: np.ndarray | None) -> torch.Tensor | None:
-    return None if x is None else torch.from_numpy(np.ascontiguousarray(x))
+    return None if x is None else torch.from_numpy(np.ascontiguousarray(x)).to(DEVICE)
+
+
+def npy(y: torch.Tensor) -> np.ndarray:
+    return y.float().cpu().numpy() if y.is_floating_point() else y.cpu().numpy()
 
 
 def variant(kernel: Kernel, split: int, m: int, block_n: int = 16) -> MatmulConfig:
@@ -77,12 +84,12 @@ def test_w8a8_decode_variants_exact(shape, kernel: Kernel, split: int, has_bias:
     q, s = quantize_rows(t(x))
     cfg = variant(kernel, split, m)
     acc = w8a8_matmul(q, s, t(wq.qvalue), t(wq.scale), return_acc=True, config=cfg)
-    np.testing.assert_array_equal(acc.numpy(), reference.accumulators(x, wq, recipe))
+    np.testing.assert_array_equal(npy(acc), reference.accumulators(x, wq, recipe))
     b = bias if has_bias else None
     y = w8a8_matmul(q, s, t(wq.qvalue), t(wq.scale), t(b), out_dtype=out, config=cfg)
     assert y.dtype == TORCH[out]
     expected = reference.qmatmul(x, wq, recipe, bias=b, out_dtype=out).astype(np.float32)
-    np.testing.assert_array_equal(y.float().numpy(), expected)
+    np.testing.assert_array_equal(npy(y), expected)
 
 
 @pytest.mark.parametrize("split", range(1, 9))
@@ -100,7 +107,7 @@ def test_w8a8_every_split_count_is_bit_identical(kernel: Kernel, split: int) -> 
 
 def _weight_only(recipe, x, act: str):
     xt = t(x).to(TORCH[act])
-    return xt, xt.float().numpy().astype(reference.np_dtype(act))
+    return xt, npy(xt).astype(reference.np_dtype(act))
 
 
 def _run_weight_only(recipe, xt, wq, b, out: str, cfg: MatmulConfig | None) -> torch.Tensor:
@@ -127,7 +134,7 @@ def test_weight_only_decode_variants_close(shape, recipe, kernel: Kernel, split:
     y = _run_weight_only(recipe, xt, wq, b, out, variant(kernel, split, m))
     assert y.dtype == TORCH[out]
     expected = reference.qmatmul(xn, wq, recipe, bias=b, out_dtype=out)
-    testing.assert_close(y.float().numpy(), expected, xn, wq.dequantize(act), out)
+    testing.assert_close(npy(y), expected, xn, wq.dequantize(act), out)
 
 
 @pytest.mark.parametrize("split", range(1, 9))
@@ -137,9 +144,9 @@ def test_weight_only_split_counts_agree_with_the_tile_kernel(recipe, split: int)
     x, w, bias = data(split, None, 3, 40, 300)
     wq = reference.quantize(w, recipe.rhs)
     xt, xn = _weight_only(recipe, x, "bfloat16")
-    base = _run_weight_only(recipe, xt, wq, bias, "float32", TILE).numpy()
+    base = npy(_run_weight_only(recipe, xt, wq, bias, "float32", TILE))
     for kernel in Kernel:
-        y = _run_weight_only(recipe, xt, wq, bias, "float32", variant(kernel, split, 3)).numpy()
+        y = npy(_run_weight_only(recipe, xt, wq, bias, "float32", variant(kernel, split, 3)))
         # Summation-order bound: K * eps_f32 * sum |x * w| per output.
         bound = 300 * np.finfo(np.float32).eps * (np.abs(xn) @ np.abs(wq.dequantize("bfloat16")).T) + 1e-30
         assert np.all(np.abs(y - base) <= bound), (kernel, split)
@@ -231,21 +238,24 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     tuning.reload()
 
 
-def test_tune_cli_in_the_interpreter_writes_the_cache_dispatch_reads(cache: Path, capsys) -> None:
+def test_tune_cli_writes_the_cache_dispatch_reads(cache: Path, capsys) -> None:
+    from torch_bindings.ops import device_of, platform_of
+
     assert tune.main(["--recipes", "w8a8,w4a16-g32", "--shapes", "2x40x96", "--max-configs", "3"]) == 0
-    path = cache / "tuned" / "triton-cpu.json"
+    device = device_of(DEVICE)
+    path = cache / "tuned" / f"triton-{device}.json"
     table = json.loads(path.read_text())
     assert table["format"] == tuning.TABLE_FORMAT and len(table["entries"]) == 2
     problem = dispatch.Problem(recipe=formats.W8A8(), m=2, n=40, k=96, act_dtype="bfloat16", out_dtype="bfloat16",
-                               framework="torch", platform="cpu", device="cpu")
+                               framework="torch", platform=platform_of(DEVICE), device=device)
     choice = tuning.choose(problem, "triton")
-    assert choice.source == "user cache triton-cpu.json: w8a8 M<=2 N=40 K=96"
+    assert choice.source == f"user cache triton-{device}.json: w8a8 M<=2 N=40 K=96"
     # The tuned config runs the call, with the reference's exact result.
     x, w, _ = data(1, None, 2, 40, 96)
     wq = reference.quantize(w, formats.W8A8().rhs)
     q, s = quantize_rows(t(x))
     acc = w8a8_matmul(q, s, t(wq.qvalue), t(wq.scale), return_acc=True, config=choice.config)
-    np.testing.assert_array_equal(acc.numpy(), reference.accumulators(x, wq, formats.W8A8()))
+    np.testing.assert_array_equal(npy(acc), reference.accumulators(x, wq, formats.W8A8()))
     assert "best" in capsys.readouterr().out
 
 
