@@ -1,4 +1,5 @@
-"""Triton kernels in the interpreter (CPU) against `qkernels.reference`.
+"""Triton kernels against `qkernels.reference`: compiled on a CUDA GPU when one is present, else in
+the interpreter on CPU (TRITON_INTERPRET=1, set by conftest).
 
 Integer recipes (W8A8, W4A8): int32 accumulators identical to the reference's, and f32 outputs
 identical too (the interpreter honours DESIGN.md section 4's order); bf16/fp16 outputs identical as
@@ -15,9 +16,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("these tests run the Triton kernels in the interpreter (TRITON_INTERPRET=1)",
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("these tests run the Triton kernels on a CUDA GPU or in the interpreter (TRITON_INTERPRET=1)",
                 allow_module_level=True)
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+PREFIX = "triton.interpret." if INTERPRET else "triton."  # implementations the dispatch tests select
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -34,11 +38,11 @@ WIDE = MatmulConfig(block_m=32, block_n=64, block_k=64, num_warps=1, num_stages=
 
 
 def t(x: np.ndarray | None) -> torch.Tensor | None:
-    return None if x is None else torch.from_numpy(np.ascontiguousarray(x))
+    return None if x is None else torch.from_numpy(np.ascontiguousarray(x)).to(DEVICE)
 
 
 def f32(y: torch.Tensor) -> np.ndarray:
-    return y.float().numpy()
+    return y.float().cpu().numpy()
 
 
 def problem_data(seed: int, batch: int | None, m: int, n: int, k: int, weight_3d: bool):
@@ -64,28 +68,28 @@ shapes = st.tuples(
 @given(rows=st.integers(1, 40), k=st.integers(1, 300), dtype=st.sampled_from(OUT_DTYPES), seed=st.integers(0, 99))
 def test_quantize_rows_bit_exact(rows: int, k: int, dtype: str, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    x = torch.from_numpy(testing.activations(rng, (rows, k))).to(TORCH[dtype])
+    x = t(testing.activations(rng, (rows, k))).to(TORCH[dtype])
     x[0] = 0  # amax 0 -> scale 1
     if k >= 3:  # exact ties x/scale = +-0.5, 1.5 with scale 1 (amax 127)
         x[-1, :3] = torch.tensor([127.0, 0.5, -1.5])
-    ref = reference.quantize(x.float().numpy(), formats.W8A8().lhs)
+    ref = reference.quantize(f32(x), formats.W8A8().lhs)
     q, s = quantize_rows(x)
-    np.testing.assert_array_equal(q.numpy(), ref.qvalue)
-    np.testing.assert_array_equal(s.numpy(), ref.scale)
+    np.testing.assert_array_equal(q.cpu().numpy(), ref.qvalue)
+    np.testing.assert_array_equal(f32(s), ref.scale)
 
 
 def test_quantize_rows_strided_batched_input() -> None:
     rng = np.random.default_rng(1)
-    x = torch.from_numpy(testing.activations(rng, (3, 50, 41))).transpose(0, 1)  # (50, 3, 41), not contiguous
-    ref = reference.quantize(x.numpy(), formats.W8A8().lhs)
+    x = t(testing.activations(rng, (3, 50, 41))).transpose(0, 1)  # (50, 3, 41), not contiguous
+    ref = reference.quantize(f32(x), formats.W8A8().lhs)
     q, s = quantize_rows(x)
-    np.testing.assert_array_equal(q.numpy(), ref.qvalue)
-    np.testing.assert_array_equal(s.numpy(), ref.scale)
+    np.testing.assert_array_equal(q.cpu().numpy(), ref.qvalue)
+    np.testing.assert_array_equal(f32(s), ref.scale)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NumPy inside the interpreter
 def test_quantize_rows_non_finite_row_gives_nan_scale() -> None:
-    x = torch.ones((3, 8))
+    x = torch.ones((3, 8), device=DEVICE)
     x[1, 2] = float("nan")
     x[2, 5] = float("inf")
     _, s = quantize_rows(x)
@@ -104,7 +108,7 @@ def test_w8a8_exact(shape, has_bias: bool, out: str, seed: int) -> None:
     wq = reference.quantize(w, recipe.rhs)
     q, s = quantize_rows(t(x))
     acc = w8a8_matmul(q, s, t(wq.qvalue), t(wq.scale), return_acc=True, config=SMALL)
-    np.testing.assert_array_equal(acc.numpy(), reference.accumulators(x, wq, recipe))
+    np.testing.assert_array_equal(acc.cpu().numpy(), reference.accumulators(x, wq, recipe))
     b = bias if has_bias else None
     y = w8a8_matmul(q, s, t(wq.qvalue), t(wq.scale), t(b), out_dtype=out, config=SMALL)
     assert y.dtype == TORCH[out]
@@ -121,7 +125,7 @@ def test_w4a8_exact(shape, group: int, has_bias: bool, out: str, seed: int) -> N
     wq = reference.quantize(w, recipe.rhs)
     q, s = quantize_rows(t(x))
     acc = w4a8_matmul(q, s, t(wq.qvalue), t(wq.scale), group_size=group, return_acc=True, config=SMALL)
-    np.testing.assert_array_equal(acc.numpy(), reference.accumulators(x, wq, recipe))
+    np.testing.assert_array_equal(acc.cpu().numpy(), reference.accumulators(x, wq, recipe))
     b = bias if has_bias else None
     y = w4a8_matmul(q, s, t(wq.qvalue), t(wq.scale), t(b), group_size=group, out_dtype=out, config=SMALL)
     np.testing.assert_array_equal(f32(y), reference.qmatmul(x, wq, recipe, bias=b, out_dtype=out).astype(np.float32))
@@ -148,7 +152,7 @@ def test_strided_weights_are_read_in_place() -> None:
     x, w, bias = problem_data(3, None, 9, 33, 100, False)
     recipe = formats.W8A8()
     wq = reference.quantize(w, recipe.rhs)
-    w_view = torch.from_numpy(np.ascontiguousarray(wq.qvalue.T)).t()  # (N, K) with strides (1, N)
+    w_view = t(wq.qvalue.T).t()  # (N, K) with strides (1, N)
     assert not w_view.is_contiguous()
     q, s = quantize_rows(t(x))
     y = w8a8_matmul(q, s, w_view, t(wq.scale), t(bias), out_dtype="float32", config=SMALL)
@@ -169,7 +173,7 @@ def test_w4a16_close(shape, group: int, zero_point: bool, act: str, has_bias: bo
     recipe = formats.W4A16(group, zero_point=zero_point)
     wq = reference.quantize(w, recipe.rhs)
     xt = t(x).to(TORCH[act])
-    xn = xt.float().numpy().astype(reference.np_dtype(act))
+    xn = f32(xt).astype(reference.np_dtype(act))
     b = bias if has_bias else None
     y = w4a16_matmul(xt, t(wq.qvalue), t(wq.scale), t(wq.zero_point), t(b), group_size=group, out_dtype=out,
                      config=SMALL)
@@ -188,7 +192,7 @@ def test_w8a16_close(shape, act: str, has_bias: bool, out: str, seed: int) -> No
     recipe = formats.W8A16()
     wq = reference.quantize(w, recipe.rhs)
     xt = t(x).to(TORCH[act])
-    xn = xt.float().numpy().astype(reference.np_dtype(act))
+    xn = f32(xt).astype(reference.np_dtype(act))
     b = bias if has_bias else None
     y = w8a16_matmul(xt, t(wq.qvalue), t(wq.scale), t(b), out_dtype=out, config=SMALL)
     expected = reference.qmatmul(xn, wq, recipe, bias=b, out_dtype=out)
@@ -199,22 +203,25 @@ def test_w8a16_close(shape, act: str, has_bias: bool, out: str, seed: int) -> No
 
 
 def test_launcher_errors_name_the_fix() -> None:
-    x = torch.zeros((4, 65), dtype=torch.float32)
+    x = torch.zeros((4, 65), dtype=torch.float32, device=DEVICE)
     wq = reference.quantize(np.ones((8, 64), np.float32), formats.W4A16(32).rhs)
     with pytest.raises(ValueError, match="K=65 with group_size=32 needs 48"):
         w4a16_matmul(x.to(torch.bfloat16), t(wq.qvalue), t(wq.scale), group_size=32)
     with pytest.raises(TypeError, match="bf16 or fp16"):
         w4a16_matmul(x[:, :64], t(wq.qvalue), t(wq.scale), group_size=32)
     with pytest.raises(ValueError, match="exceeds 133144"):
-        w8a8_matmul(torch.zeros((1, 133_145), dtype=torch.int8), torch.ones(1),
-                    torch.zeros((1, 133_145), dtype=torch.int8), torch.ones(1))
+        w8a8_matmul(torch.zeros((1, 133_145), dtype=torch.int8, device=DEVICE), torch.ones(1, device=DEVICE),
+                    torch.zeros((1, 133_145), dtype=torch.int8, device=DEVICE), torch.ones(1, device=DEVICE))
 
 
 # ---------------------------------------------------------------- dispatch
 
 
-def make_problem(recipe, *, m, n, k, batch=None, act="float32", out="float32", platform="cpu", bias=False,
+def make_problem(recipe, *, m, n, k, batch=None, act="float32", out="float32", platform=None, bias=False,
                  lhs_quantized=False):
+    from torch_bindings.ops import platform_of
+
+    platform = platform or platform_of(DEVICE)
     return dispatch.Problem(recipe=recipe, m=m, n=n, k=k, batch=batch, act_dtype=act, out_dtype=out,
                             has_bias=bias, lhs_quantized=lhs_quantized, framework="torch", platform=platform)
 
@@ -231,9 +238,10 @@ def test_dispatch_selects_family_honestly(recipe, name: str) -> None:
     old = make_problem(recipe, m=1, n=8, k=8, act="bfloat16", platform="cuda:sm_75")
     reasons = {v.implementation.name: v.reason for v in dispatch.candidates(old)}
     assert "older than sm_80" in reasons[f"triton.{name}"]
-    cpu = make_problem(recipe, m=1, n=8, k=8, act="bfloat16")
+    cpu = make_problem(recipe, m=1, n=8, k=8, act="bfloat16", platform="cpu")
     assert not dispatch.select(cpu).name.startswith("triton")  # the interpreter is never chosen automatically
-    assert dispatch.select(cpu, backend="triton").name == f"triton.interpret.{name}"
+    if INTERPRET:
+        assert dispatch.select(cpu, backend="triton").name == f"triton.interpret.{name}"
 
 
 def test_dispatch_refuses_float32_activations_for_weight_only() -> None:
@@ -254,14 +262,14 @@ def test_dispatch_run_matches_reference(shape, recipe, lhs_quantized: bool, has_
     wq = reference.quantize(w, recipe.rhs)
     act = "float32" if recipe.lhs is not None else "bfloat16"
     xt = t(x).to(TORCH[act])
-    xn = xt.float().numpy().astype(reference.np_dtype(act))
+    xn = f32(xt).astype(reference.np_dtype(act))
     b = bias if has_bias else None
     problem = make_problem(recipe, m=m, n=n, k=k, batch=batch if weight_3d else None,
                            act="int8" if lhs_quantized else act, out="float32", bias=has_bias,
                            lhs_quantized=lhs_quantized)
     with dispatch.use_backend("triton"):
         impl = dispatch.select(problem)
-    assert impl.name.startswith("triton.interpret.") and impl.priority == -10
+    assert impl.name.startswith(PREFIX) and impl.priority == (-10 if INTERPRET else 100)
     lhs = QOperand(*quantize_rows(xt)) if lhs_quantized else xt
     y = impl.run(problem, lhs, QOperand(t(wq.qvalue), t(wq.scale), t(wq.zero_point)), t(b))
     expected = reference.qmatmul(xn, wq, recipe, bias=b, out_dtype="float32")
@@ -270,6 +278,6 @@ def test_dispatch_run_matches_reference(shape, recipe, lhs_quantized: bool, has_
     else:
         testing.assert_close(f32(y), expected, xn, wq.dequantize(act), "float32")
     q_impl = dispatch.select(dispatch.Problem(op=dispatch.Op.QUANTIZE, recipe=formats.W8A8(), m=m, n=0, k=k,
-                                              act_dtype=act, out_dtype="int8", framework="torch", platform="cpu"),
-                             backend="triton")
-    assert q_impl.name == "triton.interpret.quantize"
+                                              act_dtype=act, out_dtype="int8", framework="torch",
+                                              platform=problem.platform), backend="triton")
+    assert q_impl.name == f"{PREFIX}quantize"
