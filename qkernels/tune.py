@@ -10,7 +10,8 @@ candidate config of the backend (`Tunable.candidates`) is timed on the current d
 is stored under the problem's key (recipe family, M bucket, N, K, group size) in
 `$QKERNELS_CACHE_DIR/tuned/<backend>-<device>.json` (see `qkernels.tuning`), which every later call
 on this device kind reads before the shipped table. Existing entries for other keys are kept.
-`--out FILE` writes elsewhere (e.g. a table to ship in `qkernels/tuned/`).
+`--out FILE` writes elsewhere; `--ship` writes the package's own table for this device kind,
+`qkernels/tuned/<backend>-<device>.json` (commit it: the shipped table, read when a user has no cache).
 
 Configs never change numerics, only speed; tuning only ever runs here, never implicitly in a call.
 """
@@ -124,7 +125,7 @@ def _problem(job: Job, framework: str, platform: str, device: str) -> dispatch.P
 
 
 def tune(backend: str, todo: Sequence[Job], *, out: Path | None = None, list_only: bool = False,
-         max_configs: int | None = None, device: str | None = None) -> list[dict[str, Any]]:
+         max_configs: int | None = None, device: str | None = None, ship: bool = False) -> list[dict[str, Any]]:
     """Time every candidate of every job; unless `list_only`, merge the winners into the table at `out`
     (default: the user cache of this device). Returns one row per job. `device` (a device kind, with
     `list_only` only) lists the candidates for a device that is not here."""
@@ -157,7 +158,7 @@ def tune(backend: str, todo: Sequence[Job], *, out: Path | None = None, list_onl
         rows.append({"problem": problem.describe(), "best": _name(best), "us": best_s * 1e6,
                      "heuristic": _name(heuristic), "heuristic_us": heuristic_s * 1e6, "configs": len(timed)})
     if not list_only and entries:
-        path = out or tuning.cache_path(backend, device)
+        path = out or (tuning.shipped_path(backend, device) if ship else tuning.cache_path(backend, device))
         old = tuning.load_table(path, tunable, device)
         kept = [e for e in (old.entries if old else ()) if e.key not in entries]
         tuning.write_table(path, tunable, device, [*kept, *entries.values()], measured=True, provenance={
@@ -190,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="shape sets or MxNxK / NxK, comma separated (decode, 1x8192x8192, 8192x8192)")
     p.add_argument("--m", default=",".join(map(str, DECODE_M)), help="row counts for NxK shapes (default 1,2,4,8,16)")
     p.add_argument("--backend", default="triton", choices=sorted(_BACKENDS))
-    p.add_argument("--out", type=Path, help="table file to update (default: the user cache of this device)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, help="table file to update (default: the user cache of this device)")
+    where.add_argument("--ship", action="store_true",
+                       help="update the table shipped in the package for this device kind (qkernels/tuned/)")
     p.add_argument("--max-configs", type=int, help="time at most this many candidates per problem")
     p.add_argument("--list", action="store_true", help="print the candidates, time nothing, write nothing")
     p.add_argument("--device", help="with --list: a device kind to list for instead of this machine's (h100, tpu-v5e)")
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     rows = tune(args.backend, todo, out=args.out, list_only=args.list, max_configs=args.max_configs,
-                device=args.device)
+                device=args.device, ship=args.ship)
     for r in rows:
         if args.list:
             print(f"{r['problem']}\n  " + "\n  ".join(r["configs"]))

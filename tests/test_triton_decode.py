@@ -268,3 +268,19 @@ def test_tune_list_for_a_named_gpu_without_one(capsys) -> None:
         tune.main(["--recipes", "w8a8", "--shapes", "1x64x64", "--device", "h100"])
     with pytest.raises(SystemExit, match="not a known GPU kind"):
         tune.main(["--recipes", "w8a8", "--shapes", "1x64x64", "--list", "--device", "tpu-v5e"])
+
+
+def test_tune_ship_writes_the_package_table(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch_bindings.ops import device_of, platform_of
+
+    monkeypatch.setattr(tuning, "SHIPPED_DIR", tmp_path / "shipped")
+    assert tune.main(["--recipes", "w8a16", "--shapes", "1x24x64", "--max-configs", "2", "--ship"]) == 0
+    device = device_of(DEVICE)
+    assert (tmp_path / "shipped" / f"triton-{device}.json").is_file()
+    assert not (cache / "tuned").exists()
+    tuning.reload()
+    problem = dispatch.Problem(recipe=formats.W8A16(), m=1, n=24, k=64, act_dtype="bfloat16", out_dtype="bfloat16",
+                               framework="torch", platform=platform_of(DEVICE), device=device)
+    assert tuning.choose(problem, "triton").source.startswith(f"shipped table triton-{device}.json")
+    with pytest.raises(SystemExit):
+        tune.main(["--recipes", "w8a16", "--shapes", "1x24x64", "--ship", "--out", str(tmp_path / "x.json")])
