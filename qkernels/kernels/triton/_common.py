@@ -22,8 +22,8 @@ from qkernels import tuning
 
 __all__ = [
     "Kernel", "MatmulConfig", "QuantizeConfig", "ARCHS", "interpreting", "arch_of", "pick_config",
-    "TORCH_DTYPES", "torch_dtype", "device_kind_of", "rint_half_even", "round_to_bf16", "unpack_int4_tile", "Output", "check_device",
-    "dot_upcast", "batch_stride", "store_rescaled",
+    "TORCH_DTYPES", "torch_dtype", "device_kind_of", "rint_half_even", "round_to_bf16", "unpack_int4_tile",
+    "Output", "check_device", "dot_upcast", "batch_stride", "store_rescaled",
 ]
 
 ARCHS = ("sm_80", "sm_90", "gfx942", "interpret")
@@ -143,10 +143,9 @@ class MatmulConfig:
             raise ValueError(f"MatmulConfig keys {missing} are missing from {dict(d)}")
         kw = dict(d)
         for n, v in kw.items():
-            if n == "kernel":
+            if n == "kernel" or (n == "max_m" and v is None):
                 continue
-            ok = v is None if n == "max_m" and v is None else isinstance(v, int) and not isinstance(v, bool)
-            if not ok:
+            if not isinstance(v, int) or isinstance(v, bool):
                 raise ValueError(f"MatmulConfig {n}={v!r} must be an integer")
         if "kernel" in kw:
             try:

@@ -13,6 +13,7 @@ more shared memory than the target has. This also warms Triton's compilation cac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import os
@@ -122,6 +123,7 @@ def _shipped(family: str, arch: str) -> list[MatmulConfig]:
     return out
 
 
+@functools.lru_cache(maxsize=None)  # the tile and GEMV specs of a family both filter this
 def matmul_variants(family: str, arch: str, group_size: int | None) -> tuple[Variant, ...]:
     """Every compiled form a `family` call on `arch` can run: the family's table, the heuristic's
     picks for decode and model shapes on the arch's device kinds, and the shipped tuned tables."""
@@ -142,12 +144,9 @@ def _blocks(cfg: MatmulConfig, **extra: Any) -> dict[str, Any]:
     return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, **extra)
 
 
-def _tiles(family: str, group_size: int | None = None) -> Callable[[str], tuple[Variant, ...]]:
-    return lambda arch: tuple(v for v in matmul_variants(family, arch, group_size) if v.cfg.kernel is Kernel.TILE)
-
-
-def _gemvs(family: str, group_size: int | None = None) -> Callable[[str], tuple[Variant, ...]]:
-    return lambda arch: tuple(v for v in matmul_variants(family, arch, group_size) if v.cfg.kernel is Kernel.GEMV)
+def _runs(kernel: Kernel, family: str, group_size: int | None = None) -> Callable[[str], tuple[Variant, ...]]:
+    """The spec's `configs`: the `family` variants on an arch that run `kernel`."""
+    return lambda arch: tuple(v for v in matmul_variants(family, arch, group_size) if v.cfg.kernel is kernel)
 
 
 def _out(v: Variant, partial: str, final: str = "*bf16") -> dict[str, str]:
@@ -165,7 +164,7 @@ def _gemv_spec(family: str, weight: int, act: str, group_size: int | None) -> Ke
         constexprs=lambda v: dict(WEIGHT=weight, INT_ACT=int_act, PARTIAL=v.partial, HAS_BIAS=True, ROUND_BF16=False,
                                   GROUP_SIZE=group_size or 1, BLOCK_M=v.cfg.block_m, BLOCK_N=v.cfg.block_n,
                                   BLOCK_K=v.cfg.block_k),
-        configs=_gemvs(family, group_size), mma=None)
+        configs=_runs(Kernel.GEMV, family, group_size), mma=None)
 
 
 def _reduce_spec(acc: str) -> KernelSpec:
@@ -188,23 +187,23 @@ SPECS: tuple[KernelSpec, ...] = (
                pointers=lambda v: dict(a_ptr="*i8", a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32",
                                        bias_ptr="*fp32", **_out(v, "*i32")),
                constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, RETURN_ACC=v.partial),
-               configs=_tiles("w8a8"), mma="int8"),
+               configs=_runs(Kernel.TILE, "w8a8"), mma="int8"),
     KernelSpec(name="w4a8", fn=w4a8.w4a8_kernel,
                pointers=lambda v: dict(a_ptr="*i8", a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32",
                                        bias_ptr="*fp32", out_ptr="*bf16"),
                constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, RETURN_ACC=False, GROUP_SIZE=_GROUP),
-               configs=_tiles("w4a8", _GROUP), mma="int8"),
+               configs=_runs(Kernel.TILE, "w4a8", _GROUP), mma="int8"),
     KernelSpec(name="w4a16", fn=w4a16.w4a16_kernel,
                pointers=lambda v: dict(a_ptr="*bf16", w_ptr="*i8", w_scale_ptr="*fp32", w_zero_ptr="*i8",
                                        bias_ptr="*bf16", **_out(v, "*fp32")),
                constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, PARTIAL=v.partial, ZERO_POINT=False, DOT_F32=False,
                                             GROUP_SIZE=_GROUP),
-               configs=_tiles("w4a16", _GROUP), mma="16bit"),
+               configs=_runs(Kernel.TILE, "w4a16", _GROUP), mma="16bit"),
     KernelSpec(name="w8a16", fn=w8a16.w8a16_kernel,
                pointers=lambda v: dict(a_ptr="*bf16", w_ptr="*i8", w_scale_ptr="*fp32", bias_ptr="*bf16",
                                        **_out(v, "*fp32")),
                constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, PARTIAL=v.partial, DOT_F32=False),
-               configs=_tiles("w8a16"), mma="16bit"),
+               configs=_runs(Kernel.TILE, "w8a16"), mma="16bit"),
     _gemv_spec("w8a8", gemv.INT8, "*i8", None),
     _gemv_spec("w8a16", gemv.INT8, "*bf16", None),
     _gemv_spec("w4a16", gemv.INT4, "*bf16", _GROUP),

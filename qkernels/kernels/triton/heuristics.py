@@ -13,6 +13,7 @@ small blocks for speed but the same kernel variants, so tests exercise GEMV and 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import triton
@@ -130,8 +131,7 @@ def heuristic(family: str, arch: str, device: str, m: int, n: int, k: int,
     split = _split(tiles, sms, _k_blocks(k, eff.block_k))
     if split == 1:
         return base, f"M={m}: table tile, {tiles} tiles for {where} (K={k} too short to split)"
-    cfg = MatmulConfig(block_m=base.block_m, block_n=base.block_n, block_k=base.block_k, num_warps=base.num_warps,
-                       num_stages=base.num_stages, group_m=base.group_m, split_k=split)
+    cfg = dataclasses.replace(base, split_k=split, max_m=None)
     return cfg, f"M={m}: {tiles} tiles x split-K {split} for {where}"
 
 

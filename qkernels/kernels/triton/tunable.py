@@ -27,7 +27,6 @@ from qkernels.kernels.triton._common import MatmulConfig, interpreting
 __all__ = ["TUNABLE", "arch_of_platform", "family_of", "launch"]
 
 BACKEND = "triton"
-_FAMILIES = ("w8a8", "w4a8", "w4a16", "w8a16")
 
 
 def arch_of_platform(platform: str) -> str | None:
@@ -50,7 +49,7 @@ def family_of(problem: dispatch.Problem) -> str:
 def _serves(problem: dispatch.Problem) -> str | None:
     if arch_of_platform(problem.platform) is None:
         return f"no Triton config table for platform {problem.platform}"
-    if family_of(problem) not in _FAMILIES:
+    if family_of(problem) not in heuristics.FAMILIES:
         return f"no Triton kernel family for {problem.recipe.name}"
     return None
 
