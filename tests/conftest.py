@@ -22,6 +22,9 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 if "QKERNELS_CACHE_DIR" not in os.environ:
     os.environ["QKERNELS_CACHE_DIR"] = tempfile.mkdtemp(prefix="qkernels-test-cache-")
 
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 _COMMON = dict(derandomize=True, database=None, deadline=None, print_blob=True,
@@ -29,3 +32,16 @@ _COMMON = dict(derandomize=True, database=None, deadline=None, print_blob=True,
 settings.register_profile("ci", max_examples=10, **_COMMON)
 settings.register_profile("thorough", max_examples=200, **_COMMON)
 settings.load_profile(os.environ.get("QKERNELS_HYPOTHESIS_PROFILE", "ci"))
+
+
+@pytest.fixture
+def dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """(shipped-table dir, user cache dir) of `qkernels.tuning`, both empty, for one test."""
+    from qkernels import tuning
+
+    shipped, cache = tmp_path / "shipped", tmp_path / "cache"
+    monkeypatch.setattr(tuning, "SHIPPED_DIR", shipped)
+    monkeypatch.setenv(tuning.CACHE_ENV, str(cache))
+    tuning.reload()
+    yield shipped, cache
+    tuning.reload()

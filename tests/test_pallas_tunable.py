@@ -5,7 +5,6 @@ problems are built for a TPU platform directly and nothing here runs a TPU kerne
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -22,16 +21,6 @@ def problem(recipe=None, m: int = 1, n: int = 8192, k: int = 8192, arch: str = "
             **kw) -> dispatch.Problem:
     return dispatch.Problem(recipe=recipe or W8A8(), m=m, n=n, k=k, act_dtype=act, out_dtype=act, framework="jax",
                             platform=f"tpu:{arch}", device=f"tpu-{arch}", **kw)
-
-
-@pytest.fixture
-def dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    shipped, cache = tmp_path / "shipped", tmp_path / "cache"
-    monkeypatch.setattr(tuning, "SHIPPED_DIR", shipped)
-    monkeypatch.setenv(tuning.CACHE_ENV, str(cache))
-    tuning.reload()
-    yield shipped, cache
-    tuning.reload()
 
 
 def test_registered_for_the_tune_cli():

@@ -11,19 +11,12 @@ the interpreter writing a user cache that dispatch then reads.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("these tests run the Triton kernels on a CUDA GPU or in the interpreter (TRITON_INTERPRET=1)",
-                allow_module_level=True)
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+from _triton_target import DEVICE, INTERPRET, t, torch  # skips the module without a GPU or interpreter
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -37,10 +30,6 @@ from qkernels.kernels.triton.splitk import k_split  # noqa: E402
 TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OUT_DTYPES = tuple(TORCH)
 TILE = MatmulConfig(block_m=16, block_n=16, block_k=32, num_warps=1, num_stages=1)
-
-
-def t(x: np.ndarray | None) -> torch.Tensor | None:
-    return None if x is None else torch.from_numpy(np.ascontiguousarray(x)).to(DEVICE)
 
 
 def npy(y: torch.Tensor) -> np.ndarray:
@@ -230,26 +219,21 @@ def test_explain_shows_the_decode_config_and_its_source() -> None:
     assert "-sk" in line and "split-K" in line
 
 
-@pytest.fixture
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path))
-    tuning.reload()
-    yield tmp_path
-    tuning.reload()
-
-
-def test_tune_cli_writes_the_cache_dispatch_reads(cache: Path, capsys) -> None:
+def _problem_here(recipe, m: int, n: int, k: int) -> dispatch.Problem:
+    """A bf16 problem on the device these tests run on, as the tuner builds it."""
     from torch_bindings.ops import device_of, platform_of
 
+    return dispatch.Problem(recipe=recipe, m=m, n=n, k=k, act_dtype="bfloat16", out_dtype="bfloat16",
+                            framework="torch", platform=platform_of(DEVICE), device=device_of(DEVICE))
+
+
+def test_tune_cli_writes_the_cache_dispatch_reads(dirs: tuple[Path, Path], capsys) -> None:
     assert tune.main(["--recipes", "w8a8,w4a16-g32", "--shapes", "2x40x96", "--max-configs", "3"]) == 0
-    device = device_of(DEVICE)
-    path = cache / "tuned" / f"triton-{device}.json"
-    table = json.loads(path.read_text())
+    problem = _problem_here(formats.W8A8(), 2, 40, 96)
+    table = json.loads((dirs[1] / "tuned" / f"triton-{problem.device}.json").read_text())
     assert table["format"] == tuning.TABLE_FORMAT and len(table["entries"]) == 2
-    problem = dispatch.Problem(recipe=formats.W8A8(), m=2, n=40, k=96, act_dtype="bfloat16", out_dtype="bfloat16",
-                               framework="torch", platform=platform_of(DEVICE), device=device)
     choice = tuning.choose(problem, "triton")
-    assert choice.source == f"user cache triton-{device}.json: w8a8 M<=2 N=40 K=96"
+    assert choice.source == f"user cache triton-{problem.device}.json: w8a8 M<=2 N=40 K=96"
     # The tuned config runs the call, with the reference's exact result.
     x, w, _ = data(1, None, 2, 40, 96)
     wq = reference.quantize(w, formats.W8A8().rhs)
@@ -270,17 +254,13 @@ def test_tune_list_for_a_named_gpu_without_one(capsys) -> None:
         tune.main(["--recipes", "w8a8", "--shapes", "1x64x64", "--list", "--device", "tpu-v5e"])
 
 
-def test_tune_ship_writes_the_package_table(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from torch_bindings.ops import device_of, platform_of
-
-    monkeypatch.setattr(tuning, "SHIPPED_DIR", tmp_path / "shipped")
+def test_tune_ship_writes_the_package_table(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    shipped, cache = dirs
     assert tune.main(["--recipes", "w8a16", "--shapes", "1x24x64", "--max-configs", "2", "--ship"]) == 0
-    device = device_of(DEVICE)
-    assert (tmp_path / "shipped" / f"triton-{device}.json").is_file()
+    problem = _problem_here(formats.W8A16(), 1, 24, 64)
+    assert (shipped / f"triton-{problem.device}.json").is_file()
     assert not (cache / "tuned").exists()
     tuning.reload()
-    problem = dispatch.Problem(recipe=formats.W8A16(), m=1, n=24, k=64, act_dtype="bfloat16", out_dtype="bfloat16",
-                               framework="torch", platform=platform_of(DEVICE), device=device)
-    assert tuning.choose(problem, "triton").source.startswith(f"shipped table triton-{device}.json")
+    assert tuning.choose(problem, "triton").source.startswith(f"shipped table triton-{problem.device}.json")
     with pytest.raises(SystemExit):
         tune.main(["--recipes", "w8a16", "--shapes", "1x24x64", "--ship", "--out", str(tmp_path / "x.json")])

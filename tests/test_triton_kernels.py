@@ -9,18 +9,10 @@ well, since both round the same f32 once. Weight-only recipes (W4A16, W8A16): wi
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("these tests run the Triton kernels on a CUDA GPU or in the interpreter (TRITON_INTERPRET=1)",
-                allow_module_level=True)
-DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+from _triton_target import DEVICE, INTERPRET, t, torch  # skips the module without a GPU or interpreter
 PREFIX = "triton.interpret." if INTERPRET else "triton."  # implementations the dispatch tests select
 
 from hypothesis import given, settings  # noqa: E402
@@ -35,10 +27,6 @@ OUT_DTYPES = ("float32", "bfloat16", "float16")
 TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SMALL = MatmulConfig(block_m=16, block_n=16, block_k=32, num_warps=1, num_stages=1)
 WIDE = MatmulConfig(block_m=32, block_n=64, block_k=64, num_warps=1, num_stages=1)
-
-
-def t(x: np.ndarray | None) -> torch.Tensor | None:
-    return None if x is None else torch.from_numpy(np.ascontiguousarray(x)).to(DEVICE)
 
 
 def f32(y: torch.Tensor) -> np.ndarray:

@@ -50,16 +50,6 @@ def problem(m: int = 3, n: int = 64, k: int = 256, device: str = "h100", recipe:
                             framework=FRAMEWORK, platform="cuda:sm_90", device=device)
 
 
-@pytest.fixture
-def dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    shipped, cache = tmp_path / "shipped", tmp_path / "cache"
-    monkeypatch.setattr(tuning, "SHIPPED_DIR", shipped)
-    monkeypatch.setenv(tuning.CACHE_ENV, str(cache))
-    tuning.reload()
-    yield shipped, cache
-    tuning.reload()
-
-
 def write(path: Path, entries: list[tuple[tuning.Key, int]], device: str = "h100") -> None:
     tuning.write_table(path, FAKE, device, [tuning.Entry(key=k, config=Cfg(block=b), seconds=1e-5) for k, b in entries],
                        measured=True, provenance={"tool": "test"})
