@@ -18,24 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from qkernels.hardware import Peak
+
 __all__ = ["Peak", "Device", "PEAKS", "detect", "probe_cpu", "configure_environment"]
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Peak:
-    """Dense peak throughput in TFLOP/s (TOP/s for int8) per MMA input type, and memory GB/s.
-
-    None: the device has no native path for that type (f32 on a TPU MXU is emulated in bf16 passes).
-    """
-
-    f32: float | None
-    bf16: float | None
-    int8: float | None
-    mem_gbps: float
-    source: str
-
-    def compute(self, mma: str) -> float | None:
-        return {"f32": self.f32, "bf16": self.bf16, "int8": self.int8}[mma]
 
 
 PEAKS: dict[str, Peak] = {

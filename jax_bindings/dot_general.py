@@ -179,8 +179,7 @@ def _forward(core: _Core, lhs: jax.Array, rhs: Any) -> jax.Array:
     w = _weight_operand(core, rhs)
     batched = w.qvalue.ndim == 3
     problem = _problem(core, lhs, w.qvalue.shape[-2], batched)
-    impl = dispatch.select(problem, core.backend)
-    return sharding.run_partitioned(impl, problem, lhs, w)
+    return sharding.run_partitioned(dispatch.bind(problem, core.backend), lhs, w)
 
 
 def _dequantized(core: _Core, lhs: jax.Array, rhs: Any) -> tuple[jax.Array, jax.Array]:
@@ -195,7 +194,7 @@ def _dequantized(core: _Core, lhs: jax.Array, rhs: Any) -> tuple[jax.Array, jax.
 
 def _qmatmul_w8a8(core: _Core, a: jax.Array, b: jax.Array) -> jax.Array:
     """Quantized backward matmul: a (B?, X, C) x b (B?, Y, C) -> (B?, X, Y) in f32, both int8 per row."""
-    bwd = _Core(recipe=W8A8(), k=a.shape[-1], out_dtype=jnp.dtype(jnp.float32), backend=core.backend,
+    bwd = _Core(recipe=W8A8, k=a.shape[-1], out_dtype=jnp.dtype(jnp.float32), backend=core.backend,
                 platform=core.platform, device=core.device, check_finite=False)
     return _forward(bwd, a, b)
 
@@ -295,6 +294,8 @@ def make_dot_general(recipe: Any = None, *, backend: str | None = None, check_fi
 
 
 def explain(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any = None, preferred_element_type: Any = None,
-            *, recipe: Any = None, backend: str | None = None) -> dispatch.Explanation:
-    """`qkernels.dispatch.explain` for the problem this `dot_general` call would run."""
-    return dispatch.explain(plan(lhs, rhs, dimension_numbers, preferred_element_type, recipe=recipe).problem, backend)
+            *, recipe: Any = None, backend: str | None = None, verbose: bool = False) -> dispatch.Explanation:
+    """`qkernels.dispatch.explain` for the problem this `dot_general` call would run (`verbose=True`:
+    every registered JAX implementation, other recipes' too)."""
+    problem = plan(lhs, rhs, dimension_numbers, preferred_element_type, recipe=recipe).problem
+    return dispatch.explain(problem, backend, verbose=verbose)

@@ -63,7 +63,7 @@ from jax.sharding import PartitionSpec as P
 from jax_bindings import implementations, quant
 from jax_bindings.implementations import Execution
 from qkernels import dispatch
-from qkernels.formats import Accumulation, QOperand
+from qkernels.formats import QOperand
 from qkernels.numerics import Granularity
 
 __all__ = ["Layout", "choose_layout", "run", "run_partitioned"]
@@ -76,15 +76,17 @@ Axes = tuple[str, ...]
 def run(impl: dispatch.Implementation, problem: dispatch.Problem, lhs: Any, rhs: QOperand,
         bias: Any = None) -> jax.Array:
     """Call `impl` on JAX arrays; framework-neutral (NumPy) implementations go through a host callback."""
+    call = dispatch.Bound.of(problem, impl)  # a shard's own problem gets its own config
     if impl.framework == dispatch.ANY_FRAMEWORK:
-        return implementations.run_host(impl, problem, lhs, rhs, bias)
-    return impl.run(problem, lhs, rhs, bias)
+        return implementations.run_host(call, lhs, rhs, bias)
+    return call.run(lhs, rhs, bias)
 
 
 def _accumulate(impl: dispatch.Implementation, problem: dispatch.Problem, lhs: Any, rhs: QOperand) -> jax.Array:
+    call = dispatch.Bound.of(problem, impl)  # a shard's own problem gets its own config
     if impl.framework == dispatch.ANY_FRAMEWORK:
-        return implementations.accumulate_host(impl, problem, lhs, rhs)
-    return impl.accumulate(problem, lhs, rhs)
+        return implementations.accumulate_host(call, lhs, rhs)
+    return call.accumulate(lhs, rhs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +139,11 @@ def _k_split_refusal(impl: dispatch.Implementation, problem: dispatch.Problem, s
         return (f"K={k} in {shards} shards of {k_local} straddles the weight's {fmt.describe()} storage "
                 f"(padding, groups or packing)")
     local = dataclasses.replace(problem, k=k_local, out_dtype="float32")
-    if recipe.accumulation is not Accumulation.FLOAT:
+    if recipe.accumulation.integer:
         local = dataclasses.replace(local, lhs_quantized=True, act_dtype="int8")
-    if recipe.accumulation is Accumulation.INT32 and impl.accumulate is None:
+    if recipe.accumulation.integer and not recipe.accumulation.grouped and impl.accumulate is None:
         return f"{impl.name} exposes no int32 accumulators to sum over K shards"
-    reason = impl.supports(local)
+    reason = impl.verdict(local)
     return None if reason is None else f"{impl.name} cannot run a K shard ({local.describe()}): {reason}"
 
 
@@ -249,13 +251,13 @@ def _per_shard(call: _Call, layout: Layout, *args: jax.Array) -> jax.Array:
     f32 = jnp.float32
     recipe = local.recipe
     part = dataclasses.replace(local, out_dtype="float32", has_bias=False)  # a partial sum: f32, no bias
-    if recipe.accumulation is Accumulation.FLOAT:
+    if not recipe.accumulation.integer:
         y = lax.psum(run(impl, part, lhs, rhs).astype(f32), layout.k)
     else:
         lhs_op = lhs if isinstance(lhs, QOperand) else _quantize_global(lhs, call, layout.k)
         part = dataclasses.replace(part, lhs_quantized=True, act_dtype="int8")
         lhs_scale = lhs_op.scale.astype(f32)[..., :, None]
-        if recipe.accumulation is Accumulation.INT32:
+        if not recipe.accumulation.grouped:
             acc = lax.psum(_accumulate(impl, part, lhs_op, rhs), layout.k)  # exact: |sum| < 2**31 (check_k)
             y = (acc.astype(f32) * lhs_scale) * rhs.scale.astype(f32)[..., None, :]
         else:  # each shard's groups in order, unit activation scale; the activation scale once at the end
@@ -388,9 +390,8 @@ def _mesh_of(args: Sequence[jax.Array]) -> Any:
     return None if mesh.empty else mesh
 
 
-def run_partitioned(impl: dispatch.Implementation, problem: dispatch.Problem, lhs: Any, rhs: QOperand,
-                    bias: Any = None) -> jax.Array:
-    """`run`, split over the mesh the operands are sharded on (see the module docstring).
+def run_partitioned(bound: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any = None) -> jax.Array:
+    """The bound call, split over the mesh the operands are sharded on (see the module docstring).
 
     Takes canonical operands: lhs (B?, M, K) float, or a QOperand of int8 codes and per-row scales
     (its scales must be those of whole rows), rhs a QOperand (B?, N, K_stored), bias (N,) or None.
@@ -400,13 +401,16 @@ def run_partitioned(impl: dispatch.Implementation, problem: dispatch.Problem, lh
         raise TypeError(f"run_partitioned takes canonical operands, lhs (B?, M, K) and rhs (B?, N, K_stored) of "
                         f"equal rank 2 or 3; got lhs {lhs_codes.shape} and rhs {rhs.qvalue.shape}. Flatten the "
                         f"activations' leading axes into M (jax_bindings.dot_general does)")
+    impl, problem = bound.implementation, bound.problem
     call = _Call(impl, problem, isinstance(lhs, QOperand), rhs.zero_point is not None, bias is not None)
     args = _flatten(lhs, rhs, bias)
     mesh = _mesh_of(args)
-    if mesh is not None and all(t == AxisType.Manual for t in mesh.axis_types):
-        return run(impl, problem, lhs, rhs, bias)  # inside a user's shard_map: the operands are local
-    if mesh is not None and AxisType.Explicit in mesh.axis_types:
+    local = (mesh is not None and all(t == AxisType.Manual for t in mesh.axis_types))  # inside a user's shard_map
+    if mesh is not None and not local and AxisType.Explicit in mesh.axis_types:
         return _run_explicit(call, mesh, args)
-    if implementations.execution_of(impl) is not Execution.KERNEL or jax.device_count() == 1:
-        return run(impl, problem, lhs, rhs, bias)  # XLA ops: GSPMD partitions them; host callbacks: see above
+    if local or implementations.execution_of(impl) is not Execution.KERNEL or jax.device_count() == 1:
+        # XLA ops: GSPMD partitions them; host callbacks: see above; local operands: run as is
+        if impl.framework == dispatch.ANY_FRAMEWORK:
+            return implementations.run_host(bound, lhs, rhs, bias)
+        return bound.run(lhs, rhs, bias)
     return _op(call)(*args)

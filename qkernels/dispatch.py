@@ -9,17 +9,26 @@ explicitly (argument, `use_backend`, or the `QKERNELS_BACKEND` environment varia
 serve raises `BackendUnavailable` with its reason; automatic selection falls back, and the choice
 is inspectable through `explain()` and logged once per problem at debug level.
 
+One bind per call: a binding validates its arguments once, builds the `Problem` and calls
+`bind(problem)`, which returns an immutable `Bound` call (problem, implementation, config), cached
+per problem; `Bound.run(...)` hands itself to the implementation, which reads `call.problem` and
+`call.config` and checks nothing again.
+
+What an implementation serves is declared once, in its `Serves` (recipe tags, or accumulations for
+the generic backends that execute any recipe's definition); dispatch refuses everything else with
+that declaration as the reason, before `supports` (shapes, dtypes, platform) is asked.
+
 Calling convention of `Implementation.run` for `Op.QMATMUL` (framework-native arrays):
-    run(problem, lhs, rhs, bias) -> out
+    run(call, lhs, rhs, bias) -> out    (call: the `Bound` call; call.problem, call.config)
     lhs:  float activations (..., M, K) (`problem.lhs_quantized` False), or a `QOperand` of int8
           per-row codes (B?, M, K) and scales (B?, M) when the caller quantized them already.
     rhs:  `QOperand(qvalue, scale, zero_point)` in canonical stored layout (B?, N, K_stored).
     bias: (N,) or None.
     out:  (..., M, N) of dtype `problem.out_dtype`.
 For `Op.QUANTIZE` (dynamic quantization of activations along the last axis):
-    run(problem, x) -> QOperand(qvalue, scale, None) with the format `problem.recipe.lhs`.
+    run(call, x) -> QOperand(qvalue, scale, None) with the format `call.problem.recipe.lhs`.
 Optional, for integer recipes (`Implementation.accumulate`):
-    accumulate(problem, lhs, rhs) -> exact int32 accumulators (..., M, N), or (..., M, N, G) per
+    accumulate(call, lhs, rhs) -> exact int32 accumulators (..., M, N), or (..., M, N, G) per
     group, before any rescale. Partitioned callers sum them over K shards exactly (a row-parallel
     W8A8 matmul is an int32 all-reduce, then one rescale).
 """
@@ -31,8 +40,6 @@ import contextvars
 import dataclasses
 import enum
 import functools
-import importlib
-import importlib.util
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -42,18 +49,15 @@ from typing import Any
 from qkernels.formats import OperandFormat, Recipe
 
 __all__ = [
-    "Op", "Problem", "Implementation", "Verdict", "Explanation", "BackendUnavailable", "register",
-    "registered", "invalidate", "candidates", "select", "explain", "use_backend", "requested_backend", "ENV_VAR",
+    "Op", "Problem", "Serves", "Implementation", "Verdict", "Explanation", "Bound", "BackendUnavailable", "register",
+    "registered", "registry_version", "invalidate", "candidates", "select", "bind", "explain", "use_backend", "requested_backend",
+    "ENV_VAR",
 ]
 
 log = logging.getLogger("qkernels.dispatch")
 
 ENV_VAR = "QKERNELS_BACKEND"
 ANY_FRAMEWORK = "any"
-
-# Modules that register a framework's implementations when imported; loaded on first selection
-# for that framework, so that `explain` shows them even before the binding was imported.
-_PROVIDERS = {"torch": "torch_bindings", "jax": "jax_bindings"}
 
 
 class Op(enum.Enum):
@@ -121,14 +125,48 @@ class Problem:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class Serves:
+    """What an implementation serves, declared in one place: recipe tags (a kernel family) and/or
+    accumulations (a generic backend executing any recipe's definition). None: no restriction."""
+
+    recipes: frozenset[str] | None = None
+    accumulations: frozenset[str] | None = None
+
+    @classmethod
+    def everything(cls) -> Serves:
+        return cls()
+
+    @classmethod
+    def tags(cls, *tags: str) -> Serves:
+        return cls(recipes=frozenset(tags))
+
+    @classmethod
+    def accumulating(cls, *names: str) -> Serves:
+        return cls(accumulations=frozenset(names))
+
+    def reason(self, recipe: Recipe) -> str | None:
+        """None if `recipe` is declared served, else why not (naming what is served)."""
+        if self.recipes is not None and recipe.tag not in self.recipes:
+            return f"serves recipes {', '.join(sorted(self.recipes))}, not {recipe.name}"
+        acc = recipe.accumulation.name
+        if self.accumulations is not None and acc not in self.accumulations:
+            return (f"implements accumulations {', '.join(sorted(self.accumulations))}; {recipe.name} "
+                    f"accumulates {acc} ({recipe.accumulation.description}), which it does not know")
+        return None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Implementation:
     """A way to run an op. `supports` must be pure and cheap: it returns None or the reason why not.
 
     `name` selects it explicitly: `use_backend('triton')` matches 'triton' and 'triton.w8a8'.
     `framework` is 'torch', 'jax', or 'any' (takes anything NumPy can read, returns NumPy).
+    `serves` declares which recipes it serves (checked by dispatch before `supports`).
+    `automatic=False` (interpreter variants, for tests): never chosen unless asked for by name, and
+    listed by `explain` only with `verbose=True` or when asked for.
     `configure(problem)`, for kernels that take configs, returns the `qkernels.tuning.Choice` (config
-    and where it came from) that `run` will use; `explain` shows it.
-    `accumulate(problem, lhs, rhs)`, where the kernel can stop before its rescale, returns the raw
+    and where it came from) that `run` will use (as `call.config.config`); `explain` shows it.
+    `accumulate(call, lhs, rhs)`, where the kernel can stop before its rescale, returns the raw
     integer accumulators (see the module docstring); None where it cannot.
     """
 
@@ -138,12 +176,18 @@ class Implementation:
     priority: int
     supports: Callable[[Problem], str | None]
     run: Callable[..., Any] = field(compare=False)
+    serves: Serves = Serves()
+    automatic: bool = True
     description: str = ""
     configure: Callable[[Problem], Any] | None = field(default=None, compare=False)
     accumulate: Callable[..., Any] | None = field(default=None, compare=False)
 
     def matches(self, backend: str) -> bool:
         return self.name == backend or self.name.startswith(backend + ".")
+
+    def verdict(self, problem: Problem) -> str | None:
+        """None if this implementation serves `problem`, else the reason (declaration first)."""
+        return self.serves.reason(problem.recipe) or self.supports(problem)
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +210,7 @@ class Explanation:
     backend: str | None
     error: str | None = None
     config: Any = None  # tuning.Choice of the chosen implementation, if it takes configs
+    hidden: int = 0  # candidates left out (other recipes' kernels, test-only variants): verbose=True lists them
 
     def __str__(self) -> str:
         lines = [self.problem.describe()]
@@ -176,10 +221,49 @@ class Explanation:
             mark = "->" if impl is self.chosen else "  "
             verdict = "ok" if v.ok else f"no: {v.reason}"
             lines.append(f"{mark} {impl.name:<24} prio {impl.priority:>4}  {verdict}")
+        if self.hidden:
+            lines.append(f"   ({self.hidden} more that do not serve {self.problem.recipe.name} or are test-only: "
+                         f"explain(..., verbose=True))")
         lines.append(f"chosen: {self.chosen.name}" if self.chosen else f"error: {self.error}")
         if self.config is not None:
             lines.append(f"config: {self.config}")
         return "\n".join(lines)
+
+    def shown(self, verbose: bool) -> Explanation:
+        """This explanation listing, unless `verbose`, only the candidates of the call's recipe (and
+        the chosen or requested ones): declared for the recipe, and automatic."""
+        if verbose:
+            return self
+        keep = tuple(v for v in self.verdicts
+                     if v.implementation is self.chosen
+                     or (self.backend and v.implementation.matches(self.backend))
+                     or (v.implementation.automatic and v.implementation.serves.reason(self.problem.recipe) is None))
+        return dataclasses.replace(self, verdicts=keep, hidden=len(self.verdicts) - len(keep))
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """One bound call: the problem, the implementation that runs it and its config, made once by
+    `bind` and cached per problem. Launchers read `call.problem` / `call.config` and re-check nothing."""
+
+    problem: Problem
+    implementation: Implementation
+    config: Any = None  # the implementation's tuning.Choice, or None
+
+    @classmethod
+    def of(cls, problem: Problem, implementation: Implementation) -> Bound:
+        """`implementation` bound to `problem` with the config it would choose (no selection)."""
+        configure = implementation.configure
+        return cls(problem, implementation, configure(problem) if configure is not None else None)
+
+    def run(self, *args: Any) -> Any:
+        return self.implementation.run(self, *args)
+
+    def accumulate(self, lhs: Any, rhs: Any) -> Any:
+        if self.implementation.accumulate is None:
+            raise ValueError(f"implementation {self.implementation.name!r} does not expose integer accumulators; "
+                             f"use one that does (e.g. 'reference')")
+        return self.implementation.accumulate(self, lhs, rhs)
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(str(self))
@@ -209,35 +293,25 @@ def register(impl: Implementation) -> Implementation:
     return impl
 
 
+def registry_version() -> int:
+    """Changes whenever an implementation is registered or `invalidate` is called (a cache key)."""
+    return _REGISTRY.version
+
+
 def invalidate() -> None:
     """Forget cached choices (e.g. after a tuned-config table changed)."""
     _REGISTRY.version += 1
 
 
 def registered(framework: str | None = None, op: Op | None = None) -> list[Implementation]:
-    """Implementations for a framework (plus framework-agnostic ones), best priority first."""
-    if framework is not None:
-        _load_providers(framework)
+    """Implementations for a framework (plus framework-agnostic ones), best priority first; the
+    framework's backends (`qkernels.backends.BACKENDS`) are loaded first."""
+    from qkernels import backends
+
+    backends.load(framework)
     out = [i for i in _REGISTRY.impls.values()
            if (framework is None or i.framework in (framework, ANY_FRAMEWORK)) and (op is None or i.op is op)]
     return sorted(out, key=lambda i: (-i.priority, i.name))
-
-
-@functools.cache
-def _load_providers(framework: str) -> None:
-    importlib.import_module("qkernels.reference")
-    module = _PROVIDERS.get(framework)
-    # A framework that is not installed leaves only the `any` implementations; a binding that is
-    # installed but fails to import raises (never hide a broken backend behind the fallback).
-    if module and _installed(framework) and _installed(module):
-        importlib.import_module(module)
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):  # an import hook refusing the name counts as not installed
-        return False
 
 
 @contextlib.contextmanager
@@ -256,7 +330,7 @@ def requested_backend(backend: str | None = None) -> str | None:
 
 
 def candidates(problem: Problem) -> tuple[Verdict, ...]:
-    return tuple(Verdict(i, i.supports(problem)) for i in registered(problem.framework, problem.op))
+    return tuple(Verdict(i, i.verdict(problem)) for i in registered(problem.framework, problem.op))
 
 
 def _choose(problem: Problem, backend: str | None) -> Explanation:
@@ -270,7 +344,7 @@ def _choose(problem: Problem, backend: str | None) -> Explanation:
                                f"no implementation named {backend!r} for {problem.framework} {problem.op.value}; "
                                f"available: {', '.join(names)}")
     for v in pool:
-        if v.ok:
+        if v.ok and (backend or v.implementation.automatic):
             return Explanation(problem, verdicts, v.implementation, backend)
     reasons = "; ".join(f"{v.implementation.name}: {v.reason}" for v in pool)
     return Explanation(problem, verdicts, None, backend,
@@ -290,15 +364,31 @@ def _select_cached(problem: Problem, backend: str | None, version: int) -> Expla
     return choice
 
 
-def explain(problem: Problem, backend: str | None = None) -> Explanation:
-    """Every registered candidate with its verdict and reason, and the one a call would run."""
-    _load_providers(problem.framework)
-    return _select_cached(problem, requested_backend(backend), _REGISTRY.version)
+def explain(problem: Problem, backend: str | None = None, *, verbose: bool = False) -> Explanation:
+    """The candidates for `problem` with their verdicts and reasons, and the one a call would run.
+
+    By default only the candidates of the problem's framework that are declared for its recipe (and
+    are chosen automatically) are listed; `verbose=True` lists every registered one.
+    """
+    return _select_cached(problem, requested_backend(backend), _REGISTRY.version).shown(verbose)
+
+
+@functools.lru_cache(maxsize=4096)
+def _bind_cached(problem: Problem, backend: str | None, version: int) -> Bound:
+    choice = _select_cached(problem, backend, version)
+    if choice.chosen is None:
+        raise BackendUnavailable(choice.error)
+    return Bound(problem, choice.chosen, choice.config)
+
+
+def bind(problem: Problem, backend: str | None = None) -> Bound:
+    """The bound call for `problem`: what runs it and with which config (cached per problem).
+
+    Raises BackendUnavailable if an explicitly requested backend cannot serve it (with its reason).
+    """
+    return _bind_cached(problem, requested_backend(backend), _REGISTRY.version)
 
 
 def select(problem: Problem, backend: str | None = None) -> Implementation:
     """The implementation a call runs; raises BackendUnavailable if an explicit request cannot serve."""
-    choice = explain(problem, backend)
-    if choice.chosen is None:
-        raise BackendUnavailable(choice.error)
-    return choice.chosen
+    return bind(problem, backend).implementation

@@ -1,9 +1,14 @@
-"""Operand formats and recipes (W8A8, W8A16, W4A16, W4A8) as frozen dataclasses.
+"""Operand formats, accumulations and recipes: each owns its numerics, once, for every framework.
 
-A recipe names how each side of a matmul is stored: activations (lhs) and weights (rhs), in the
-canonical layout of DESIGN.md section 3 (lhs (B, M, K), rhs (B, N, K), K last). Everything a kernel
-or the dispatcher needs to know about numerics is derived from the two `OperandFormat`s, so a new
-format (fp8, say) needs a new `QType`/`OperandFormat` and kernels, never a change in dispatch.
+A recipe names how each side of a matmul is stored, activations (lhs) and weights (rhs), in the
+canonical layout of DESIGN.md section 3 (lhs (B, M, K), rhs (B, N, K), K last), and how the products
+accumulate and are rescaled (section 4). Everything is written against `numerics.ArrayOps`, so the
+NumPy reference, the jnp port (`xla`) and the torch port (`torch-cpu`) execute these definitions;
+a new format (fp8, emulated int6, ...) is a new `QType` / `OperandFormat` / `Recipe` value here (or in
+the user's code) plus kernels, never a change in dispatch or in the bindings.
+
+    fmt = OperandFormat(qtype=numerics.int_type(6), granularity=Granularity.GROUP, group_size=64)
+    w6a16 = Recipe(tag="w6a16", lhs=None, rhs=fmt)      # weight-only: accumulation FLOAT, derived
 """
 
 from __future__ import annotations
@@ -11,32 +16,49 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 from qkernels import numerics
-from qkernels.numerics import GROUP_SIZES, INT4, INT8, UINT4, Granularity, QType
+from qkernels.numerics import GROUP_SIZES, INT4, INT8, NUMPY_OPS, UINT4, ArrayOps, Granularity, QType
 
 __all__ = [
-    "OperandFormat", "Accumulation", "Recipe", "W8A8", "W8A16", "W4A16", "W4A8", "RECIPES",
-    "QOperand", "resolve_recipe", "parse_recipe",
+    "Calibration", "OperandFormat", "Accumulation", "Recipe", "W8A8", "W8A16", "W4A16", "W4A8", "RECIPES",
+    "QOperand", "resolve_recipe", "parse_recipe", "recipe_named",
 ]
+
+
+class QOperand(NamedTuple):
+    """Framework-neutral quantized operand handed to implementations (torch, JAX or NumPy arrays)."""
+
+    qvalue: Any
+    scale: Any
+    zero_point: Any = None
+
+
+class Calibration(enum.Enum):
+    """How a block's scale (and zero point) is chosen from its values."""
+
+    ABSMAX = "absmax"  # symmetric: scale = max|x| / qmax
+    MINMAX = "minmax"  # asymmetric: scale = (max - min) / qmax, integer zero point (unsigned types)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OperandFormat:
     """How one quantized operand is stored: `x ≈ (qvalue - zero_point) * scale` per block.
 
-    `qvalue` is int8 of shape (..., K_stored): K padded up to a multiple of `group_size` (grouped
-    formats), then two codes per byte when `qtype.packed`. `scale` is f32 of shape `(...,)` per row,
-    `(..., K_padded // group_size)` per group, `()` per tensor; `zero_point` (unsigned types only)
-    is int8 of the scale's shape.
+    `qvalue` is of the type's storage dtype (int8 codes for integer types, e.g. float8_e4m3fn for
+    fp8), shape (..., K_stored): K padded up to a multiple of `group_size` (grouped formats), then two
+    codes per byte when `qtype.packed`. `scale` is f32 of shape `(...,)` per row,
+    `(..., K_padded // group_size)` per group, `()` per tensor; `zero_point` (MINMAX calibration,
+    unsigned types) is int8 of the scale's shape.
     """
 
     qtype: QType
     granularity: Granularity
     group_size: int | None = None
     zero_point: bool = False
+    calibration: Calibration | None = None  # None: MINMAX with a zero point, else ABSMAX
 
     def __post_init__(self) -> None:
         grouped = self.granularity is Granularity.GROUP
@@ -50,6 +72,11 @@ class OperandFormat:
             raise ValueError(
                 f"{self.qtype.name} is {'signed' if self.qtype.signed else 'unsigned'}: signed types are "
                 f"symmetric (zero_point=False), unsigned types need zero_point=True")
+        calibration = self.calibration or (Calibration.MINMAX if self.zero_point else Calibration.ABSMAX)
+        if (calibration is Calibration.MINMAX) != self.zero_point:
+            raise ValueError(f"calibration {calibration.value} {'needs' if self.zero_point else 'has no'} zero "
+                             f"point; use {'MINMAX' if self.zero_point else 'ABSMAX'} for {self.qtype.name}")
+        object.__setattr__(self, "calibration", calibration)
 
     @property
     def packed(self) -> bool:
@@ -80,54 +107,273 @@ class OperandFormat:
             parts.append("zero-point")
         return " ".join(parts)
 
+    # --- numerics, for any ArrayOps --------------------------------------------------------------
 
-class Accumulation(enum.Enum):
-    """How partial products are accumulated and rescaled (DESIGN.md section 4)."""
+    def blocks(self, x: Any) -> Any:
+        """(..., K_padded) -> (..., n_blocks, block): one scale per block."""
+        if self.granularity is Granularity.GROUP:
+            return x.reshape(*x.shape[:-1], x.shape[-1] // self.group_size, self.group_size)
+        if self.granularity is Granularity.ROW:
+            return x[..., None, :]
+        return x.reshape(*([1] * (x.ndim - 1)), 1, -1)
 
-    INT32 = "int32"  # one integer dot, rescale by lhs then rhs scale, then bias
-    INT32_PER_GROUP = "int32 per group, f32 across groups"
-    FLOAT = "f32 (weights dequantized to the activation dtype)"
+    def _stored(self, s: Any) -> Any:
+        """A per-block value (..., n_blocks, 1) -> the stored scale / zero point shape."""
+        s = s[..., 0]
+        if self.granularity is Granularity.GROUP:
+            return s
+        if self.granularity is Granularity.ROW:
+            return s[..., 0]
+        return s.reshape(())
+
+    def _per_block(self, s: Any) -> Any:
+        """Stored scale / zero point -> broadcastable against `blocks(x)`."""
+        if self.granularity is Granularity.GROUP:
+            return s[..., None]
+        if self.granularity is Granularity.ROW:
+            return s[..., None, None]
+        return s
+
+    def quantize(self, x: Any, ops: ArrayOps = NUMPY_OPS, *, amax: Any = None) -> QOperand:
+        """Quantize float `x` (..., K) along its last axis, calibrated on `x` itself.
+
+        K is zero-padded to `padded_k(K)` first (zeros change neither an absmax nor a range that
+        includes 0); packed formats then store two codes per byte. NaN/Inf are not checked here
+        (that needs a host sync): callers check with `numerics.check_finite` where they can.
+        `amax` (ABSMAX, per-row formats): each row's absolute maximum (...,) to calibrate with
+        instead of `x`'s own, e.g. the all-reduced maximum when `x` is one K-shard of longer rows.
+        """
+        if amax is not None and (self.calibration is not Calibration.ABSMAX or self.granularity is not Granularity.ROW):
+            raise ValueError(f"amax= calibrates symmetric per-row formats only, not {self.describe()}; "
+                             f"drop amax to calibrate on x itself")
+        x = ops.pad_last(ops.cast(x, "float32"), self.padded_k(x.shape[-1]))
+        xb = self.blocks(x)
+        zero = None
+        if self.calibration is Calibration.MINMAX:
+            scale, zero = numerics.asymmetric_params(ops.min(xb), ops.max(xb), self.qtype, ops)
+            q = numerics.quantize_asymmetric(xb, scale, zero, self.qtype, ops)
+            zero = self._stored(zero)
+        else:
+            amax = ops.absmax(xb) if amax is None else ops.cast(amax, "float32")[..., None, None]
+            scale = numerics.symmetric_scale(amax, self.qtype, ops)
+            q = numerics.quantize_symmetric(xb, scale, self.qtype, ops)
+        q = q.reshape(*x.shape)
+        if self.packed:
+            q = numerics.pack_int4(q, ops)
+        return QOperand(q, self._stored(scale), zero)
+
+    def quantize_activations(self, x: Any, ops: ArrayOps = NUMPY_OPS) -> QOperand:
+        """`quantize` for activations on the fly: where the framework can check on the host
+        (`ops.host_checks`), a row with NaN/Inf (a non-finite scale) raises instead of giving garbage."""
+        q = self.quantize(x, ops)
+        if ops.host_checks:
+            bad = ops.count_nonfinite(q.scale)
+            if bad:
+                raise ValueError(f"activations contain NaN/Inf in {bad} row(s) and cannot be quantized to "
+                                 f"{self.describe()}; fix the values upstream (e.g. nan_to_num) or use a "
+                                 f"weight-only recipe")
+        return q
+
+    def codes(self, operand: QOperand, k: int, ops: ArrayOps = NUMPY_OPS) -> Any:
+        """The codes (..., K_padded), unpacked for packed types (padding included: zero codes)."""
+        q = operand.qvalue
+        if q.shape[-1] != self.stored_k(k):
+            raise ValueError(
+                f"qvalue's last axis has {q.shape[-1]} entries but K={k} in format {self.describe()} "
+                f"stores {self.stored_k(k)}; the operands' contraction sizes do not match")
+        return numerics.unpack_int4(q, self.padded_k(k), self.qtype, ops) if self.packed else q
+
+    def dequantize(self, operand: QOperand, k: int, ops: ArrayOps = NUMPY_OPS, dtype: str = "float32") -> Any:
+        """`(f32(q) - zero) * scale` in f32, shape (..., K) (padding removed), then cast to `dtype`."""
+        codes = ops.cast(self.codes(operand, k, ops), "float32")
+        q = self.blocks(codes)
+        if self.zero_point:
+            q = q - self._per_block(ops.cast(operand.zero_point, "float32"))
+        w = q * self._per_block(ops.cast(operand.scale, "float32"))
+        return ops.cast(w.reshape(codes.shape)[..., :k], dtype)
 
 
-class QOperand(NamedTuple):
-    """Framework-neutral quantized operand handed to implementations (torch or JAX arrays)."""
+class Accumulation:
+    """How the products of a recipe accumulate and are rescaled (DESIGN.md section 4).
 
-    qvalue: Any
-    scale: Any
-    zero_point: Any = None
-
-
-@dataclass(frozen=True, slots=True)
-class Recipe:
-    """Base of all recipes: which formats the two sides of a matmul use.
-
-    `quantized_backward`: the two matmuls of the backward pass are quantized too (int8 dynamic,
-    per row, as AQT does) instead of running in float against the dequantized operands.
-    Recipes are hashable and compare by value, so they can be static arguments under `jax.jit`.
+    Every accumulation is written as `finish(partial(...))`: `partial` is what may be summed over
+    K shards (exactly, when `integer`), `finish` applies what remains of the rescale, bias and the
+    one output cast. `accumulators` are the raw integer dots before any rescale (integer kinds):
+    (..., M, N), with a trailing group axis (..., M, N, G) when `grouped`.
     """
 
-    _: KW_ONLY
+    name: ClassVar[str]
+    description: ClassVar[str]
+    integer: ClassVar[bool] = False
+    grouped: ClassVar[bool] = False
+
+    INT32: ClassVar[Accumulation]
+    INT32_PER_GROUP: ClassVar[Accumulation]
+    FLOAT: ClassVar[Accumulation]
+
+    def __repr__(self) -> str:
+        return f"Accumulation.{self.name}"
+
+    @property
+    def value(self) -> str:
+        return self.description
+
+    def max_k(self, recipe: Recipe) -> int | None:
+        """Largest contraction served exactly, None if unbounded."""
+        return None
+
+    def lhs_operand(self, recipe: Recipe, ops: ArrayOps, lhs: Any) -> Any:
+        """The activations as the accumulation takes them: quantized (integer kinds) or float as is."""
+        if recipe.lhs is None or isinstance(lhs, QOperand):
+            return lhs
+        return recipe.lhs.quantize_activations(lhs, ops)
+
+    def accumulators(self, recipe: Recipe, ops: ArrayOps, lhs: Any, rhs: QOperand, *, k: int, batched: bool) -> Any:
+        raise ValueError(f"{recipe.name} accumulates in {self.description}; it has no integer accumulators")
+
+    def partial(self, recipe: Recipe, ops: ArrayOps, lhs: Any, rhs: QOperand, *, k: int, batched: bool,
+                act_dtype: str) -> Any:
+        raise NotImplementedError
+
+    def finish(self, recipe: Recipe, ops: ArrayOps, part: Any, lhs: Any, rhs: QOperand, bias: Any,
+               out_dtype: str) -> Any:
+        raise NotImplementedError
+
+    def matmul(self, recipe: Recipe, ops: ArrayOps, lhs: Any, rhs: QOperand, bias: Any, *, k: int,
+               batched: bool, act_dtype: str, out_dtype: str) -> Any:
+        """`out[..., m, n] = rescale(sum_k lhs[..., m, k] * rhs[..., n, k]) + bias[n]`, cast once."""
+        lhs = self.lhs_operand(recipe, ops, lhs)
+        part = self.partial(recipe, ops, lhs, rhs, k=k, batched=batched, act_dtype=act_dtype)
+        return self.finish(recipe, ops, part, lhs, rhs, bias, out_dtype)
+
+    @staticmethod
+    def _epilogue(ops: ArrayOps, y: Any, bias: Any, out_dtype: str) -> Any:
+        if bias is not None:
+            y = y + ops.cast(bias, "float32")
+        return ops.cast(y, out_dtype)
+
+    @staticmethod
+    def _int_codes(recipe: Recipe, ops: ArrayOps, lhs: QOperand, rhs: QOperand, k: int) -> tuple[Any, Any]:
+        """Activation codes zero-padded to the weight's padded K, and the weight's codes."""
+        kp = recipe.rhs.padded_k(k)
+        a = ops.pad_last(recipe.lhs.codes(lhs, lhs.qvalue.shape[-1], ops), kp)
+        return a, recipe.rhs.codes(rhs, k, ops)
+
+
+class _IntegerDot(Accumulation):
+    """One exact int32 dot of the codes; `y = (f32(acc) * s_lhs[m]) * s_rhs[n] + bias[n]`."""
+
+    name = "INT32"
+    description = "int32"
+    integer = True
+
+    def max_k(self, recipe: Recipe) -> int:
+        return numerics.max_exact_k(recipe.lhs.qtype, recipe.rhs.qtype)
+
+    def accumulators(self, recipe, ops, lhs, rhs, *, k, batched):
+        a, w = self._int_codes(recipe, ops, lhs, rhs, k)
+        return ops.int_dot(a, w, batched)
+
+    def partial(self, recipe, ops, lhs, rhs, *, k, batched, act_dtype):
+        return self.accumulators(recipe, ops, lhs, rhs, k=k, batched=batched)
+
+    def finish(self, recipe, ops, part, lhs, rhs, bias, out_dtype):
+        y = (ops.cast(part, "float32") * ops.cast(lhs.scale, "float32")[..., :, None]) \
+            * ops.cast(rhs.scale, "float32")[..., None, :]
+        return self._epilogue(ops, y, bias, out_dtype)
+
+
+class _GroupedIntegerDot(Accumulation):
+    """An exact int32 dot per group of K; `y = 0; for g: y = y + f32(acc_g) * s_rhs[n, g]`, then
+    `y * s_lhs[m] + bias[n]` (groups summed in order, each product rounded once)."""
+
+    name = "INT32_PER_GROUP"
+    description = "int32 per group, f32 across groups"
+    integer = True
+    grouped = True
+
+    def accumulators(self, recipe, ops, lhs, rhs, *, k, batched):
+        a, w = self._int_codes(recipe, ops, lhs, rhs, k)
+        return ops.grouped_int_dot(a, w, recipe.rhs.group_size, batched)
+
+    def partial(self, recipe, ops, lhs, rhs, *, k, batched, act_dtype):
+        a, w = self._int_codes(recipe, ops, lhs, rhs, k)
+        return ops.grouped_scaled_sum(a, w, ops.cast(rhs.scale, "float32"), recipe.rhs.group_size, batched)
+
+    def finish(self, recipe, ops, part, lhs, rhs, bias, out_dtype):
+        return self._epilogue(ops, part * ops.cast(lhs.scale, "float32")[..., :, None], bias, out_dtype)
+
+
+class _FloatDot(Accumulation):
+    """Weights dequantized to the activation dtype, a float dot accumulating in f32, bias, one cast."""
+
+    name = "FLOAT"
+    description = "f32 (weights dequantized to the activation dtype)"
+
+    def partial(self, recipe, ops, lhs, rhs, *, k, batched, act_dtype):
+        w = recipe.rhs.dequantize(rhs, k, ops, act_dtype)
+        return ops.float_linear(lhs, w, None, "float32", batched)
+
+    def finish(self, recipe, ops, part, lhs, rhs, bias, out_dtype):
+        return self._epilogue(ops, part, bias, out_dtype)
+
+    def matmul(self, recipe, ops, lhs, rhs, bias, *, k, batched, act_dtype, out_dtype):
+        # one fused call: some frameworks add the bias inside the GEMM (one rounding either way)
+        w = recipe.rhs.dequantize(rhs, k, ops, act_dtype)
+        return ops.float_linear(lhs, w, bias, out_dtype, batched)
+
+
+Accumulation.INT32 = _IntegerDot()
+Accumulation.INT32_PER_GROUP = _GroupedIntegerDot()
+Accumulation.FLOAT = _FloatDot()
+
+
+def _derive_accumulation(lhs: OperandFormat | None, rhs: OperandFormat) -> Accumulation:
+    if lhs is None:
+        return Accumulation.FLOAT
+    if lhs.qtype.integer and rhs.qtype.integer and lhs.granularity is not Granularity.GROUP:
+        return Accumulation.INT32_PER_GROUP if rhs.granularity is Granularity.GROUP else Accumulation.INT32
+    raise ValueError(f"no accumulation is derived for activations {lhs.describe()} x weights {rhs.describe()}; "
+                     f"pass accumulation= explicitly")
+
+
+_BY_NAME: dict[str, Recipe] = {}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Recipe:
+    """Which formats the two sides of a matmul use, and how the products accumulate.
+
+    `tag` names the kernel family (what kernels declare they serve: 'w8a8', 'w4a16', ...);
+    `lhs` is None when activations stay float (weight-only); `accumulation` is derived from the
+    formats unless given. `quantized_backward`: the two matmuls of the backward pass are quantized
+    too (int8 dynamic, per row, as AQT does) instead of running in float against the dequantized
+    operands. Recipes are values: hashable, compared by value (static arguments under `jax.jit`),
+    and calling one returns a copy with fields replaced (`qk.W8A8(quantized_backward=True)`).
+    """
+
+    tag: str
+    lhs: OperandFormat | None
+    rhs: OperandFormat
+    accumulation: Accumulation | None = field(default=None, compare=False)
     quantized_backward: bool = False
 
-    tag: ClassVar[str] = ""
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9]*", self.tag):
+            raise ValueError(f"recipe tag {self.tag!r} must be lower-case letters and digits, e.g. 'w6a16'")
+        if self.accumulation is None:
+            object.__setattr__(self, "accumulation", _derive_accumulation(self.lhs, self.rhs))
+        known = _BY_NAME.setdefault(self.name, self)
+        if known != self:
+            raise ValueError(f"a different recipe is already named {self.name!r} ({known.describe()}); "
+                             f"give this one another tag")
 
-    @property
-    def lhs(self) -> OperandFormat | None:
-        """Activation format; None when activations stay in float (weight-only recipes)."""
-        raise NotImplementedError
+    def __repr__(self) -> str:
+        return f"<Recipe {self.describe()}>"
 
-    @property
-    def rhs(self) -> OperandFormat:
-        """Weight format."""
-        raise NotImplementedError
-
-    @property
-    def accumulation(self) -> Accumulation:
-        if self.lhs is None:
-            return Accumulation.FLOAT
-        if self.rhs.granularity is Granularity.GROUP:
-            return Accumulation.INT32_PER_GROUP
-        return Accumulation.INT32
+    def __call__(self, **changes: Any) -> Recipe:
+        """This recipe with `changes` applied (`qk.W8A8()` is `qk.W8A8`)."""
+        return dataclasses.replace(self, **changes) if changes else self
 
     @property
     def group_size(self) -> int | None:
@@ -136,9 +382,7 @@ class Recipe:
     @property
     def max_k(self) -> int | None:
         """Largest contraction length served exactly (int32 accumulator bound), None if unbounded."""
-        if self.accumulation is Accumulation.INT32:
-            return numerics.max_exact_k(self.lhs.qtype, self.rhs.qtype)
-        return None  # per-group int32 partials (group <= 256) and float accumulation cannot overflow
+        return self.accumulation.max_k(self)
 
     def check_k(self, k: int) -> None:
         """Refuse a contraction that would overflow the int32 accumulator (never wrap silently)."""
@@ -152,7 +396,7 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        """Short stable identifier, e.g. 'w8a8', 'w4a16-g128-zp' (parse_recipe reads it back)."""
+        """Short stable identifier, e.g. 'w8a8', 'w4a16-g128-zp' (`recipe_named` reads it back)."""
         parts = [self.tag]
         if self.group_size:
             parts.append(f"g{self.group_size}")
@@ -164,40 +408,38 @@ class Recipe:
 
     def describe(self) -> str:
         lhs = self.lhs.describe() if self.lhs else "float"
-        return f"{self.name}: lhs {lhs}, rhs {self.rhs.describe()}, accumulate {self.accumulation.value}"
+        return f"{self.name}: lhs {lhs}, rhs {self.rhs.describe()}, accumulate {self.accumulation.description}"
+
+    def matmul(self, ops: ArrayOps, lhs: Any, rhs: QOperand, bias: Any = None, *, k: int, batched: bool,
+               act_dtype: str, out_dtype: str) -> Any:
+        """The canonical quantized matmul in `ops`' framework (see `Accumulation.matmul`)."""
+        return self.accumulation.matmul(self, ops, lhs, rhs, bias, k=k, batched=batched, act_dtype=act_dtype,
+                                        out_dtype=out_dtype)
 
 
-@dataclass(frozen=True, slots=True)
-class W8A8(Recipe):
-    """int8 activations (per token, quantized on the fly) x int8 weights (per output channel)."""
-
-    tag: ClassVar[str] = "w8a8"
-
-    @property
-    def lhs(self) -> OperandFormat:
-        return OperandFormat(qtype=INT8, granularity=Granularity.ROW)
-
-    @property
-    def rhs(self) -> OperandFormat:
-        return OperandFormat(qtype=INT8, granularity=Granularity.ROW)
+_INT8_ROW = OperandFormat(qtype=INT8, granularity=Granularity.ROW)
 
 
-@dataclass(frozen=True, slots=True)
-class W8A16(Recipe):
-    """Float activations x int8 weights (per output channel): weight-only int8."""
+@dataclass(frozen=True, slots=True, repr=False)
+class W8A8Recipe(Recipe):
+    """int8 activations (per token, quantized on the fly) x int8 weights (per output channel).
+    `qk.W8A8` is its value."""
 
-    tag: ClassVar[str] = "w8a16"
-
-    @property
-    def lhs(self) -> None:
-        return None
-
-    @property
-    def rhs(self) -> OperandFormat:
-        return OperandFormat(qtype=INT8, granularity=Granularity.ROW)
+    tag: str = field(default="w8a8", init=False)
+    lhs: OperandFormat | None = field(default=_INT8_ROW, init=False)
+    rhs: OperandFormat = field(default=_INT8_ROW, init=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
+class W8A16Recipe(Recipe):
+    """Float activations x int8 weights (per output channel): weight-only int8. `qk.W8A16` is its value."""
+
+    tag: str = field(default="w8a16", init=False)
+    lhs: OperandFormat | None = field(default=None, init=False)
+    rhs: OperandFormat = field(default=_INT8_ROW, init=False)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
 class W4A16(Recipe):
     """Float activations x int4 weights with one scale per `group_size` values along K.
 
@@ -209,72 +451,74 @@ class W4A16(Recipe):
     group_size: int = 128
     _: KW_ONLY
     zero_point: bool = False
-
-    tag: ClassVar[str] = "w4a16"
+    tag: str = field(default="w4a16", init=False)
+    lhs: OperandFormat | None = field(default=None, init=False)
+    rhs: OperandFormat = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.rhs  # validates group_size
-
-    @property
-    def lhs(self) -> None:
-        return None
-
-    @property
-    def rhs(self) -> OperandFormat:
-        return OperandFormat(qtype=UINT4 if self.zero_point else INT4, granularity=Granularity.GROUP,
-                             group_size=self.group_size, zero_point=self.zero_point)
+        object.__setattr__(self, "rhs", OperandFormat(
+            qtype=UINT4 if self.zero_point else INT4, granularity=Granularity.GROUP, group_size=self.group_size,
+            zero_point=self.zero_point))
+        Recipe.__post_init__(self)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class W4A8(Recipe):
     """int8 activations (per token) x int4 weights (per group along K), int32 per group."""
 
     group_size: int = 128
-
-    tag: ClassVar[str] = "w4a8"
+    tag: str = field(default="w4a8", init=False)
+    lhs: OperandFormat | None = field(default=_INT8_ROW, init=False)
+    rhs: OperandFormat = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.rhs  # validates group_size
-
-    @property
-    def lhs(self) -> OperandFormat:
-        return OperandFormat(qtype=INT8, granularity=Granularity.ROW)
-
-    @property
-    def rhs(self) -> OperandFormat:
-        return OperandFormat(qtype=INT4, granularity=Granularity.GROUP, group_size=self.group_size)
+        object.__setattr__(self, "rhs", OperandFormat(qtype=INT4, granularity=Granularity.GROUP,
+                                                      group_size=self.group_size))
+        Recipe.__post_init__(self)
 
 
-RECIPES: tuple[type[Recipe], ...] = (W8A8, W8A16, W4A16, W4A8)
+W8A8 = W8A8Recipe()
+W8A16 = W8A16Recipe()
+
+RECIPES: tuple[Recipe, ...] = (W8A8, W8A16, W4A16(), W4A8())
+"""One value of each shipped recipe family (W4A16 and W4A8 at their default group size 128)."""
+
+_TYPES: dict[str, type[Recipe]] = {"w8a8": W8A8Recipe, "w8a16": W8A16Recipe, "w4a16": W4A16, "w4a8": W4A8}
 
 
-def resolve_recipe(recipe: Recipe | type[Recipe] | str | None, default: type[Recipe] = W8A8) -> Recipe:
-    """Accept a recipe instance, a recipe class (`qk.W8A8`), a name ('w4a16-g128') or None."""
+def resolve_recipe(recipe: Recipe | type[Recipe] | str | None, default: Recipe = W8A8) -> Recipe:
+    """Accept a recipe value (`qk.W8A8`, `qk.W4A16(128)`), a recipe class (`qk.W4A16`), a name or None."""
     if recipe is None:
-        return default()
+        return default
     if isinstance(recipe, Recipe):
         return recipe
-    if isinstance(recipe, type) and issubclass(recipe, Recipe) and recipe is not Recipe:
+    if isinstance(recipe, type) and issubclass(recipe, Recipe) and recipe in _TYPES.values():
         return recipe()
     if isinstance(recipe, str):
-        return parse_recipe(recipe)
-    raise TypeError(f"recipe={recipe!r} is not a recipe; pass one of "
-                    f"{', '.join(r.__name__ for r in RECIPES)} (class or instance) or a name like 'w4a16-g128'")
+        return recipe_named(recipe)
+    raise TypeError(f"recipe={recipe!r} is not a recipe; pass one of qk.W8A8, qk.W8A16, qk.W4A16(group_size), "
+                    f"qk.W4A8(group_size), another qkernels.Recipe, or a name like 'w4a16-g128'")
+
+
+def recipe_named(name: str) -> Recipe:
+    """The recipe whose `name` is `name`: every recipe value made in this process (user-defined ones
+    too) is known by name, so this is a dictionary lookup; a shipped recipe not yet made is parsed."""
+    recipe = _BY_NAME.get(name)
+    return recipe if recipe is not None else parse_recipe(name)
 
 
 _NAME = re.compile(r"^(?P<tag>[a-z0-9]+)(?:-g(?P<g>\d+))?(?P<zp>-zp)?(?P<qb>-qbwd)?$")
 
 
 def parse_recipe(name: str) -> Recipe:
-    """Inverse of `Recipe.name`: 'w8a8', 'w4a16-g64-zp', 'w4a8-g128', 'w8a8-qbwd'."""
+    """Inverse of `Recipe.name` for the shipped families: 'w8a8', 'w4a16-g64-zp', 'w4a8-g128', 'w8a8-qbwd'."""
     m = _NAME.match(name.strip().lower())
-    by_tag = {r.tag: r for r in RECIPES}
-    if not m or m["tag"] not in by_tag:
-        raise ValueError(f"unknown recipe name {name!r}; expected one of {sorted(by_tag)} "
+    if not m or m["tag"] not in _TYPES:
+        raise ValueError(f"unknown recipe name {name!r}; expected one of {sorted(_TYPES)} "
                          f"optionally followed by -g<group size>, -zp, -qbwd (e.g. 'w4a16-g128-zp')")
-    cls = by_tag[m["tag"]]
+    cls = _TYPES[m["tag"]]
     kwargs: dict[str, Any] = {"quantized_backward": bool(m["qb"])}
-    fields = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
     if m["g"]:
         if "group_size" not in fields:
             raise ValueError(f"recipe {m['tag']} takes no group size (got {name!r})")

@@ -1,8 +1,11 @@
-"""Quantized types and the numerics contract as small pure NumPy functions.
+"""Quantized types and the numerics contract as small pure functions, written once for every framework.
 
-Every backend (Triton, Pallas, XLA, torch CPU, the reference) follows the rules written here; the
-reference (`qkernels.reference`) is built from these functions, and the kernels reimplement them
-in their own language with the same order of operations (DESIGN.md section 4).
+Every backend (Triton, Pallas, XLA, torch CPU, the reference) follows the rules written here. The
+functions take an `ArrayOps` (the dozen array primitives the rules need): `NUMPY_OPS` below is the
+reference's; `jax_bindings.arrays.JAX_OPS` and `torch_bindings.arrays.TORCH_OPS` are the framework
+ports. The rules themselves (calibrate, scale, round, clip, pack, dequantize) exist once, here and
+in `qkernels.formats`; the Triton / Pallas kernels reimplement them in their own language with the
+same order of operations (DESIGN.md section 4).
 
 Canonical layout: the quantized axis (K, the contraction) is always the last axis. Scales of a
 per-row format have the shape of the array without its last axis; scales of a per-group format
@@ -14,13 +17,15 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
+import ml_dtypes
 import numpy as np
 
 __all__ = [
-    "QType", "INT8", "INT4", "UINT4", "Granularity", "GROUP_SIZES",
-    "round_half_even", "check_finite", "symmetric_scale", "quantize_symmetric",
-    "asymmetric_params", "quantize_asymmetric", "padded_k", "pad_k", "pack_int4",
+    "Kind", "QType", "INT8", "INT4", "UINT4", "FP8_E4M3", "FP8_E5M2", "int_type", "Granularity", "GROUP_SIZES",
+    "ArrayOps", "NumpyOps", "NUMPY_OPS", "round_half_even", "check_finite", "symmetric_scale",
+    "quantize_symmetric", "asymmetric_params", "quantize_asymmetric", "padded_k", "pad_k", "pack_int4",
     "unpack_int4", "max_exact_k", "INT32_LIMIT",
 ]
 
@@ -31,42 +36,77 @@ GROUP_SIZES = (32, 64, 128, 256)
 """Group sizes (along K) supported by the grouped formats and every kernel."""
 
 
+class Kind(enum.Enum):
+    """What a quantized code is: an integer (exact integer MMA) or a narrow float (fp8)."""
+
+    INT = "integer"
+    FLOAT = "float"
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class QType:
-    """An integer quantized type.
+    """A quantized element type: what one code is and how it is stored.
 
-    Signed types are used symmetrically: codes lie in [-qmax, qmax], so the most negative code
-    (-128 for int8, -8 for int4) is never produced and products are bounded by qmax**2.
-    Unsigned types are used with a zero point: codes lie in [0, 2**bits - 1].
+    | kind  | codes                                  | storage                         | qmax            |
+    |-------|----------------------------------------|---------------------------------|-----------------|
+    | INT, signed   | [-qmax, qmax] (symmetric)      | int8; 4-bit packed two per byte | 2**(bits-1) - 1 |
+    | INT, unsigned | [0, qmax] (with a zero point)  | int8 (the code's low bits)      | 2**bits - 1     |
+    | FLOAT | any finite value of `storage`          | `storage` (e.g. float8_e4m3fn)  | largest finite  |
+
+    Signed integer types never produce their most negative code (-128, -8), so products are bounded
+    by qmax**2. Integer widths other than 4 and 8 (int2..int7) are emulated: one code per int8 byte.
     """
 
     name: str
     bits: int
-    signed: bool
+    signed: bool = True
+    kind: Kind = Kind.INT
+    storage: str = "int8"
+    max_finite: float | None = None  # FLOAT kinds: the largest finite value of `storage`
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise ValueError(f"bits={self.bits} is not supported; use 4 or 8")
+        if self.kind is Kind.INT:
+            if not 2 <= self.bits <= 8:
+                raise ValueError(f"{self.name}: bits={self.bits} is not supported; integer types take 2 to 8 bits")
+            if self.storage != "int8":
+                raise ValueError(f"{self.name}: integer codes are stored as int8, not {self.storage}")
+        else:
+            if not self.signed or self.max_finite is None or self.max_finite <= 0:
+                raise ValueError(f"{self.name}: a float type is signed and needs max_finite > 0 "
+                                 f"(the largest finite value of {self.storage})")
 
     @property
-    def qmax(self) -> int:
-        """Largest code produced: 127 (int8), 7 (int4), 15 (uint4)."""
+    def qmax(self) -> float:
+        """Largest code produced: 127 (int8), 7 (int4), 15 (uint4), 448.0 (float8_e4m3fn)."""
+        if self.kind is Kind.FLOAT:
+            return self.max_finite
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
     @property
-    def qmin(self) -> int:
+    def qmin(self) -> float:
         """Smallest code produced: -qmax for signed types (symmetric), 0 for unsigned."""
         return -self.qmax if self.signed else 0
 
     @property
     def packed(self) -> bool:
-        """Whether two values share a byte along K (DESIGN.md section 3)."""
-        return self.bits < 8
+        """Whether two codes share a byte along K (DESIGN.md section 3): 4-bit integers."""
+        return self.kind is Kind.INT and self.bits == 4
+
+    @property
+    def integer(self) -> bool:
+        return self.kind is Kind.INT
 
 
-INT8 = QType(name="int8", bits=8, signed=True)
-INT4 = QType(name="int4", bits=4, signed=True)
-UINT4 = QType(name="uint4", bits=4, signed=False)
+def int_type(bits: int, *, signed: bool = True) -> QType:
+    """The integer type of `bits` bits (emulated in int8 unless 4 or 8): `int_type(6)` is int6."""
+    return QType(name=f"{'' if signed else 'u'}int{bits}", bits=bits, signed=signed)
+
+
+INT8 = int_type(8)
+INT4 = int_type(4)
+UINT4 = int_type(4, signed=False)
+FP8_E4M3 = QType(name="float8_e4m3fn", bits=8, kind=Kind.FLOAT, storage="float8_e4m3fn", max_finite=448.0)
+FP8_E5M2 = QType(name="float8_e5m2", bits=8, kind=Kind.FLOAT, storage="float8_e5m2", max_finite=57344.0)
 
 
 class Granularity(enum.Enum):
@@ -75,6 +115,39 @@ class Granularity(enum.Enum):
     TENSOR = "per-tensor"
     ROW = "per-row"  # per token for activations, per output channel for weights
     GROUP = "per-group"  # contiguous groups of `group_size` along K within a row
+
+
+class ArrayOps(Protocol):
+    """The array primitives the numerics are written in; one implementation per framework.
+
+    Arithmetic (`*`, `+`, `-`, indexing, `.shape`, `.reshape`) uses the arrays' own operators, which
+    are IEEE f32 in every framework. What differs between frameworks, and is pinned down here:
+    `div` is a true IEEE division (never a reciprocal multiply), `round` ties to even, `absmax` is
+    exact, `int_dot` accumulates exactly in int32, `float_linear` accumulates in f32 and rounds once.
+    `grouped_scaled_sum(a, w, s, g)` is `y = 0; for each group j of K, in order:
+    y = y + f32(int_dot(a_j, w_j)) * s[..., None, :, j]` (each product rounded once, then added).
+    """
+
+    name: str
+    host_checks: bool  # values can be inspected on the host (NumPy, eager torch); not under jax tracing
+
+    def asarray(self, x: Any) -> Any: ...
+    def cast(self, x: Any, dtype: str) -> Any: ...
+    def div(self, a: Any, b: Any) -> Any: ...
+    def round(self, x: Any) -> Any: ...
+    def clip(self, x: Any, lo: float, hi: float) -> Any: ...
+    def where(self, cond: Any, a: Any, b: Any) -> Any: ...
+    def absmax(self, x: Any) -> Any: ...  # max |x| over the last axis, kept
+    def min(self, x: Any) -> Any: ...  # over the last axis, kept
+    def max(self, x: Any) -> Any: ...
+    def count_nonfinite(self, x: Any) -> int: ...  # a host check (never traced)
+    def pad_last(self, x: Any, k: int) -> Any: ...  # zero-pad the last axis to length k
+    def pack_nibbles(self, q: Any) -> Any: ...  # int8 codes (..., 2j) -> int8 bytes (..., j)
+    def unpack_nibbles(self, b: Any, signed: bool) -> Any: ...
+    def int_dot(self, a: Any, w: Any, batched: bool) -> Any: ...  # (..., M, K) x (B?, N, K) -> int32 (..., M, N)
+    def grouped_int_dot(self, a: Any, w: Any, group_size: int, batched: bool) -> Any: ...  # -> int32 (..., M, N, G)
+    def grouped_scaled_sum(self, a: Any, w: Any, scale: Any, group_size: int, batched: bool) -> Any: ...
+    def float_linear(self, x: Any, w: Any, bias: Any, out_dtype: str, batched: bool) -> Any: ...
 
 
 def round_half_even(x: np.ndarray) -> np.ndarray:
@@ -89,17 +162,102 @@ def round_half_even(x: np.ndarray) -> np.ndarray:
     return np.rint(x)
 
 
-def check_finite(x: np.ndarray, name: str) -> None:
+_NP_DTYPES = {
+    "float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "float64": np.dtype(np.float64),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16), "int8": np.dtype(np.int8), "int32": np.dtype(np.int32),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn), "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+}
+
+
+class NumpyOps:
+    """`ArrayOps` in NumPy: the reference. Integer dots accumulate in int64 (an overflow shows)."""
+
+    name: ClassVar[str] = "numpy"
+    host_checks: ClassVar[bool] = True
+    dtypes: ClassVar[dict[str, np.dtype]] = _NP_DTYPES
+
+    def asarray(self, x: Any) -> np.ndarray:
+        return np.asarray(x)
+
+    def cast(self, x: Any, dtype: str) -> np.ndarray:
+        return np.asarray(x).astype(_NP_DTYPES[dtype])
+
+    def div(self, a: Any, b: Any) -> np.ndarray:
+        return np.asarray(a, np.float32) / np.float32(b) if np.isscalar(b) else np.asarray(a, np.float32) / b
+
+    def round(self, x: Any) -> np.ndarray:
+        return round_half_even(x)
+
+    def clip(self, x: Any, lo: float, hi: float) -> np.ndarray:
+        return np.clip(x, np.float32(lo), np.float32(hi))
+
+    def where(self, cond: Any, a: Any, b: Any) -> np.ndarray:
+        return np.where(cond, a, b).astype(np.result_type(a, b))  # a Python scalar stays weak (NEP 50)
+
+    def absmax(self, x: Any) -> np.ndarray:
+        return np.abs(x).max(-1, keepdims=True, initial=0).astype(np.float32)
+
+    def min(self, x: Any) -> np.ndarray:
+        return np.min(x, -1, keepdims=True, initial=np.inf).astype(np.float32)
+
+    def max(self, x: Any) -> np.ndarray:
+        return np.max(x, -1, keepdims=True, initial=-np.inf).astype(np.float32)
+
+    def count_nonfinite(self, x: Any) -> int:
+        x = np.asarray(x, np.float32)
+        return int(x.size - np.count_nonzero(np.isfinite(x)))
+
+    def pad_last(self, x: Any, k: int) -> np.ndarray:
+        return pad_k(np.asarray(x), k)
+
+    def pack_nibbles(self, q: Any) -> np.ndarray:
+        u = np.asarray(q).astype(np.uint8)
+        return ((u[..., 0::2] & 0xF) | ((u[..., 1::2] & 0xF) << 4)).astype(np.uint8).view(np.int8)
+
+    def unpack_nibbles(self, b: Any, signed: bool) -> np.ndarray:
+        u = np.asarray(b).view(np.uint8)
+        nib = np.stack([u & 0xF, u >> 4], axis=-1).reshape(*u.shape[:-1], 2 * u.shape[-1]).astype(np.int8)
+        return np.where(nib >= 8, nib - 16, nib).astype(np.int8) if signed else nib
+
+    def int_dot(self, a: Any, w: Any, batched: bool) -> np.ndarray:
+        acc = np.matmul(np.asarray(a, np.int64), np.swapaxes(np.asarray(w, np.int64), -1, -2))
+        if np.abs(acc).max(initial=0) >= INT32_LIMIT:
+            raise OverflowError(f"integer accumulator reached {np.abs(acc).max()} >= 2**31")
+        return acc
+
+    def grouped_int_dot(self, a: Any, w: Any, group_size: int, batched: bool) -> np.ndarray:
+        ag = np.asarray(a, np.int64).reshape(*a.shape[:-1], -1, group_size)
+        wg = np.asarray(w, np.int64).reshape(*w.shape[:-1], -1, group_size)
+        return np.einsum("...mgk,...ngk->...mng", ag, wg)
+
+    def grouped_scaled_sum(self, a: Any, w: Any, scale: Any, group_size: int, batched: bool) -> np.ndarray:
+        acc = self.grouped_int_dot(a, w, group_size, batched)
+        y = np.zeros(acc.shape[:-1], np.float32)
+        for g in range(acc.shape[-1]):
+            y = y + acc[..., g].astype(np.float32) * scale[..., None, :, g]
+        return y
+
+    def float_linear(self, x: Any, w: Any, bias: Any, out_dtype: str, batched: bool) -> np.ndarray:
+        # f64 products of f32-representable operands are exact; the sum is then rounded once to f32
+        y = np.matmul(np.asarray(x, np.float64), np.swapaxes(np.asarray(w, np.float64), -1, -2)).astype(np.float32)
+        if bias is not None:
+            y = y + np.asarray(bias).astype(np.float32)
+        return y.astype(_NP_DTYPES[out_dtype])
+
+
+NUMPY_OPS = NumpyOps()
+
+
+def check_finite(x: Any, name: str, ops: ArrayOps = NUMPY_OPS) -> None:
     """Raise ValueError if `x` holds NaN or Inf: quantizing those gives garbage silently."""
-    x = np.asarray(x)
-    if not np.all(np.isfinite(x)):
-        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+    bad = ops.count_nonfinite(x)
+    if bad:
         raise ValueError(
             f"{name} contains {bad} NaN/Inf value(s) and cannot be quantized; "
             f"clean or clip the tensor (e.g. nan_to_num) before quantizing it")
 
 
-def symmetric_scale(amax: np.ndarray, qtype: QType) -> np.ndarray:
+def symmetric_scale(amax: Any, qtype: QType, ops: ArrayOps = NUMPY_OPS) -> Any:
     """Scale of a symmetric format from the absolute maximum of each block.
 
     | amax                         | scale                            |
@@ -110,22 +268,33 @@ def symmetric_scale(amax: np.ndarray, qtype: QType) -> np.ndarray:
     The rule tests the computed scale, not amax, so a subnormal amax whose quotient underflows to 0
     cannot divide by zero (kernels: `scale = amax / qmax; scale = scale == 0 ? 1 : scale`).
     """
-    amax = np.asarray(amax, dtype=np.float32)
-    scale = amax / np.float32(qtype.qmax)
-    return np.where(scale == 0, np.float32(1.0), scale).astype(np.float32)
+    scale = ops.div(ops.cast(amax, "float32"), qtype.qmax)
+    return ops.where(scale == 0, 1.0, scale)
 
 
-def quantize_symmetric(x: np.ndarray, scale: np.ndarray, qtype: QType) -> np.ndarray:
-    """Codes `clip(round_half_even(x / scale), -qmax, qmax)` as int8.
+def to_codes(y: Any, qtype: QType, ops: ArrayOps = NUMPY_OPS) -> Any:
+    """Scaled values `y = x / scale (+ zero)` -> stored codes, saturating at the type's range.
+
+    | kind  | rule                                                         |
+    |-------|--------------------------------------------------------------|
+    | INT   | `clip(round_half_even(y), qmin, qmax)` as int8               |
+    | FLOAT | `clip(y, -qmax, qmax)` cast (round to nearest even) to storage |
+    """
+    if qtype.kind is Kind.FLOAT:
+        return ops.cast(ops.clip(y, qtype.qmin, qtype.qmax), qtype.storage)
+    return ops.cast(ops.clip(ops.round(y), qtype.qmin, qtype.qmax), "int8")
+
+
+def quantize_symmetric(x: Any, scale: Any, qtype: QType, ops: ArrayOps = NUMPY_OPS) -> Any:
+    """Codes `clip(round_half_even(x / scale), -qmax, qmax)` (integer types; see `to_codes`).
 
     `x / scale` is an IEEE f32 division (not a multiply by a reciprocal), so every backend that
     divides correctly rounded gets the same codes. Values beyond the range saturate at +-qmax.
     """
-    q = round_half_even(np.asarray(x, np.float32) / np.asarray(scale, np.float32))
-    return np.clip(q, qtype.qmin, qtype.qmax).astype(np.int8)
+    return to_codes(ops.div(ops.cast(x, "float32"), scale), qtype, ops)
 
 
-def asymmetric_params(xmin: np.ndarray, xmax: np.ndarray, qtype: QType) -> tuple[np.ndarray, np.ndarray]:
+def asymmetric_params(xmin: Any, xmax: Any, qtype: QType, ops: ArrayOps = NUMPY_OPS) -> tuple[Any, Any]:
     """Scale and integer zero point of an unsigned format from each block's min and max.
 
     The range is first widened to include 0, so that 0 (padding, ReLU outputs) is exactly
@@ -138,19 +307,19 @@ def asymmetric_params(xmin: np.ndarray, xmax: np.ndarray, qtype: QType) -> tuple
     | all >= 0 (min -> 0)   | max/15| 0    |
     | all <= 0 (max -> 0)   | -min/15 | 15 |
     """
-    lo = np.minimum(np.asarray(xmin, np.float32), np.float32(0))
-    hi = np.maximum(np.asarray(xmax, np.float32), np.float32(0))
+    lo = ops.clip(ops.cast(xmin, "float32"), -math.inf, 0)
+    hi = ops.clip(ops.cast(xmax, "float32"), 0, math.inf)
     span = hi - lo
-    scale = span / np.float32(qtype.qmax)
-    scale = np.where(scale == 0, np.float32(1), scale).astype(np.float32)
-    zero = np.clip(round_half_even(-lo / scale), qtype.qmin, qtype.qmax).astype(np.int8)
+    scale = ops.div(span, qtype.qmax)
+    scale = ops.where(scale == 0, 1.0, scale)
+    zero = to_codes(ops.div(-lo, scale), qtype, ops)
     return scale, zero
 
 
-def quantize_asymmetric(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, qtype: QType) -> np.ndarray:
+def quantize_asymmetric(x: Any, scale: Any, zero: Any, qtype: QType, ops: ArrayOps = NUMPY_OPS) -> Any:
     """Codes `clip(round_half_even(x / scale) + zero, 0, 2**bits - 1)` as int8."""
-    q = round_half_even(np.asarray(x, np.float32) / np.asarray(scale, np.float32)) + zero
-    return np.clip(q, qtype.qmin, qtype.qmax).astype(np.int8)
+    y = ops.round(ops.div(ops.cast(x, "float32"), scale)) + ops.cast(zero, "float32")
+    return to_codes(y, qtype, ops)
 
 
 def padded_k(k: int, *, group_size: int | None = None, packed: bool = False) -> int:
@@ -171,31 +340,23 @@ def pad_k(x: np.ndarray, k_padded: int) -> np.ndarray:
     return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)])
 
 
-def pack_int4(q: np.ndarray) -> np.ndarray:
+def pack_int4(q: Any, ops: ArrayOps = NUMPY_OPS) -> Any:
     """Pack 4-bit codes two per byte along the last axis (DESIGN.md section 3).
 
     Byte j holds k = 2j in the low nibble and k = 2j + 1 in the high nibble; an odd K is padded
     with a zero code. Works for int4 (two's complement nibbles) and uint4 (0..15) alike: the
     nibble is the low 4 bits of the code. Result is int8 of shape (..., ceil(K/2)).
     """
-    q = np.asarray(q)
-    if q.dtype != np.int8:
-        raise TypeError(f"pack_int4 expects int8 codes, got {q.dtype}")
-    q = pad_k(q, padded_k(q.shape[-1], packed=True)).astype(np.uint8)
-    lo, hi = q[..., 0::2] & 0xF, q[..., 1::2] & 0xF
-    return (lo | (hi << 4)).astype(np.uint8).view(np.int8)
+    if ops is NUMPY_OPS and np.asarray(q).dtype != np.int8:
+        raise TypeError(f"pack_int4 expects int8 codes, got {np.asarray(q).dtype}")
+    return ops.pack_nibbles(ops.pad_last(q, padded_k(q.shape[-1], packed=True)))
 
 
-def unpack_int4(packed: np.ndarray, k: int, qtype: QType) -> np.ndarray:
+def unpack_int4(packed: Any, k: int, qtype: QType, ops: ArrayOps = NUMPY_OPS) -> Any:
     """Inverse of `pack_int4`: int8 codes of shape (..., k), sign-extended for int4."""
-    b = np.asarray(packed).view(np.uint8)
-    if 2 * b.shape[-1] < k:
-        raise ValueError(f"packed array holds {2 * b.shape[-1]} values, fewer than K={k}")
-    nib = np.stack([b & 0xF, b >> 4], axis=-1).reshape(*b.shape[:-1], 2 * b.shape[-1])[..., :k]
-    nib = nib.astype(np.int8)
-    if qtype.signed:
-        nib = np.where(nib >= 8, nib - 16, nib).astype(np.int8)
-    return nib
+    if 2 * packed.shape[-1] < k:
+        raise ValueError(f"packed array holds {2 * packed.shape[-1]} values, fewer than K={k}")
+    return ops.unpack_nibbles(packed, qtype.signed)[..., :k]
 
 
 def max_exact_k(lhs: QType, rhs: QType) -> int:
@@ -203,4 +364,4 @@ def max_exact_k(lhs: QType, rhs: QType) -> int:
 
     `K * qmax_lhs * qmax_rhs < 2**31`: int8 x int8 gives 133,144; int8 x int4 gives 2,415,928.
     """
-    return (INT32_LIMIT - 1) // (lhs.qmax * rhs.qmax)
+    return (INT32_LIMIT - 1) // int(lhs.qmax * rhs.qmax)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from qkernels import dispatch
+from qkernels.hardware import device_kind
 
 __all__ = [
     "TABLE_FORMAT", "CACHE_ENV", "M_BUCKETS", "Tunable", "Key", "Entry", "Table", "Choice", "register",
@@ -46,34 +47,6 @@ CACHE_ENV = "QKERNELS_CACHE_DIR"
 SHIPPED_DIR = Path(__file__).parent / "tuned"
 M_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 """Row-count buckets of the tables; the last one also serves every M above it."""
-
-# Marketing names -> device kinds, most specific first ('H100' before 'H10'; 'L40' is not an 'L4').
-_DEVICE_KINDS = (
-    (r"H200", "h200"), (r"H100", "h100"), (r"H800", "h800"), (r"A100", "a100"), (r"A800", "a800"),
-    (r"A10G", "a10g"), (r"\bA10\b", "a10"), (r"L40S", "l40s"), (r"\bL40\b", "l40"), (r"\bL4\b", "l4"),
-    (r"MI300X", "mi300x"), (r"MI325X", "mi325x"), (r"MI250", "mi250"),
-    (r"TPU v5 ?lite|TPU v5e", "tpu-v5e"), (r"TPU v6 ?lite|TPU v6e", "tpu-v6e"), (r"TPU v5p|TPU v5\b", "tpu-v5p"),
-    (r"TPU v4", "tpu-v4"),
-)
-
-
-def device_kind(name: str) -> str:
-    """Stable key of a device's tuned table from the name its framework reports.
-
-    | name                                   | kind      |
-    |----------------------------------------|-----------|
-    | 'NVIDIA H100 80GB HBM3', 'H100 PCIe'   | 'h100'    |
-    | 'NVIDIA A100-SXM4-80GB'                | 'a100'    |
-    | 'AMD Instinct MI300X'                  | 'mi300x'  |
-    | 'TPU v5 lite'                          | 'tpu-v5e' |
-    | 'cpu', ''                              | 'cpu', '' |
-    | anything else                          | lower-case, runs of other characters -> '-' |
-    """
-    for pattern, kind in _DEVICE_KINDS:
-        if re.search(pattern, name, re.IGNORECASE):
-            return kind
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
 
 def m_bucket(m: int) -> int:
     """The table bucket serving M rows: the smallest bucket >= M (M above the last: the last)."""

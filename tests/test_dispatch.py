@@ -110,10 +110,10 @@ def test_reference_serves_everything_and_runs() -> None:
     x, w = rng.standard_normal((3, 40)).astype(np.float32), rng.standard_normal((5, 40)).astype(np.float32)
     for recipe in (qk.W8A8(), qk.W8A16(), qk.W4A16(32, zero_point=True), qk.W4A8(32)):
         p = _problem(recipe=recipe, m=3, n=5, k=40, framework="numpy", platform="cpu")
-        impl = dispatch.select(p)
-        assert impl.name == "reference"
+        call = dispatch.bind(p)
+        assert call.implementation.name == "reference"
         wq = reference.quantize(w, recipe.rhs)
-        np.testing.assert_array_equal(impl.run(p, x, wq.operand(), None), reference.qmatmul(x, wq, recipe))
+        np.testing.assert_array_equal(call.run(x, wq.operand(), None), reference.qmatmul(x, wq, recipe))
 
 
 def test_dispatch_names_no_dtype() -> None:

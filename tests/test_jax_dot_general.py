@@ -125,7 +125,7 @@ CANONICAL = [pytest.param(s, id=s.id) for s in (*shapes.SETS["awkward"][2:6], *s
 @pytest.mark.parametrize("shape", CANONICAL)
 def test_xla_int32_accumulators_equal_reference_exactly(shape, recipe):
     problem, x, w_ref, w = _canonical_case(shape, recipe)
-    acc = jax.jit(implementations.accumulators, static_argnums=0)(problem, jnp.asarray(x), w)
+    acc = jax.jit(dispatch.bind(problem, "xla").accumulate)(jnp.asarray(x), w)
     assert acc.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(acc), reference.accumulators(x, w_ref, recipe))
 
@@ -134,8 +134,7 @@ def test_xla_int32_accumulators_equal_reference_exactly(shape, recipe):
 @pytest.mark.parametrize("shape", CANONICAL)
 def test_xla_output_matches_reference(shape, recipe):
     problem, x, w_ref, w = _canonical_case(shape, recipe)
-    xla = dispatch.select(problem, "xla")
-    out = jax.jit(xla.run, static_argnums=0)(problem, jnp.asarray(x), w, None)
+    out = jax.jit(dispatch.bind(problem, "xla").run)(jnp.asarray(x), w, None)
     expected = reference.qmatmul(x, w_ref, recipe)
     x_deq = x if recipe.lhs is None else reference.quantize(x, recipe.lhs).dequantize()
     assert_close(out, expected, x_deq, w_ref.dequantize(), np.float32, what=f"xla {recipe.name} {shape.id}")

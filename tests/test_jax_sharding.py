@@ -60,7 +60,7 @@ def _shard(w_q, spec, mesh):
 
 
 def _assert_matches(out, unsharded, x, w_q, recipe):
-    if recipe.accumulation is qk.formats.Accumulation.INT32:  # int32 partials summed exactly, rescaled once
+    if recipe.accumulation.integer and not recipe.accumulation.grouped:  # int32 partials summed exactly, rescaled once
         np.testing.assert_array_equal(np.asarray(out), np.asarray(unsharded))
         return
     x_deq = x if recipe.lhs is None else reference.quantize(x, recipe.lhs).dequantize()
@@ -258,7 +258,7 @@ def test_run_partitioned_row_parallel_with_bias_and_prequantized_lhs():
     lhs_sharded = QOperand(put(lhs.qvalue, P(None, "d")), put(lhs.scale, P()))
     rhs = w_q.operand()
     rhs_sharded = QOperand(put(rhs.qvalue, P(None, "d")), put(rhs.scale, P()))
-    out = jax.jit(lambda l, r, b: sharding.run_partitioned(impl, problem, l, r, b))(lhs_sharded, rhs_sharded, bias)
+    out = jax.jit(lambda l, r, b: sharding.run_partitioned(dispatch.Bound.of(problem, impl), l, r, b))(lhs_sharded, rhs_sharded, bias)
     expected = reference.qmatmul(lhs_ref, rhs, recipe, bias=np.asarray(bias))
     assert_close(out, expected, lhs_ref.dequantize(), np.asarray(w_q.dequantize()).T, np.float32, np.asarray(bias))
 
@@ -318,7 +318,7 @@ def test_choose_layout_adopts_a_one_sided_k_split():
 def test_run_partitioned_refuses_non_canonical_operands():
     x, w_q = _case(qk.W8A8())
     with pytest.raises(TypeError, match=r"lhs \(2, 16, 256\).*Flatten"):
-        sharding.run_partitioned(_impl(), _problem(qk.W8A8()), jnp.asarray(x).reshape(2, 16, 256), w_q.operand())
+        sharding.run_partitioned(dispatch.Bound.of(_problem(qk.W8A8()), _impl()), jnp.asarray(x).reshape(2, 16, 256), w_q.operand())
 
 
 @pytest.mark.slow
@@ -346,12 +346,12 @@ def test_pallas_tpu_kernels_partition_under_explicit_axes_for_a_v5e_mesh():
         args = (sds((m, k), jnp.bfloat16, x_spec), sds((n, k), jnp.int8, w_spec), sds((n,), jnp.float32, s_spec))
         return jax.jit(f).trace(*args).lower().compile().as_text()
 
-    partitioned = lambda x, q, s: sharding.run_partitioned(impl, problem, x, QOperand(q, s))  # noqa: E731
+    partitioned = lambda x, q, s: sharding.run_partitioned(dispatch.Bound.of(problem, impl), x, QOperand(q, s))  # noqa: E731
     column = compiled(partitioned, P(), P("d", None), P("d"))
     assert "tpu_custom_call" in column and not re.search("|".join(COLLECTIVES), column)
     row = compiled(partitioned, P(None, "d"), P(None, "d"), P())
     assert re.search(r"= s32\[[\d,]*\][^\n]* all-reduce(?:-start)?\(", row)
-    local = jax.shard_map(lambda x, q, s: sharding.run_partitioned(impl, dataclasses.replace(problem, m=m // 4), x,
+    local = jax.shard_map(lambda x, q, s: sharding.run_partitioned(dispatch.Bound.of(dataclasses.replace(problem, m=m // 4), impl), x,
                                                                    QOperand(q, s)),
                           mesh=mesh, in_specs=(P("d"), P(), P()), out_specs=P("d"))
     assert "tpu_custom_call" in compiled(local, P("d"), P(), P())

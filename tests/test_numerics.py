@@ -34,7 +34,11 @@ def arrays(max_k: int = 300):
 def _block_scale(q: reference.RefQuantized) -> np.ndarray:
     """Scale broadcast to each element of the logical array."""
     kp = q.fmt.padded_k(q.k)
-    return np.broadcast_to(reference._broadcast(q.scale, q.fmt, kp), (*q.qvalue.shape[:-1], kp))[..., :q.k]
+    if q.fmt.granularity is Granularity.GROUP:
+        per_element = np.repeat(q.scale, q.fmt.group_size, axis=-1)
+    else:
+        per_element = q.scale[..., None] if q.fmt.granularity is Granularity.ROW else q.scale
+    return np.broadcast_to(per_element, (*q.qvalue.shape[:-1], kp))[..., :q.k]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

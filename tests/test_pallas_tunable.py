@@ -147,9 +147,9 @@ def test_tpu_run_uses_the_chosen_config(dirs, monkeypatch):
                        [tuning.Entry(key=tuning.key_of(prob), config=tuned)], measured=True, provenance={})
     seen = {}
     monkeypatch.setattr(ops, "qmatmul", lambda *a, **kw: seen.update(kw) or "out")
-    impl = dispatch.select(prob)
-    assert impl.name == "pallas.tpu.w4a8"
-    assert impl.run(prob, None, None, None) == "out"
+    call = dispatch.bind(prob)
+    assert call.implementation.name == "pallas.tpu.w4a8"
+    assert call.run(None, None, None) == "out"
     assert seen["config"] == tuned and seen["target"] is ops.Target.TPU_V5E
 
 

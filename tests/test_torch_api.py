@@ -10,7 +10,7 @@ from torch import nn
 
 import qkernels as qk
 from qkernels import testing
-from torch_bindings import OPS
+from torch_bindings import LINEAR
 
 RECIPES = [
     pytest.param(qk.W8A8(), id="w8a8"),
@@ -38,7 +38,7 @@ def test_opcheck(recipe, with_bias):
     wq = qk.quantize(torch.randn(11, 45) * 0.02, recipe)
     x = _x((5, 45)).requires_grad_(True)
     bias = torch.randn(11, requires_grad=True) if with_bias else None
-    torch.library.opcheck(OPS[recipe.tag], (x, wq.qvalue, wq.scale, wq.zero_point, bias, recipe.name))
+    torch.library.opcheck(LINEAR, (x, wq.qvalue, wq.scale, wq.zero_point, bias, recipe.name))
 
 
 @pytest.mark.parametrize("recipe", [pytest.param(qk.W8A8(), id="w8a8"), pytest.param(qk.W4A16(32), id="w4a16-g32")])

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 import qkernels as qk
 from qkernels import numerics, reference, testing
 from qkernels.formats import Accumulation
-from torch_bindings import cpu
+from qkernels import dispatch
+from torch_bindings.ops import make_problem
 from torch_bindings.ops import _to_numpy
 from torch_bindings.qtensor import quantize_rows
 
@@ -85,7 +86,8 @@ def test_w8a8_int32_accumulators_equal_reference(m, n, k, seed, dtype):
     ref_x = reference.quantize(_to_numpy(x), recipe.lhs)
     np.testing.assert_array_equal(a.numpy(), ref_x.qvalue)
     np.testing.assert_array_equal(s.numpy(), ref_x.scale)
-    acc = cpu.int_matmul(a, wq.qvalue)
+    problem = make_problem(x, n, recipe, False)
+    acc = dispatch.bind(problem, "torch-cpu").accumulate(x, wq.operand())
     assert acc.dtype == torch.int32
     np.testing.assert_array_equal(acc.numpy().astype(np.int64), reference.accumulators(_to_numpy(x), wq.operand()._replace(
         qvalue=wq.qvalue.numpy(), scale=wq.scale.numpy()), recipe))
@@ -96,12 +98,7 @@ def test_w4a8_per_group_accumulators_equal_reference(m, n, k, seed):
     recipe = qk.W4A8(32)
     x, w, _ = _case(seed, (m,), n, k, torch.float32, False)
     wq = qk.quantize(w, recipe)
-    from qkernels.dispatch import Problem
-    problem = Problem(recipe=recipe, m=m, n=n, k=k, act_dtype="float32", out_dtype="float32",
-                      framework="torch", platform="cpu")
-    a, _ = cpu.lhs_codes(problem, x)
-    from torch_bindings.qtensor import codes
-    accs = torch.stack(cpu.grouped_int_matmul(a, codes(wq.operand(), recipe.rhs), recipe.group_size), -1)
+    accs = dispatch.bind(make_problem(x, n, recipe, False), "torch-cpu").accumulate(x, wq.operand())
     expected = reference.accumulators(x.numpy(), wq.operand()._replace(qvalue=wq.qvalue.numpy(),
                                                                        scale=wq.scale.numpy()), recipe)
     np.testing.assert_array_equal(accs.numpy().astype(np.int64), expected)

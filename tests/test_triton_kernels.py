@@ -256,10 +256,11 @@ def test_dispatch_run_matches_reference(shape, recipe, lhs_quantized: bool, has_
                            act="int8" if lhs_quantized else act, out="float32", bias=has_bias,
                            lhs_quantized=lhs_quantized)
     with dispatch.use_backend("triton"):
-        impl = dispatch.select(problem)
+        call = dispatch.bind(problem)
+    impl = call.implementation
     assert impl.name.startswith(PREFIX) and impl.priority == (-10 if INTERPRET else 100)
     lhs = QOperand(*quantize_rows(xt)) if lhs_quantized else xt
-    y = impl.run(problem, lhs, QOperand(t(wq.qvalue), t(wq.scale), t(wq.zero_point)), t(b))
+    y = call.run(lhs, QOperand(t(wq.qvalue), t(wq.scale), t(wq.zero_point)), t(b))
     expected = reference.qmatmul(xn, wq, recipe, bias=b, out_dtype="float32")
     if recipe.lhs is not None:
         np.testing.assert_array_equal(f32(y), expected)

@@ -1,13 +1,17 @@
-"""'torch-cpu': the CPU fast path for every recipe, registered with dispatch at priority 50.
+"""'torch-cpu': the CPU path for every recipe whose accumulation it implements, priority 50.
+
+It executes the recipe's own definition (`Recipe.matmul`) with `torch_bindings.arrays.TORCH_OPS`, so
+a new format needs nothing here. What that gives for the shipped recipes:
 
 - W8A8: dynamic per-row int8 activations (bit-exact to numerics), one `torch._int_mm` (exact int32;
-  on CPU it takes any M, K, N, M=1 and odd K included, so nothing is padded), rescale in f32 in
-  DESIGN.md's order, `(f32(acc) * s_lhs[m]) * s_rhs[n] + bias[n]`: outputs equal the reference's.
+  on CPU it takes any M, K, N, M=1 and odd K included), rescale in f32 in DESIGN.md's order,
+  `(f32(acc) * s_lhs[m]) * s_rhs[n] + bias[n]`: outputs equal the reference's.
 - W4A8: the same activations, one `_int_mm` per group of K (exact int32 partials), then
   `y = y + f32(acc_g) * s_rhs[n, g]` group by group, `y * s_lhs[m] + bias[n]`: equal to the reference.
-- W4A16 / W8A16: weights dequantized as the reference does (`(f32(q) - zero) * scale`, cast to the
-  activation dtype), then a float matmul with f32 accumulation (oneDNN for bf16; f32 for f32; fp16
-  is upcast to f32 because the CPU fp16 GEMM is ~6x slower than f32 here). Accurate, not bit-exact.
+- W4A16 / W8A16 (and any weight-only format): weights dequantized as the reference does
+  (`(f32(q) - zero) * scale`, cast to the activation dtype), then a float matmul with f32
+  accumulation (oneDNN for bf16; f32 for f32; fp16 is upcast to f32 because the CPU fp16 GEMM is
+  ~6x slower than f32 here). Accurate, not bit-exact.
   Measured on this machine (4096x4096 weight): `torch._weight_int8pack_mm` is ~3x slower than a
   bf16 GEMM and ~30x slower in f32; `_weight_int4pack_mm_for_cpu` is 2x faster than a bf16 GEMM at
   M=1 but needs a ~60 ms repack of every weight (not representable in the canonical QOperand), is
@@ -19,76 +23,30 @@ from __future__ import annotations
 import torch
 
 from qkernels import dispatch
-from qkernels.dispatch import Problem
+from qkernels.dispatch import Bound, Problem
 from qkernels.formats import Accumulation, QOperand
-from torch_bindings.qtensor import codes, dequantize_operand, quantize_rows
+from torch_bindings.arrays import DTYPES, TORCH_OPS
 
-__all__ = ["int_matmul", "grouped_int_matmul", "lhs_codes", "IMPLEMENTATION"]
+__all__ = ["register", "SERVES"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SERVES = dispatch.Serves.accumulating(Accumulation.INT32.name, Accumulation.INT32_PER_GROUP.name,
+                                      Accumulation.FLOAT.name)
+"""The accumulations `Recipe.matmul` knows with `TORCH_OPS`: any recipe built on them is served."""
 
-
-def _int_mm_nt(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Exact int32 `w (N, K) @ a (M, K)^T` -> (N, M).
-
-    `torch._int_mm(w, a.t())` is ~1.5-3x faster on CPU than `_int_mm(a, w.t())` for the (N, K)
-    weight layout. It returns garbage for K=1 (measured, torch 2.13: the (1, M) transposed view has
-    ambiguous strides), so K=1 is zero-padded to 2, which leaves every dot unchanged.
-    """
-    if a.shape[1] == 1:
-        a, w = (torch.nn.functional.pad(t, (0, 1)) for t in (a, w))
-    return torch._int_mm(w, a.t())
+_FLOATS = ("float32", "bfloat16", "float16")
 
 
-def int_matmul(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Exact int32 `a (M, K) @ w (N, K)^T` -> (M, N) for int8 codes within the recipe's K limit."""
-    return _int_mm_nt(w, a).t()
+def _run(call: Bound, lhs: torch.Tensor | QOperand, rhs: QOperand, bias: torch.Tensor | None) -> torch.Tensor:
+    p = call.problem
+    return p.recipe.matmul(TORCH_OPS, lhs, rhs, bias, k=p.k, batched=False, act_dtype=p.act_dtype,
+                           out_dtype=p.out_dtype)
 
 
-def grouped_int_matmul(a: torch.Tensor, w: torch.Tensor, group_size: int) -> list[torch.Tensor]:
-    """Exact int32 partial dots per group of K: [(M, N)] * G for codes a (M, Kp), w (N, Kp)."""
-    return [int_matmul(a[:, s:s + group_size], w[:, s:s + group_size])
-            for s in range(0, w.shape[1], group_size)]
-
-
-def lhs_codes(problem: Problem, lhs: torch.Tensor | QOperand) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 activation codes (M, K_padded), zero-padded to the weight's K, and per-row scales (M,)."""
-    q, scale = (lhs.qvalue, lhs.scale) if isinstance(lhs, QOperand) else quantize_rows(lhs)
-    extra = problem.rhs_format.padded_k(problem.k) - q.shape[-1]
-    if extra:
-        q = torch.nn.functional.pad(q, (0, extra))
-    return q, scale.to(torch.float32)
-
-
-def _run(problem: Problem, lhs: torch.Tensor | QOperand, rhs: QOperand, bias: torch.Tensor | None) -> torch.Tensor:
-    out_dtype = _DTYPES[problem.out_dtype]
-    recipe = problem.recipe
-    f32 = torch.float32
-    if recipe.accumulation is Accumulation.FLOAT:
-        x = lhs
-        w = dequantize_operand(rhs, recipe.rhs, problem.k).to(x.dtype)
-        if x.dtype == torch.bfloat16 and (bias is None or bias.dtype == x.dtype):
-            return torch.nn.functional.linear(x, w, bias)  # oneDNN: f32 accumulate, bias, one rounding
-        y = torch.nn.functional.linear(x.to(f32), w.to(f32))
-        return (y if bias is None else y + bias.to(f32)).to(out_dtype)
-    a, s_lhs = lhs_codes(problem, lhs)
-    w = codes(rhs, recipe.rhs)
-    if recipe.accumulation is Accumulation.INT32:
-        # Rescale in the (N, M) layout _int_mm produces (contiguous, in place): same operations, same
-        # order as DESIGN.md, then one transposing copy.
-        y = torch.mul(_int_mm_nt(w, a), s_lhs[None, :])  # int32 promoted to f32, then the multiply
-        y.mul_(rhs.scale[:, None])
-        if bias is not None:
-            y.add_(bias.to(f32)[:, None])
-        return torch.empty(y.shape[::-1], dtype=out_dtype).copy_(y.t())  # cast + transpose, one pass
-    else:
-        y = torch.zeros(a.shape[0], w.shape[0], dtype=f32)
-        for g, acc_g in enumerate(grouped_int_matmul(a, w, recipe.group_size)):
-            y = y + acc_g.to(f32) * rhs.scale[None, :, g]
-        y = y * s_lhs[:, None]
-    if bias is not None:
-        y = y + bias.to(f32)
-    return y.to(out_dtype)
+def _accumulate(call: Bound, lhs: torch.Tensor | QOperand, rhs: QOperand) -> torch.Tensor:
+    """The exact int32 accumulators of an integer recipe: (M, N), or (M, N, G) per group."""
+    p = call.problem
+    lhs = p.recipe.accumulation.lhs_operand(p.recipe, TORCH_OPS, lhs)
+    return p.recipe.accumulation.accumulators(p.recipe, TORCH_OPS, lhs, rhs, k=p.k, batched=False)
 
 
 def _supports(problem: Problem) -> str | None:
@@ -98,11 +56,17 @@ def _supports(problem: Problem) -> str | None:
         return "batched (3-D) weights are not supported; fold the batch into M or use the reference"
     if problem.lhs_quantized and problem.recipe.lhs is None:
         return f"{problem.recipe.name} takes float activations, not pre-quantized ones"
-    if problem.act_dtype not in _DTYPES or problem.out_dtype not in _DTYPES:
+    act = problem.act_dtype if not problem.lhs_quantized else "float32"
+    if act not in _FLOATS or problem.out_dtype not in _FLOATS:
         return f"activations {problem.act_dtype} -> {problem.out_dtype}: only float32/bfloat16/float16"
+    storage = problem.recipe.rhs.qtype.storage
+    if storage not in DTYPES:
+        return f"weights stored as {storage}, which torch cannot hold"
     return None
 
 
-IMPLEMENTATION = dispatch.register(dispatch.Implementation(
-    name="torch-cpu", framework="torch", priority=50, supports=_supports, run=_run,
-    description="torch on CPU: torch._int_mm for W8A8/W4A8 (exact), dequantize + GEMM for W8A16/W4A16"))
+def register() -> None:
+    dispatch.register(dispatch.Implementation(
+        name="torch-cpu", framework="torch", priority=50, supports=_supports, run=_run, serves=SERVES,
+        accumulate=_accumulate,
+        description="torch on CPU: torch._int_mm for integer dots (exact), dequantize + GEMM for weight-only"))

@@ -6,7 +6,7 @@ import torch
 
 from qkernels import dispatch
 from qkernels.formats import W8A8
-from torch_bindings.ops import OPS, make_problem
+from torch_bindings.ops import LINEAR, make_problem
 from torch_bindings.qtensor import FLOAT_DTYPES, QTensor, quantize
 
 __all__ = ["linear", "explain"]
@@ -27,7 +27,7 @@ def _prepare(input: torch.Tensor, weight: torch.Tensor | QTensor,
             raise RuntimeError(
                 "weight requires grad, but a float weight is quantized per call and gets no gradient; "
                 "quantize it once with qkernels.quantize(weight, recipe) (frozen), or call under torch.no_grad()")
-        weight = quantize(weight, W8A8())
+        weight = quantize(weight, W8A8)
     elif not isinstance(weight, QTensor):
         raise TypeError(f"weight must be a float torch.Tensor or a QTensor from qkernels.quantize, "
                         f"got {type(weight).__name__}")
@@ -56,18 +56,19 @@ def linear(input: torch.Tensor, weight: torch.Tensor | QTensor, bias: torch.Tens
     input: (..., in_features) float32/bfloat16/float16; the output has input's dtype and
     shape (..., out_features). weight: a `QTensor` from `qkernels.quantize(w, recipe)` (fast), or a
     float (out_features, in_features) tensor, which is quantized with W8A8 on EVERY call (correct
-    but slow: quantize once and reuse the QTensor). Runs `torch.ops.qkernels.<recipe>_linear`, which
-    picks its implementation through `qkernels.dispatch` (see `qkernels.explain(input, weight, bias)`).
+    but slow: quantize once and reuse the QTensor). Runs `torch.ops.qkernels.linear`, whose bound
+    call (implementation and config, `qkernels.explain(input, weight, bias)`) is made once per
+    distinct shape, dtype, recipe and device.
     Gradients flow to input (straight-through the dequantized weight) and bias, never to the weight.
     """
     x, w = _prepare(input, weight, bias)
-    op = OPS[w.recipe.tag]
-    y = op(x, w.qvalue, w.scale, w.zero_point, bias, w.recipe.name)
+    y = LINEAR(x, w.qvalue, w.scale, w.zero_point, bias, w.recipe.name)
     return y.reshape(*input.shape[:-1], w.out_features)
 
 
 def explain(input: torch.Tensor, weight: torch.Tensor | QTensor, bias: torch.Tensor | None = None,
-            backend: str | None = None) -> dispatch.Explanation:
-    """Every implementation that could run `linear(input, weight, bias)`, with its verdict and the choice."""
+            backend: str | None = None, *, verbose: bool = False) -> dispatch.Explanation:
+    """The implementations that could run `linear(input, weight, bias)`, with their verdicts and the
+    choice (`verbose=True`: every registered torch implementation, other recipes' too)."""
     x, w = _prepare(input, weight, bias)
-    return dispatch.explain(make_problem(x, w.out_features, w.recipe, bias is not None), backend)
+    return dispatch.explain(make_problem(x, w.out_features, w.recipe, bias is not None), backend, verbose=verbose)

@@ -10,8 +10,9 @@ from torch import nn
 
 from qkernels import dispatch
 from qkernels.formats import Recipe, W8A8, resolve_recipe
+from torch_bindings.arrays import DTYPES, dtype_name
 from torch_bindings.functional import linear
-from torch_bindings.ops import device_of, dtype_name, platform_of
+from torch_bindings.ops import device_of, platform_of
 from torch_bindings.qtensor import QTensor, quantize
 
 __all__ = ["QLinear", "quantize_"]
@@ -32,8 +33,8 @@ class QLinear(nn.Module):
         self.recipe: Recipe = resolve_recipe(recipe)
         fmt = self.recipe.rhs
         scale_shape = fmt.scale_shape((out_features, in_features))
-        self.register_buffer("qvalue", torch.zeros(out_features, fmt.stored_k(in_features), dtype=torch.int8,
-                                                   device=device))
+        self.register_buffer("qvalue", torch.zeros(out_features, fmt.stored_k(in_features),
+                                                   dtype=DTYPES[fmt.qtype.storage], device=device))
         self.register_buffer("scale", torch.ones(scale_shape, dtype=torch.float32, device=device))
         self.register_buffer("zero_point", torch.zeros(scale_shape, dtype=torch.int8, device=device)
                              if fmt.zero_point else None)

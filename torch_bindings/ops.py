@@ -1,14 +1,17 @@
-"""`torch.library` custom ops `qkernels::<family>_linear`, one per kernel family.
+"""The `torch.library` custom op `qkernels::linear`: one op for every recipe, and the bound calls it runs.
 
-Each op takes plain tensors plus the recipe name (a static string), has a CPU kernel, a CUDA
-kernel and a fake (meta) implementation, and an autograd formula (straight-through the dequantized
-weight). The kernels build a `qkernels.dispatch.Problem` and run whatever `dispatch.select` picks,
-so dispatch stays opaque to `torch.compile` (no graph break) and `use_backend` /
-`$QKERNELS_BACKEND` still apply at run time. Implementations with framework 'any' (the NumPy
-reference) get NumPy arrays (bf16 through a uint16 view + `ml_dtypes.bfloat16`).
+`torch.ops.qkernels.linear(x (M, K), qvalue (N, K_stored), scale f32, zero_point?, bias (N,)?,
+recipe: str) -> (M, N)` in x's dtype. It has a CPU kernel, a CUDA kernel (the same dispatch, which
+selects Triton there), a fake (meta) implementation and an autograd formula (straight-through the
+dequantized weight), so `torch.compile(fullgraph=True)` sees one opaque op and `use_backend` /
+`$QKERNELS_BACKEND` still apply at run time.
 
-Op signature: `(x (M, K), qvalue (N, K_stored) int8, scale f32, zero_point int8?, bias (N,)?,
-recipe: str) -> (M, N)` in x's dtype.
+The recipe crosses the op boundary as its name (custom ops take strings, not objects) and comes back
+by a dictionary lookup (`formats.recipe_named`), never parsed per call. Everything else about a call
+is decided once per (shapes, dtypes, recipe, device, backend) by `bind`, which validates the
+operands, builds the `Problem` and asks dispatch for the `Bound` call: a repeated call is a cache hit.
+Implementations with framework 'any' (the NumPy reference) get NumPy arrays (bf16 through a uint16
+view + `ml_dtypes.bfloat16`).
 """
 
 from __future__ import annotations
@@ -20,27 +23,24 @@ import ml_dtypes
 import numpy as np
 import torch
 
-from qkernels import dispatch, tuning
-from qkernels.dispatch import Problem
-from qkernels.formats import QOperand, Recipe, parse_recipe
+from qkernels import dispatch, hardware
+from qkernels.dispatch import Bound, Problem
+from qkernels.formats import QOperand, Recipe, recipe_named
+from torch_bindings.arrays import dtype_name
 from torch_bindings.qtensor import dequantize_operand
 
-__all__ = ["OPS", "platform_of", "device_of", "make_problem", "dtype_name"]
+__all__ = ["LINEAR", "platform_of", "device_of", "make_problem", "dtype_name", "bind"]
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
+@functools.lru_cache(maxsize=64)
 def platform_of(device: torch.device) -> str:
-    """Dispatch platform string: 'cpu', 'cuda:sm_90', 'rocm:gfx942'."""
+    """Dispatch platform string: 'cpu', 'cuda:sm_90', 'rocm:gfx942' (`qkernels.hardware`)."""
     if device.type == "cpu":
         return "cpu"
     if device.type == "cuda":
         if torch.version.hip:
-            return "rocm:" + torch.cuda.get_device_properties(device).gcnArchName.split(":")[0]
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"cuda:sm_{major}{minor}"
+            return hardware.rocm_platform(torch.cuda.get_device_properties(device).gcnArchName)
+        return hardware.cuda_platform(*torch.cuda.get_device_capability(device))
     raise ValueError(f"device {device} is not supported; qkernels runs on cpu and cuda (NVIDIA/ROCm) tensors")
 
 
@@ -48,7 +48,7 @@ def platform_of(device: torch.device) -> str:
 def device_of(device: torch.device) -> str:
     """Device kind of a tensor's device, the key of its tuned-config tables ('h100', 'cpu')."""
     if device.type == "cuda":
-        return tuning.device_kind(torch.cuda.get_device_name(device))
+        return hardware.device_kind(torch.cuda.get_device_name(device))
     return device.type
 
 
@@ -57,6 +57,37 @@ def make_problem(x: torch.Tensor, n: int, recipe: Recipe, has_bias: bool) -> Pro
     return Problem(recipe=recipe, m=x.shape[0], n=n, k=x.shape[-1], act_dtype=dtype_name(x.dtype),
                    out_dtype=dtype_name(x.dtype), has_bias=has_bias, framework="torch",
                    platform=platform_of(x.device), device=device_of(x.device))
+
+
+def _check(x: tuple[int, ...], qvalue: tuple[int, ...], bias: tuple[int, ...] | None, recipe: Recipe) -> None:
+    """The op's operand checks on shapes (symbolic under torch.compile's fake tensors)."""
+    if len(x) != 2:
+        raise ValueError(f"qkernels::linear takes a 2-D (M, K) input, got shape {x}")
+    stored = recipe.rhs.stored_k(x[1])
+    if len(qvalue) != 2 or qvalue[1] != stored:
+        raise ValueError(f"qvalue has shape {qvalue} but an input with K={x[1]} in {recipe.name} "
+                         f"needs (N, {stored}); the weight's in_features does not match the input")
+    if bias is not None and bias != (qvalue[0],):
+        raise ValueError(f"bias has shape {bias}; expected ({qvalue[0]},)")
+
+
+_checked = functools.lru_cache(maxsize=4096)(_check)  # a call's shapes are checked once (errors are not cached)
+
+
+@functools.lru_cache(maxsize=4096)
+def _bind(m: int, k: int, dtype: torch.dtype, device: torch.device, n: int, has_bias: bool, recipe: Recipe,
+          backend: str | None, version: int) -> Bound:
+    problem = Problem(recipe=recipe, m=m, n=n, k=k, act_dtype=dtype_name(dtype), out_dtype=dtype_name(dtype),
+                      has_bias=has_bias, framework="torch", platform=platform_of(device), device=device_of(device))
+    return dispatch.bind(problem, backend)
+
+
+def bind(x: torch.Tensor, qvalue: torch.Tensor, bias: torch.Tensor | None, recipe: str) -> Bound:
+    """The bound call of one `qkernels::linear`: validated and selected once per distinct call."""
+    r = recipe_named(recipe)
+    _checked(tuple(x.shape), tuple(qvalue.shape), None if bias is None else tuple(bias.shape), r)
+    return _bind(x.shape[0], x.shape[1], x.dtype, x.device, qvalue.shape[0], bias is not None, r,
+                 dispatch.requested_backend(), dispatch.registry_version())
 
 
 def _to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
@@ -75,50 +106,39 @@ def _from_numpy(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(a).to(device)
 
 
-def _check(family: str, x: torch.Tensor, qvalue: torch.Tensor, bias: torch.Tensor | None, recipe: str) -> Recipe:
-    r = parse_recipe(recipe)
-    if r.tag != family:
-        raise ValueError(f"qkernels::{family}_linear got recipe {recipe!r}; use qkernels::{r.tag}_linear")
-    if x.dim() != 2:
-        raise ValueError(f"qkernels::{family}_linear takes a 2-D (M, K) input, got shape {tuple(x.shape)}")
-    stored = r.rhs.stored_k(x.shape[1])
-    if qvalue.dim() != 2 or qvalue.shape[1] != stored:
-        raise ValueError(f"qvalue has shape {tuple(qvalue.shape)} but an input with K={x.shape[1]} in {r.name} "
-                         f"needs (N, {stored}); the weight's in_features does not match the input")
-    if bias is not None and tuple(bias.shape) != (qvalue.shape[0],):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({qvalue.shape[0]},)")
-    return r
-
-
-def _forward(family: str, x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor,
-             zero_point: torch.Tensor | None, bias: torch.Tensor | None, recipe: str) -> torch.Tensor:
-    r = _check(family, x, qvalue, bias, recipe)
-    problem = make_problem(x, qvalue.shape[0], r, bias is not None)
-    impl = dispatch.select(problem)
+def _kernel(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+            bias: torch.Tensor | None, recipe: str) -> torch.Tensor:
+    call = bind(x, qvalue, bias, recipe)
     rhs = QOperand(qvalue, scale, zero_point)
-    if impl.framework == dispatch.ANY_FRAMEWORK:
-        out = impl.run(problem, _to_numpy(x), QOperand(*map(_to_numpy, rhs)), _to_numpy(bias))
+    if call.implementation.framework == dispatch.ANY_FRAMEWORK:
+        out = call.run(_to_numpy(x), QOperand(*map(_to_numpy, rhs)), _to_numpy(bias))
         return _from_numpy(out, x.device)
-    return impl.run(problem, x, rhs, bias).contiguous()
+    return call.run(x, rhs, bias).contiguous()
 
 
-def _fake(family: str, x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor,
-          zero_point: torch.Tensor | None, bias: torch.Tensor | None, recipe: str) -> torch.Tensor:
-    _check(family, x, qvalue, bias, recipe)
+_linear = torch.library.custom_op("qkernels::linear", _kernel, mutates_args=(), device_types="cpu")
+# The CUDA kernel runs the same dispatch: on a GPU it selects the Triton implementation.
+_linear.register_kernel("cuda")(_kernel)
+
+
+@_linear.register_fake
+def _fake(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+          bias: torch.Tensor | None, recipe: str) -> torch.Tensor:
+    _check(tuple(x.shape), tuple(qvalue.shape), None if bias is None else tuple(bias.shape), recipe_named(recipe))
     return x.new_empty((x.shape[0], qvalue.shape[0]))
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
     x, qvalue, scale, zero_point, bias, recipe = inputs
     ctx.save_for_backward(qvalue, scale, zero_point)
-    ctx.recipe, ctx.k, ctx.x_dtype = recipe, x.shape[1], x.dtype
+    ctx.recipe, ctx.k, ctx.x_dtype = recipe_named(recipe), x.shape[1], x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """Straight-through: d(input) = grad @ dequantize(W) in f32; the weight itself gets no grad."""
     qvalue, scale, zero_point = ctx.saved_tensors
-    recipe = parse_recipe(ctx.recipe)
+    recipe = ctx.recipe
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
         if recipe.quantized_backward:
@@ -132,22 +152,7 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     return grad_x, None, None, None, grad_bias, None
 
 
-def _define(family: str) -> Any:
-    def kernel(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-               bias: torch.Tensor | None, recipe: str) -> torch.Tensor:
-        return _forward(family, x, qvalue, scale, zero_point, bias, recipe)
+_linear.register_autograd(_backward, setup_context=_setup_context)
 
-    def fake(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-             bias: torch.Tensor | None, recipe: str) -> torch.Tensor:
-        return _fake(family, x, qvalue, scale, zero_point, bias, recipe)
-
-    op = torch.library.custom_op(f"qkernels::{family}_linear", kernel, mutates_args=(), device_types="cpu")
-    # The CUDA kernel runs the same dispatch: on a GPU it selects the Triton implementation.
-    op.register_kernel("cuda")(kernel)
-    op.register_fake(fake)
-    op.register_autograd(_backward, setup_context=_setup_context)
-    return op
-
-
-OPS: dict[str, Any] = {family: _define(family) for family in ("w8a8", "w8a16", "w4a16", "w4a8")}
-"""Custom op per recipe tag; `torch.ops.qkernels.<tag>_linear` is the same op."""
+LINEAR = torch.ops.qkernels.linear
+"""The custom op (`torch.ops.qkernels.linear`)."""

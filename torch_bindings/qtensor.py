@@ -1,8 +1,8 @@
 """`QTensor`: a quantized (out_features, in_features) weight in canonical layout, and `quantize`.
 
-Quantization here is torch-native (runs on the weight's device) and follows `qkernels.numerics`
-operation by operation, so codes and scales are bit-identical to `qkernels.reference.quantize`
-(IEEE f32 division by a tensor, `torch.round` ties to even, clip to the format's range).
+Quantization here is the format's own definition (`OperandFormat.quantize`) executed in torch on the
+weight's device (`torch_bindings.arrays.TORCH_OPS`), so codes and scales are bit-identical to
+`qkernels.reference.quantize`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
+from qkernels import numerics
 from qkernels.formats import OperandFormat, QOperand, Recipe, resolve_recipe
-from qkernels.numerics import Granularity
+from torch_bindings.arrays import DTYPES, TORCH_OPS
 
 __all__ = ["QTensor", "quantize", "quantize_rows", "unpack_int4", "codes", "dequantize_operand",
-           "FLOAT_DTYPES"]
+           "FLOAT_DTYPES", "check_float"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -45,7 +46,8 @@ class QTensor:
     def __post_init__(self) -> None:
         n, k = self.shape
         fmt = self.fmt
-        expect = {"qvalue": ((n, fmt.stored_k(k)), torch.int8), "scale": (fmt.scale_shape((n, k)), torch.float32)}
+        expect = {"qvalue": ((n, fmt.stored_k(k)), DTYPES[fmt.qtype.storage]),
+                  "scale": (fmt.scale_shape((n, k)), torch.float32)}
         if fmt.zero_point:
             expect["zero_point"] = (fmt.scale_shape((n, k)), torch.int8)
         elif self.zero_point is not None:
@@ -107,7 +109,8 @@ class QTensor:
         return f"QTensor(shape={self.shape}, recipe={self.recipe.name}, device={self.device})"
 
 
-def _check_float(x: torch.Tensor, name: str) -> None:
+def check_float(x: torch.Tensor, name: str) -> None:
+    """TypeError unless `x` is a float32/bfloat16/float16 tensor."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -115,86 +118,31 @@ def _check_float(x: torch.Tensor, name: str) -> None:
                         f"(cast it with .float() / .bfloat16())")
 
 
-def _check_finite(x: torch.Tensor, name: str) -> None:
-    finite = torch.isfinite(x)
-    if not bool(finite.all()):
-        bad = int(x.numel() - finite.sum())
-        raise ValueError(f"{name} contains {bad} NaN/Inf value(s) and cannot be quantized; "
-                         f"clean or clip the tensor (e.g. torch.nan_to_num) before quantizing it")
+def quantize_rows(x: torch.Tensor, fmt: OperandFormat | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic quantization of activations (..., K) per row: (codes, scale f32 (...,)).
 
-
-def _blocks(x: torch.Tensor, fmt: OperandFormat) -> torch.Tensor:
-    """(..., K_padded) -> (..., n_blocks, block): one scale per block."""
-    if fmt.granularity is Granularity.GROUP:
-        return x.reshape(*x.shape[:-1], -1, fmt.group_size)
-    if fmt.granularity is Granularity.ROW:
-        return x.unsqueeze(-2)
-    return x.reshape(*([1] * (x.ndim - 1)), 1, -1)
-
-
-def _divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IEEE f32 `a / b`; `b` is expanded so no backend takes a reciprocal-multiply scalar path."""
-    return torch.div(a, b.expand_as(a))
-
-
-def _symmetric(xb: torch.Tensor, fmt: OperandFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    qmax = fmt.qtype.qmax
-    amax = torch.linalg.vector_norm(xb, ord=float("inf"), dim=-1, keepdim=True)  # max |x|, one pass, exact
-    scale = torch.where(amax == 0, torch.ones_like(amax), _divide(amax, torch.full_like(amax, qmax)))
-    q = _divide(xb, scale).round_().clamp_(-qmax, qmax).to(torch.int8)
-    return q, scale
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic int8 quantization of activations (..., K) per row: (codes int8, scale f32 (...,)).
-
-    Bit-identical to `reference.quantize(x, recipe.lhs)`: f32 upcast, `amax / 127` (amax 0 -> 1),
-    `clip(round_half_even(x / scale), -127, 127)`.
+    The activation format's definition (default int8 per row) in torch: bit-identical to
+    `reference.quantize(x, fmt)`. A NaN/Inf anywhere in a row makes its scale non-finite: raises.
     """
-    from qkernels.numerics import INT8
+    from qkernels.formats import W8A8
 
-    fmt = OperandFormat(qtype=INT8, granularity=Granularity.ROW)
-    q, scale = _symmetric(x.to(torch.float32).unsqueeze(-2), fmt)
-    scale = scale[..., 0, 0]
-    if not bool(torch.isfinite(scale).all()):  # a NaN/Inf anywhere in a row makes its amax non-finite
-        bad = int((~torch.isfinite(scale)).sum())
-        raise ValueError(f"activations contain NaN/Inf in {bad} row(s) and cannot be quantized to int8; "
-                         f"fix the values upstream (e.g. torch.nan_to_num) or use a weight-only recipe")
-    return q.squeeze(-2), scale
-
-
-def _pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte along the last (even-length) axis: low nibble = even k."""
-    u = q.view(torch.uint8) & 0xF
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).view(torch.int8)
+    q = (fmt or W8A8.lhs).quantize_activations(x, TORCH_OPS)
+    return q.qvalue, q.scale
 
 
 def unpack_int4(packed: torch.Tensor, signed: bool) -> torch.Tensor:
-    """Inverse of the packing: int8 codes (..., 2 * K_stored), sign-extended when `signed`."""
-    if signed:  # arithmetic shifts of the int8 byte sign-extend each nibble
-        b = packed.view(torch.int8)
-        lo, hi = torch.bitwise_left_shift(b, 4) >> 4, b >> 4
-    else:
-        b = packed.view(torch.uint8)
-        lo, hi = b & 0xF, b >> 4
-    return torch.stack([lo, hi], dim=-1).reshape(*b.shape[:-1], 2 * b.shape[-1]).view(torch.int8)
+    """Two int4 / uint4 codes per byte -> int8 codes (..., 2 * K_stored), sign-extended when `signed`."""
+    return TORCH_OPS.unpack_nibbles(packed, signed)
 
 
 def codes(operand: QOperand, fmt: OperandFormat) -> torch.Tensor:
-    """Unpacked int8 codes (..., K_padded), padding included (zero codes)."""
+    """The codes (..., K_padded), unpacked for packed formats (padding included: zero codes)."""
     return unpack_int4(operand.qvalue, fmt.qtype.signed) if fmt.packed else operand.qvalue
 
 
 def dequantize_operand(operand: QOperand, fmt: OperandFormat, k: int) -> torch.Tensor:
-    """`(f32(q) - zero) * scale` in f32, shape (..., K): the reference's dequantize in torch."""
-    q = _blocks(codes(operand, fmt), fmt)
-    if fmt.zero_point:
-        q = q.to(torch.float32) - operand.zero_point.to(torch.float32).unsqueeze(-1)
-    scale = operand.scale.unsqueeze(-1)
-    if fmt.granularity is Granularity.ROW:
-        scale = scale.unsqueeze(-1)
-    w = torch.mul(q, scale)  # int8 codes promote to f32 inside the multiply: f32(q) * scale
-    return w.reshape(*w.shape[:-2], -1)[..., :k]
+    """`(f32(q) - zero) * scale` in f32, shape (..., K): the format's dequantize in torch."""
+    return fmt.dequantize(operand, k, TORCH_OPS)
 
 
 def quantize(w: torch.Tensor, recipe: Any = None, *, name: str = "weight") -> QTensor:
@@ -205,35 +153,13 @@ def quantize(w: torch.Tensor, recipe: Any = None, *, name: str = "weight") -> QT
     ValueError if the weight holds NaN/Inf, TypeError if it is not a float tensor.
     """
     recipe = resolve_recipe(recipe)
-    _check_float(w, name)
+    check_float(w, name)
     if w.ndim != 2:
         raise ValueError(f"{name} has shape {tuple(w.shape)}; quantize takes an (out_features, in_features) "
                          f"weight (reshape it to 2-D first)")
-    if w.requires_grad:
-        w = w.detach()
-    _check_finite(w, name)
-    fmt = recipe.rhs
-    n, k = w.shape
-    x = torch.nn.functional.pad(w.to(torch.float32), (0, fmt.padded_k(k) - k))
-    xb = _blocks(x, fmt)
-    zero = None
-    if fmt.zero_point:
-        qmax = fmt.qtype.qmax
-        lo = torch.clamp(xb.amin(-1, keepdim=True), max=0)
-        hi = torch.clamp(xb.amax(-1, keepdim=True), min=0)
-        span = hi - lo
-        scale = torch.where(span == 0, torch.ones_like(span), _divide(span, torch.full_like(span, qmax)))
-        zero = torch.clamp(torch.round(_divide(-lo, scale)), 0, qmax)
-        q = torch.clamp(torch.round(_divide(xb, scale)) + zero, 0, qmax).to(torch.int8)
-        zero = zero[..., 0].to(torch.int8)
-    else:
-        q, scale = _symmetric(xb, fmt)
-    q = q.reshape(n, -1)
-    if fmt.packed:
-        q = _pack_int4(q)
-    scale = scale[..., 0]
-    if fmt.granularity is Granularity.ROW:
-        scale = scale[..., 0]
-        zero = None if zero is None else zero[..., 0]
-    return QTensor(qvalue=q.contiguous(), scale=scale.contiguous(),
-                   zero_point=None if zero is None else zero.contiguous(), recipe=recipe, shape=(n, k))
+    w = w.detach()
+    numerics.check_finite(w, name, TORCH_OPS)
+    q = recipe.rhs.quantize(w, TORCH_OPS)
+    return QTensor(qvalue=q.qvalue.contiguous(), scale=q.scale.contiguous(),
+                   zero_point=None if q.zero_point is None else q.zero_point.contiguous(), recipe=recipe,
+                   shape=tuple(w.shape))

@@ -1,6 +1,7 @@
 """Pallas kernels (TPU through Mosaic, GPU through Pallas' Triton lowering) and their registration.
 
-Importing this package with JAX installed registers, for framework 'jax' and `Op.QMATMUL`:
+`register()` (called by `qkernels.backends`, JAX installed) registers, for framework 'jax' and
+`Op.QMATMUL`, each declared for its family's recipe tag:
   pallas.tpu.<family>   priority 100, platforms tpu:v5e / tpu:v6e / tpu:v5p
   pallas.gpu.<family>   priority 90,  platforms cuda:sm_80 and newer
   pallas.interpret      priority -10, platform cpu: the TPU kernels with interpret=True (tests;
@@ -15,12 +16,12 @@ use the tables in `configs.py` directly (interpretation: v5e's entry for the cal
 from __future__ import annotations
 
 import functools
-import importlib.util
 from typing import Any
 
-__all__ = ["supports_tpu", "supports_gpu", "supports_interpret"]
+from qkernels import hardware
 
-_INT8_MXU_REFUSED = ("v2", "v3", "v4")
+__all__ = ["supports_tpu", "supports_gpu", "supports_interpret", "register"]
+
 _FLOAT_ACTS = ("bfloat16", "float16", "float32")
 
 
@@ -49,15 +50,13 @@ def _common(problem: Any, family: Any) -> str | None:
 
 def supports_tpu(problem: Any, family: Any = None) -> str | None:
     """None if the Mosaic TPU kernel of `family` serves `problem`, else why not."""
-    from qkernels.kernels.pallas.configs import TPU_GENERATIONS
-
     if problem.device_kind != "tpu":
         return f"runs on TPU, not {problem.platform}"
     arch = problem.arch or "unknown"
-    if arch in _INT8_MXU_REFUSED and problem.recipe.lhs is not None:
+    if arch in hardware.TPU_NO_INT8_MXU and problem.recipe.lhs is not None:
         return f"Mosaic rejects int8 matmul on TPU {arch}; use TPU v5e/v6e/v5p or a weight-only recipe on XLA"
-    if arch not in TPU_GENERATIONS:
-        return f"no Pallas config for TPU {arch}; configs exist for {', '.join(TPU_GENERATIONS)}"
+    if arch not in hardware.TPU_GENERATIONS:
+        return f"no Pallas config for TPU {arch}; configs exist for {', '.join(hardware.TPU_GENERATIONS)}"
     return _common(problem, family)
 
 
@@ -65,8 +64,7 @@ def supports_gpu(problem: Any, family: Any = None) -> str | None:
     """None if the Pallas-Triton GPU kernel of `family` serves `problem`, else why not."""
     if problem.device_kind != "cuda":
         return f"runs on CUDA GPUs, not {problem.platform}"
-    arch = problem.arch or ""
-    if not arch.startswith("sm_") or not arch[3:].isdigit() or int(arch[3:]) < 80:
+    if hardware.table_arch(problem.platform) is None:
         return f"needs int8 tensor cores of sm_80 or newer, got {problem.platform}"
     return _common(problem, family)
 
@@ -78,34 +76,28 @@ def supports_interpret(problem: Any) -> str | None:
     return _common(problem, None)
 
 
-def _run(problem: Any, lhs: Any, rhs: Any, bias: Any, *, target: Any, config: Any = None) -> Any:
+def _run(call: Any, lhs: Any, rhs: Any, bias: Any, *, target: Any = None) -> Any:
+    """`Implementation.run`; on TPU (`target` None) with the tuned config the bound call carries."""
     from qkernels.kernels.pallas import ops
 
-    return ops.qmatmul(lhs, rhs, problem.recipe, bias=bias, out_dtype=problem.out_dtype, target=target,
-                       config=config)
+    problem = call.problem
+    config = None if target is not None else call.config.config
+    return ops.qmatmul(lhs, rhs, problem.recipe, bias=bias, out_dtype=problem.out_dtype,
+                       target=target or ops.Target(problem.arch), config=config)
 
 
-def _run_tpu(problem: Any, lhs: Any, rhs: Any, bias: Any) -> Any:
-    from qkernels import tuning
-    from qkernels.kernels.pallas.ops import Target
-
-    return _run(problem, lhs, rhs, bias, target=Target(problem.arch),
-                config=tuning.choose(problem, "pallas").config)
-
-
-def _accumulate(problem: Any, lhs: Any, rhs: Any, *, target: Any = None) -> Any:
+def _accumulate(call: Any, lhs: Any, rhs: Any, *, target: Any = None) -> Any:
     """`Implementation.accumulate`: the kernels' raw int32 accumulators (integer recipes); on TPU
     (`target` None) with the tuned config its `run` uses."""
-    from qkernels import tuning
     from qkernels.kernels.pallas import ops
 
-    if target is None:
-        return ops.accumulators(lhs, rhs, problem.recipe, target=ops.Target(problem.arch),
-                                config=tuning.choose(problem, "pallas").config)
-    return ops.accumulators(lhs, rhs, problem.recipe, target=target)
+    config = None if target is not None else call.config.config
+    return ops.accumulators(lhs, rhs, call.problem.recipe, target=target or ops.Target(call.problem.arch),
+                            config=config)
 
 
-def _register() -> None:
+def register() -> None:
+    """Register the TPU, GPU and interpreted implementations with dispatch."""
     from qkernels import dispatch, tuning
     from qkernels.kernels.pallas import tunable  # noqa: F401  (registers the 'pallas' Tunable)
     from qkernels.kernels.pallas.configs import Family
@@ -113,24 +105,23 @@ def _register() -> None:
 
     for family in Family:
         integer = family in (Family.W8A8, Family.W4A8)
+        serves = dispatch.Serves.tags(family.value)
         dispatch.register(dispatch.Implementation(
-            name=f"pallas.tpu.{family.value}", framework="jax", priority=100,
-            supports=functools.partial(supports_tpu, family=family), run=_run_tpu,
+            name=f"pallas.tpu.{family.value}", framework="jax", priority=100, serves=serves,
+            supports=functools.partial(supports_tpu, family=family), run=_run,
             accumulate=_accumulate if integer else None, configure=functools.partial(tuning.choose, backend="pallas"),
             description=f"Pallas/Mosaic {family.value} kernel, rescale fused, block sizes tuned per TPU and M"))
         dispatch.register(dispatch.Implementation(
-            name=f"pallas.gpu.{family.value}", framework="jax", priority=90,
+            name=f"pallas.gpu.{family.value}", framework="jax", priority=90, serves=serves,
             supports=functools.partial(supports_gpu, family=family),
             run=functools.partial(_run, target=Target.GPU),
             # the GPU kernels expose raw accumulators for W8A8 only (per-group ones live in the TPU kernel)
             accumulate=functools.partial(_accumulate, target=Target.GPU) if family is Family.W8A8 else None,
             description=f"Pallas {family.value} kernel through the Triton lowering (int8 tensor cores)"))
     dispatch.register(dispatch.Implementation(
-        name="pallas.interpret", framework="jax", priority=-10, supports=supports_interpret,
+        name="pallas.interpret", framework="jax", priority=-10, supports=supports_interpret, automatic=False,
+        serves=dispatch.Serves.tags(*(f.value for f in Family)),
         run=functools.partial(_run, target=Target.INTERPRET),
         accumulate=functools.partial(_accumulate, target=Target.INTERPRET),
         description="the Pallas TPU kernels run by the Pallas interpreter on CPU: exact, slow, for tests"))
 
-
-if importlib.util.find_spec("jax") is not None:
-    _register()

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from qkernels.formats import QOperand, Recipe, W4A8, W4A16, W8A8
+from qkernels.formats import QOperand, Recipe
 from qkernels.kernels.pallas import configs, quantize, tpu
 from qkernels.kernels.pallas.configs import Family
 from qkernels.kernels.pallas.layout import canonicalize
@@ -39,15 +39,12 @@ class Target(enum.Enum):
         return configs.tpu_config("v5e" if self.interpret or self is Target.GPU else self.value, family, m=m)
 
 
+_BY_TAG = {f.value: f for f in Family}
+
+
 def family_of(recipe: Recipe) -> Family | None:
-    """The kernel family serving `recipe`, or None (e.g. W8A16 has no Pallas kernel)."""
-    if isinstance(recipe, W8A8):
-        return Family.W8A8
-    if isinstance(recipe, W4A16):
-        return Family.W4A16
-    if isinstance(recipe, W4A8):
-        return Family.W4A8
-    return None
+    """The kernel family serving `recipe` (by its tag), or None (e.g. W8A16 has no Pallas kernel)."""
+    return _BY_TAG.get(recipe.tag)
 
 
 def quantize_activations(x: jnp.ndarray, target: Target) -> QOperand:
@@ -128,13 +125,8 @@ def qmatmul(lhs: Any, rhs: QOperand, recipe: Recipe, *, bias: Any = None, out_dt
     lhs_q, lhs_s, w_q, w_s, w_z, canon = _prepare(lhs, rhs, recipe, target)
     module, config = _kernels(target, family, canon.m, config)
     bias = None if bias is None else jnp.asarray(bias)
-    kw = dict(out_dtype=out_dtype, config=config, interpret=target.interpret)
-    if family is Family.W8A8:
-        out = module.w8a8(lhs_q, lhs_s, w_q, w_s, bias, **kw)
-    elif family is Family.W4A16:
-        out = module.w4a16(lhs_q, w_q, w_s, w_z, bias, group=recipe.group_size, **kw)
-    else:
-        out = module.w4a8(lhs_q, lhs_s, w_q, w_s, bias, group=recipe.group_size, **kw)
+    out = _LAUNCHERS[family](module, lhs_q, lhs_s, w_q, w_s, w_z, bias, recipe.group_size,
+                             out_dtype=out_dtype, config=config, interpret=target.interpret)
     return out.reshape(canon.out_shape)
 
 
@@ -145,16 +137,31 @@ def accumulators(lhs: Any, rhs: QOperand, recipe: Recipe, *, target: Target = Ta
     `interpret` overrides the interpret argument of the kernel call (e.g. `pltpu.InterpretParams`).
     """
     family = family_of(recipe)
-    if family not in (Family.W8A8, Family.W4A8):
-        raise ValueError(f"{recipe.name} accumulates in float; it has no integer accumulators")
-    lhs_q, lhs_s, w_q, w_s, _, canon = _prepare(lhs, rhs, recipe, target)
+    if family is None or not recipe.accumulation.integer:
+        raise ValueError(f"{recipe.name} accumulates in {recipe.accumulation.description}; it has no Pallas "
+                         f"integer accumulators")
+    lhs_q, lhs_s, w_q, w_s, w_z, canon = _prepare(lhs, rhs, recipe, target)
     module, config = _kernels(target, family, canon.m, config)
-    kw = dict(out_dtype=jnp.int32, config=config, raw=True,
-              interpret=target.interpret if interpret is None else interpret)
-    if family is Family.W8A8:
-        out = module.w8a8(lhs_q, lhs_s, w_q, w_s, None, **kw)
-        return out.reshape(canon.out_shape)
-    out = module.w4a8(lhs_q, lhs_s, w_q, w_s, None, group=recipe.group_size, **kw)
-    return out.reshape(*canon.out_shape, out.shape[-1])
+    out = _LAUNCHERS[family](module, lhs_q, lhs_s, w_q, w_s, w_z, None, recipe.group_size, out_dtype=jnp.int32,
+                             config=config, raw=True, interpret=target.interpret if interpret is None else interpret)
+    groups = (out.shape[-1],) if recipe.accumulation.grouped else ()
+    return out.reshape(*canon.out_shape, *groups)
+
+
+# One launcher per family: the kernels' argument lists differ (W4A16 takes float activations and a
+# zero point, the integer families per-row activation scales).
+def _launch_w8a8(module, a, a_scale, w, w_scale, w_zero, bias, group, **kw):
+    return module.w8a8(a, a_scale, w, w_scale, bias, **kw)
+
+
+def _launch_w4a16(module, a, a_scale, w, w_scale, w_zero, bias, group, **kw):
+    return module.w4a16(a, w, w_scale, w_zero, bias, group=group, **kw)
+
+
+def _launch_w4a8(module, a, a_scale, w, w_scale, w_zero, bias, group, **kw):
+    return module.w4a8(a, a_scale, w, w_scale, bias, group=group, **kw)
+
+
+_LAUNCHERS = {Family.W8A8: _launch_w8a8, Family.W4A16: _launch_w4a16, Family.W4A8: _launch_w4a8}
 
 

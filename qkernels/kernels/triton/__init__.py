@@ -1,8 +1,8 @@
 """Triton kernels (CUDA sm_80+, ROCm gfx942) for the quantized matmul recipes, registered with dispatch.
 
 One module per family: `w8a8`, `w4a8`, `w4a16`, `w8a16` (matmuls with the rescale fused) and
-`quantize` (activations -> int8 + per-row scale). Importing this package (needs torch and triton)
-registers, for framework 'torch':
+`quantize` (activations -> int8 + per-row scale). `register()` (called by `qkernels.backends`; needs
+torch and triton) registers, for framework 'torch', each family declared for its recipe tag:
 
 | name                       | op       | priority | serves                                         |
 |----------------------------|----------|----------|------------------------------------------------|
@@ -12,25 +12,25 @@ registers, for framework 'torch':
 | triton.interpret.quantize  | quantize | -10      | same                                           |
 
 so `with qkernels.use_backend("triton"): ...` runs the real kernels in the interpreter on CPU
-tensors, and automatic selection never picks the (slow) interpreter.
+tensors, and automatic selection never picks the (slow) interpreter (`automatic=False`).
 
-Each matmul runs with the config `qkernels.tuning.choose(problem, "triton")` returns (kernel variant
-— tile, split-K tile or GEMV — and block sizes, by M bucket, N, K and device: user cache, shipped
-table, then `heuristics`); `qkernels.explain` prints it with its source.
+Each matmul runs with the config its bound call carries (`call.config`, from
+`qkernels.tuning.choose(problem, "triton")` at bind time: kernel variant — tile, split-K tile or GEMV —
+and block sizes, by M bucket, N, K and device: user cache, shipped table, then `heuristics`);
+`qkernels.explain` prints it with its source.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from qkernels import dispatch, tuning
+from qkernels import dispatch, hardware, tuning
 from qkernels.formats import OperandFormat, QOperand
 from qkernels.kernels.triton._common import MatmulConfig, QuantizeConfig
 from qkernels.kernels.triton.quantize import quantize_rows
@@ -43,7 +43,7 @@ from qkernels.numerics import INT4, INT8, UINT4, Granularity
 
 __all__ = [
     "MatmulConfig", "QuantizeConfig", "quantize_rows", "w8a8_matmul", "w4a8_matmul", "w4a16_matmul",
-    "w8a16_matmul", "FAMILIES",
+    "w8a16_matmul", "FAMILIES", "register",
 ]
 
 _INT8_ROW = OperandFormat(qtype=INT8, granularity=Granularity.ROW)
@@ -104,39 +104,43 @@ def _run(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any, matmul: 
     return matmul(flat, rhs, bias).reshape(*lead, problem.n)
 
 
-def _config(problem: dispatch.Problem) -> MatmulConfig:
-    return tuning.choose(problem, _TUNED).config
+def _run_w8a8(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> Any:
+    problem, config = call.problem, call.config.config
 
-
-def _run_w8a8(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any) -> Any:
     def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
         q, s = _lhs_codes(problem, x)
-        return w8a8_matmul(q, s, w.qvalue, w.scale, b, out_dtype=problem.out_dtype, config=_config(problem))
+        return w8a8_matmul(q, s, w.qvalue, w.scale, b, out_dtype=problem.out_dtype, config=config)
     return _run(problem, lhs, rhs, bias, matmul)
 
 
-def _run_w4a8(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any) -> Any:
+def _run_w4a8(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> Any:
+    problem, config = call.problem, call.config.config
+
     def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
         q, s = _lhs_codes(problem, x)
         return w4a8_matmul(q, s, w.qvalue, w.scale, b, group_size=problem.recipe.group_size,
-                           out_dtype=problem.out_dtype, config=_config(problem))
+                           out_dtype=problem.out_dtype, config=config)
     return _run(problem, lhs, rhs, bias, matmul)
 
 
-def _run_w4a16(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any) -> Any:
+def _run_w4a16(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> Any:
+    problem, config = call.problem, call.config.config
+
     def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
         return w4a16_matmul(x, w.qvalue, w.scale, w.zero_point, b, group_size=problem.recipe.group_size,
-                            out_dtype=problem.out_dtype, config=_config(problem))
+                            out_dtype=problem.out_dtype, config=config)
     return _run(problem, lhs, rhs, bias, matmul)
 
 
-def _run_w8a16(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any) -> Any:
+def _run_w8a16(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> Any:
+    problem, config = call.problem, call.config.config
+
     def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
-        return w8a16_matmul(x, w.qvalue, w.scale, b, out_dtype=problem.out_dtype, config=_config(problem))
+        return w8a16_matmul(x, w.qvalue, w.scale, b, out_dtype=problem.out_dtype, config=config)
     return _run(problem, lhs, rhs, bias, matmul)
 
 
-def _run_quantize(problem: dispatch.Problem, x: torch.Tensor) -> QOperand:
+def _run_quantize(call: dispatch.Bound, x: torch.Tensor) -> QOperand:
     q, s = quantize_rows(x)
     return QOperand(q, s, None)
 
@@ -158,14 +162,10 @@ FAMILIES: tuple[Family, ...] = (
 
 
 def _gpu_platform_reason(problem: dispatch.Problem) -> str | None:
-    kind, arch = problem.device_kind, problem.arch or ""
-    if kind == "cuda":
-        cc = re.fullmatch(r"sm_(\d+)\d[a-z]?", arch)
-        if cc and int(cc[1]) >= 8:
-            return None
-        return f"platform {problem.platform} is older than sm_80 (no int8/bf16 tensor-core path)"
-    if problem.platform == "rocm:gfx942":
+    if problem.device_kind in ("cuda", "rocm") and hardware.table_arch(problem.platform) in ("sm_80", "sm_90", "gfx942"):
         return None
+    if problem.device_kind == "cuda":
+        return f"platform {problem.platform} is older than sm_80 (no int8/bf16 tensor-core path)"
     return f"platform {problem.platform} is not a CUDA sm_80+ or ROCm gfx942 GPU"
 
 
@@ -192,20 +192,19 @@ def _quantize_reason(problem: dispatch.Problem) -> str | None:
     return None
 
 
-def _register() -> None:
-    variants = (("triton", 100, _gpu_platform_reason, ""),
-                ("triton.interpret", -10, _interpret_platform_reason, " in the Triton interpreter (CPU, slow; tests)"))
-    for prefix, priority, platform_reason, where in variants:
+def register() -> None:
+    """Register every family (compiled, and interpreted for tests) with dispatch."""
+    variants = (("triton", 100, _gpu_platform_reason, "", True),
+                ("triton.interpret", -10, _interpret_platform_reason, " in the Triton interpreter (CPU, slow; tests)",
+                 False))
+    for prefix, priority, platform_reason, where, automatic in variants:
         for fam in FAMILIES:
             dispatch.register(dispatch.Implementation(
                 name=f"{prefix}.{fam.name}", framework="torch", op=dispatch.Op.QMATMUL, priority=priority,
-                supports=_supports(platform_reason, fam.reason), run=fam.run,
-                configure=functools.partial(tuning.choose, backend=_TUNED),
+                supports=_supports(platform_reason, fam.reason), run=fam.run, serves=dispatch.Serves.tags(fam.name),
+                automatic=automatic, configure=functools.partial(tuning.choose, backend=_TUNED),
                 description=f"Triton {fam.name} kernel, rescale fused{where}"))
         dispatch.register(dispatch.Implementation(
             name=f"{prefix}.quantize", framework="torch", op=dispatch.Op.QUANTIZE, priority=priority,
-            supports=_supports(platform_reason, _quantize_reason), run=_run_quantize,
+            supports=_supports(platform_reason, _quantize_reason), run=_run_quantize, automatic=automatic,
             description=f"Triton fused activation quantization (int8 per row){where}"))
-
-
-_register()

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qkernels import tuning
+from qkernels import hardware
 
 __all__ = [
     "Kernel", "MatmulConfig", "QuantizeConfig", "ARCHS", "interpreting", "arch_of", "pick_config",
@@ -204,7 +204,7 @@ def arch_of(device: torch.device) -> str:
 def device_kind_of(device: torch.device) -> str:
     """Device kind keying the tuned tables and SM counts ('h100', 'mi300x'); 'cpu' in the interpreter."""
     if device.type == "cuda":
-        return tuning.device_kind(torch.cuda.get_device_name(device))
+        return hardware.device_kind(torch.cuda.get_device_name(device))
     return device.type
 
 
