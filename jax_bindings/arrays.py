@@ -81,6 +81,9 @@ class JaxOps:
     def max(self, x: Any) -> jnp.ndarray:
         return jnp.max(x, axis=-1, keepdims=True)
 
+    def all_finite(self, x: Any) -> bool:
+        return bool(jnp.all(jnp.isfinite(x)))
+
     def count_nonfinite(self, x: Any) -> int:
         return int(jnp.size(x) - jnp.count_nonzero(jnp.isfinite(x)))
 

@@ -12,12 +12,17 @@ import importlib
 from typing import Any
 
 from qkernels.dispatch import BackendUnavailable, Problem, use_backend
-from qkernels.formats import RECIPES, W4A8, W4A16, W8A8, W8A16, Recipe, parse_recipe, resolve_recipe
+from qkernels.formats import (
+    RECIPES, W4A8, W4A16, W8A8, W8A16, Accumulation, Calibration, OperandFormat, Recipe, parse_recipe, recipe_named,
+    resolve_recipe,
+)
+from qkernels.numerics import Granularity, QType, int_type
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "W8A8", "W8A16", "W4A16", "W4A8", "Recipe", "RECIPES", "parse_recipe", "resolve_recipe",
+    "W8A8", "W8A16", "W4A16", "W4A8", "Recipe", "RECIPES", "parse_recipe", "recipe_named", "resolve_recipe",
+    "OperandFormat", "Accumulation", "Calibration", "Granularity", "QType", "int_type",
     "Problem", "BackendUnavailable", "use_backend", "explain", "quantize",
     "dot_general", "make_dot_general", "make_einsum", "QArray", "linear", "quantize_", "QLinear", "QTensor",
 ]
@@ -68,6 +73,8 @@ def explain(*args: Any, **kwargs: Any) -> Any:
 
     `explain(problem)` for a `Problem`; otherwise the arguments of the call to explain, e.g.
     `explain(x, w_q, bias)` (PyTorch, like `linear`) or `explain(lhs, rhs, dimension_numbers)` (JAX).
+    By default it lists the candidates of the call's framework declared for its recipe;
+    `verbose=True` lists every registered one with its reason.
     """
     if args and isinstance(args[0], Problem):
         from qkernels import dispatch

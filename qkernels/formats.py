@@ -166,7 +166,7 @@ class OperandFormat:
         """`quantize` for activations on the fly: where the framework can check on the host
         (`ops.host_checks`), a row with NaN/Inf (a non-finite scale) raises instead of giving garbage."""
         q = self.quantize(x, ops)
-        if ops.host_checks:
+        if ops.host_checks and not ops.all_finite(q.scale):
             bad = ops.count_nonfinite(q.scale)
             if bad:
                 raise ValueError(f"activations contain NaN/Inf in {bad} row(s) and cannot be quantized to "
@@ -213,6 +213,11 @@ class Accumulation:
 
     def __repr__(self) -> str:
         return f"Accumulation.{self.name}"
+
+    def __reduce__(self) -> Any:
+        if getattr(Accumulation, self.name, None) is self:  # the shipped ones unpickle as themselves
+            return (getattr, (Accumulation, self.name))
+        return (type(self), ())
 
     @property
     def value(self) -> str:
@@ -340,7 +345,7 @@ def _derive_accumulation(lhs: OperandFormat | None, rhs: OperandFormat) -> Accum
 _BY_NAME: dict[str, Recipe] = {}
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
+@dataclass(frozen=True, kw_only=True, slots=True, eq=True, unsafe_hash=False)
 class Recipe:
     """Which formats the two sides of a matmul use, and how the products accumulate.
 
@@ -357,12 +362,15 @@ class Recipe:
     rhs: OperandFormat
     accumulation: Accumulation | None = field(default=None, compare=False)
     quantized_backward: bool = False
+    _hash: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[a-z][a-z0-9]*", self.tag):
             raise ValueError(f"recipe tag {self.tag!r} must be lower-case letters and digits, e.g. 'w6a16'")
         if self.accumulation is None:
             object.__setattr__(self, "accumulation", _derive_accumulation(self.lhs, self.rhs))
+        # recipes key every per-call cache (bound calls, tuned configs): hash the nested formats once
+        object.__setattr__(self, "_hash", hash((type(self), self.tag, self.lhs, self.rhs, self.quantized_backward)))
         known = _BY_NAME.setdefault(self.name, self)
         if known != self:
             raise ValueError(f"a different recipe is already named {self.name!r} ({known.describe()}); "
@@ -370,6 +378,14 @@ class Recipe:
 
     def __repr__(self) -> str:
         return f"<Recipe {self.describe()}>"
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # rebuilt through __init__: the cached hash is per process (string hashes are salted)
+        init = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        return (_rebuild_recipe, (type(self), init))
 
     def __call__(self, **changes: Any) -> Recipe:
         """This recipe with `changes` applied (`qk.W8A8()` is `qk.W8A8`)."""
@@ -415,6 +431,10 @@ class Recipe:
         """The canonical quantized matmul in `ops`' framework (see `Accumulation.matmul`)."""
         return self.accumulation.matmul(self, ops, lhs, rhs, bias, k=k, batched=batched, act_dtype=act_dtype,
                                         out_dtype=out_dtype)
+
+
+def _rebuild_recipe(cls: type[Recipe], init: dict[str, Any]) -> Recipe:
+    return cls(**init)
 
 
 _INT8_ROW = OperandFormat(qtype=INT8, granularity=Granularity.ROW)

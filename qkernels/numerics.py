@@ -140,7 +140,8 @@ class ArrayOps(Protocol):
     def absmax(self, x: Any) -> Any: ...  # max |x| over the last axis, kept
     def min(self, x: Any) -> Any: ...  # over the last axis, kept
     def max(self, x: Any) -> Any: ...
-    def count_nonfinite(self, x: Any) -> int: ...  # a host check (never traced)
+    def all_finite(self, x: Any) -> bool: ...  # host checks (never traced)
+    def count_nonfinite(self, x: Any) -> int: ...
     def pad_last(self, x: Any, k: int) -> Any: ...  # zero-pad the last axis to length k
     def pack_nibbles(self, q: Any) -> Any: ...  # int8 codes (..., 2j) -> int8 bytes (..., j)
     def unpack_nibbles(self, b: Any, signed: bool) -> Any: ...
@@ -202,6 +203,9 @@ class NumpyOps:
 
     def max(self, x: Any) -> np.ndarray:
         return np.max(x, -1, keepdims=True, initial=-np.inf).astype(np.float32)
+
+    def all_finite(self, x: Any) -> bool:
+        return bool(np.isfinite(np.asarray(x, np.float32)).all())
 
     def count_nonfinite(self, x: Any) -> int:
         x = np.asarray(x, np.float32)

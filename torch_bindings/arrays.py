@@ -76,6 +76,9 @@ class TorchOps:
     def max(self, x: torch.Tensor) -> torch.Tensor:
         return x.amax(-1, keepdim=True)
 
+    def all_finite(self, x: torch.Tensor) -> bool:
+        return bool(torch.isfinite(x).all())
+
     def count_nonfinite(self, x: torch.Tensor) -> int:
         return int(x.numel() - torch.isfinite(x).sum())
 
