@@ -66,6 +66,7 @@ def available(framework: str | None = None) -> tuple[Backend, ...]:
     return tuple(b for b in BACKENDS if (framework is None or b.framework in (framework, "any")) and b.installed())
 
 
+@functools.cache
 def load(framework: str | None) -> None:
     """Register the implementations of every installed backend of `framework` (all if None), once."""
     for backend in available(framework):

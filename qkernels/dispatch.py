@@ -293,8 +293,13 @@ def register(impl: Implementation) -> Implementation:
     return impl
 
 
-def registry_version() -> int:
-    """Changes whenever an implementation is registered or `invalidate` is called (a cache key)."""
+def registry_version(framework: str | None = None) -> int:
+    """Changes whenever an implementation is registered or `invalidate` is called (a cache key);
+    with `framework`, read after that framework's backends are loaded."""
+    if framework is not None:
+        from qkernels import backends
+
+        backends.load(framework)
     return _REGISTRY.version
 
 

@@ -87,7 +87,7 @@ def bind(x: torch.Tensor, qvalue: torch.Tensor, bias: torch.Tensor | None, recip
     r = recipe_named(recipe)
     _checked(tuple(x.shape), tuple(qvalue.shape), None if bias is None else tuple(bias.shape), r)
     return _bind(x.shape[0], x.shape[1], x.dtype, x.device, qvalue.shape[0], bias is not None, r,
-                 dispatch.requested_backend(), dispatch.registry_version())
+                 dispatch.requested_backend(), dispatch.registry_version("torch"))
 
 
 def _to_numpy(t: torch.Tensor | None) -> np.ndarray | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from qkernels.formats import QOperand, Recipe
+from qkernels.formats import W8A8, QOperand, Recipe
 from qkernels.kernels.pallas import configs, quantize, tpu
 from qkernels.kernels.pallas.configs import Family
 from qkernels.kernels.pallas.layout import canonicalize
@@ -50,16 +50,13 @@ def family_of(recipe: Recipe) -> Family | None:
 def quantize_activations(x: jnp.ndarray, target: Target) -> QOperand:
     """Dynamic int8 per-row quantization: the Pallas kernel on TPU/interpret, XLA ops on GPU.
 
-    On GPU XLA's f32 division is correctly rounded (kept a division by `quantize.exact_div`),
-    which Pallas' Triton lowering does not promise.
+    On GPU the format's own definition runs as XLA ops (`jax_bindings.arrays.JAX_OPS`: XLA's f32
+    division is correctly rounded there), which Pallas' Triton lowering does not promise.
     """
     if target is Target.GPU:
-        x32 = x.astype(jnp.float32)
-        amax = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
-        scale = jnp.where(amax == 0, jnp.float32(1), quantize.exact_div(amax, jnp.float32(quantize.QMAX), barrier=True))
-        q = jnp.clip(jnp.round(quantize.exact_div(x32, scale, barrier=True)), -quantize.QMAX, quantize.QMAX)
-        q = q.astype(jnp.int8)
-        return QOperand(q, scale[..., 0])
+        from jax_bindings.arrays import JAX_OPS
+
+        return W8A8.lhs.quantize(x, JAX_OPS)
     q, s = quantize.quantize_rows(x, interpret=target.interpret)
     return QOperand(q, s)
 

@@ -1,0 +1,103 @@
+"""Recipes as values: uniform forms, names, hashing across processes, user-defined recipes, bound-call caching."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qkernels as qk
+from qkernels import dispatch, formats
+from qkernels.formats import Accumulation
+
+
+def test_shipped_recipes_are_values_with_names():
+    assert isinstance(qk.W8A8, qk.Recipe) and isinstance(qk.W8A16, qk.Recipe)
+    assert isinstance(qk.W4A16(128), qk.Recipe) and isinstance(qk.W4A8(32), qk.Recipe)
+    assert (qk.W8A8.name, qk.W8A16.name, qk.W4A16(128).name, qk.W4A8(32).name) == (
+        "w8a8", "w8a16", "w4a16-g128", "w4a8-g32")
+    assert qk.W4A16(64, zero_point=True).name == "w4a16-g64-zp"
+    assert qk.W8A8() is qk.W8A8  # calling a recipe with no changes is the recipe
+    assert qk.W8A8(quantized_backward=True).name == "w8a8-qbwd"
+    assert qk.resolve_recipe(qk.W4A16) == qk.W4A16(128)  # a class stands for its default value
+    assert qk.resolve_recipe("w4a8-g64") == qk.W4A8(64)
+    assert [r.name for r in qk.RECIPES] == ["w8a8", "w8a16", "w4a16-g128", "w4a8-g128"]
+
+
+def test_accumulations_are_derived_from_the_formats():
+    assert qk.W8A8.accumulation is Accumulation.INT32
+    assert qk.W4A8(32).accumulation is Accumulation.INT32_PER_GROUP
+    assert qk.W8A16.accumulation is Accumulation.FLOAT and qk.W4A16(32).accumulation is Accumulation.FLOAT
+    assert qk.W8A8.max_k == 133_144 and qk.W4A16(32).max_k is None
+
+
+def test_recipes_pickle_and_hash_across_processes():
+    """The hash is cached per process (string hashes are salted): an unpickled recipe rebuilds it."""
+    recipes = [qk.W8A8, qk.W4A16(32, zero_point=True), qk.W4A8(64)]
+    back = pickle.loads(pickle.dumps(recipes))
+    assert back == recipes and [hash(r) for r in back] == [hash(r) for r in recipes]
+    assert back[0].accumulation is Accumulation.INT32
+    script = ("import pickle, sys, qkernels as qk; r = pickle.loads(sys.stdin.buffer.read()); "
+              "print({qk.W8A8: 'a', qk.W4A16(32, zero_point=True): 'b', qk.W4A8(64): 'c'}[r[0]] + "
+              "{qk.W8A8: 'a', qk.W4A16(32, zero_point=True): 'b', qk.W4A8(64): 'c'}[r[1]] + "
+              "{qk.W8A8: 'a', qk.W4A16(32, zero_point=True): 'b', qk.W4A8(64): 'c'}[r[2]])")
+    out = subprocess.run([sys.executable, "-c", script], input=pickle.dumps(recipes), capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode().strip() == "abc"
+
+
+def test_user_recipe_is_known_by_name_and_a_clashing_name_is_refused():
+    fmt = qk.OperandFormat(qtype=qk.int_type(5), granularity=qk.Granularity.ROW)
+    w5 = qk.Recipe(tag="w5a16test", lhs=None, rhs=fmt)
+    assert qk.recipe_named("w5a16test") is w5
+    assert qk.Recipe(tag="w5a16test", lhs=None, rhs=fmt) == w5  # the same value again is fine
+    other = qk.OperandFormat(qtype=qk.int_type(3), granularity=qk.Granularity.ROW)
+    with pytest.raises(ValueError, match="already named 'w5a16test'"):
+        qk.Recipe(tag="w5a16test", lhs=None, rhs=other)
+    with pytest.raises(ValueError, match="lower-case letters and digits"):
+        qk.Recipe(tag="W5-A16", lhs=None, rhs=fmt)
+
+
+def test_a_recipe_without_a_derivable_accumulation_must_name_one():
+    fp8 = qk.OperandFormat(qtype=formats.numerics.FP8_E4M3, granularity=qk.Granularity.ROW)
+    with pytest.raises(ValueError, match="pass accumulation= explicitly"):
+        qk.Recipe(tag="fp8test", lhs=fp8, rhs=fp8)
+
+
+def test_fp8_weight_only_format_runs_on_the_reference():
+    """A float storage type fits the same definitions: fp8 e4m3 weights, weight-only (accumulation FLOAT)."""
+    from qkernels import reference
+
+    fmt = qk.OperandFormat(qtype=formats.numerics.FP8_E4M3, granularity=qk.Granularity.ROW)
+    recipe = qk.Recipe(tag="f8a16test", lhs=None, rhs=fmt)
+    rng = np.random.default_rng(0)
+    w, x = rng.standard_normal((7, 40)).astype(np.float32), rng.standard_normal((3, 40)).astype(np.float32)
+    wq = reference.quantize(w, fmt)
+    assert wq.qvalue.dtype.name == "float8_e4m3fn" and np.abs(wq.qvalue.astype(np.float32)).max() == 448
+    deq = wq.dequantize()
+    assert np.abs(deq - w).max() <= np.abs(w).max() * 2**-3  # e4m3 has 3 mantissa bits
+    np.testing.assert_allclose(reference.qmatmul(x, wq, recipe), x @ deq.T, rtol=1e-5, atol=1e-5)
+
+
+def test_repeated_linear_calls_reuse_the_bound_call(monkeypatch):
+    """One bind per distinct call: a repeated call builds no Problem and selects nothing again."""
+    torch = pytest.importorskip("torch")
+    from torch_bindings import ops
+
+    w = qk.quantize(torch.randn(24, 40), qk.W4A16(32))
+    x = torch.randn(3, 40)
+    qk.linear(x, w)  # binds
+    built = []
+    real_problem = ops.Problem
+    monkeypatch.setattr(ops, "Problem", lambda **kw: built.append(kw) or real_problem(**kw))
+    chosen = []
+    real_choose = dispatch._choose
+    monkeypatch.setattr(dispatch, "_choose", lambda *a: chosen.append(a) or real_choose(*a))
+    for _ in range(5):
+        qk.linear(x, w)
+    assert built == [] and chosen == []
+    qk.linear(torch.randn(4, 40), w)  # another shape binds once
+    assert len(built) == 1
