@@ -18,6 +18,11 @@ Each matmul runs with the config its bound call carries (`call.config`, from
 `qkernels.tuning.choose(problem, "triton")` at bind time: kernel variant — tile, split-K tile or GEMV —
 and block sizes, by M bucket, N, K and device: user cache, shipped table, then `heuristics`);
 `qkernels.explain` prints it with its source.
+
+A dispatched call is checked once, when it is bound (`supports` below, the binding's shape checks,
+the `Problem` and the config choice), so the implementations call each family's unchecked
+`launch_<family>`, never the checked public `<family>_matmul`; `_launch`'s docstring says what covers
+each of the public launcher's checks on this path.
 """
 
 from __future__ import annotations
@@ -31,22 +36,22 @@ from typing import Any
 import torch
 
 from qkernels import dispatch, hardware, tuning
-from qkernels.formats import OperandFormat, QOperand
+from qkernels.formats import W8A8, OperandFormat, QOperand
 from qkernels.kernels.triton._common import MatmulConfig, QuantizeConfig
 from qkernels.kernels.triton.quantize import quantize_rows
 from qkernels.kernels.triton.tunable import BACKEND as _TUNED
-from qkernels.kernels.triton.w4a8 import w4a8_matmul
-from qkernels.kernels.triton.w4a16 import w4a16_matmul
-from qkernels.kernels.triton.w8a8 import w8a8_matmul
-from qkernels.kernels.triton.w8a16 import w8a16_matmul
-from qkernels.numerics import INT4, INT8, UINT4, Granularity
+from qkernels.kernels.triton.w4a8 import launch_w4a8, w4a8_matmul
+from qkernels.kernels.triton.w4a16 import launch_w4a16, w4a16_matmul
+from qkernels.kernels.triton.w8a8 import launch_w8a8, w8a8_matmul
+from qkernels.kernels.triton.w8a16 import launch_w8a16, w8a16_matmul
+from qkernels.numerics import INT4, UINT4, Granularity
 
 __all__ = [
     "MatmulConfig", "QuantizeConfig", "quantize_rows", "w8a8_matmul", "w4a8_matmul", "w4a16_matmul",
     "w8a16_matmul", "FAMILIES", "register",
 ]
 
-_INT8_ROW = OperandFormat(qtype=INT8, granularity=Granularity.ROW)
+_INT8_ROW = W8A8.lhs  # int8 per row: W8A8's activations and weights, W4A8's activations, W8A16's weights
 _OUT_DTYPES = ("bfloat16", "float16", "float32")
 _FLOAT_ACTS = ("bfloat16", "float16")  # weight-only recipes multiply in the activation dtype
 _ANY_FLOAT_ACTS = ("bfloat16", "float16", "float32")  # integer recipes quantize them in the kernel
@@ -92,52 +97,40 @@ def _lhs_codes(problem: dispatch.Problem, lhs: Any) -> tuple[torch.Tensor, torch
     return quantize_rows(lhs)
 
 
-def _run(problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any, matmul: Callable[..., torch.Tensor]) -> Any:
-    """Dispatch's calling convention onto a launcher: fold leading lhs axes into M when unbatched."""
-    if problem.batch is not None:
-        return matmul(lhs, rhs, bias)
-    lead = tuple((lhs.qvalue if isinstance(lhs, QOperand) else lhs).shape[:-1])
-    if isinstance(lhs, QOperand):
-        flat = QOperand(_flat(lhs.qvalue, problem.k), lhs.scale.reshape(-1))
-    else:
-        flat = _flat(lhs, problem.k)
-    return matmul(flat, rhs, bias).reshape(*lead, problem.n)
+def _bound_run(launch: Callable[..., torch.Tensor]) -> Callable[..., Any]:
+    """A family's `run`: dispatch's calling convention onto its unchecked `launch(problem, config, lhs,
+    rhs, bias)` with the bound call's config; leading lhs axes fold into M when unbatched."""
+    def run(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> Any:
+        problem, config = call.problem, call.config.config
+        if problem.batch is not None:
+            return launch(problem, config, lhs, rhs, bias)
+        lead = tuple((lhs.qvalue if isinstance(lhs, QOperand) else lhs).shape[:-1])
+        if isinstance(lhs, QOperand):
+            flat = QOperand(_flat(lhs.qvalue, problem.k), lhs.scale.reshape(-1))
+        else:
+            flat = _flat(lhs, problem.k)
+        return launch(problem, config, flat, rhs, bias).reshape(*lead, problem.n)
+    return run
 
 
-def _run_w8a8(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> Any:
-    problem, config = call.problem, call.config.config
-
-    def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
-        q, s = _lhs_codes(problem, x)
-        return w8a8_matmul(q, s, w.qvalue, w.scale, b, out_dtype=problem.out_dtype, config=config)
-    return _run(problem, lhs, rhs, bias, matmul)
+def _w8a8(problem: dispatch.Problem, config: MatmulConfig, x: Any, w: QOperand, b: Any) -> torch.Tensor:
+    q, s = _lhs_codes(problem, x)
+    return launch_w8a8(q, s, w.qvalue, w.scale, b, out_dtype=problem.out_dtype, config=config)
 
 
-def _run_w4a8(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> Any:
-    problem, config = call.problem, call.config.config
-
-    def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
-        q, s = _lhs_codes(problem, x)
-        return w4a8_matmul(q, s, w.qvalue, w.scale, b, group_size=problem.recipe.group_size,
-                           out_dtype=problem.out_dtype, config=config)
-    return _run(problem, lhs, rhs, bias, matmul)
+def _w4a8(problem: dispatch.Problem, config: MatmulConfig, x: Any, w: QOperand, b: Any) -> torch.Tensor:
+    q, s = _lhs_codes(problem, x)
+    return launch_w4a8(q, s, w.qvalue, w.scale, b, group_size=problem.recipe.group_size,
+                       out_dtype=problem.out_dtype, config=config)
 
 
-def _run_w4a16(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> Any:
-    problem, config = call.problem, call.config.config
-
-    def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
-        return w4a16_matmul(x, w.qvalue, w.scale, w.zero_point, b, group_size=problem.recipe.group_size,
-                            out_dtype=problem.out_dtype, config=config)
-    return _run(problem, lhs, rhs, bias, matmul)
+def _w4a16(problem: dispatch.Problem, config: MatmulConfig, x: Any, w: QOperand, b: Any) -> torch.Tensor:
+    return launch_w4a16(x, w.qvalue, w.scale, w.zero_point, b, group_size=problem.recipe.group_size,
+                        out_dtype=problem.out_dtype, config=config)
 
 
-def _run_w8a16(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> Any:
-    problem, config = call.problem, call.config.config
-
-    def matmul(x: Any, w: QOperand, b: Any) -> torch.Tensor:
-        return w8a16_matmul(x, w.qvalue, w.scale, b, out_dtype=problem.out_dtype, config=config)
-    return _run(problem, lhs, rhs, bias, matmul)
+def _w8a16(problem: dispatch.Problem, config: MatmulConfig, x: Any, w: QOperand, b: Any) -> torch.Tensor:
+    return launch_w8a16(x, w.qvalue, w.scale, b, out_dtype=problem.out_dtype, config=config)
 
 
 def _run_quantize(call: dispatch.Bound, x: torch.Tensor) -> QOperand:
@@ -151,13 +144,13 @@ def _grouped(qtype: Any) -> Callable[[OperandFormat], bool]:
 
 FAMILIES: tuple[Family, ...] = (
     Family(name="w8a8", accepts_rhs=lambda f: f == _INT8_ROW, rhs_description="int8 per-channel",
-           lhs_int8=True, run=_run_w8a8),
+           lhs_int8=True, run=_bound_run(_w8a8)),
     Family(name="w4a8", accepts_rhs=_grouped(INT4), rhs_description="int4 per-group", lhs_int8=True,
-           run=_run_w4a8),
+           run=_bound_run(_w4a8)),
     Family(name="w4a16", accepts_rhs=lambda f: _grouped(INT4)(f) or _grouped(UINT4)(f),
-           rhs_description="int4 or uint4+zero-point per-group", lhs_int8=False, run=_run_w4a16),
+           rhs_description="int4 or uint4+zero-point per-group", lhs_int8=False, run=_bound_run(_w4a16)),
     Family(name="w8a16", accepts_rhs=lambda f: f == _INT8_ROW, rhs_description="int8 per-channel",
-           lhs_int8=False, run=_run_w8a16),
+           lhs_int8=False, run=_bound_run(_w8a16)),
 )
 
 

@@ -18,16 +18,14 @@ import triton
 import triton.language as tl
 
 from qkernels.formats import W4A16
-from qkernels.kernels.triton import heuristics, splitk
+from qkernels.kernels.triton import splitk
 from qkernels.kernels.triton._common import (
-    Kernel, MatmulConfig, Output, arch_of, batch_stride, check_device, device_kind_of, dot_upcast, grouped_tile,
-    round_to_bf16, torch_dtype, unpack_int4_tile,
+    Kernel, MatmulConfig, batch_stride, dot_upcast, grouped_tile, round_to_bf16, torch_dtype, unpack_int4_tile,
 )
+from qkernels.kernels.triton._launch import FLOAT_ACTIVATIONS, allocate, check_operands, resolve_config
 from qkernels.kernels.triton.gemv import INT4, UINT4_ZP, launch_gemv
 
-__all__ = ["CONFIGS", "w4a16_matmul", "w4a16_kernel", "FLOAT_ACTIVATIONS"]
-
-FLOAT_ACTIVATIONS = (torch.bfloat16, torch.float16)
+__all__ = ["CONFIGS", "w4a16_matmul", "launch_w4a16", "w4a16_kernel", "FLOAT_ACTIVATIONS"]
 
 CONFIGS: dict[str, tuple[MatmulConfig, ...]] = {
     "sm_80": (MatmulConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, max_m=16),
@@ -108,49 +106,33 @@ def w4a16_matmul(
     rhs holds int4 codes (rhs_zero None) or uint4 codes with int8 zero points rhs_zero of
     rhs_scale's shape (B?, N, K_padded / group_size). lhs is bf16 or fp16 (the MMA dtype); out
     defaults to lhs's dtype. A 2-D rhs is shared by every batch of a 3-D lhs. Any strides.
+    Checked (`_launch.check_operands`); `config` None: the heuristic's for the device.
     """
-    fmt = W4A16(group_size, zero_point=rhs_zero is not None).rhs
-    batched = lhs.dim() == 3
-    if lhs.dim() not in (2, 3) or rhs.dim() not in (2, 3) or (rhs.dim() == 3 and not batched):
-        raise ValueError(f"lhs {tuple(lhs.shape)} must be (M, K) or (B, M, K) and rhs {tuple(rhs.shape)} "
-                         f"(N, K/2), or (B, N, K/2) with a 3-D lhs")
-    if lhs.dtype not in FLOAT_ACTIVATIONS:
-        raise TypeError(f"W4A16 activations have dtype {lhs.dtype}; the kernel multiplies in bf16 or fp16: "
-                        f"cast them (x.to(torch.bfloat16))")
-    if rhs.dtype != torch.int8:
-        raise TypeError(f"rhs has dtype {rhs.dtype}; packed int4 weights are stored as int8")
-    m, k = lhs.shape[-2:]
-    n = rhs.shape[-2]
-    if rhs.shape[-1] != fmt.stored_k(k):
-        raise ValueError(f"rhs stores {rhs.shape[-1]} bytes per row but K={k} with group_size={group_size} "
-                         f"needs {fmt.stored_k(k)}; the contraction sizes or the group size do not match")
-    groups = fmt.padded_k(k) // group_size
-    expected = (*rhs.shape[:-1], groups)
-    if tuple(rhs_scale.shape) != expected or (rhs_zero is not None and tuple(rhs_zero.shape) != expected):
-        raise ValueError(f"rhs_scale {tuple(rhs_scale.shape)} (and zero point) must have shape {expected}: "
-                         f"one per group of {group_size}")
-    if batched and rhs.dim() == 3 and rhs.shape[0] != lhs.shape[0]:
-        raise ValueError(f"batch sizes differ: lhs {lhs.shape[0]}, rhs {rhs.shape[0]}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
-    device = check_device(lhs, rhs, rhs_scale, rhs_zero, bias)
-    cfg = heuristics.resolve(config, "w4a16", arch_of(device), device_kind_of(device), m, n, k, group_size)
+    recipe = W4A16(group_size, zero_point=rhs_zero is not None)
+    device = check_operands(recipe, lhs, None, rhs, rhs_scale, rhs_zero, bias)
+    cfg = resolve_config(config, recipe, lhs, rhs, device)
+    return launch_w4a16(lhs, rhs, rhs_scale, rhs_zero, bias, group_size=group_size, out_dtype=out_dtype, config=cfg)
 
-    nb = lhs.shape[0] if batched else 1
-    out = Output((nb, m, n) if batched else (m, n), torch_dtype(out_dtype or lhs.dtype), device)
-    o = out.buffer if batched else out.buffer.unsqueeze(0)
-    a = lhs if batched else lhs.unsqueeze(0)
+
+def launch_w4a16(
+    lhs: torch.Tensor, rhs: torch.Tensor, rhs_scale: torch.Tensor, rhs_zero: torch.Tensor | None,
+    bias: torch.Tensor | None, *, group_size: int, out_dtype: str | torch.dtype | None, config: MatmulConfig,
+) -> torch.Tensor:
+    """`w4a16_matmul` on operands it does not check, with a config that runs them (a bound call's)."""
+    cfg = config.for_group(group_size)
+    v = allocate(lhs, None, rhs, torch_dtype(out_dtype or lhs.dtype))
+    a = v.lhs
     z = rhs_zero if rhs_zero is not None else rhs_scale
-    if m and n:
-        plan = splitk.plan(cfg, k, o, torch.float32)
+    if v.m and v.n:
+        plan = splitk.plan(cfg, v.k, v.out, torch.float32)
         if cfg.kernel is Kernel.GEMV:
             launch_gemv(cfg, plan, a, rhs, rhs_scale, weight=INT4 if rhs_zero is None else UINT4_ZP, w_zero=rhs_zero,
                         bias=bias, group_size=group_size, round_bf16=dot_upcast(lhs.dtype))
         else:
-            grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), nb, plan.splits)
+            grid = (triton.cdiv(v.m, cfg.block_m) * triton.cdiv(v.n, cfg.block_n), v.batches, plan.splits)
             w4a16_kernel[grid](
                 a, rhs, rhs_scale, z, bias if bias is not None else rhs_scale, plan.target,
-                m, n, k, rhs.shape[-1], plan.k_per_split,
+                v.m, v.n, v.k, rhs.shape[-1], plan.k_per_split,
                 a.stride(0), a.stride(1), a.stride(2),
                 batch_stride(rhs, 3), rhs.stride(-2), rhs.stride(-1),
                 batch_stride(rhs_scale, 3), rhs_scale.stride(-2), rhs_scale.stride(-1),
@@ -161,4 +143,4 @@ def w4a16_matmul(
                 BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
         plan.finish(bias=bias)
-    return out.result()
+    return v.result()

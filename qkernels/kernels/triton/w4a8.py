@@ -14,13 +14,10 @@ import triton
 import triton.language as tl
 
 from qkernels.formats import W4A8
-from qkernels.kernels.triton import heuristics
-from qkernels.kernels.triton._common import (
-    MatmulConfig, Output, arch_of, batch_stride, check_device, device_kind_of, grouped_tile, torch_dtype,
-    unpack_int4_tile,
-)
+from qkernels.kernels.triton._common import MatmulConfig, batch_stride, grouped_tile, torch_dtype, unpack_int4_tile
+from qkernels.kernels.triton._launch import allocate, check_operands, resolve_config
 
-__all__ = ["CONFIGS", "w4a8_matmul", "w4a8_kernel"]
+__all__ = ["CONFIGS", "w4a8_matmul", "launch_w4a8", "w4a8_kernel"]
 
 CONFIGS: dict[str, tuple[MatmulConfig, ...]] = {
     # Two accumulators live in registers (int32 group partial + f32 sum): large tiles are 128x64.
@@ -101,44 +98,31 @@ def w4a8_matmul(
     lhs_scale f32 (B?, M); rhs_scale f32 (B?, N, K_padded / group_size); bias (N,) or None. A 2-D
     rhs is shared by every batch of a 3-D lhs. Any strides (nothing is copied).
     `return_acc=True` returns the raw per-group int32 partials (B?, M, N, G) instead (for tests).
+    Checked (`_launch.check_operands`); `config` None: the heuristic's for the device.
     """
-    fmt = W4A8(group_size).rhs
-    batched = lhs.dim() == 3
-    if lhs.dim() not in (2, 3) or rhs.dim() not in (2, 3) or (rhs.dim() == 3 and not batched):
-        raise ValueError(f"lhs {tuple(lhs.shape)} must be (M, K) or (B, M, K) and rhs {tuple(rhs.shape)} "
-                         f"(N, K/2), or (B, N, K/2) with a 3-D lhs")
-    if lhs.dtype != torch.int8 or rhs.dtype != torch.int8:
-        raise TypeError(f"W4A8 takes int8 activation codes and int8-packed int4 weights, got lhs {lhs.dtype} "
-                        f"and rhs {rhs.dtype}; quantize the activations with quantize_rows first")
-    m, k = lhs.shape[-2:]
-    n = rhs.shape[-2]
-    if rhs.shape[-1] != fmt.stored_k(k):
-        raise ValueError(f"rhs stores {rhs.shape[-1]} bytes per row but K={k} with group_size={group_size} "
-                         f"needs {fmt.stored_k(k)}; the contraction sizes or the group size do not match")
-    groups = fmt.padded_k(k) // group_size
-    if tuple(rhs_scale.shape) != (*rhs.shape[:-1], groups):
-        raise ValueError(f"rhs_scale has shape {tuple(rhs_scale.shape)}, expected {(*rhs.shape[:-1], groups)} "
-                         f"(one scale per group of {group_size})")
-    if tuple(lhs_scale.shape) != tuple(lhs.shape[:-1]):
-        raise ValueError(f"lhs_scale has shape {tuple(lhs_scale.shape)}, expected {tuple(lhs.shape[:-1])}")
-    if batched and rhs.dim() == 3 and rhs.shape[0] != lhs.shape[0]:
-        raise ValueError(f"batch sizes differ: lhs {lhs.shape[0]}, rhs {rhs.shape[0]}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
-    device = check_device(lhs, lhs_scale, rhs, rhs_scale, bias)
-    cfg = heuristics.resolve(config, "w4a8", arch_of(device), device_kind_of(device), m, n, k, group_size)
+    recipe = W4A8(group_size)
+    device = check_operands(recipe, lhs, lhs_scale, rhs, rhs_scale, None, bias)
+    cfg = resolve_config(config, recipe, lhs, rhs, device)
+    return launch_w4a8(lhs, lhs_scale, rhs, rhs_scale, bias, group_size=group_size, out_dtype=out_dtype, config=cfg,
+                       return_acc=return_acc)
 
-    nb = lhs.shape[0] if batched else 1
-    shape = ((nb,) if batched else ()) + ((m, n, groups) if return_acc else (m, n))
-    out = Output(shape, torch.int32 if return_acc else torch_dtype(out_dtype), device)
-    o = out.buffer if batched else out.buffer.unsqueeze(0)
-    a = lhs if batched else lhs.unsqueeze(0)
-    a_s = lhs_scale if batched else lhs_scale.unsqueeze(0)
-    if m and n:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), nb)
+
+def launch_w4a8(
+    lhs: torch.Tensor, lhs_scale: torch.Tensor, rhs: torch.Tensor, rhs_scale: torch.Tensor,
+    bias: torch.Tensor | None, *, group_size: int, out_dtype: str | torch.dtype, config: MatmulConfig,
+    return_acc: bool = False,
+) -> torch.Tensor:
+    """`w4a8_matmul` on operands it does not check, with a config that runs them (a bound call's)."""
+    cfg = config.for_group(group_size)
+    groups = rhs_scale.shape[-1]
+    v = allocate(lhs, lhs_scale, rhs, torch.int32 if return_acc else torch_dtype(out_dtype),
+                 (groups,) if return_acc else ())
+    a, a_s, o = v.lhs, v.lhs_scale, v.out
+    if v.m and v.n:
+        grid = (triton.cdiv(v.m, cfg.block_m) * triton.cdiv(v.n, cfg.block_n), v.batches)
         w4a8_kernel[grid](
             a, a_s, rhs, rhs_scale, bias if bias is not None else rhs_scale, o,
-            m, n, k, rhs.shape[-1], groups,
+            v.m, v.n, v.k, rhs.shape[-1], groups,
             a.stride(0), a.stride(1), a.stride(2),
             a_s.stride(0), a_s.stride(1),
             batch_stride(rhs, 3), rhs.stride(-2), rhs.stride(-1),
@@ -147,4 +131,4 @@ def w4a8_matmul(
             HAS_BIAS=bias is not None, RETURN_ACC=return_acc, GROUP_SIZE=group_size,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
-    return out.result()
+    return v.result()

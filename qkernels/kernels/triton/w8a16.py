@@ -15,15 +15,14 @@ import triton
 import triton.language as tl
 
 from qkernels.formats import W8A16
-from qkernels.kernels.triton import heuristics, splitk
+from qkernels.kernels.triton import splitk
 from qkernels.kernels.triton._common import (
-    Kernel, MatmulConfig, Output, arch_of, batch_stride, check_device, device_kind_of, dot_upcast, grouped_tile,
-    round_to_bf16, torch_dtype,
+    Kernel, MatmulConfig, batch_stride, dot_upcast, grouped_tile, round_to_bf16, torch_dtype,
 )
+from qkernels.kernels.triton._launch import allocate, check_operands, resolve_config
 from qkernels.kernels.triton.gemv import INT8, launch_gemv
-from qkernels.kernels.triton.w4a16 import FLOAT_ACTIVATIONS
 
-__all__ = ["CONFIGS", "w8a16_matmul", "w8a16_kernel"]
+__all__ = ["CONFIGS", "w8a16_matmul", "launch_w8a16", "w8a16_kernel"]
 
 CONFIGS: dict[str, tuple[MatmulConfig, ...]] = {
     "sm_80": (MatmulConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, max_m=16),
@@ -94,48 +93,35 @@ def w8a16_matmul(
 
     lhs is bf16 or fp16 (the MMA dtype); out defaults to lhs's dtype. A 2-D rhs is shared by every
     batch of a 3-D lhs. Any strides (nothing is copied).
+    Checked (`_launch.check_operands`); `config` None: the heuristic's for the device.
     """
-    batched = lhs.dim() == 3
-    if lhs.dim() not in (2, 3) or rhs.dim() not in (2, 3) or (rhs.dim() == 3 and not batched):
-        raise ValueError(f"lhs {tuple(lhs.shape)} must be (M, K) or (B, M, K) and rhs {tuple(rhs.shape)} "
-                         f"(N, K), or (B, N, K) with a 3-D lhs")
-    if lhs.dtype not in FLOAT_ACTIVATIONS:
-        raise TypeError(f"W8A16 activations have dtype {lhs.dtype}; the kernel multiplies in bf16 or fp16: "
-                        f"cast them (x.to(torch.bfloat16))")
-    if rhs.dtype != torch.int8:
-        raise TypeError(f"rhs has dtype {rhs.dtype}; W8A16 weights are int8 codes")
-    m, k = lhs.shape[-2:]
-    n = rhs.shape[-2]
-    if rhs.shape[-1] != W8A16().rhs.stored_k(k):
-        raise ValueError(f"rhs has K={rhs.shape[-1]} but lhs has K={k}; the contraction sizes must match")
-    if tuple(rhs_scale.shape) != tuple(rhs.shape[:-1]):
-        raise ValueError(f"rhs_scale has shape {tuple(rhs_scale.shape)}, expected {tuple(rhs.shape[:-1])}")
-    if batched and rhs.dim() == 3 and rhs.shape[0] != lhs.shape[0]:
-        raise ValueError(f"batch sizes differ: lhs {lhs.shape[0]}, rhs {rhs.shape[0]}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
-    device = check_device(lhs, rhs, rhs_scale, bias)
-    cfg = heuristics.resolve(config, "w8a16", arch_of(device), device_kind_of(device), m, n, k, None)
+    device = check_operands(W8A16, lhs, None, rhs, rhs_scale, None, bias)
+    cfg = resolve_config(config, W8A16, lhs, rhs, device)
+    return launch_w8a16(lhs, rhs, rhs_scale, bias, out_dtype=out_dtype, config=cfg)
 
-    nb = lhs.shape[0] if batched else 1
-    out = Output((nb, m, n) if batched else (m, n), torch_dtype(out_dtype or lhs.dtype), device)
-    o = out.buffer if batched else out.buffer.unsqueeze(0)
-    a = lhs if batched else lhs.unsqueeze(0)
-    if m and n:
-        plan = splitk.plan(cfg, k, o, torch.float32)
-        if cfg.kernel is Kernel.GEMV:
-            launch_gemv(cfg, plan, a, rhs, rhs_scale, weight=INT8, bias=bias, round_bf16=dot_upcast(lhs.dtype))
+
+def launch_w8a16(
+    lhs: torch.Tensor, rhs: torch.Tensor, rhs_scale: torch.Tensor, bias: torch.Tensor | None, *,
+    out_dtype: str | torch.dtype | None, config: MatmulConfig,
+) -> torch.Tensor:
+    """`w8a16_matmul` on operands it does not check, with a config that runs them (a bound call's)."""
+    v = allocate(lhs, None, rhs, torch_dtype(out_dtype or lhs.dtype))
+    a = v.lhs
+    if v.m and v.n:
+        plan = splitk.plan(config, v.k, v.out, torch.float32)
+        if config.kernel is Kernel.GEMV:
+            launch_gemv(config, plan, a, rhs, rhs_scale, weight=INT8, bias=bias, round_bf16=dot_upcast(lhs.dtype))
         else:
-            grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), nb, plan.splits)
+            grid = (triton.cdiv(v.m, config.block_m) * triton.cdiv(v.n, config.block_n), v.batches, plan.splits)
             w8a16_kernel[grid](
                 a, rhs, rhs_scale, bias if bias is not None else rhs_scale, plan.target,
-                m, n, k, plan.k_per_split,
+                v.m, v.n, v.k, plan.k_per_split,
                 a.stride(0), a.stride(1), a.stride(2),
                 batch_stride(rhs, 3), rhs.stride(-2), rhs.stride(-1),
                 batch_stride(rhs_scale, 2), rhs_scale.stride(-1),
                 *plan.target_strides(),
                 HAS_BIAS=bias is not None, PARTIAL=plan.partial, DOT_F32=dot_upcast(lhs.dtype),
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+                num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
         plan.finish(bias=bias)
-    return out.result()
+    return v.result()

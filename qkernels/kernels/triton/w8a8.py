@@ -16,14 +16,14 @@ import triton
 import triton.language as tl
 
 from qkernels.formats import W8A8
-from qkernels.kernels.triton import heuristics, splitk
+from qkernels.kernels.triton import splitk
 from qkernels.kernels.triton._common import (
-    Kernel, MatmulConfig, Output, arch_of, batch_stride, check_device, device_kind_of, grouped_tile, store_rescaled,
-    torch_dtype,
+    Kernel, MatmulConfig, batch_stride, grouped_tile, store_rescaled, torch_dtype,
 )
+from qkernels.kernels.triton._launch import allocate, check_operands, resolve_config
 from qkernels.kernels.triton.gemv import INT8, launch_gemv
 
-__all__ = ["CONFIGS", "w8a8_matmul", "w8a8_kernel"]
+__all__ = ["CONFIGS", "w8a8_matmul", "launch_w8a8", "w8a8_kernel"]
 
 CONFIGS: dict[str, tuple[MatmulConfig, ...]] = {
     # 128x128x64 with 4 warps spills on sm_80 (DESIGN.md section 6): large tiles use 8 warps.
@@ -86,6 +86,7 @@ def w8a8_kernel(
                        w_scale_ptr + pid_b * stride_wsb + offs_n * stride_wsn, bias_ptr + offs_n, m_ok, n_ok,
                        RESCALE=True, HAS_BIAS=HAS_BIAS)
 
+
 def w8a8_matmul(
     lhs: torch.Tensor, lhs_scale: torch.Tensor, rhs: torch.Tensor, rhs_scale: torch.Tensor,
     bias: torch.Tensor | None = None, *, out_dtype: str | torch.dtype = "bfloat16",
@@ -96,54 +97,40 @@ def w8a8_matmul(
     lhs: int8 codes (M, K) or (B, M, K); lhs_scale f32 (M,) / (B, M). rhs: int8 (N, K) shared by
     every batch, or (B, N, K); rhs_scale f32 (N,) / (B, N). Any strides (nothing is copied).
     `return_acc=True` returns the raw int32 accumulator instead (for tests; scales/bias unused).
+    Checked (`_launch.check_operands`); `config` None: the heuristic's for the device.
     """
-    batched = lhs.dim() == 3
-    if lhs.dim() not in (2, 3) or rhs.dim() not in (2, 3) or (rhs.dim() == 3 and not batched):
-        raise ValueError(f"lhs {tuple(lhs.shape)} must be (M, K) or (B, M, K) and rhs {tuple(rhs.shape)} "
-                         f"(N, K), or (B, N, K) with a 3-D lhs")
-    if lhs.dtype != torch.int8 or rhs.dtype != torch.int8:
-        raise TypeError(f"W8A8 takes int8 codes, got lhs {lhs.dtype} and rhs {rhs.dtype}; quantize the "
-                        f"activations with quantize_rows first")
-    m, k = lhs.shape[-2:]
-    n = rhs.shape[-2]
-    if rhs.shape[-1] != k:
-        raise ValueError(f"rhs has K={rhs.shape[-1]} but lhs has K={k}; the contraction sizes must match")
-    if batched and rhs.dim() == 3 and rhs.shape[0] != lhs.shape[0]:
-        raise ValueError(f"batch sizes differ: lhs {lhs.shape[0]}, rhs {rhs.shape[0]}")
-    if tuple(lhs_scale.shape) != tuple(lhs.shape[:-1]) or tuple(rhs_scale.shape) != tuple(rhs.shape[:-1]):
-        raise ValueError(f"scales {tuple(lhs_scale.shape)}, {tuple(rhs_scale.shape)} must be per row: "
-                         f"{tuple(lhs.shape[:-1])}, {tuple(rhs.shape[:-1])}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
-    W8A8().check_k(k)
-    device = check_device(lhs, lhs_scale, rhs, rhs_scale, bias)
-    cfg = heuristics.resolve(config, "w8a8", arch_of(device), device_kind_of(device), m, n, k, None)
+    device = check_operands(W8A8, lhs, lhs_scale, rhs, rhs_scale, None, bias)
+    cfg = resolve_config(config, W8A8, lhs, rhs, device)
+    return launch_w8a8(lhs, lhs_scale, rhs, rhs_scale, bias, out_dtype=out_dtype, config=cfg, return_acc=return_acc)
 
-    nb = lhs.shape[0] if batched else 1
-    shape = (nb, m, n) if batched else (m, n)
-    out = Output(shape, torch.int32 if return_acc else torch_dtype(out_dtype), device)
-    o = out.buffer if batched else out.buffer.unsqueeze(0)
-    a = lhs if batched else lhs.unsqueeze(0)
-    a_s = lhs_scale if batched else lhs_scale.unsqueeze(0)
-    if m and n:
-        plan = splitk.plan(cfg, k, o, torch.int32)
-        if cfg.kernel is Kernel.GEMV:
-            launch_gemv(cfg, plan, a, rhs, rhs_scale, weight=INT8, a_scale=a_s, bias=bias, return_acc=return_acc)
+
+def launch_w8a8(
+    lhs: torch.Tensor, lhs_scale: torch.Tensor, rhs: torch.Tensor, rhs_scale: torch.Tensor,
+    bias: torch.Tensor | None, *, out_dtype: str | torch.dtype, config: MatmulConfig, return_acc: bool = False,
+) -> torch.Tensor:
+    """`w8a8_matmul` on operands it does not check, with a config that runs them (a bound call's)."""
+    v = allocate(lhs, lhs_scale, rhs, torch.int32 if return_acc else torch_dtype(out_dtype))
+    if v.m and v.n:
+        plan = splitk.plan(config, v.k, v.out, torch.int32)
+        if config.kernel is Kernel.GEMV:
+            launch_gemv(config, plan, v.lhs, rhs, rhs_scale, weight=INT8, a_scale=v.lhs_scale, bias=bias,
+                        return_acc=return_acc)
         else:
-            grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), nb, plan.splits)
+            a, a_s = v.lhs, v.lhs_scale
+            grid = (triton.cdiv(v.m, config.block_m) * triton.cdiv(v.n, config.block_n), v.batches, plan.splits)
             w8a8_kernel[grid](
                 a, a_s, rhs, rhs_scale, bias if bias is not None else rhs_scale, plan.target,
-                m, n, k, plan.k_per_split,
+                v.m, v.n, v.k, plan.k_per_split,
                 a.stride(0), a.stride(1), a.stride(2),
                 a_s.stride(0), a_s.stride(1),
                 batch_stride(rhs, 3), rhs.stride(-2), rhs.stride(-1),
                 batch_stride(rhs_scale, 2), rhs_scale.stride(-1),
                 *plan.target_strides(),
                 HAS_BIAS=bias is not None, RETURN_ACC=return_acc or plan.partial,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)
+                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+                num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
         if return_acc:
             plan.finish()
         else:
-            plan.finish(a_scale=a_s, w_scale=rhs_scale, bias=bias)
-    return out.result()
+            plan.finish(a_scale=v.lhs_scale, w_scale=rhs_scale, bias=bias)
+    return v.result()
