@@ -101,3 +101,24 @@ def test_repeated_linear_calls_reuse_the_bound_call(monkeypatch):
     assert built == [] and chosen == []
     qk.linear(torch.randn(4, 40), w)  # another shape binds once
     assert len(built) == 1
+
+
+def test_the_custom_op_holds_hand_made_operands_to_the_format():
+    """`torch.ops.qkernels.linear` called directly (not through a QTensor) checks scales, zero points, dtypes."""
+    torch = pytest.importorskip("torch")
+    from torch_bindings import LINEAR
+
+    w = qk.quantize(torch.randn(8, 64), qk.W4A16(32))
+    x = torch.randn(2, 64)
+    zero = torch.zeros(8, 2, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"scale is \(8,\) torch.float32; w4a16-g32 needs \(8, 2\)"):
+        LINEAR(x, w.qvalue, w.scale[:, 0], None, None, "w4a16-g32")
+    with pytest.raises(ValueError, match="zero_point is .*needs None"):
+        LINEAR(x, w.qvalue, w.scale, zero, None, "w4a16-g32")
+    with pytest.raises(ValueError, match=r"zero_point is None; w4a16-g32-zp needs \(8, 2\) torch.int8"):
+        LINEAR(x, w.qvalue, w.scale, None, None, "w4a16-g32-zp")
+    with pytest.raises(TypeError, match="codes are stored as int8"):
+        LINEAR(x, w.qvalue.to(torch.int32), w.scale, None, None, "w4a16-g32")
+    with pytest.raises(ValueError, match="scale is .*float64"):
+        LINEAR(x, w.qvalue, w.scale.double(), None, None, "w4a16-g32")
+    torch.testing.assert_close(LINEAR(x, w.qvalue, w.scale, None, None, "w4a16-g32"), qk.linear(x, w))

@@ -26,7 +26,7 @@ import torch
 from qkernels import dispatch, hardware
 from qkernels.dispatch import Bound, Problem
 from qkernels.formats import QOperand, Recipe, recipe_named
-from torch_bindings.arrays import dtype_name
+from torch_bindings.arrays import DTYPES, dtype_name
 from torch_bindings.qtensor import dequantize_operand
 
 __all__ = ["LINEAR", "platform_of", "device_of", "make_problem", "dtype_name", "bind"]
@@ -59,16 +59,38 @@ def make_problem(x: torch.Tensor, n: int, recipe: Recipe, has_bias: bool) -> Pro
                    platform=platform_of(x.device), device=device_of(x.device))
 
 
-def _check(x: tuple[int, ...], qvalue: tuple[int, ...], bias: tuple[int, ...] | None, recipe: Recipe) -> None:
-    """The op's operand checks on shapes (symbolic under torch.compile's fake tensors)."""
+def _check(x: tuple[int, ...], qvalue: tuple[Any, ...], scale: tuple[Any, ...], zero: tuple[Any, ...] | None,
+           bias: tuple[int, ...] | None, recipe: Recipe) -> None:
+    """The op's operand checks: shapes (symbolic under torch.compile's fake tensors) and storage dtypes.
+
+    `qvalue`, `scale`, `zero` are (shape, dtype) pairs; a QTensor satisfies all of this by construction,
+    hand-made operands of `torch.ops.qkernels.linear` are held to the same rules.
+    """
     if len(x) != 2:
         raise ValueError(f"qkernels::linear takes a 2-D (M, K) input, got shape {x}")
-    stored = recipe.rhs.stored_k(x[1])
-    if len(qvalue) != 2 or qvalue[1] != stored:
-        raise ValueError(f"qvalue has shape {qvalue} but an input with K={x[1]} in {recipe.name} "
+    fmt = recipe.rhs
+    (q_shape, q_dtype), (s_shape, s_dtype) = qvalue, scale
+    stored = fmt.stored_k(x[1])
+    if len(q_shape) != 2 or q_shape[1] != stored:
+        raise ValueError(f"qvalue has shape {q_shape} but an input with K={x[1]} in {recipe.name} "
                          f"needs (N, {stored}); the weight's in_features does not match the input")
-    if bias is not None and bias != (qvalue[0],):
-        raise ValueError(f"bias has shape {bias}; expected ({qvalue[0]},)")
+    if q_dtype != DTYPES[fmt.qtype.storage]:
+        raise TypeError(f"qvalue has dtype {q_dtype}; {fmt.describe()} codes are stored as {fmt.qtype.storage}")
+    want = fmt.scale_shape((q_shape[0], x[1]))
+    if s_shape != want or s_dtype != torch.float32:
+        raise ValueError(f"scale is {s_shape} {s_dtype}; {recipe.name} needs {want} torch.float32")
+    if (zero is not None) != fmt.zero_point or (zero is not None and (zero[0] != want or zero[1] != torch.int8)):
+        need = f"{want} torch.int8" if fmt.zero_point else "None"
+        raise ValueError(f"zero_point is {zero}; {recipe.name} needs {need}")
+    if bias is not None and bias != (q_shape[0],):
+        raise ValueError(f"bias has shape {bias}; expected ({q_shape[0]},)")
+
+
+def _operand_key(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> tuple[Any, ...]:
+    zero = None if zero_point is None else (tuple(zero_point.shape), zero_point.dtype)
+    return (tuple(x.shape), (tuple(qvalue.shape), qvalue.dtype), (tuple(scale.shape), scale.dtype), zero,
+            None if bias is None else tuple(bias.shape))
 
 
 _checked = functools.lru_cache(maxsize=4096)(_check)  # a call's shapes are checked once (errors are not cached)
@@ -82,10 +104,13 @@ def _bind(m: int, k: int, dtype: torch.dtype, device: torch.device, n: int, has_
     return dispatch.bind(problem, backend)
 
 
-def bind(x: torch.Tensor, qvalue: torch.Tensor, bias: torch.Tensor | None, recipe: str) -> Bound:
+def bind(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+         bias: torch.Tensor | None, recipe: str) -> Bound:
     """The bound call of one `qkernels::linear`: validated and selected once per distinct call."""
     r = recipe_named(recipe)
-    _checked(tuple(x.shape), tuple(qvalue.shape), None if bias is None else tuple(bias.shape), r)
+    _checked(*_operand_key(x, qvalue, scale, zero_point, bias), r)
+    if not (qvalue.device == scale.device == x.device):
+        raise ValueError(f"qvalue/scale are on {qvalue.device}/{scale.device} but x is on {x.device}; move them")
     return _bind(x.shape[0], x.shape[1], x.dtype, x.device, qvalue.shape[0], bias is not None, r,
                  dispatch.requested_backend(), dispatch.registry_version("torch"))
 
@@ -108,7 +133,7 @@ def _from_numpy(a: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def _kernel(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
             bias: torch.Tensor | None, recipe: str) -> torch.Tensor:
-    call = bind(x, qvalue, bias, recipe)
+    call = bind(x, qvalue, scale, zero_point, bias, recipe)
     rhs = QOperand(qvalue, scale, zero_point)
     if call.implementation.framework == dispatch.ANY_FRAMEWORK:
         out = call.run(_to_numpy(x), QOperand(*map(_to_numpy, rhs)), _to_numpy(bias))
@@ -124,7 +149,7 @@ _linear.register_kernel("cuda")(_kernel)
 @_linear.register_fake
 def _fake(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
           bias: torch.Tensor | None, recipe: str) -> torch.Tensor:
-    _check(tuple(x.shape), tuple(qvalue.shape), None if bias is None else tuple(bias.shape), recipe_named(recipe))
+    _check(*_operand_key(x, qvalue, scale, zero_point, bias), recipe_named(recipe))
     return x.new_empty((x.shape[0], qvalue.shape[0]))
 
 
