@@ -219,10 +219,6 @@ class Accumulation:
             return (getattr, (Accumulation, self.name))
         return (type(self), ())
 
-    @property
-    def value(self) -> str:
-        return self.description
-
     def max_k(self, recipe: Recipe) -> int | None:
         """Largest contraction served exactly, None if unbounded."""
         return None
