@@ -143,17 +143,17 @@ def _out(v: Variant, partial: str, final: str = "*bf16") -> dict[str, str]:
     return dict(out_ptr=partial if v.partial else final)
 
 
-def _gemv_spec(family: str, weight: int, act: str, group_size: int | None) -> KernelSpec:
+def _gemv_spec(family: str, weight: gemv.GemvWeight, act: str, group_size: int | None) -> KernelSpec:
     int_act = family == "w8a8"
     acc = "*i32" if int_act else "*fp32"
-    suffix = "-zp" if weight == gemv.UINT4_ZP else ""
+    suffix = "-zp" if weight.zero_point else ""
     return KernelSpec(
         name=f"gemv-{family}{suffix}", fn=gemv.gemv_kernel,
         pointers=lambda v: dict(a_ptr=act, a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32", w_zero_ptr="*i8",
                                 bias_ptr="*fp32" if int_act else "*bf16", **_out(v, acc)),
-        constexprs=lambda v: dict(WEIGHT=weight, INT_ACT=int_act, PARTIAL=v.partial, HAS_BIAS=True, ROUND_BF16=False,
-                                  GROUP_SIZE=group_size or 1, BLOCK_M=v.cfg.block_m, BLOCK_N=v.cfg.block_n,
-                                  BLOCK_K=v.cfg.block_k),
+        constexprs=lambda v: dict(**weight.constexprs(), INT_ACT=int_act, PARTIAL=v.partial, HAS_BIAS=True,
+                                  ROUND_BF16=False, GROUP_SIZE=group_size or 1, BLOCK_M=v.cfg.block_m,
+                                  BLOCK_N=v.cfg.block_n, BLOCK_K=v.cfg.block_k),
         configs=_runs(Kernel.GEMV, family, group_size), mma=None)
 
 
