@@ -1,6 +1,6 @@
 """Hardware detection and the peak table that roofline fractions are computed against.
 
-Accelerator peaks are vendor datasheet numbers for dense (non-sparse) math; this CPU's peaks are
+Accelerator peaks are vendor datasheet numbers for dense (non-sparse) math (`qkernels.hardware`); this CPU's peaks are
 measured once per run by short probes (an f32 matmul; bf16 and int8 matmuls and a memory copy when
 PyTorch is installed), so a CPU fraction reads "of what this box achieved in a plain matmul".
 """
@@ -18,32 +18,20 @@ from typing import Any
 
 import numpy as np
 
+from qkernels import hardware
 from qkernels.hardware import Peak
 
 __all__ = ["Peak", "Device", "PEAKS", "detect", "probe_cpu", "configure_environment"]
 
 
-PEAKS: dict[str, Peak] = {
-    "A100": Peak(f32=19.5, bf16=312.0, int8=624.0, mem_gbps=2039.0, source="NVIDIA A100 SXM 80GB datasheet"),
-    "H100": Peak(f32=67.0, bf16=989.4, int8=1978.9, mem_gbps=3350.0, source="NVIDIA H100 SXM5 datasheet"),
-    "H200": Peak(f32=67.0, bf16=989.4, int8=1978.9, mem_gbps=4800.0, source="NVIDIA H200 SXM datasheet"),
-    "L4": Peak(f32=30.3, bf16=121.0, int8=242.5, mem_gbps=300.0, source="NVIDIA L4 datasheet"),
-    "MI300X": Peak(f32=163.4, bf16=1307.4, int8=2614.9, mem_gbps=5300.0, source="AMD Instinct MI300X datasheet"),
-    "TPU v5e": Peak(f32=None, bf16=197.0, int8=394.0, mem_gbps=819.0, source="Google Cloud TPU v5e docs"),
-    "TPU v6e": Peak(f32=None, bf16=918.0, int8=1836.0, mem_gbps=1640.0, source="Google Cloud TPU v6e docs"),
-    "TPU v5p": Peak(f32=None, bf16=459.0, int8=918.0, mem_gbps=2765.0, source="Google Cloud TPU v5p docs"),
-}
-
-# GPU marketing names -> peak key; order matters ('H100' before 'H10', 'L40' is not an 'L4').
-_GPU_KEYS = (("H200", "H200"), ("H100", "H100"), ("A100", "A100"), ("MI300X", "MI300X"), (r"\bL4\b", "L4"))
-# jax `device_kind` of TPUs -> (peak key, qkernels platform)
-_TPU_KINDS = (("v5 lite", "TPU v5e", "tpu:v5e"), ("v5e", "TPU v5e", "tpu:v5e"), ("v6", "TPU v6e", "tpu:v6e"),
-              ("v5p", "TPU v5p", "tpu:v5p"), ("v5", "TPU v5p", "tpu:v5p"), ("v4", None, "tpu:v4"))
+PEAKS: dict[str, Peak] = {d.name: d.peak for d in hardware.DEVICES if d.peak is not None}
+"""Datasheet peaks by device kind ('h100', 'tpu-v5e'), from `qkernels.hardware`."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Device:
-    """Where the suite runs: `kind` is 'cpu', 'cuda', 'rocm' or 'tpu'; `platform` is qkernels' string."""
+    """Where the suite runs: `kind` is 'cpu', 'cuda', 'rocm' or 'tpu'; `platform` is qkernels' string;
+    `peak_key` the device kind ('h100') where `PEAKS` has its datasheet peak."""
 
     kind: str
     name: str
@@ -137,6 +125,13 @@ def probe_cpu(seconds: float = 0.4) -> Peak:
                 source=f"measured this run: {n}^3 torch matmuls (f32, bf16, int8 _int_mm), 128 MiB copy")
 
 
+def _accelerator(kind: str, name: str, platform: str) -> Device:
+    """A GPU or TPU by the name its framework reports, with its datasheet peak if `PEAKS` has one."""
+    key = hardware.device_kind(name)
+    key = key if key in PEAKS else None
+    return Device(kind=kind, name=name, platform=platform, peak_key=key, peak=PEAKS.get(key), threads=_threads())
+
+
 def detect(*, probe: bool = True) -> Device:
     """The best device present: a CUDA/ROCm GPU (via PyTorch or JAX), a TPU (via JAX), else the CPU."""
     try:
@@ -146,23 +141,16 @@ def detect(*, probe: bool = True) -> Device:
     if torch is not None and torch.cuda.is_available():
         name = torch.cuda.get_device_name(0)
         if torch.version.hip:
-            arch = torch.cuda.get_device_properties(0).gcnArchName.split(":")[0]
-            plat, kind = f"rocm:{arch}", "rocm"
+            plat, kind = hardware.rocm_platform(torch.cuda.get_device_properties(0).gcnArchName), "rocm"
         else:
-            major, minor = torch.cuda.get_device_capability(0)
-            plat, kind = f"cuda:sm_{major}{minor}", "cuda"
-        key = next((k for pat, k in _GPU_KEYS if re.search(pat, name)), None)
-        return Device(kind=kind, name=name, platform=plat, peak_key=key, peak=PEAKS.get(key),
-                      threads=_threads())
+            plat, kind = hardware.cuda_platform(*torch.cuda.get_device_capability(0)), "cuda"
+        return _accelerator(kind, name, plat)
     if _has_tpu():
         import jax
 
         dev = jax.devices()[0]
         if dev.platform == "tpu":
-            kind_str = dev.device_kind.lower()
-            key, plat = next(((k, p) for pat, k, p in _TPU_KINDS if pat in kind_str), (None, "tpu:unknown"))
-            return Device(kind="tpu", name=dev.device_kind, platform=plat, peak_key=key,
-                          peak=PEAKS.get(key) if key else None, threads=_threads())
+            return _accelerator("tpu", dev.device_kind, hardware.tpu_platform(dev.device_kind))
     threads = _threads()
     return Device(kind="cpu", name=f"{_cpu_name()} ({threads} threads)", platform="cpu", peak_key=None,
                   peak=probe_cpu() if probe else None, threads=threads)

@@ -15,7 +15,7 @@ __all__ = ["Target", "TARGETS", "evaluate"]
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Target:
     text: str
-    devices: tuple[str, ...]  # peak-table keys ('A100', 'H100', 'TPU v5e') or 'cpu'
+    devices: tuple[str, ...]  # device kinds of `bench.device.PEAKS` ('a100', 'tpu-v5e') or 'cpu'
     framework: str
     method: str
     recipe: str
@@ -30,7 +30,7 @@ class Target:
                 and (not self.kn or (row["k"], row["n"]) in self.kn))
 
 
-_GPU = ("A100", "H100")
+_GPU = ("a100", "h100")
 _L8B = ((4096, 4096), (4096, 14336))
 
 TARGETS: tuple[Target, ...] = (
@@ -43,9 +43,9 @@ TARGETS: tuple[Target, ...] = (
            kn=((8192, 8192),)),
     Target(text="A100/H100: W8A16 at M<=16 >= 1.7x cuBLAS bf16", devices=_GPU,
            framework="torch", method="qkernels.linear", recipe="w8a16", min_speedup=1.7, m_max=16),
-    Target(text="TPU v5e: W8A8 at large M (>=2048) >= 1.7x XLA bf16", devices=("TPU v5e",),
+    Target(text="TPU v5e: W8A8 at large M (>=2048) >= 1.7x XLA bf16", devices=("tpu-v5e",),
            framework="jax", method="qkernels.dot_general", recipe="w8a8", min_speedup=1.7, m_min=2048),
-    Target(text="TPU v5e: W4A16 at M<=16 >= 2.5x XLA bf16", devices=("TPU v5e",),
+    Target(text="TPU v5e: W4A16 at M<=16 >= 2.5x XLA bf16", devices=("tpu-v5e",),
            framework="jax", method="qkernels.dot_general", recipe="w4a16-g128", min_speedup=2.5, m_max=16),
     Target(text="CPU: qkernels.linear W8A8 M=256 4096->4096 >= 4x F.linear f32", devices=("cpu",),
            framework="torch", method="qkernels.linear", recipe="w8a8", min_speedup=4.0, m_min=256, m_max=256,

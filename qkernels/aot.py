@@ -7,8 +7,8 @@ memory (GPU) or VMEM and `memory_analysis()` (TPU); exits 1 if any config fails 
 expected tensor-core/MXU instruction, spills, or exceeds the target's on-chip memory. Useful to
 check a deployment target from a CPU box and to warm a compilation cache.
 
-Each kernel family provides the checks for its targets as `check(target) -> list[ConfigReport]`
-in the module named in `TARGETS`.
+The targets are `qkernels.hardware.AOT_TARGETS`; each names the `qkernels.backends` entry that
+compiles for it, whose `<module>.aot` provides `check(target) -> list[ConfigReport]` (`TARGETS`).
 """
 
 from __future__ import annotations
@@ -21,18 +21,13 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from qkernels import backends, hardware
+
 __all__ = ["ConfigReport", "TARGETS", "run_checks", "main"]
 
 TARGETS: dict[str, str] = {
-    "sm_80": "qkernels.kernels.triton.aot",
-    "sm_90": "qkernels.kernels.triton.aot",
-    "gfx942": "qkernels.kernels.triton.aot",
-    "tpu-v5e": "qkernels.kernels.pallas.aot",
-    "tpu-v6e": "qkernels.kernels.pallas.aot",
-    "tpu-v5p": "qkernels.kernels.pallas.aot",
-    "pallas-sm_80": "qkernels.kernels.pallas.aot",
-    "pallas-sm_90": "qkernels.kernels.pallas.aot",
-}
+    name: f"{backends.by_name(t.backend).module}.aot" for name, t in hardware.AOT_TARGETS.items()}
+"""Target name -> the module whose `check(target)` compiles for it."""
 
 
 @dataclass(kw_only=True, slots=True)

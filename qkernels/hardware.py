@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "Peak", "DeviceKind", "DEVICES", "ARCHES", "Arch", "AotTarget", "AOT_TARGETS", "MMA_PATTERNS", "TPU_GENERATIONS", "TPU_NO_INT8_MXU",
-    "device_kind", "device", "units", "cuda_platform", "rocm_platform", "tpu_platform", "table_arch",
+    "device_kind", "device", "units", "cuda_platform", "rocm_platform", "tpu_platform", "arch_platform",
+    "table_arch",
 ]
 
 
@@ -104,9 +105,9 @@ DEVICES: tuple[DeviceKind, ...] = (
         f32=None, bf16=918.0, int8=1836.0, mem_gbps=1640.0, source="Google Cloud TPU v6e docs")),
     DeviceKind(name="tpu-v5p", pattern=r"TPU v5p|TPU v5\b", arch="v5p", peak=Peak(
         f32=None, bf16=459.0, int8=918.0, mem_gbps=2765.0, source="Google Cloud TPU v5p docs")),
-    DeviceKind(name="tpu-v4", pattern=r"TPU v4", arch="v4"),
-    DeviceKind(name="tpu-v3", pattern=r"TPU v3", arch="v3"),
-    DeviceKind(name="tpu-v2", pattern=r"TPU v2", arch="v2"),
+    DeviceKind(name="tpu-v4", pattern=r"TPU v4", arch=None),
+    DeviceKind(name="tpu-v3", pattern=r"TPU v3", arch=None),
+    DeviceKind(name="tpu-v2", pattern=r"TPU v2", arch=None),
 )
 _BY_NAME = {d.name: d for d in DEVICES}
 
@@ -156,6 +157,18 @@ def tpu_platform(device_kind_name: str) -> str:
     return f"tpu:{kind.removeprefix('tpu-')}" if kind.startswith("tpu-") else f"tpu:{kind}"
 
 
+def arch_platform(arch: str) -> str:
+    """Platform string of a config-table arch's parts: 'sm_90' -> 'cuda:sm_90', 'gfx942' -> 'rocm:gfx942',
+    'v5e' -> 'tpu:v5e', 'interpret' -> 'cpu' (the Triton interpreter runs on the host)."""
+    if arch not in ARCHES:
+        raise ValueError(f"arch {arch!r} is not in the hardware table; known: {', '.join(ARCHES)}")
+    if arch == "interpret":
+        return "cpu"
+    if arch in TPU_GENERATIONS:
+        return f"tpu:{arch}"
+    return f"{'rocm' if arch.startswith('gfx') else 'cuda'}:{arch}"
+
+
 def table_arch(platform: str) -> str | None:
     """Config-table arch of a platform: sm_80 for sm_80..sm_89, sm_90 for sm_90 and newer, gfx942,
     a TPU generation; None where no table applies (CPU, pre-Ampere GPUs, other ROCm parts)."""
@@ -166,7 +179,7 @@ def table_arch(platform: str) -> str | None:
             return None
         return "sm_90" if int(m[1]) >= 9 else "sm_80"
     if kind == "rocm":
-        return arch if arch in ARCHES else None
+        return arch if arch.startswith("gfx") and arch in ARCHES else None
     if kind == "tpu":
         return arch or None
     return None
@@ -186,6 +199,8 @@ class AotTarget:
     """A `python -m qkernels.aot` target: which backend compiles for it and for what.
 
     GPU: `gpu` is Triton's (backend, arch, warp size); TPU: `topology` is the libtpu topology name.
+    `devices`: device kinds whose heuristic picks (decode and model shapes) are compiled, the parts
+    deployed on; the arch's other kinds run the same table entries, their SM counts only change splits.
     """
 
     name: str
@@ -193,12 +208,13 @@ class AotTarget:
     arch: str  # an ARCHES key
     gpu: tuple[str, int | str, int] | None = None
     topology: str | None = None
+    devices: tuple[str, ...] = ()
 
 
 AOT_TARGETS: dict[str, AotTarget] = {t.name: t for t in (
-    AotTarget(name="sm_80", backend="triton", arch="sm_80", gpu=("cuda", 80, 32)),
-    AotTarget(name="sm_90", backend="triton", arch="sm_90", gpu=("cuda", 90, 32)),
-    AotTarget(name="gfx942", backend="triton", arch="gfx942", gpu=("hip", "gfx942", 64)),
+    AotTarget(name="sm_80", backend="triton", arch="sm_80", gpu=("cuda", 80, 32), devices=("a100",)),
+    AotTarget(name="sm_90", backend="triton", arch="sm_90", gpu=("cuda", 90, 32), devices=("h100", "h200")),
+    AotTarget(name="gfx942", backend="triton", arch="gfx942", gpu=("hip", "gfx942", 64), devices=("mi300x",)),
     AotTarget(name="tpu-v5e", backend="pallas", arch="v5e", topology="v5e:2x2"),
     AotTarget(name="tpu-v6e", backend="pallas", arch="v6e", topology="v6e:2x2"),
     AotTarget(name="tpu-v5p", backend="pallas", arch="v5p", topology="v5p:2x2x1"),

@@ -13,6 +13,8 @@ on this device kind reads before the shipped table. Existing entries for other k
 `--out FILE` writes elsewhere; `--ship` writes the package's own table for this device kind,
 `qkernels/tuned/<backend>-<device>.json` (commit it: the shipped table, read when a user has no cache).
 
+The backends are the `qkernels.backends` entries with a `tunable`; each one's `tuning.Tunable`
+says which device it tunes on (`Tunable.device`), so this module knows no backend by name.
 Configs never change numerics, only speed; tuning only ever runs here, never implicitly in a call.
 """
 
@@ -27,15 +29,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qkernels import dispatch, tuning
+from qkernels import backends, dispatch, tuning
 from qkernels.formats import Recipe, parse_recipe
 from qkernels.shapes import DECODE_M, SETS, shape_set
 
 __all__ = ["main", "Job", "jobs", "tune"]
 
-# Backend -> (framework, module that registers its Tunable, how to describe the current device).
-_BACKENDS = {"triton": ("torch", "qkernels.kernels.triton.tunable"),
-             "pallas": ("jax", "qkernels.kernels.pallas.tunable")}
+TUNABLE_BACKENDS: dict[str, backends.Backend] = {b.name: b for b in backends.BACKENDS if b.tunable}
+"""The `qkernels.backends` entries whose kernels take configs ('triton', 'pallas')."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -75,47 +76,17 @@ def jobs(recipes: Sequence[str], shapes: Sequence[str], ms: Sequence[int] = DECO
     return [Job(recipe=r, m=m, n=n, k=k) for r in parsed for m, n, k in _parse_shapes(shapes, ms)]
 
 
-def _device(backend: str) -> tuple[str, str, str]:
-    """(platform, device kind, device name) of the device `backend` tunes on; raises if there is none."""
-    if backend == "triton":
-        import torch
-
-        from qkernels.kernels.triton._common import interpreting
-        from torch_bindings.ops import device_of, platform_of
-
-        if torch.cuda.is_available():
-            dev = torch.device("cuda")
-            return platform_of(dev), device_of(dev), torch.cuda.get_device_name(dev)
-        if interpreting():
-            print("qkernels.tune: no GPU; timing the Triton interpreter (TRITON_INTERPRET=1). These timings say "
-                  "nothing about a GPU and are stored for device 'cpu', which only the interpreter reads.",
-                  file=sys.stderr)
-            return "cpu", "cpu", "Triton interpreter on CPU"
-        raise SystemExit("qkernels.tune: no CUDA/ROCm GPU visible to PyTorch; run this on the GPU you will serve on "
-                         "(or set TRITON_INTERPRET=1 to exercise the tuner in the interpreter)")
-    import jax
-
-    from jax_bindings.implementations import current_device, current_platform
-
-    if jax.devices()[0].platform != "tpu":
-        raise SystemExit(f"qkernels.tune --backend pallas tunes the Pallas TPU kernels and needs a TPU; "
-                         f"JAX sees {jax.devices()[0].platform}")
-    return current_platform(), current_device(), jax.devices()[0].device_kind
-
-
-def _named_device(backend: str, kind: str) -> tuple[str, str, str]:
-    """(platform, device kind, name) of a device kind given on the command line (`--list --device`)."""
-    if backend == "pallas":
-        if not kind.startswith("tpu-"):
-            raise SystemExit(f"qkernels.tune: --device {kind!r} is not a TPU kind; use e.g. tpu-v5e, tpu-v6e, tpu-v5p")
-        return f"tpu:{kind.removeprefix('tpu-')}", kind, kind
-    from qkernels.kernels.triton.heuristics import ARCH_OF_DEVICE
-
-    if kind not in ARCH_OF_DEVICE:
-        raise SystemExit(f"qkernels.tune: --device {kind!r} is not a known GPU kind; choose from "
-                         f"{', '.join(sorted(ARCH_OF_DEVICE))}")
-    arch = ARCH_OF_DEVICE[kind]
-    return (f"rocm:{arch}" if arch.startswith("gfx") else f"cuda:{arch}"), kind, kind
+def _tunable(backend: backends.Backend) -> tuning.Tunable:
+    """The registered `Tunable` of `backend`, after registering the backends of its framework."""
+    if not backend.installed():
+        raise SystemExit(f"qkernels.tune: backend {backend.name} needs {', '.join(backend.requires)}; install "
+                         f"them to tune it")
+    backends.load(backend.framework)
+    tunable = tuning.tunables().get(backend.tunable)
+    if tunable is None or tunable.device is None:
+        raise SystemExit(f"qkernels.tune: backend {backend.name} registered no tunable {backend.tunable!r} that "
+                         f"names its device; its register() must register a tuning.Tunable with `device`")
+    return tunable
 
 
 def _problem(job: Job, framework: str, platform: str, device: str) -> dispatch.Problem:
@@ -129,14 +100,19 @@ def tune(backend: str, todo: Sequence[Job], *, out: Path | None = None, list_onl
     """Time every candidate of every job; unless `list_only`, merge the winners into the table at `out`
     (default: the user cache of this device). Returns one row per job. `device` (a device kind, with
     `list_only` only) lists the candidates for a device that is not here."""
-    if backend not in _BACKENDS:
-        raise SystemExit(f"qkernels.tune: unknown backend {backend!r}; choose from {', '.join(_BACKENDS)}")
-    framework, module = _BACKENDS[backend]
-    importlib.import_module(module)
+    if backend not in TUNABLE_BACKENDS:
+        raise SystemExit(f"qkernels.tune: unknown backend {backend!r}; choose from {', '.join(TUNABLE_BACKENDS)}")
+    entry = TUNABLE_BACKENDS[backend]
+    tunable = _tunable(entry)
     if device is not None and not list_only:
         raise SystemExit("qkernels.tune: --device only goes with --list; timing needs the device itself")
-    platform, device, device_name = _named_device(backend, device) if device else _device(backend)
-    tunable = tuning.tunables()[backend]
+    try:
+        here = tunable.device(device)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"qkernels.tune: {e}") from None
+    if here.note:
+        print(f"qkernels.tune: {here.note}", file=sys.stderr)
+    framework, platform, device = entry.framework, here.platform, here.kind
     rows, entries = [], {}
     for job in todo:
         problem = _problem(job, framework, platform, device)
@@ -162,8 +138,8 @@ def tune(backend: str, todo: Sequence[Job], *, out: Path | None = None, list_onl
         old = tuning.load_table(path, tunable, device)
         kept = [e for e in (old.entries if old else ()) if e.key not in entries]
         tuning.write_table(path, tunable, device, [*kept, *entries.values()], measured=True, provenance={
-            "tool": "python -m qkernels.tune", "device_name": device_name, "platform": platform,
-            "date": datetime.date.today().isoformat(), "versions": _versions(framework)})
+            "tool": "python -m qkernels.tune", "device_name": here.name, "platform": platform,
+            "date": datetime.date.today().isoformat(), "versions": _versions(entry.requires)})
         print(f"qkernels.tune: wrote {len(entries)} entries ({len(kept)} kept) to {path}")
     return rows
 
@@ -172,10 +148,9 @@ def _name(config: Any) -> str:
     return getattr(config, "name", None) or config.describe()
 
 
-def _versions(framework: str) -> dict[str, str]:
-    mods = ("torch", "triton") if framework == "torch" else ("jax", "jaxlib")
+def _versions(packages: Sequence[str]) -> dict[str, str]:
     out = {}
-    for name in mods:
+    for name in packages:
         try:
             out[name] = importlib.import_module(name).__version__
         except ImportError:
@@ -190,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shapes", action="append", required=True,
                    help="shape sets or MxNxK / NxK, comma separated (decode, 1x8192x8192, 8192x8192)")
     p.add_argument("--m", default=",".join(map(str, DECODE_M)), help="row counts for NxK shapes (default 1,2,4,8,16)")
-    p.add_argument("--backend", default="triton", choices=sorted(_BACKENDS))
+    p.add_argument("--backend", default=next(iter(TUNABLE_BACKENDS)), choices=list(TUNABLE_BACKENDS))
     where = p.add_mutually_exclusive_group()
     where.add_argument("--out", type=Path, help="table file to update (default: the user cache of this device)")
     where.add_argument("--ship", action="store_true",

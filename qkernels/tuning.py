@@ -37,9 +37,9 @@ from qkernels import dispatch
 from qkernels.hardware import device_kind
 
 __all__ = [
-    "TABLE_FORMAT", "CACHE_ENV", "M_BUCKETS", "Tunable", "Key", "Entry", "Table", "Choice", "register",
-    "tunables", "tunable_for", "choose", "device_kind", "m_bucket", "key_of", "shipped_path", "cache_path",
-    "load_table", "write_table", "reload",
+    "TABLE_FORMAT", "CACHE_ENV", "M_BUCKETS", "TuningDevice", "Tunable", "Key", "Entry", "Table", "Choice",
+    "register", "tunables", "tunable_for", "choose", "device_kind", "m_bucket", "key_of", "shipped_path",
+    "cache_path", "load_table", "write_table", "reload",
 ]
 
 TABLE_FORMAT = "qkernels.tuned/1"
@@ -77,16 +77,28 @@ def key_of(problem: dispatch.Problem) -> Key:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class TuningDevice:
+    """The device a backend tunes configs on (or lists candidates for): what its table is keyed by."""
+
+    platform: str  # dispatch platform, 'cuda:sm_90'
+    kind: str  # device kind naming the table, 'h100' (`qkernels.hardware.device_kind`)
+    name: str  # what the framework calls it, recorded in the table's provenance
+    note: str = ""  # what the tuner should tell the user about timings taken here, if anything
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Tunable:
     """A backend whose kernels take configs. Every callable is pure and cheap except `measure`.
 
-    backend:   table name prefix ('triton', 'pallas'); matches the implementations' backend.
+    backend:   table name prefix, a `qkernels.backends` entry's `tunable` ('triton', 'pallas').
     serves:    does this problem run on this backend's configurable kernels? (None or why not)
     parse:     JSON object -> config (raises ValueError/TypeError on a bad one); `dump` is its inverse.
     check:     None if `config` can run `problem`, else why not (e.g. a tile straddling a group).
     heuristic: (config, why) for any problem it serves.
     candidates: configs worth timing for a problem (the tuning search space).
     measure:   seconds per call of `config` on `problem` on the current device (tuning only).
+    device:    the `TuningDevice` for a device kind ('h100', to list candidates without it), or for
+               this machine (None); raises ValueError / RuntimeError saying why there is none.
     """
 
     backend: str
@@ -97,6 +109,7 @@ class Tunable:
     heuristic: Callable[[dispatch.Problem], tuple[Any, str]]
     candidates: Callable[[dispatch.Problem], tuple[Any, ...]]
     measure: Callable[[dispatch.Problem, Any], float] | None = None
+    device: Callable[[str | None], TuningDevice] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +166,7 @@ def tunable_for(problem: dispatch.Problem, backend: str) -> Tunable:
     """The registered tunable of `backend`; raises if there is none or it does not serve the problem."""
     if backend not in _TUNABLES:
         raise ValueError(f"no tunable backend {backend!r}; registered: {', '.join(sorted(_TUNABLES)) or 'none'} "
-                         f"(import the backend's kernels first)")
+                         f"(`qkernels.backends.load(framework)` registers the installed backends' tunables)")
     t = _TUNABLES[backend]
     why = t.serves(problem)
     if why:

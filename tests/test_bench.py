@@ -202,11 +202,14 @@ def test_targets_evaluate() -> None:
     assert by_text(targets.evaluate([row(256, 3.0)], "cpu"))["status"] == "missed"
     assert by_text(targets.evaluate([row(256, None)], "cpu"))["status"] == "not measured"
     assert by_text(targets.evaluate([], "cpu"))["status"] == "not measured"
-    assert all("CPU" not in t["target"] for t in targets.evaluate([], "H100"))
+    assert all("CPU" not in t["target"] for t in targets.evaluate([], "h100"))
+    h100 = {t.text for t in targets.TARGETS if "h100" in t.devices}
+    assert h100 and {t["target"] for t in targets.evaluate([], "h100")} == h100
 
 
 def test_peak_table_covers_the_issue_devices() -> None:
-    assert {"A100", "H100", "H200", "L4", "MI300X", "TPU v5e", "TPU v6e", "TPU v5p"} <= set(PEAKS)
+    assert {"a100", "h100", "h200", "l4", "mi300x", "tpu-v5e", "tpu-v6e", "tpu-v5p"} <= set(PEAKS)
+    assert all(d in PEAKS or d == "cpu" for t in targets.TARGETS for d in t.devices), "a target names no peak"
     for key, p in PEAKS.items():
         assert p.int8 == pytest.approx(2 * p.bf16, rel=0.01), f"{key}: dense int8 peak is twice bf16"
         assert p.mem_gbps > 0

@@ -16,6 +16,7 @@ the even/odd-k activation reordering and the per-group scale relayouts as temp (
 for the same program), so a temp bound flagged those, not a weight copy.
 GPU targets ('pallas-sm_80', 'pallas-sm_90'): export for cuda, take the Triton IR out of the
 custom call, compile it with the triton wheel, and require int8 tensor-core instructions.
+Targets (topologies, GPU archs) and instruction patterns are `qkernels.hardware`'s.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from qkernels import dispatch
+from qkernels import dispatch, hardware
 from qkernels.aot import ConfigReport
 from qkernels.formats import W4A8, W4A16, W8A8, Recipe
 from qkernels.kernels.pallas import configs, gpu, tpu, tunable
@@ -39,7 +40,7 @@ from qkernels.kernels.pallas.configs import Family
 
 __all__ = ["check"]
 
-_TOPOLOGY = {"tpu-v5e": ("v5e", "v5e:2x2"), "tpu-v6e": ("v6e", "v6e:2x2"), "tpu-v5p": ("v5p", "v5p:2x2x1")}
+_TARGETS = {name: t for name, t in hardware.AOT_TARGETS.items() if t.backend == "pallas"}
 # (m, n, k) per kind of entry: the M range's ends on a realistic layer, and an awkward shape
 _DECODE_SHAPES = ((1, 8192, 8192), (configs.SMALL_M, 8192, 8192), (3, 4096, 4095))
 _ANY_M_SHAPES = ((1024, 4096, 4096), (configs.SMALL_M + 1, 4096, 4095))
@@ -129,8 +130,8 @@ def _check_tpu(target: str) -> list[ConfigReport]:
 
     # compiling needs no TPU, so do not let libtpu's single-process lock refuse a second user
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    arch, topology = _TOPOLOGY[target]
-    device = topologies.get_topology_desc(topology_name=topology, platform="tpu").devices[0]
+    arch = _TARGETS[target].arch
+    device = topologies.get_topology_desc(topology_name=_TARGETS[target].topology, platform="tpu").devices[0]
     sharding = jax.sharding.SingleDeviceSharding(device)
     reports = []
     for family, cfg, variant, (m, n, k) in _jobs(arch):
@@ -197,7 +198,7 @@ def _check_gpu(target: str) -> list[ConfigReport]:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    cap = int(target.rsplit("_", 1)[1])
+    int8_mma = re.compile(hardware.MMA_PATTERNS[("cuda", "int8")])
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     reports = []
     for family in Family:
@@ -209,7 +210,7 @@ def _check_gpu(target: str) -> list[ConfigReport]:
             with tempfile.TemporaryDirectory() as tmp:
                 src = Path(tmp) / "kernel.ttir"
                 src.write_text(_triton_ir(fn, args))
-                compiled = triton.compile(str(src), target=GPUTarget("cuda", cap, 32),
+                compiled = triton.compile(str(src), target=GPUTarget(*_TARGETS[target].gpu),
                                           options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
                 cubin = Path(tmp) / "kernel.cubin"
                 cubin.write_bytes(compiled.asm["cubin"])
@@ -219,7 +220,7 @@ def _check_gpu(target: str) -> list[ConfigReport]:
             r.spill_bytes = getattr(compiled, "n_spills", None)
             mma = sorted(set(re.findall(r"\b(I?G?MMA\.[\w.]+|HMMA\.[\w.]+|HGMMA\.[\w.]+)", sass)))
             r.mma_instruction = ", ".join(mma)[:26] or None
-            if family is not Family.W4A16 and not any(i.startswith(("IMMA", "IGMMA")) for i in mma):
+            if family is not Family.W4A16 and not int8_mma.search(sass):
                 r.problems.append(f"no int8 tensor-core instruction (IMMA/IGMMA) in SASS; found {mma or 'none'}")
         except Exception as e:  # report the blocker for this config instead of crashing the whole check
             r.problems.append(f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
@@ -229,8 +230,6 @@ def _check_gpu(target: str) -> list[ConfigReport]:
 
 def check(target: str) -> list[ConfigReport]:
     """Compile every shipped Pallas config for `target`; see the module docstring."""
-    if target in _TOPOLOGY:
-        return _check_tpu(target)
-    if target in ("pallas-sm_80", "pallas-sm_90"):
-        return _check_gpu(target)
-    raise ValueError(f"unknown Pallas target {target!r}; choose from {', '.join([*_TOPOLOGY, 'pallas-sm_80', 'pallas-sm_90'])}")
+    if target not in _TARGETS:
+        raise ValueError(f"unknown Pallas target {target!r}; choose from {', '.join(_TARGETS)}")
+    return _check_tpu(target) if _TARGETS[target].topology else _check_gpu(target)

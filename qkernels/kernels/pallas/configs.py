@@ -12,10 +12,10 @@ for any M (`tpu_config` takes the first that serves M):
 - any M: square-ish tiles sized for the MXU (v5e/v5p 4x 128x128, v6e 2x 256x256).
 
 Blocks must fit the generation's *scoped* VMEM default, the limit Mosaic compiles against
-(`SCOPED_VMEM`; measured with libtpu: v5e 16 MiB, v6e 32 MiB, v5p 16 MiB); `vmem_estimate` is an
-upper estimate of what a config uses, and `python -m qkernels.aot --target tpu-v5e` compiles every
-table entry with the real compiler. v5p has two TensorCores per chip that split the parallel grid
-axes, so its decode blocks keep N=4096 layers at two N blocks or more.
+(`SCOPED_VMEM`, from `qkernels.hardware`; measured with libtpu: v5e 16 MiB, v6e 32 MiB, v5p 16 MiB);
+`vmem_estimate` is an upper estimate of what a config uses, and `python -m qkernels.aot --target
+tpu-v5e` compiles every table entry with the real compiler. v5p has two TensorCores per chip that
+split the parallel grid axes, so its decode blocks keep N=4096 layers at two N blocks or more.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from qkernels import hardware
 
 __all__ = ["Family", "TileConfig", "GpuConfig", "TPU_CONFIGS", "GPU_CONFIGS", "TPU_GENERATIONS", "SCOPED_VMEM",
            "SMALL_M", "tpu_config", "tpu_configs", "gpu_config", "vmem_estimate"]
@@ -121,8 +123,9 @@ class GpuConfig:
         return f"bm{self.block_m}-bn{self.block_n}-bk{self.block_k}-w{self.num_warps}-s{self.num_stages}"
 
 
-TPU_GENERATIONS = ("v5e", "v6e", "v5p")
-SCOPED_VMEM = {"v5e": 16 * 2**20, "v6e": 32 * 2**20, "v5p": 16 * 2**20}
+TPU_GENERATIONS = hardware.TPU_GENERATIONS
+SCOPED_VMEM: dict[str, int] = {g: hardware.ARCHES[g].scoped_vmem_bytes for g in TPU_GENERATIONS}
+"""Bytes of scoped VMEM each generation's Mosaic compiles against (`qkernels.hardware.ARCHES`)."""
 SMALL_M = 16
 """Largest M of the decode entries (and of the tuner's small-M candidates)."""
 
@@ -158,7 +161,11 @@ TPU_CONFIGS: dict[str, dict[Family, tuple[TileConfig, ...]]] = {
 
 
 def _check_tables() -> None:
-    """Each table: max_m strictly increasing, exactly one catch-all entry, last."""
+    """A table per TPU generation of `qkernels.hardware`; each: max_m strictly increasing, exactly one
+    catch-all entry, last."""
+    if tuple(TPU_CONFIGS) != TPU_GENERATIONS:
+        raise ValueError(f"TPU_CONFIGS covers {tuple(TPU_CONFIGS)} but qkernels.hardware.TPU_GENERATIONS is "
+                         f"{TPU_GENERATIONS}; give every generation a table (and only those)")
     for arch, per_family in TPU_CONFIGS.items():
         for family, table in per_family.items():
             bounds = [c.max_m for c in table]

@@ -11,7 +11,8 @@ Serves the problems the `pallas.tpu.*` implementations serve (TPU v5e / v6e / v5
   blocks; all passing `check`, none tiling this problem the same way as an earlier one.
 - check: refuses a config that cannot run the problem (M above its max_m, a K block straddling a
   scale group, blocks over the scoped VMEM), saying why.
-- measure: wall-clock seconds per call of the jitted kernel on the current TPU (tuning only).
+- measure: wall-clock seconds per call of the jitted kernel on the current TPU (tuning only);
+  `device` names that TPU (or, for `--list --device tpu-v5e`, a TPU kind without one).
 
 Configs never change numerics, so a choice here only ever changes speed.
 """
@@ -23,11 +24,11 @@ import statistics
 import time
 from typing import Any
 
-from qkernels import dispatch, tuning
+from qkernels import dispatch, hardware, tuning
 from qkernels.kernels.pallas import configs, supports_tpu
 from qkernels.kernels.pallas.configs import Family, TileConfig
 
-__all__ = ["TUNABLE", "serves", "check", "heuristic", "candidates", "measure"]
+__all__ = ["TUNABLE", "serves", "check", "heuristic", "candidates", "measure", "device"]
 
 _ACT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 # Decode blocks worth timing (those over the scoped VMEM are dropped by `check`): int8 weight blocks
@@ -65,7 +66,7 @@ def check(config: Any, problem: dispatch.Problem) -> str | None:
     family, arch = _family(problem), problem.arch
     need = configs.vmem_estimate(config, family, m=problem.m, act_bytes=_ACT_BYTES.get(problem.act_dtype, 4),
                                  group=group, zero_point=problem.recipe.rhs.zero_point)
-    limit = configs.SCOPED_VMEM[arch]
+    limit = hardware.ARCHES[arch].scoped_vmem_bytes
     if need > limit:
         return (f"{config.name} needs ~{need / 2**20:.1f} MiB of VMEM for {family.value} at M={problem.m} "
                 f"(act {problem.act_dtype}{f', g{group}' if group else ''}"
@@ -119,7 +120,7 @@ def candidates(problem: dispatch.Problem) -> tuple[TileConfig, ...]:
     """Configs worth timing for `problem` (see the module docstring), the heuristic's table first."""
     arch, family, m = problem.arch, _family(problem), problem.m
     pool = [c for c in configs.tpu_configs(arch, family) if c.serves(m)]
-    pool += [c for other in configs.TPU_GENERATIONS if other != arch
+    pool += [c for other in hardware.TPU_GENERATIONS if other != arch
              for c in configs.tpu_configs(other, family) if c.serves(m)]
     if m <= configs.SMALL_M:
         pool += [TileConfig(block_m=32, block_n=bn, block_k=bk, max_m=configs.SMALL_M)
@@ -187,6 +188,23 @@ def measure(problem: dispatch.Problem, config: TileConfig, *, repeats: int = 5, 
     return statistics.median(times)
 
 
+def device(kind: str | None = None) -> tuning.TuningDevice:
+    """The TPU configs are tuned on (`kind` None: JAX's default device), or the TPU kind `kind`
+    ('tpu-v5e') to list candidates for; raises saying why there is none."""
+    if kind is not None:
+        if not kind.startswith("tpu-"):
+            raise ValueError(f"device {kind!r} is not a TPU kind; use e.g. "
+                             f"{', '.join('tpu-' + g for g in hardware.TPU_GENERATIONS)}")
+        return tuning.TuningDevice(platform=f"tpu:{kind.removeprefix('tpu-')}", kind=kind, name=kind)
+    import jax
+
+    here = jax.devices()[0]
+    if here.platform != "tpu":
+        raise RuntimeError(f"the Pallas TPU kernels are tuned on a TPU; JAX sees {here.platform}")
+    return tuning.TuningDevice(platform=hardware.tpu_platform(here.device_kind),
+                               kind=hardware.device_kind(here.device_kind), name=here.device_kind)
+
+
 TUNABLE = tuning.register(tuning.Tunable(
     backend="pallas", serves=serves, parse=TileConfig.from_dict, dump=TileConfig.to_dict, check=check,
-    heuristic=heuristic, candidates=candidates, measure=measure))
+    heuristic=heuristic, candidates=candidates, measure=measure, device=device))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import triton.language as tl
 from qkernels import hardware
 
 __all__ = [
-    "Kernel", "MatmulConfig", "QuantizeConfig", "ARCHS", "interpreting", "arch_of", "pick_config",
+    "Kernel", "MatmulConfig", "QuantizeConfig", "ARCHS", "interpreting", "platform_of", "arch_of", "pick_config",
     "TORCH_DTYPES", "torch_dtype", "device_kind_of", "rint_half_even", "round_to_bf16", "unpack_int4_tile",
     "Output", "check_device", "dot_upcast", "batch_stride", "store_rescaled",
 ]
@@ -179,10 +180,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.lru_cache(maxsize=64)  # launchers ask per call; a device's capability never changes
+def platform_of(device: torch.device) -> str:
+    """Dispatch platform of a GPU tensor's device: 'cuda:sm_90', 'rocm:gfx942' (`qkernels.hardware`)."""
+    if getattr(torch.version, "hip", None):
+        return hardware.rocm_platform(torch.cuda.get_device_properties(device).gcnArchName)
+    return hardware.cuda_platform(*torch.cuda.get_device_capability(device))
+
+
 def arch_of(device: torch.device) -> str:
     """Config table for a tensor's device: 'sm_80', 'sm_90', 'gfx942' or 'interpret'.
 
-    sm_86/sm_89 use the sm_80 table (same mma.sync instructions); sm_90 and newer the sm_90 table.
+    `hardware.table_arch` decides: sm_86/sm_89 use the sm_80 table (same mma.sync instructions);
+    sm_90 and newer the sm_90 table.
     """
     if device.type == "cpu":
         if not interpreting():
@@ -192,13 +202,15 @@ def arch_of(device: torch.device) -> str:
         return "interpret"
     if device.type != "cuda":
         raise RuntimeError(f"the Triton kernels run on CUDA/ROCm devices, not {device.type!r}")
-    if getattr(torch.version, "hip", None):
-        return "gfx942"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        raise RuntimeError(f"GPU compute capability sm_{major}{minor} is below sm_80; the Triton kernels need "
-                           f"int8/bf16 tensor cores (Ampere or newer)")
-    return "sm_90" if major >= 9 else "sm_80"
+    platform = platform_of(device)
+    arch = hardware.table_arch(platform)
+    if arch in ARCHS:
+        return arch
+    if platform.startswith("rocm:"):
+        raise RuntimeError(f"ROCm GPU {platform.removeprefix('rocm:')} has no Triton config table; the Triton "
+                           f"kernels ship tables for gfx942 (MI300) only")
+    raise RuntimeError(f"GPU compute capability {platform.removeprefix('cuda:')} is below sm_80; the Triton kernels "
+                       f"need int8/bf16 tensor cores (Ampere or newer)")
 
 
 def device_kind_of(device: torch.device) -> str:

@@ -8,6 +8,7 @@ activations/outputs, bias on), then reads the machine code: SASS through the whe
 (tensor-core instruction, registers, spills) or the AMDGCN text (v_mfma, VGPRs, spills, LDS).
 A config fails if it does not compile, lacks the expected tensor-core instruction, spills, or uses
 more shared memory than the target has. This also warms Triton's compilation cache.
+Targets, their device kinds, shared-memory limits and instruction patterns are `qkernels.hardware`'s.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from qkernels import tuning
+from qkernels import hardware, tuning
 from qkernels.aot import ConfigReport
 from qkernels.kernels.triton import gemv, heuristics, quantize, splitk, tunable, w4a8, w4a16, w8a8, w8a16
 from qkernels.kernels.triton._common import Kernel, MatmulConfig, interpreting
@@ -39,17 +40,9 @@ from qkernels.shapes import shape_set
 __all__ = ["check", "GPU_TARGETS"]
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class GpuTarget:
-    triton_target: GPUTarget
-    shared_limit: int  # bytes of shared memory (LDS) one block may use
-
-
-GPU_TARGETS: dict[str, GpuTarget] = {
-    "sm_80": GpuTarget(triton_target=GPUTarget("cuda", 80, 32), shared_limit=163 * 1024),
-    "sm_90": GpuTarget(triton_target=GPUTarget("cuda", 90, 32), shared_limit=227 * 1024),
-    "gfx942": GpuTarget(triton_target=GPUTarget("hip", "gfx942", 64), shared_limit=64 * 1024),
-}
+GPU_TARGETS: dict[str, hardware.AotTarget] = {
+    name: t for name, t in hardware.AOT_TARGETS.items() if t.backend == tunable.BACKEND}
+"""The `qkernels.hardware` AOT targets this module compiles for ('sm_80', 'sm_90', 'gfx942')."""
 
 # Strides of the contiguous (K, or N for outputs) axis: the JIT specializes a stride of 1 to a constant.
 _UNIT_STRIDES = {"stride_ak", "stride_wk", "stride_on", "stride_xk", "stride_qk"}
@@ -102,13 +95,8 @@ class KernelSpec:
     fn: Any
     pointers: Callable[[Any], dict[str, str]]
     constexprs: Callable[[Any], dict[str, Any]]
-    configs: Callable[[str], tuple[Any, ...]]
+    configs: Callable[[str], tuple[Any, ...]]  # of a target name
     mma: str | None  # 'int8', '16bit' or None (no matmul)
-
-
-# Device kinds whose heuristic picks are compiled per target (the tables shipped for any device
-# kind of the target's arch are compiled too).
-_DECODE_DEVICES = {"sm_80": ("a100", ""), "sm_90": ("h100", "h200"), "gfx942": ("mi300x",)}
 
 
 def _shipped(family: str, arch: str) -> list[MatmulConfig]:
@@ -116,7 +104,8 @@ def _shipped(family: str, arch: str) -> list[MatmulConfig]:
     out: list[MatmulConfig] = []
     for path in sorted(tuning.SHIPPED_DIR.glob(f"{tunable.BACKEND}-*.json")):
         device = path.stem.removeprefix(f"{tunable.BACKEND}-")
-        if heuristics.ARCH_OF_DEVICE.get(device) != arch:
+        kind = hardware.device(device)
+        if kind is None or kind.arch != arch:
             continue
         table = tuning.load_table(path, tunable.TUNABLE, device)
         out += [e.config for e in (table.entries if table else ()) if e.key.family == family]
@@ -124,11 +113,12 @@ def _shipped(family: str, arch: str) -> list[MatmulConfig]:
 
 
 @functools.lru_cache(maxsize=None)  # the tile and GEMV specs of a family both filter this
-def matmul_variants(family: str, arch: str, group_size: int | None) -> tuple[Variant, ...]:
-    """Every compiled form a `family` call on `arch` can run: the family's table, the heuristic's
-    picks for decode and model shapes on the arch's device kinds, and the shipped tuned tables."""
+def matmul_variants(family: str, target: str, group_size: int | None) -> tuple[Variant, ...]:
+    """Every compiled form a `family` call on `target` can run: the family's table for its arch, the
+    heuristic's picks for decode and model shapes on the target's device kinds, the shipped tuned tables."""
+    arch = GPU_TARGETS[target].arch
     configs = list(importlib.import_module(f"qkernels.kernels.triton.{family}").CONFIGS[arch])
-    for device in _DECODE_DEVICES[arch]:
+    for device in GPU_TARGETS[target].devices:
         for shape in (*shape_set("decode-sweep"), *shape_set("model")):
             if shape.batch is None:
                 configs.append(heuristics.heuristic(family, arch, device, shape.m, shape.n, shape.k, group_size)[0])
@@ -145,25 +135,25 @@ def _blocks(cfg: MatmulConfig, **extra: Any) -> dict[str, Any]:
 
 
 def _runs(kernel: Kernel, family: str, group_size: int | None = None) -> Callable[[str], tuple[Variant, ...]]:
-    """The spec's `configs`: the `family` variants on an arch that run `kernel`."""
-    return lambda arch: tuple(v for v in matmul_variants(family, arch, group_size) if v.cfg.kernel is kernel)
+    """The spec's `configs`: the `family` variants on a target that run `kernel`."""
+    return lambda target: tuple(v for v in matmul_variants(family, target, group_size) if v.cfg.kernel is kernel)
 
 
 def _out(v: Variant, partial: str, final: str = "*bf16") -> dict[str, str]:
     return dict(out_ptr=partial if v.partial else final)
 
 
-def _gemv_spec(family: str, weight: int, act: str, group_size: int | None) -> KernelSpec:
+def _gemv_spec(family: str, weight: gemv.GemvWeight, act: str, group_size: int | None) -> KernelSpec:
     int_act = family == "w8a8"
     acc = "*i32" if int_act else "*fp32"
-    suffix = "-zp" if weight == gemv.UINT4_ZP else ""
+    suffix = "-zp" if weight.zero_point else ""
     return KernelSpec(
         name=f"gemv-{family}{suffix}", fn=gemv.gemv_kernel,
         pointers=lambda v: dict(a_ptr=act, a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32", w_zero_ptr="*i8",
                                 bias_ptr="*fp32" if int_act else "*bf16", **_out(v, acc)),
-        constexprs=lambda v: dict(WEIGHT=weight, INT_ACT=int_act, PARTIAL=v.partial, HAS_BIAS=True, ROUND_BF16=False,
-                                  GROUP_SIZE=group_size or 1, BLOCK_M=v.cfg.block_m, BLOCK_N=v.cfg.block_n,
-                                  BLOCK_K=v.cfg.block_k),
+        constexprs=lambda v: dict(**weight.constexprs(), INT_ACT=int_act, PARTIAL=v.partial, HAS_BIAS=True,
+                                  ROUND_BF16=False, GROUP_SIZE=group_size or 1, BLOCK_M=v.cfg.block_m,
+                                  BLOCK_N=v.cfg.block_n, BLOCK_K=v.cfg.block_k),
         configs=_runs(Kernel.GEMV, family, group_size), mma=None)
 
 
@@ -174,7 +164,7 @@ def _reduce_spec(acc: str) -> KernelSpec:
         pointers=lambda v: dict(part_ptr=acc, a_scale_ptr="*fp32", w_scale_ptr="*fp32",
                                 bias_ptr="*fp32" if rescale else "*bf16", out_ptr="*bf16"),
         constexprs=lambda v: dict(RESCALE=rescale, HAS_BIAS=True, BLOCK_M=v.block_m, BLOCK_N=splitk.REDUCE_BLOCK_N),
-        configs=lambda arch: tuple(ReduceVariant(block_m=splitk.reduce_block_m(m)) for m in (1, 2, 4, 8, 16)),
+        configs=lambda target: tuple(ReduceVariant(block_m=splitk.reduce_block_m(m)) for m in (1, 2, 4, 8, 16)),
         mma=None)
 
 
@@ -182,7 +172,7 @@ SPECS: tuple[KernelSpec, ...] = (
     KernelSpec(name="quantize_rows", fn=quantize.quantize_rows_kernel,
                pointers=lambda c: dict(x_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32"),
                constexprs=lambda c: dict(BLOCK_R=c.block_rows, BLOCK_K=c.block_k),
-               configs=lambda arch: (quantize.CONFIGS[arch],), mma=None),
+               configs=lambda target: (quantize.CONFIGS[GPU_TARGETS[target].arch],), mma=None),
     KernelSpec(name="w8a8", fn=w8a8.w8a8_kernel,
                pointers=lambda v: dict(a_ptr="*i8", a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32",
                                        bias_ptr="*fp32", **_out(v, "*i32")),
@@ -234,14 +224,6 @@ def _source(spec: KernelSpec, cfg: Any) -> ASTSource:
     return ASTSource(spec.fn, signature, constexprs, attrs)
 
 
-_MMA_PATTERNS = {
-    ("cuda", "int8"): re.compile(r"\b(?:IMMA|IGMMA)\.\S*S8\S*"),
-    ("cuda", "16bit"): re.compile(r"\b(?:HMMA|HGMMA)\.\S+"),
-    ("hip", "int8"): re.compile(r"\bv_mfma_i32_\w+_i8\b"),
-    ("hip", "16bit"): re.compile(r"\bv_mfma_f32_\w+_(?:bf16|f16)\w*\b"),
-}
-
-
 def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
@@ -271,7 +253,7 @@ def _inspect_cuda(kernel: Any, report: ConfigReport, mma: str | None) -> None:
     spill_stores = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", ptxas))
     report.spill_bytes = max(spill_stores, int(stack[1]) if stack else 0)
     if mma:
-        found = _MMA_PATTERNS[("cuda", mma)].search(sass)
+        found = re.search(hardware.MMA_PATTERNS[("cuda", mma)], sass)
         report.mma_instruction = found[0] if found else None
 
 
@@ -282,21 +264,23 @@ def _inspect_hip(kernel: Any, report: ConfigReport, mma: str | None) -> None:
     report.registers = int(vgpr[1]) if vgpr else None
     report.spill_bytes = 4 * sum(spills)
     if mma:
-        found = _MMA_PATTERNS[("hip", mma)].search(gcn)
+        found = re.search(hardware.MMA_PATTERNS[("hip", mma)], gcn)
         report.mma_instruction = found[0] if found else None
 
 
 def _check_one(spec: KernelSpec, cfg: Any, target: str) -> ConfigReport:
     gpu = GPU_TARGETS[target]
+    backend = gpu.gpu[0]
+    shared_limit = hardware.ARCHES[gpu.arch].shared_bytes
     report = ConfigReport(kernel=spec.name, config=cfg.name, target=target)
     options = dict(num_warps=cfg.num_warps, num_stages=getattr(cfg, "num_stages", 1), enable_fp_fusion=False)
     try:
-        kernel = triton.compile(_source(spec, cfg), target=gpu.triton_target, options=options)
+        kernel = triton.compile(_source(spec, cfg), target=GPUTarget(*gpu.gpu), options=options)
     except Exception as e:  # a compile failure is the finding: report it, do not hide it
         report.problems.append(f"compile failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:200]}")
         return report
     report.shared_bytes = int(kernel.metadata.shared)
-    if gpu.triton_target.backend == "cuda":
+    if backend == "cuda":
         _inspect_cuda(kernel, report, spec.mma)
     else:
         _inspect_hip(kernel, report, spec.mma)
@@ -304,8 +288,8 @@ def _check_one(spec: KernelSpec, cfg: Any, target: str) -> ConfigReport:
         report.problems.append(f"no {spec.mma} tensor-core instruction in the machine code")
     if report.spill_bytes:
         report.problems.append(f"spills {report.spill_bytes} bytes; use more warps or smaller tiles")
-    if report.shared_bytes > gpu.shared_limit:
-        report.problems.append(f"shared memory {report.shared_bytes} B > {gpu.shared_limit} B on {target}; "
+    if report.shared_bytes > shared_limit:
+        report.problems.append(f"shared memory {report.shared_bytes} B > {shared_limit} B on {target}; "
                                f"reduce num_stages or the tile")
     return report
 

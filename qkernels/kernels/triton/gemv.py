@@ -17,6 +17,8 @@ Numerics are the tile kernels' (DESIGN.md section 4), only the summation order d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -26,12 +28,36 @@ from qkernels.kernels.triton._common import (
 )
 from qkernels.kernels.triton.splitk import SplitPlan
 
-__all__ = ["gemv_kernel", "launch_gemv", "INT8", "INT4", "UINT4_ZP"]
+__all__ = ["gemv_kernel", "launch_gemv", "GemvWeight", "INT8", "INT4", "UINT4_ZP"]
 
-# Weight formats (the WEIGHT constexpr).
-INT8 = 0  # int8 codes (N, K), scale per output channel (N,)
-INT4 = 1  # signed int4 codes packed two per byte (N, K/2), scale per group (N, G)
-UINT4_ZP = 2  # unsigned int4 codes packed (N, K/2), scale and int8 zero point per group (N, G)
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GemvWeight:
+    """How `gemv_kernel` reads a weight; its fields are the kernel's PACKED / SIGNED / ZERO_POINT constexprs.
+
+    packed: int4 codes two per byte along K (N, K/2) with a scale per group (N, G); else int8 codes
+            (N, K) with a scale per output channel (N,).
+    signed: two's complement nibbles (int4), else unsigned (uint4).
+    zero_point: an int8 zero point per group (N, G), subtracted before the scale.
+    """
+
+    name: str
+    packed: bool
+    signed: bool = True
+    zero_point: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.packed and (not self.signed or self.zero_point):
+            raise ValueError(f"GemvWeight {self.name!r}: unpacked weights are signed int8 codes without a zero "
+                             f"point; set packed=True for uint4 or zero-point weights")
+
+    def constexprs(self) -> dict[str, bool]:
+        return dict(PACKED=self.packed, SIGNED=self.signed, ZERO_POINT=self.zero_point)
+
+
+INT8 = GemvWeight(name="int8", packed=False)
+INT4 = GemvWeight(name="int4", packed=True)
+UINT4_ZP = GemvWeight(name="uint4-zp", packed=True, signed=False, zero_point=True)
 
 
 @triton.jit
@@ -48,7 +74,8 @@ def gemv_kernel(
     stride_wzb, stride_wzn, stride_wzg,
     stride_os, stride_ob, stride_om, stride_on,
     # meta-parameters
-    WEIGHT: tl.constexpr, INT_ACT: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PACKED: tl.constexpr, SIGNED: tl.constexpr, ZERO_POINT: tl.constexpr,  # the weight (`GemvWeight`)
+    INT_ACT: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -64,7 +91,7 @@ def gemv_kernel(
     k_end = tl.minimum(K, k_start + K_PER_SPLIT)
     a_row = a_ptr + pid_b * stride_ab + offs_m[:, None] * stride_am  # [BLOCK_M, 1]
     w_row = w_ptr + pid_b * stride_wb + offs_n[:, None] * stride_wn  # [BLOCK_N, 1]
-    if WEIGHT == 0 and not INT_ACT:  # per-channel scale of the dequantized weight
+    if not PACKED and not INT_ACT:  # per-channel scale of the dequantized weight
         scale_n = tl.load(w_scale_ptr + pid_b * stride_wsb + offs_n * stride_wsn, mask=n_ok, other=1.0)  # [BLOCK_N]
 
     if INT_ACT:
@@ -75,25 +102,25 @@ def gemv_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         k_ok = offs_k < K
         a = tl.load(a_row + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0)  # [BLOCK_M, BLOCK_K]
-        if WEIGHT == 0:
+        if not PACKED:
             q = tl.load(w_row + offs_k[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0)  # [BLOCK_N, BLOCK_K] int8
         else:
             offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BLOCK_K // 2] packed bytes
             packed = tl.load(w_row + offs_kb[None, :] * stride_wk, mask=n_ok[:, None] & (offs_kb < K_STORED)[None, :],
                              other=0)  # [BLOCK_N, BLOCK_K // 2]
-            q = unpack_int4_tile(packed, WEIGHT == 1)  # [BLOCK_N, BLOCK_K] int8 codes
+            q = unpack_int4_tile(packed, SIGNED)  # [BLOCK_N, BLOCK_K] int8 codes
         if INT_ACT:
             prod = a.to(tl.int32)[:, None, :] * q.to(tl.int32)[None, :, :]  # [BLOCK_M, BLOCK_N, BLOCK_K] int32
             acc += tl.sum(prod, axis=2)
         else:
             w = q.to(tl.float32)  # [BLOCK_N, BLOCK_K]
-            if WEIGHT == 0:
+            if not PACKED:
                 w = w * scale_n[:, None]
             else:
                 g = k0 // GROUP_SIZE
                 scale = tl.load(w_scale_ptr + pid_b * stride_wsb + offs_n * stride_wsn + g * stride_wsg, mask=n_ok,
                                 other=1.0)  # [BLOCK_N]
-                if WEIGHT == 2:
+                if ZERO_POINT:
                     zero = tl.load(w_zero_ptr + pid_b * stride_wzb + offs_n * stride_wzn + g * stride_wzg, mask=n_ok,
                                    other=0)  # [BLOCK_N] int8
                     w = w - zero.to(tl.float32)[:, None]
@@ -117,7 +144,7 @@ def gemv_kernel(
 
 def launch_gemv(
     cfg: MatmulConfig, plan: SplitPlan, a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *,
-    weight: int, a_scale: torch.Tensor | None = None, w_zero: torch.Tensor | None = None,
+    weight: GemvWeight, a_scale: torch.Tensor | None = None, w_zero: torch.Tensor | None = None,
     bias: torch.Tensor | None = None, group_size: int = 0, return_acc: bool = False, round_bf16: bool = False,
 ) -> None:
     """Run `gemv_kernel` for a validated problem: `a` is 3-D (B, M, K) (int8 codes with `a_scale`
@@ -128,7 +155,7 @@ def launch_gemv(
     int_act = a_scale is not None
     a_s = a_scale if int_act else w_scale
     z = w_zero if w_zero is not None else w_scale
-    grouped = weight != INT8
+    grouped = weight.packed
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), nb, plan.splits)
     gemv_kernel[grid](
         a, a_s, w, w_scale, z, bias if bias is not None else w_scale, plan.target,
@@ -141,7 +168,7 @@ def launch_gemv(
         batch_stride(z, 3) if w_zero is not None else 0, z.stride(-2) if w_zero is not None else 0,
         z.stride(-1) if w_zero is not None else 0,
         *plan.target_strides(),
-        WEIGHT=weight, INT_ACT=int_act, PARTIAL=plan.partial or return_acc, HAS_BIAS=bias is not None,
+        **weight.constexprs(), INT_ACT=int_act, PARTIAL=plan.partial or return_acc, HAS_BIAS=bias is not None,
         ROUND_BF16=round_bf16, GROUP_SIZE=group_size or 1,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)

@@ -9,6 +9,7 @@
 Decode is memory-bound: what matters is that every SM has a weight stream in flight (column tiles
 x K splits >= SM count) and wide loads, not MMA throughput. 'interpret' (the CPU interpreter) gets
 small blocks for speed but the same kernel variants, so tests exercise GEMV and split-K.
+SM / CU counts come from `qkernels.hardware` (the device kind's own, else its arch's typical part).
 """
 
 from __future__ import annotations
@@ -18,36 +19,21 @@ import importlib
 
 import triton
 
+from qkernels import hardware
 from qkernels.kernels.triton._common import ARCHS, Kernel, MatmulConfig, pick_config
 
-__all__ = ["ARCH_OF_DEVICE", "FAMILIES", "GEMV_MAX_M", "SPLIT_MAX_M", "units", "heuristic", "candidates", "check"]
+__all__ = ["FAMILIES", "GEMV_MAX_M", "SPLIT_MAX_M", "heuristic", "candidates", "check", "resolve"]
 
 FAMILIES = ("w8a8", "w4a8", "w4a16", "w8a16")
 GEMV_MAX_M = 4
 """Rows up to which the heuristic picks GEMV (a GEMV config itself may hold up to 16)."""
 SPLIT_MAX_M = 16
 
-# Streaming multiprocessors (CUDA) / compute units (ROCm) per device kind (`qkernels.tuning.device_kind`).
-_UNITS = {
-    "h100": 132, "h200": 132, "h800": 132, "a100": 108, "a800": 108, "a10g": 80, "a10": 72,
-    "l40s": 142, "l40": 142, "l4": 58, "mi300x": 304, "mi325x": 304, "mi250": 104,
-}
-ARCH_OF_DEVICE = {
-    "h100": "sm_90", "h200": "sm_90", "h800": "sm_90", "a100": "sm_80", "a800": "sm_80", "a10g": "sm_80",
-    "a10": "sm_80", "l40s": "sm_80", "l40": "sm_80", "l4": "sm_80", "mi300x": "gfx942", "mi325x": "gfx942",
-}
-"""Config-table arch of each device kind with an SM count (sm_86/sm_89 parts run the sm_80 table)."""
-_ARCH_UNITS = {"sm_80": 108, "sm_90": 132, "gfx942": 304, "interpret": 4}
 _GROUPED = ("w4a16", "w4a8")
 _INT4 = ("w4a16", "w4a8")
 # GEMV product tile [BLOCK_M, BLOCK_N, BLOCK_K] elements per thread: 64 keeps it in registers.
 _GEMV_PER_THREAD = 64
 _GEMV_WARPS = 4
-
-
-def units(arch: str, device: str) -> int:
-    """SMs / CUs of a device kind ('h100' -> 132), else the arch's typical part (sm_80: A100's 108)."""
-    return _UNITS.get(device, _ARCH_UNITS[arch])
 
 
 def _validate(family: str, arch: str, group_size: int | None) -> None:
@@ -115,7 +101,7 @@ def heuristic(family: str, arch: str, device: str, m: int, n: int, k: int,
     _validate(family, arch, group_size)
     if arch == "interpret":
         return _interpret(family, m, n, k, group_size)
-    sms = units(arch, device)
+    sms = hardware.units(arch, device)
     where = f"{sms} {'CUs' if arch == 'gfx942' else 'SMs'}"
     if m <= GEMV_MAX_M and family != "w4a8":
         cfg = _gemv(family, arch, m, n, k, group_size, sms)
