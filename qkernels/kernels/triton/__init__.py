@@ -37,7 +37,7 @@ import torch
 
 from qkernels import dispatch, hardware, tuning
 from qkernels.formats import W8A8, OperandFormat, QOperand
-from qkernels.kernels.triton._common import MatmulConfig, QuantizeConfig
+from qkernels.kernels.triton._common import ARCHS, MatmulConfig, QuantizeConfig
 from qkernels.kernels.triton.quantize import quantize_rows
 from qkernels.kernels.triton.tunable import BACKEND as _TUNED
 from qkernels.kernels.triton.w4a8 import launch_w4a8, w4a8_matmul
@@ -154,8 +154,11 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+_GPU_ARCHS = tuple(a for a in ARCHS if a != "interpret")  # the archs with config tables
+
+
 def _gpu_platform_reason(problem: dispatch.Problem) -> str | None:
-    if problem.device_kind in ("cuda", "rocm") and hardware.table_arch(problem.platform) in ("sm_80", "sm_90", "gfx942"):
+    if problem.device_kind in ("cuda", "rocm") and hardware.table_arch(problem.platform) in _GPU_ARCHS:
         return None
     if problem.device_kind == "cuda":
         return f"platform {problem.platform} is older than sm_80 (no int8/bf16 tensor-core path)"

@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 
 from qkernels import hardware
+from torch_bindings.ops import device_of as device_kind_of  # noqa: F401  (one definition, re-exported)
+from torch_bindings.ops import platform_of
 
 __all__ = [
     "Kernel", "MatmulConfig", "QuantizeConfig", "ARCHS", "interpreting", "platform_of", "arch_of", "pick_config",
@@ -181,13 +183,6 @@ def interpreting() -> bool:
 
 
 @functools.lru_cache(maxsize=64)  # launchers ask per call; a device's capability never changes
-def platform_of(device: torch.device) -> str:
-    """Dispatch platform of a GPU tensor's device: 'cuda:sm_90', 'rocm:gfx942' (`qkernels.hardware`)."""
-    if getattr(torch.version, "hip", None):
-        return hardware.rocm_platform(torch.cuda.get_device_properties(device).gcnArchName)
-    return hardware.cuda_platform(*torch.cuda.get_device_capability(device))
-
-
 def arch_of(device: torch.device) -> str:
     """Config table for a tensor's device: 'sm_80', 'sm_90', 'gfx942' or 'interpret'.
 
@@ -211,13 +206,6 @@ def arch_of(device: torch.device) -> str:
                            f"kernels ship tables for gfx942 (MI300) only")
     raise RuntimeError(f"GPU compute capability {platform.removeprefix('cuda:')} is below sm_80; the Triton kernels "
                        f"need int8/bf16 tensor cores (Ampere or newer)")
-
-
-def device_kind_of(device: torch.device) -> str:
-    """Device kind keying the tuned tables and SM counts ('h100', 'mi300x'); 'cpu' in the interpreter."""
-    if device.type == "cuda":
-        return hardware.device_kind(torch.cuda.get_device_name(device))
-    return device.type
 
 
 def pick_config(table: Mapping[str, tuple[MatmulConfig, ...]], arch: str, m: int) -> MatmulConfig:
