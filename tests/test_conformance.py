@@ -12,7 +12,8 @@ on torch, batched weights, pre-quantized activations):
 - integer recipes' outputs == `reference.qmatmul` where the backend honours DESIGN.md section 4's
   rescale order; backends compiled by XLA (framework 'jax', not a host callback) contract the
   epilogue's multiply-adds into FMAs (`jax_bindings.arrays`), so theirs are within
-  `testing.fma_bound`; weight-only recipes within `testing.assert_close`;
+  `testing.fma_bound` wherever a multiply feeds an add (a bias, W4A8's group sum) and == otherwise;
+  weight-only recipes within `testing.assert_close`;
 - awkward shapes (M=1, odd K, K=1, not block multiples), zero-size dims, every group size, bias
   on/off, every (activation, output) dtype pair the backend accepts, batched (3-D) weights, and a
   backend that refuses a case says why through dispatch.
@@ -25,6 +26,7 @@ Interpreter backends (not chosen automatically) get fewer and smaller cases: the
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -76,6 +78,7 @@ class Case:
     n: int
     k: int
     batch: int | None = None  # batched (3-D) weights (B, N, K) and activations (B, M, K)
+    lead: tuple[int, ...] = ()  # leading activation axes (*lead, M, K) against a 2-D weight
     act: str = "float32"
     out: str = "float32"
     bias: bool = False
@@ -83,7 +86,7 @@ class Case:
 
     @property
     def id(self) -> str:
-        b = f"B{self.batch}-" if self.batch is not None else ""
+        b = f"B{self.batch}-" if self.batch is not None else "".join(f"L{n}-" for n in self.lead)
         return (f"{self.recipe.name}-{b}M{self.m}-N{self.n}-K{self.k}-{self.act}->{self.out}"
                 f"{'-bias' if self.bias else ''}")
 
@@ -128,7 +131,7 @@ class Backend:
         return tuple(r for r in CATALOGUE if self.impl.serves.reason(r) is None)
 
     def problem(self, case: Case, *, lhs_quantized: bool = False) -> Problem:
-        return Problem(recipe=case.recipe, m=case.m, n=case.n, k=case.k, batch=case.batch,
+        return Problem(recipe=case.recipe, m=case.m * math.prod(case.lead), n=case.n, k=case.k, batch=case.batch,
                        act_dtype="int8" if lhs_quantized else case.act, out_dtype=case.out, has_bias=case.bias,
                        lhs_quantized=lhs_quantized, framework=self.framework, platform=self.platform)
 
@@ -205,9 +208,9 @@ class Data:
     @classmethod
     def of(cls, case: Case) -> Data:
         rng = np.random.default_rng(case.seed)
-        lead = () if case.batch is None else (case.batch,)
-        x = testing.activations(rng, (*lead, case.m, case.k)).astype(np_dtype(case.act))
-        w = testing.weights(rng, (*lead, case.n, case.k))
+        batch = () if case.batch is None else (case.batch,)
+        x = testing.activations(rng, (*batch, *case.lead, case.m, case.k)).astype(np_dtype(case.act))
+        w = testing.weights(rng, (*batch, case.n, case.k))
         bias = (rng.standard_normal(case.n) * 0.1).astype(np.float32) if case.bias else None
         return cls(x, w, bias, reference.quantize(w, case.recipe.rhs))
 
@@ -219,9 +222,10 @@ def expect_output(backend: Backend, case: Case, data: Data, y: np.ndarray, dtype
     expected = reference.qmatmul(lhs, data.rq, recipe, bias=data.bias, out_dtype=case.out)
     assert dtype == case.out, f"{backend.id}: output dtype {dtype}, expected {case.out}"
     what = f"{backend.id} {case.id}"
+    contractible = recipe.accumulation.grouped or data.bias is not None  # a multiply feeding an add
     if not recipe.accumulation.integer:
         testing.assert_close(y, expected, data.x, data.rq.dequantize(case.act), case.out, data.bias, what=what)
-    elif backend.fused_epilogue:
+    elif backend.fused_epilogue and contractible:
         bound = testing.fma_bound(testing.epilogue_terms(lhs, data.rq, recipe, data.bias), case.out)
         testing.assert_within(y, expected, bound, what=what)
     else:
@@ -289,10 +293,11 @@ def bound_array(backend: Backend, x: Any) -> Any:
     return x if backend.impl.framework == dispatch.ANY_FRAMEWORK else native(backend, x)
 
 
-def run(backend: Backend, case: Case, data: Data) -> tuple[np.ndarray, str]:
+def run(backend: Backend, case: Case, data: Data, *, public: bool = True) -> tuple[np.ndarray, str]:
     """The backend's output for `case` as (f32 values, dtype name), through the public entry point
-    where it reaches the case; the weight is quantized by the framework's `qk.quantize` there."""
-    if backend.framework == "torch" and case.batch is None and case.out == case.act:
+    where it reaches the case (unless not `public`); the weight is quantized by the framework's
+    `qk.quantize` there, else by the reference."""
+    if public and backend.framework == "torch" and case.batch is None and case.out == case.act:
         import torch
 
         w_q = qk.quantize(torch.from_numpy(data.w).to(backend.device), case.recipe)
@@ -300,7 +305,7 @@ def run(backend: Backend, case: Case, data: Data) -> tuple[np.ndarray, str]:
         with qk.use_backend(backend.name):
             assert qk.explain(native(backend, data.x), w_q).chosen is backend.impl
             y = qk.linear(native(backend, data.x), w_q, native(backend, data.bias))
-    elif backend.framework == "jax" and data.bias is None:
+    elif public and backend.framework == "jax" and data.bias is None:
         import jax
 
         batched = case.batch is not None
@@ -378,6 +383,11 @@ def fixed(backend: Backend, recipe: Recipe, **kw: Any) -> Case:
 
 def families(backend: Backend) -> list[Recipe]:
     return [r for r in FAMILIES if backend.impl.serves.reason(r) is None]
+
+
+def xfail_if(bug: str | None) -> list[Any]:
+    """A strict xfail for a known package bug (so the test fails once it is fixed), else nothing."""
+    return [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
 
 
 # ---------------------------------------------------------------- the suite
@@ -505,6 +515,36 @@ def test_prequantized_activations(backend: Backend) -> None:
             expect_accumulators(backend, case, data, lhs, lhs_quantized=True)
 
 
+@pytest.mark.parametrize("backend", backends())
+def test_leading_axes_fold_into_m(backend: Backend) -> None:
+    """Activations (2, 3, K) against a 2-D weight through the public entry points (`qk.linear`,
+    `qk.dot_general`; `bind` for NumPy): output (2, 3, N)."""
+    for i, recipe in enumerate(families(backend)):
+        case = fixed(backend, recipe, m=3, n=10, k=50, lead=(2,), bias=bool(i % 2), seed=i)
+        data = Data.of(case)
+        y, dtype = run(backend, case, data)
+        expect_output(backend, case, data, y, dtype)
+
+
+def lead_bug(backend: Backend, recipe: Recipe) -> str | None:
+    if backend.name == "torch-cpu" and recipe.accumulation.integer:
+        return ("torch_bindings.cpu: Bound.run / accumulate pass (..., M, K) activations unfolded to "
+                "TORCH_OPS.int_dot, which takes 2-D codes (ValueError); dispatch's convention is (..., M, K)")
+    return None
+
+
+@pytest.mark.parametrize("backend,recipe", [pytest.param(b, r, id=f"{b.id}-{r.name}", marks=xfail_if(lead_bug(b, r)))
+                                            for b in BACKENDS for r in families(b)])
+def test_bound_calls_take_leading_axes(backend: Backend, recipe: Recipe) -> None:
+    """dispatch's calling convention: a bound call takes activations (..., M, K) (M = all rows)."""
+    case = fixed(backend, recipe, m=3, n=10, k=50, lead=(2,), bias=True, seed=4)
+    data = Data.of(case)
+    y, dtype = run(backend, case, data, public=False)
+    expect_output(backend, case, data, y, dtype)
+    if recipe.accumulation.integer and backend.impl.accumulate is not None:
+        expect_accumulators(backend, case, data)
+
+
 ZERO_SIZES = {"M0": (0, 5, 40), "N0": (3, 0, 40), "K0": (3, 5, 0)}
 
 
@@ -527,9 +567,7 @@ def zero_size_params() -> list[Any]:
     for b in BACKENDS:
         for r in families(b):
             for size, mnk in ZERO_SIZES.items():
-                bug = zero_size_bug(b, r, size)
-                marks = [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
-                out.append(pytest.param(b, r, *mnk, id=f"{b.id}-{r.name}-{size}", marks=marks))
+                out.append(pytest.param(b, r, *mnk, id=f"{b.id}-{r.name}-{size}", marks=xfail_if(zero_size_bug(b, r, size))))
     return out
 
 
@@ -626,18 +664,22 @@ def test_wrong_contraction_size_is_refused(backend: Backend) -> None:
 
 @pytest.mark.parametrize("framework", sorted({b.framework for b in BACKENDS}))
 def test_unknown_backend_name_lists_the_available_ones(framework: str) -> None:
+    """An unknown name, and the name of another framework's backend, raise listing what exists."""
     backend = next(b for b in BACKENDS if b.framework == framework)
-    names = [b.name for b in BACKENDS if b.framework == framework]
-    with qk.use_backend("nope"), pytest.raises(qk.BackendUnavailable, match=f"no implementation named 'nope'.*{names[0]}"):
-        if framework == "torch":
-            import torch
+    own = dispatch.registered(framework, dispatch.Op.QMATMUL)
+    foreign = next(b.name for b in BACKENDS if not any(i.matches(b.name) for i in own))
+    for name in ("nope", foreign):
+        with qk.use_backend(name), pytest.raises(qk.BackendUnavailable,
+                                                 match=f"no implementation named '{name}'.*available: .*{backend.name}"):
+            if framework == "torch":
+                import torch
 
-            qk.linear(torch.ones(2, 64), qk.quantize(torch.ones(8, 64), qk.W8A8))
-        elif framework == "jax":
-            qk.dot_general(native(backend, np.ones((2, 64), np.float32)), native(backend, np.ones((64, 8), np.float32)),
-                           (((1,), (0,)), ((), ())))
-        else:
-            dispatch.bind(backend.problem(Case(recipe=qk.W8A8, m=2, n=8, k=64)))
+                qk.linear(torch.ones(2, 64), qk.quantize(torch.ones(8, 64), qk.W8A8))
+            elif framework == "jax":
+                qk.dot_general(native(backend, np.ones((2, 64), np.float32)),
+                               native(backend, np.ones((64, 8), np.float32)), (((1,), (0,)), ((), ())))
+            else:
+                dispatch.bind(backend.problem(Case(recipe=qk.W8A8, m=2, n=8, k=64)))
 
 
 # ---------------------------------------------------------------- formats defined here
