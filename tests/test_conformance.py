@@ -306,35 +306,36 @@ def run(backend: Backend, case: Case, data: Data, *, public: bool = True) -> tup
             assert qk.explain(native(backend, data.x), w_q).chosen is backend.impl
             y = qk.linear(native(backend, data.x), w_q, native(backend, data.bias))
     elif public and backend.framework == "jax" and data.bias is None:
-        import jax
-
         batched = case.batch is not None
         w_q = qk.quantize(native(backend, data.w), case.recipe, contracting_axes=(data.w.ndim - 1,),
                           batch_axes=(0,) if batched else ())
         expect_codes(backend, w_q.operand(), data)
         dims = (((data.x.ndim - 1,), (data.w.ndim - 1,)), (((0,), (0,)) if batched else ((), ())))
-        y = jax.jit(lambda x, w: qk.dot_general(x, w, dims, preferred_element_type=np_dtype(case.out),
-                                                backend=backend.name))(native(backend, data.x), w_q)
+        y = traced(backend, lambda x, w: qk.dot_general(x, w, dims, preferred_element_type=np_dtype(case.out),
+                                                        backend=backend.name))(native(backend, data.x), w_q)
     else:
-        call = bind(backend, case)
-        assert call.implementation is backend.impl
-        f = call.run
-        if backend.framework == "jax":
-            import jax
-
-            f = jax.jit(f)
-        y = f(bound_array(backend, data.x), bound_array(backend, data.rq), bound_array(backend, data.bias))
+        y = run_bound(backend, case, data.x, data.rq, data.bias)
     return to_numpy(y), dtype_of(y)
 
 
-def accumulate(backend: Backend, case: Case, lhs: Any, rq: Any, **kw: Any) -> Any:
-    call = bind(backend, case, **kw)
-    f = call.accumulate
-    if backend.framework == "jax":
-        import jax
+def traced(backend: Backend, f: Any) -> Any:
+    """`f` as JAX callers run it, under `jax.jit`; as is for the other frameworks."""
+    if backend.framework != "jax":
+        return f
+    import jax
 
-        f = jax.jit(f)
-    return f(bound_array(backend, lhs), bound_array(backend, rq))
+    return jax.jit(f)
+
+
+def run_bound(backend: Backend, case: Case, lhs: Any, rq: Any, bias: Any, **kw: Any) -> Any:
+    """`dispatch.bind(problem, backend).run(lhs, rhs, bias)` with the backend's arrays."""
+    call = bind(backend, case, **kw)
+    assert call.implementation is backend.impl
+    return traced(backend, call.run)(bound_array(backend, lhs), bound_array(backend, rq), bound_array(backend, bias))
+
+
+def accumulate(backend: Backend, case: Case, lhs: Any, rq: Any, **kw: Any) -> Any:
+    return traced(backend, bind(backend, case, **kw).accumulate)(bound_array(backend, lhs), bound_array(backend, rq))
 
 
 def expect_accumulators(backend: Backend, case: Case, data: Data, lhs: Any = None, **kw: Any) -> None:
@@ -503,13 +504,7 @@ def test_prequantized_activations(backend: Backend) -> None:
         case = fixed(backend, recipe, m=6, n=11, k=90, bias=True, seed=3)
         data = Data.of(case)
         lhs = reference.quantize(data.x, recipe.lhs)
-        call = bind(backend, case, lhs_quantized=True)
-        f = call.run
-        if backend.framework == "jax":
-            import jax
-
-            f = jax.jit(f)
-        y = f(bound_array(backend, lhs), bound_array(backend, data.rq), bound_array(backend, data.bias))
+        y = run_bound(backend, case, lhs, data.rq, data.bias, lhs_quantized=True)
         expect_output(backend, case, data, to_numpy(y), dtype_of(y), lhs=lhs)
         if backend.impl.accumulate is not None:
             expect_accumulators(backend, case, data, lhs, lhs_quantized=True)
@@ -744,23 +739,12 @@ def test_kernel_backends_refuse_new_formats_by_tag() -> None:
                                                   f"not {recipe.name}"), impl.name
 
 
-class RhsFirstIntegerDot(Accumulation):
-    """An accumulation no backend declares: the int32 dot of the codes, rescaled weight scale first,
-    `(f32(acc) * s_rhs[n]) * s_lhs[m] + bias[n]`. The reference executes it; nothing else knows it."""
+class RhsFirstIntegerDot(type(Accumulation.INT32)):
+    """An accumulation no backend declares: INT32's exact dot of the codes, rescaled weight scale
+    first, `(f32(acc) * s_rhs[n]) * s_lhs[m] + bias[n]`. The reference executes it; nothing else knows it."""
 
     name = "INT32_RHS_FIRST"
     description = "int32, weight scale first"
-    integer = True
-
-    def max_k(self, recipe: Recipe) -> int:
-        return numerics.max_exact_k(recipe.lhs.qtype, recipe.rhs.qtype)
-
-    def accumulators(self, recipe, ops, lhs, rhs, *, k, batched):
-        a, w = self._int_codes(recipe, ops, lhs, rhs, k)
-        return ops.int_dot(a, w, batched)
-
-    def partial(self, recipe, ops, lhs, rhs, *, k, batched, act_dtype):
-        return self.accumulators(recipe, ops, lhs, rhs, k=k, batched=batched)
 
     def finish(self, recipe, ops, part, lhs, rhs, bias, out_dtype):
         y = (ops.cast(part, "float32") * ops.cast(rhs.scale, "float32")[..., None, :]) \
