@@ -8,7 +8,9 @@ may differ from the reference by
      doubled to cover the reference's own rounding);
   3. the order of the rescale multiplies, for backends that do not honour DESIGN.md's order (FMA
      contraction, reassociation): a few f32 ulps, `4 * eps(f32) * |ref|`.
-Integer accumulators have no tolerance: they are compared with ==.
+Integer accumulators have no tolerance: they are compared with ==. Outputs of integer recipes are
+compared with == where the backend honours DESIGN.md section 4's rescale order, and within
+`fma_bound` where it contracts the epilogue's multiply-adds into FMAs (XLA, `jax_bindings.arrays`).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from qkernels import reference
+from qkernels.formats import QOperand, Recipe
 from qkernels.reference import np_dtype
 
-__all__ = ["tolerances", "assert_close", "snr_db", "activations", "weights"]
+__all__ = ["tolerances", "assert_close", "epilogue_terms", "fma_bound", "assert_within", "snr_db",
+           "activations", "weights"]
 
 
 def tolerances(lhs: Any, rhs: Any, out_dtype: Any, bias: Any = None) -> np.ndarray:
@@ -45,11 +50,59 @@ def tolerances(lhs: Any, rhs: Any, out_dtype: Any, bias: Any = None) -> np.ndarr
 def assert_close(actual: Any, expected: Any, lhs: Any, rhs: Any, out_dtype: Any, bias: Any = None,
                  what: str = "output") -> None:
     """Assert |actual - expected| <= tolerances(lhs, rhs, out_dtype) everywhere, with a useful message."""
+    assert_within(actual, expected, tolerances(lhs, rhs, out_dtype, bias), what)
+
+
+def epilogue_terms(lhs: Any, rhs: Any, recipe: Recipe, bias: Any = None) -> np.ndarray:
+    """|every addend| the f32 epilogue of an integer recipe sums for each output, in order: (..., M, N, T).
+
+    `lhs`: float activations (..., M, K) (quantized here, as the kernels do) or a quantized operand;
+    `rhs`: the quantized weight. INT32: `f32(acc) * s_lhs[m] * s_rhs[n]` then the bias (T = 2);
+    INT32_PER_GROUP: `f32(acc_g) * s_rhs[n, g] * s_lhs[m]` for each group g, then the bias (T = G + 1).
+    Computed in float64 from the reference's exact accumulators (magnitudes only, for `fma_bound`).
+    """
+    acc = reference.accumulators(lhs, rhs, recipe).astype(np.float64)
+    lhs_q = lhs if isinstance(lhs, (reference.RefQuantized, QOperand)) else reference.quantize(lhs, recipe.lhs)
+    s_lhs = np.asarray(lhs_q.scale, np.float64)
+    s_rhs = np.asarray(rhs.scale, np.float64)
+    if recipe.accumulation.grouped:
+        products = acc * s_rhs[..., None, :, :] * s_lhs[..., :, None, None]  # (..., M, N, G)
+    else:
+        products = (acc * s_lhs[..., :, None] * s_rhs[..., None, :])[..., None]  # (..., M, N, 1)
+    b = np.zeros(products.shape[:-1] + (1,)) if bias is None else np.broadcast_to(
+        np.abs(np.asarray(bias, np.float64))[:, None], products.shape[:-1] + (1,))
+    return np.concatenate([np.abs(products), b], axis=-1)
+
+
+def fma_bound(terms: Any, out_dtype: Any) -> np.ndarray:
+    """Elementwise bound on |backend - reference| for a backend that contracts the f32 epilogue's
+    multiply-adds into FMAs (one rounding where the reference rounds twice), from `epilogue_terms`.
+
+    The epilogue is a running sum `s = s + p_j` over the T addends `p_j` (scaled accumulators, then
+    the bias). The reference rounds `p_j` and then the sum; an FMA rounds only the sum. Per step the
+    two running sums can drift apart by one rounding of `|p_j|` plus one rounding of each running sum
+    (each at most `S = sum_j |p_j|`), and a drift is carried unchanged by later steps; the final
+    multiply by `s_lhs` (W4A8) rounds once in each. With u = eps(f32) / 2 that is at most
+    `u * S + 2 * u * T * S + 2 * u * S`, so `(T + 2) * eps(f32) * S`; then one ulp of the output dtype
+    when it is narrower than f32 (the two f32 values may round to neighbours), and its smallest normal.
+    It is of the order of T f32 roundings of the result: a dropped group, a wrong scale or an
+    accumulator off by one code is far outside it.
+    """
+    terms = np.asarray(terms, np.float64)
+    total = terms.sum(-1)
+    eps32 = float(np.finfo(np.float32).eps)
+    info = ml_dtypes.finfo(np_dtype(out_dtype))
+    narrower = float(info.eps) if np_dtype(out_dtype) != np.float32 else 0.0
+    return (terms.shape[-1] + 2) * eps32 * total + narrower * total + float(info.smallest_normal)
+
+
+def assert_within(actual: Any, expected: Any, bound: Any, what: str = "output") -> None:
+    """Assert |actual - expected| <= bound elementwise (NaN fails), naming the first offender."""
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     if actual.shape != expected.shape:
         raise AssertionError(f"{what}: shape {actual.shape} != expected {expected.shape}")
-    bound = np.broadcast_to(tolerances(lhs, rhs, out_dtype, bias), expected.shape)
+    bound = np.broadcast_to(bound, expected.shape)
     err = np.abs(actual - expected)
     bad = ~(err <= bound)  # NaN counts as bad
     if bad.any():

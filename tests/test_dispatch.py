@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 import qkernels as qk
@@ -125,3 +127,39 @@ def test_dispatch_names_no_dtype() -> None:
     code = re.sub(r'"""[\s\S]*?"""', "", code)
     for word in ("int8", "int4", "uint4", "bfloat16", "float16", "W8A8", "W4A16", "W4A8", "W8A16"):
         assert word not in code, word
+
+
+def _names(explanation: dispatch.Explanation) -> set[str]:
+    return {v.implementation.name for v in explanation.verdicts}
+
+
+def test_explain_lists_only_the_recipes_automatic_candidates_by_default_torch() -> None:
+    """A W4A16 call on CPU tensors: torch-cpu, the reference and the W4A16 Triton kernel; the other
+    families' kernels and the interpreter variants only with verbose=True (or when requested)."""
+    torch = pytest.importorskip("torch")
+    w_q = qk.quantize(torch.randn(16, 64), qk.W4A16(32))
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    default = qk.explain(x, w_q)
+    expected = {"torch-cpu", "reference"} | ({"triton.w4a16"} if importlib.util.find_spec("triton") else set())
+    assert _names(default) == expected and default.chosen.name == "torch-cpu"
+    everything = {i.name for i in dispatch.registered("torch", dispatch.Op.QMATMUL)}
+    verbose = qk.explain(x, w_q, verbose=True)
+    assert _names(verbose) == everything and default.hidden == len(everything) - len(expected) > 0
+    assert f"({default.hidden} more that do not serve w4a16-g32" in str(default)
+    if "triton.interpret.w4a16" in everything:
+        requested = qk.explain(x, w_q, backend="triton.interpret.w4a16")
+        assert _names(requested) == expected | {"triton.interpret.w4a16"}
+
+
+def test_explain_lists_only_the_recipes_automatic_candidates_by_default_jax() -> None:
+    jnp = pytest.importorskip("jax.numpy")
+    w_q = qk.quantize(jnp.ones((64, 16)), qk.W4A16(32), contracting_axes=(0,))
+    args = (jnp.ones((3, 64), jnp.bfloat16), w_q, (((1,), (0,)), ((), ())))
+    default = qk.explain(*args)
+    expected = {"xla", "reference.callback", "reference", "pallas.tpu.w4a16", "pallas.gpu.w4a16"}
+    assert _names(default) == expected and default.chosen.name == "xla"
+    everything = {i.name for i in dispatch.registered("jax", dispatch.Op.QMATMUL)}
+    assert _names(qk.explain(*args, verbose=True)) == everything
+    assert default.hidden == len(everything) - len(expected) > 0
+    requested = qk.explain(*args, backend="pallas.interpret")
+    assert _names(requested) == expected | {"pallas.interpret"} and requested.chosen.name == "pallas.interpret"

@@ -28,10 +28,13 @@ def test_import_without_jax_and_torch() -> None:
         assert y.shape == (2, 3)
         for mod in ("jax", "torch", "triton"):
             assert mod not in sys.modules, mod
-        try:
-            qk.linear
-        except ImportError as e:
-            print("lazy ok:", e)
+        for name, framework in (("linear", "torch"), ("dot_general", "jax"), ("QArray", "jax")):
+            try:
+                getattr(qk, name)
+            except ImportError as e:  # the lazy entry point needs its framework, and says which
+                assert framework in str(e), (name, e)
+            else:
+                raise AssertionError(f"qk.{name} loaded although {framework} cannot be imported")
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

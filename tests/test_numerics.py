@@ -52,19 +52,24 @@ def test_roundtrip_error_is_at_most_half_a_step(fmt: OperandFormat, x: np.ndarra
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-@given(x=arrays())
-def test_codes_stay_in_range_and_zero_point_rule(fmt: OperandFormat, x: np.ndarray) -> None:
+@given(x=arrays(), zeros=st.integers(1, 5))
+def test_codes_stay_in_range_and_zero_point_rule(fmt: OperandFormat, x: np.ndarray, zeros: int) -> None:
+    """Codes lie in [qmin, qmax]; the K padding holds the code of 0.0 (the zero point of the row's
+    last group, or 0); and 0.0 dequantizes to exactly 0.0 (every `zeros`-th value is set to 0)."""
+    x = x.copy()
+    x[..., ::zeros] = 0
     q = reference.quantize(x, fmt)
     c = reference.codes(q.operand(), fmt, q.k)
     assert c.min() >= fmt.qtype.qmin and c.max() <= fmt.qtype.qmax
-    assert np.all(c[..., q.k:] == (q.zero_point[..., -1:] if fmt.zero_point else 0)) or fmt.zero_point
+    pad = c[..., q.k:]
     if fmt.zero_point:
-        # zero is an integer code in range, and 0.0 is represented exactly by it
+        # zero is an integer code in range; the padding (zeros before calibration) holds it
         assert q.zero_point.min() >= 0 and q.zero_point.max() <= fmt.qtype.qmax
-        zero_deq = (np.float32(0) + q.zero_point - q.zero_point) * q.scale
-        assert np.all(zero_deq == 0)
+        np.testing.assert_array_equal(pad, np.broadcast_to(q.zero_point[..., -1:], pad.shape))
     else:
         assert q.zero_point is None
+        np.testing.assert_array_equal(pad, 0)
+    np.testing.assert_array_equal(q.dequantize()[x == 0], 0)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -1,4 +1,8 @@
-"""Pallas kernels (TPU kernels interpreted on CPU, GPU kernels interpreted too) against the reference.
+"""Pallas kernels (TPU kernels interpreted on CPU, GPU kernels interpreted too) beyond the
+conformance suite (test_conformance.py runs `pallas.interpret` through dispatch for every case):
+the activation-quantization kernel, configs (decode table entries, block sizes that cannot change
+numerics, VMEM bounds, strict parsing), race detection, the GPU (Triton-lowering) variants and
+registration per platform.
 
 Integer accumulators are compared with ==. Float outputs: W8A8 without bias is == (the kernel
 honours DESIGN.md's order and XLA:CPU has nothing to contract); where a multiply feeds an add
@@ -9,7 +13,6 @@ honours DESIGN.md's order and XLA:CPU has nothing to contract); where a multiply
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,20 +21,17 @@ from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
 import qkernels.kernels.pallas  # noqa: F401  (registers the implementations)
-from qkernels import dispatch, reference, shapes, testing
+from qkernels import dispatch, reference, testing
 from qkernels.formats import W4A8, W4A16, W8A8, W8A16, QOperand
 from qkernels.kernels.pallas import configs, gpu, ops
 from qkernels.kernels.pallas.configs import Family, TileConfig
 from qkernels.numerics import GROUP_SIZES
 
-dims = st.tuples(st.integers(1, 70), st.integers(1, 300), st.integers(1, 600))
 
-
-def _data(seed: int, m: int, n: int, k: int, recipe, batch: int | None = None):
+def _data(seed: int, m: int, n: int, k: int, recipe):
     rng = np.random.default_rng(seed)
-    lead = (batch,) if batch else ()
-    x = testing.activations(rng, (*lead, m, k))
-    rq = reference.quantize(testing.weights(rng, (*lead, n, k)), recipe.rhs)
+    x = testing.activations(rng, (m, k))
+    rq = reference.quantize(testing.weights(rng, (n, k)), recipe.rhs)
     bias = rng.standard_normal(n).astype(np.float32)
     return x, rq, bias
 
@@ -45,87 +45,6 @@ def _float_operands(x, rq, recipe):
     if recipe.lhs is None:
         return x, rq.dequantize(x.dtype)
     return reference.quantize(x, recipe.lhs).dequantize(), rq.dequantize()
-
-
-@settings(max_examples=6)
-@given(dims=dims, seed=st.integers(0, 2**16), with_bias=st.booleans())
-def test_w8a8_accumulators_exact_and_output(dims, seed, with_bias):
-    m, n, k = dims
-    recipe = W8A8()
-    x, rq, bias = _data(seed, m, n, k, recipe)
-    acc = ops.accumulators(jnp.asarray(x), _jax(rq), recipe)
-    np.testing.assert_array_equal(np.asarray(acc), reference.accumulators(x, rq, recipe))
-    b = bias if with_bias else None
-    out = np.asarray(ops.qmatmul(jnp.asarray(x), _jax(rq), recipe, bias=None if b is None else jnp.asarray(b)))
-    ref = reference.qmatmul(x, rq, recipe, bias=b)
-    if with_bias:
-        testing.assert_close(out, ref, *_float_operands(x, rq, recipe), np.float32)
-    else:
-        np.testing.assert_array_equal(out, ref)
-
-
-@settings(max_examples=6)
-@given(dims=dims, seed=st.integers(0, 2**16), group=st.sampled_from(GROUP_SIZES))
-def test_w4a8_group_accumulators_exact_and_output(dims, seed, group):
-    m, n, k = dims
-    recipe = W4A8(group)
-    x, rq, bias = _data(seed, m, n, k, recipe)
-    acc = ops.accumulators(jnp.asarray(x), _jax(rq), recipe)
-    np.testing.assert_array_equal(np.asarray(acc), reference.accumulators(x, rq, recipe))
-    out = ops.qmatmul(jnp.asarray(x), _jax(rq), recipe, bias=jnp.asarray(bias))
-    testing.assert_close(out, reference.qmatmul(x, rq, recipe, bias=bias), *_float_operands(x, rq, recipe),
-                         np.float32)
-
-
-@settings(max_examples=6)
-@given(dims=dims, seed=st.integers(0, 2**16), group=st.sampled_from(GROUP_SIZES), zero_point=st.booleans(),
-       dtype=st.sampled_from(["float32", "bfloat16"]))
-def test_w4a16_output(dims, seed, group, zero_point, dtype):
-    m, n, k = dims
-    recipe = W4A16(group, zero_point=zero_point)
-    x, rq, bias = _data(seed, m, n, k, recipe)
-    x = x.astype(reference.np_dtype(dtype))
-    out = ops.qmatmul(jnp.asarray(x), _jax(rq), recipe, bias=jnp.asarray(bias))
-    assert out.dtype == jnp.dtype(dtype)
-    ref = reference.qmatmul(x, rq, recipe, bias=bias)
-    testing.assert_close(np.asarray(out.astype(jnp.float32)), ref.astype(np.float32),
-                         *_float_operands(x, rq, recipe), dtype)
-
-
-@pytest.mark.parametrize("group", GROUP_SIZES, ids=lambda g: f"g{g}")
-def test_every_group_size_w4a8_and_w4a16_zp(group):
-    x, rq, bias = _data(group, 9, 136, 3 * group + 5, W4A8(group))
-    acc = ops.accumulators(jnp.asarray(x), _jax(rq), W4A8(group))
-    np.testing.assert_array_equal(np.asarray(acc), reference.accumulators(x, rq, W4A8(group)))
-    recipe = W4A16(group, zero_point=True)
-    rz = reference.quantize(testing.weights(np.random.default_rng(1), (136, 3 * group + 5)), recipe.rhs)
-    testing.assert_close(ops.qmatmul(jnp.asarray(x), _jax(rz), recipe), reference.qmatmul(x, rz, recipe),
-                         *_float_operands(x, rz, recipe), np.float32)
-
-
-AWKWARD = [pytest.param(s, id=s.id) for s in shapes.shape_set("awkward") if s.n * s.k <= 300_000]
-
-
-@pytest.mark.parametrize("shape", AWKWARD)
-def test_awkward_shapes_batched_and_decode(shape):
-    """Catalogue's awkward shapes (M=1, odd K, primes, batched weights): exact accumulators."""
-    for recipe in (W8A8(), W4A8(32)):
-        x, rq, _ = _data(7, shape.m, shape.n, shape.k, recipe, batch=shape.batch)
-        acc = ops.accumulators(jnp.asarray(x), _jax(rq), recipe)
-        np.testing.assert_array_equal(np.asarray(acc), reference.accumulators(x, rq, recipe))
-
-
-def test_leading_axes_fold_into_m_and_prequantized_lhs():
-    recipe = W8A8()
-    rng = np.random.default_rng(3)
-    x = testing.activations(rng, (2, 3, 40))
-    rq = reference.quantize(testing.weights(rng, (24, 40)), recipe.rhs)
-    out = ops.qmatmul(jnp.asarray(x), _jax(rq), recipe)
-    assert out.shape == (2, 3, 24)
-    np.testing.assert_array_equal(np.asarray(out), reference.qmatmul(x, rq, recipe))
-    lq = reference.quantize(x, recipe.lhs)
-    pre = ops.qmatmul(_jax(lq), _jax(rq), recipe)
-    np.testing.assert_array_equal(np.asarray(pre), reference.qmatmul(lq, rq, recipe))
 
 
 @settings(max_examples=5)
@@ -242,8 +161,7 @@ def _problem(recipe, platform, **kw):
 def test_dispatch_registration(recipe):
     family = ops.family_of(recipe).value
     assert dispatch.select(_problem(recipe, "tpu:v5e")).name == f"pallas.tpu.{family}"
-    assert dispatch.select(_problem(recipe, "cuda:sm_90")).name in (f"pallas.gpu.{family}",) + tuple(
-        i.name for i in dispatch.registered("jax") if i.priority > 90)
+    assert dispatch.select(_problem(recipe, "cuda:sm_90")).name == f"pallas.gpu.{family}"
     assert dispatch.select(_problem(recipe, "cpu"), backend="pallas").name == "pallas.interpret"
     auto = dispatch.select(_problem(recipe, "cpu"))
     assert auto.name != "pallas.interpret"  # negative priority: never chosen automatically
@@ -258,18 +176,6 @@ def test_tpu_v4_refused_for_int8_mxu():
     w8a16 = {v.implementation.name: v.reason for v in dispatch.candidates(_problem(W8A16(), "tpu:v5e"))}
     assert w8a16["pallas.tpu.w8a8"] == "serves recipes w8a8, not w8a16"
     assert all(r is not None for name, r in w8a16.items() if name.startswith("pallas"))
-
-
-def test_use_backend_runs_interpreted_kernels_under_jit():
-    recipe = W4A8(32)
-    x, rq, bias = _data(9, 3, 40, 70, recipe)
-    problem = dispatch.Problem(recipe=recipe, m=3, n=40, k=70, act_dtype="float32", out_dtype="float32",
-                               has_bias=True, framework="jax", platform="cpu")
-    with dispatch.use_backend("pallas"):
-        call = dispatch.bind(problem)
-    out = jax.jit(lambda a, w, b: call.run(a, w, b))(jnp.asarray(x), _jax(rq), jnp.asarray(bias))
-    testing.assert_close(out, reference.qmatmul(x, rq, recipe, bias=bias), *_float_operands(x, rq, recipe),
-                         np.float32)
 
 
 def test_tile_config_dict_round_trip_and_name():

@@ -86,13 +86,18 @@ def test_input_grad_is_straight_through(recipe):
 
 
 def test_frozen_base_with_adapter_trains():
+    """An adapter beside a frozen quantized base: the adapter gets its float gradient, the input the
+    straight-through one, `grad_y @ dequantize(W) + grad_y @ A`, and the quantized weight none."""
     model = qk.quantize_(nn.Sequential(nn.Linear(64, 32, bias=False)), qk.W8A8())
     adapter = nn.Linear(64, 32, bias=False)
-    nn.init.zeros_(adapter.weight)
-    x = _x((4, 64))
-    loss = (model(x) + adapter(x)).square().sum()
-    loss.backward()
-    assert adapter.weight.grad is not None and adapter.weight.grad.abs().sum() > 0
+    nn.init.normal_(adapter.weight, std=0.02)
+    x = _x((4, 64)).requires_grad_(True)
+    y = model(x) + adapter(x)
+    y.square().sum().backward()
+    grad_y = 2 * y.detach()
+    torch.testing.assert_close(adapter.weight.grad, grad_y.T @ x.detach())
+    torch.testing.assert_close(x.grad, grad_y @ model[0].weight.dequantize() + grad_y @ adapter.weight.detach())
+    assert not model[0].weight.requires_grad
 
 
 def test_qtensor_save_load_roundtrip(tmp_path):

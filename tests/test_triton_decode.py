@@ -210,8 +210,10 @@ def _gpu_problem(recipe, m: int, device: str = "h100") -> dispatch.Problem:
 
 
 def test_explain_shows_the_decode_config_and_its_source() -> None:
-    text = str(dispatch.explain(_gpu_problem(formats.W4A16(128), 1)))
-    assert "chosen: triton.w4a16" in text or "triton.w4a16" in text.splitlines()[1]
+    explanation = dispatch.explain(_gpu_problem(formats.W4A16(128), 1))
+    assert explanation.chosen.name == "triton.w4a16"
+    text = str(explanation)
+    assert "chosen: triton.w4a16" in text.splitlines() and "-> triton.w4a16" in text
     line = next(ln for ln in text.splitlines() if ln.startswith("config:"))
     assert "gemv-m1n" in line and "heuristic: M=1 <= 4: GEMV" in line and "132 SMs" in line
     line = next(ln for ln in str(dispatch.explain(_gpu_problem(formats.W8A16(), 16))).splitlines()
