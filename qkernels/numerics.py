@@ -230,8 +230,9 @@ class NumpyOps:
         return acc
 
     def grouped_int_dot(self, a: Any, w: Any, group_size: int, batched: bool) -> np.ndarray:
-        ag = np.asarray(a, np.int64).reshape(*a.shape[:-1], -1, group_size)
-        wg = np.asarray(w, np.int64).reshape(*w.shape[:-1], -1, group_size)
+        groups = a.shape[-1] // group_size  # explicit: -1 is ambiguous for an empty M or N
+        ag = np.asarray(a, np.int64).reshape(*a.shape[:-1], groups, group_size)
+        wg = np.asarray(w, np.int64).reshape(*w.shape[:-1], groups, group_size)
         return np.einsum("...mgk,...ngk->...mng", ag, wg)
 
     def grouped_scaled_sum(self, a: Any, w: Any, scale: Any, group_size: int, batched: bool) -> np.ndarray:

@@ -386,11 +386,6 @@ def families(backend: Backend) -> list[Recipe]:
     return [r for r in FAMILIES if backend.impl.serves.reason(r) is None]
 
 
-def xfail_if(bug: str | None) -> list[Any]:
-    """A strict xfail for a known package bug (so the test fails once it is fixed), else nothing."""
-    return [pytest.mark.xfail(strict=True, reason=bug)] if bug else []
-
-
 # ---------------------------------------------------------------- the suite
 
 
@@ -521,14 +516,7 @@ def test_leading_axes_fold_into_m(backend: Backend) -> None:
         expect_output(backend, case, data, y, dtype)
 
 
-def lead_bug(backend: Backend, recipe: Recipe) -> str | None:
-    if backend.name == "torch-cpu" and recipe.accumulation.integer:
-        return ("torch_bindings.cpu: Bound.run / accumulate pass (..., M, K) activations unfolded to "
-                "TORCH_OPS.int_dot, which takes 2-D codes (ValueError); dispatch's convention is (..., M, K)")
-    return None
-
-
-@pytest.mark.parametrize("backend,recipe", [pytest.param(b, r, id=f"{b.id}-{r.name}", marks=xfail_if(lead_bug(b, r)))
+@pytest.mark.parametrize("backend,recipe", [pytest.param(b, r, id=f"{b.id}-{r.name}")
                                             for b in BACKENDS for r in families(b)])
 def test_bound_calls_take_leading_axes(backend: Backend, recipe: Recipe) -> None:
     """dispatch's calling convention: a bound call takes activations (..., M, K) (M = all rows)."""
@@ -543,26 +531,12 @@ def test_bound_calls_take_leading_axes(backend: Backend, recipe: Recipe) -> None
 ZERO_SIZES = {"M0": (0, 5, 40), "N0": (3, 0, 40), "K0": (3, 5, 0)}
 
 
-def zero_size_bug(backend: Backend, recipe: Recipe, size: str) -> str | None:
-    """Known package bugs this test shows (strict xfails: they fail the suite once fixed)."""
-    if backend.name == "reference" and recipe.accumulation.grouped and size != "K0":
-        return ("qkernels.numerics.NumpyOps.grouped_int_dot reshapes an empty operand with -1 "
-                "(ValueError: cannot reshape array of size 0)")
-    if backend.framework == "torch" and size == "K0":
-        return ("torch_bindings.functional._prepare (qk.linear) and qkernels.kernels.triton._flat fold the "
-                "input with reshape(-1, K), ambiguous for K=0 (RuntimeError)")
-    if backend.name == "pallas.interpret":
-        return ("qkernels.kernels.pallas: a zero-size dim reaches the kernels' grid arithmetic "
-                "(ZeroDivisionError) or a max over an empty K (ValueError); supports() does not refuse it")
-    return None
-
-
 def zero_size_params() -> list[Any]:
     out = []
     for b in BACKENDS:
         for r in families(b):
             for size, mnk in ZERO_SIZES.items():
-                out.append(pytest.param(b, r, *mnk, id=f"{b.id}-{r.name}-{size}", marks=xfail_if(zero_size_bug(b, r, size))))
+                out.append(pytest.param(b, r, *mnk, id=f"{b.id}-{r.name}-{size}"))
     return out
 
 

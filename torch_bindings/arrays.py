@@ -32,10 +32,10 @@ def _int_mm_nt(w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
     `torch._int_mm(w, a.t())` is ~1.5-3x faster on CPU than `_int_mm(a, w.t())` for the (N, K)
     weight layout. It returns garbage for K=1 (measured, torch 2.13: the (1, M) transposed view has
-    ambiguous strides), so K=1 is zero-padded to 2, which leaves every dot unchanged.
+    ambiguous strides), so K < 2 is zero-padded to 2, which leaves every dot unchanged (K=0: all 0).
     """
-    if a.shape[1] == 1:
-        a, w = (torch.nn.functional.pad(t, (0, 1)) for t in (a, w))
+    if a.shape[1] < 2:
+        a, w = (torch.nn.functional.pad(t, (0, 2 - t.shape[1])) for t in (a, w))
     return torch._int_mm(w, a.t())
 
 
@@ -107,6 +107,8 @@ class TorchOps:
         return _int_mm_nt(w, a).t()  # (M, N) view of the contiguous (N, M) result
 
     def grouped_int_dot(self, a: torch.Tensor, w: torch.Tensor, group_size: int, batched: bool) -> torch.Tensor:
+        if w.shape[-1] == 0:
+            return a.new_zeros((a.shape[0], w.shape[0], 0), dtype=torch.int32)
         return torch.stack([self.int_dot(a[:, s:s + group_size], w[:, s:s + group_size], batched)
                             for s in range(0, w.shape[-1], group_size)], dim=-1)
 

@@ -20,6 +20,8 @@ a new format needs nothing here. What that gives for the shipped recipes:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qkernels import dispatch
@@ -36,17 +38,31 @@ SERVES = dispatch.Serves.accumulating(Accumulation.INT32.name, Accumulation.INT3
 _FLOATS = ("float32", "bfloat16", "float16")
 
 
+def _rows(lhs: torch.Tensor | QOperand) -> tuple[torch.Tensor | QOperand, tuple[int, ...]]:
+    """Activations (..., M, K) as (rows, K) (torch's integer GEMM is 2-D), and their leading shape."""
+    x = lhs.qvalue if isinstance(lhs, QOperand) else lhs
+    lead = tuple(x.shape[:-1])
+    rows = math.prod(lead)
+    if isinstance(lhs, QOperand):
+        return QOperand(lhs.qvalue.reshape(rows, x.shape[-1]), lhs.scale.reshape(rows)), lead
+    return lhs.reshape(rows, x.shape[-1]), lead
+
+
 def _run(call: Bound, lhs: torch.Tensor | QOperand, rhs: QOperand, bias: torch.Tensor | None) -> torch.Tensor:
     p = call.problem
-    return p.recipe.matmul(TORCH_OPS, lhs, rhs, bias, k=p.k, batched=False, act_dtype=p.act_dtype,
-                           out_dtype=p.out_dtype)
+    lhs, lead = _rows(lhs)
+    y = p.recipe.matmul(TORCH_OPS, lhs, rhs, bias, k=p.k, batched=False, act_dtype=p.act_dtype,
+                        out_dtype=p.out_dtype)
+    return y.reshape(*lead, p.n)
 
 
 def _accumulate(call: Bound, lhs: torch.Tensor | QOperand, rhs: QOperand) -> torch.Tensor:
-    """The exact int32 accumulators of an integer recipe: (M, N), or (M, N, G) per group."""
+    """The exact int32 accumulators of an integer recipe: (..., M, N), or (..., M, N, G) per group."""
     p = call.problem
+    lhs, lead = _rows(lhs)
     lhs = p.recipe.accumulation.lhs_operand(p.recipe, TORCH_OPS, lhs)
-    return p.recipe.accumulation.accumulators(p.recipe, TORCH_OPS, lhs, rhs, k=p.k, batched=False)
+    acc = p.recipe.accumulation.accumulators(p.recipe, TORCH_OPS, lhs, rhs, k=p.k, batched=False)
+    return acc.reshape(*lead, *acc.shape[1:])
 
 
 def _supports(problem: Problem) -> str | None:

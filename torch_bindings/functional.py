@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from qkernels import dispatch
@@ -47,7 +49,7 @@ def _prepare(input: torch.Tensor, weight: torch.Tensor | QTensor,
             raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({weight.out_features},)")
         if bias.device != input.device:
             raise ValueError(f"bias is on {bias.device} but input is on {input.device}; move it")
-    return input.reshape(-1, input.shape[-1]), weight
+    return input.reshape(math.prod(input.shape[:-1]), input.shape[-1]), weight  # explicit rows: K may be 0
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor | QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -36,6 +36,9 @@ def _common(problem: Any, family: Any) -> str | None:
 
     if problem.op is not Op.QMATMUL:
         return f"Pallas kernels implement qmatmul, not {problem.op.value}"
+    if 0 in (problem.m, problem.n, problem.k):
+        return (f"zero-size dims (M={problem.m}, N={problem.n}, K={problem.k}) give the kernels no grid; "
+                f"the XLA implementation serves them")
     got = _family(problem)
     if got is None:
         return f"no Pallas kernel for {problem.recipe.name}; Pallas serves w8a8, w4a16 and w4a8"

@@ -28,6 +28,7 @@ each of the public launcher's checks on this path.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ class Family:
     rhs_description: str
     lhs_int8: bool  # activations quantized to int8 per row (in the kernel, or by the caller)
     run: Callable[..., Any]
+    accumulate: Callable[..., Any] | None = None  # the raw int32 accumulators (integer families)
 
     def reason(self, problem: dispatch.Problem) -> str | None:
         recipe = problem.recipe
@@ -87,7 +89,7 @@ class Family:
 
 
 def _flat(x: Any, k: int) -> Any:
-    return x.reshape(-1, k)
+    return x.reshape(math.prod(x.shape[:-1]), k)  # explicit rows: -1 is ambiguous for K=0
 
 
 def _lhs_codes(problem: dispatch.Problem, lhs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,17 +101,19 @@ def _lhs_codes(problem: dispatch.Problem, lhs: Any) -> tuple[torch.Tensor, torch
 
 def _bound_run(launch: Callable[..., torch.Tensor]) -> Callable[..., Any]:
     """A family's `run`: dispatch's calling convention onto its unchecked `launch(problem, config, lhs,
-    rhs, bias)` with the bound call's config; leading lhs axes fold into M when unbatched."""
-    def run(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> Any:
+    rhs, bias)` with the bound call's config; leading lhs axes fold into M when unbatched (and the
+    output keeps any trailing axes past N: the per-group accumulators' G)."""
+    def run(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any = None) -> Any:
         problem, config = call.problem, call.config.config
         if problem.batch is not None:
             return launch(problem, config, lhs, rhs, bias)
         lead = tuple((lhs.qvalue if isinstance(lhs, QOperand) else lhs).shape[:-1])
         if isinstance(lhs, QOperand):
-            flat = QOperand(_flat(lhs.qvalue, problem.k), lhs.scale.reshape(-1))
+            flat = QOperand(_flat(lhs.qvalue, problem.k), lhs.scale.reshape(math.prod(lead)))
         else:
             flat = _flat(lhs, problem.k)
-        return launch(problem, config, flat, rhs, bias).reshape(*lead, problem.n)
+        out = launch(problem, config, flat, rhs, bias)
+        return out.reshape(*lead, *out.shape[1:])
     return run
 
 
@@ -122,6 +126,17 @@ def _w4a8(problem: dispatch.Problem, config: MatmulConfig, x: Any, w: QOperand, 
     q, s = _lhs_codes(problem, x)
     return launch_w4a8(q, s, w.qvalue, w.scale, b, group_size=problem.recipe.group_size,
                        out_dtype=problem.out_dtype, config=config)
+
+
+def _acc_w8a8(problem: dispatch.Problem, config: MatmulConfig, x: Any, w: QOperand, b: Any) -> torch.Tensor:
+    q, s = _lhs_codes(problem, x)
+    return launch_w8a8(q, s, w.qvalue, w.scale, None, out_dtype=problem.out_dtype, config=config, return_acc=True)
+
+
+def _acc_w4a8(problem: dispatch.Problem, config: MatmulConfig, x: Any, w: QOperand, b: Any) -> torch.Tensor:
+    q, s = _lhs_codes(problem, x)
+    return launch_w4a8(q, s, w.qvalue, w.scale, None, group_size=problem.recipe.group_size,
+                       out_dtype=problem.out_dtype, config=config, return_acc=True)
 
 
 def _w4a16(problem: dispatch.Problem, config: MatmulConfig, x: Any, w: QOperand, b: Any) -> torch.Tensor:
@@ -144,9 +159,9 @@ def _grouped(qtype: Any) -> Callable[[OperandFormat], bool]:
 
 FAMILIES: tuple[Family, ...] = (
     Family(name="w8a8", accepts_rhs=lambda f: f == _INT8_ROW, rhs_description="int8 per-channel",
-           lhs_int8=True, run=_bound_run(_w8a8)),
+           lhs_int8=True, run=_bound_run(_w8a8), accumulate=_bound_run(_acc_w8a8)),
     Family(name="w4a8", accepts_rhs=_grouped(INT4), rhs_description="int4 per-group", lhs_int8=True,
-           run=_bound_run(_w4a8)),
+           run=_bound_run(_w4a8), accumulate=_bound_run(_acc_w4a8)),
     Family(name="w4a16", accepts_rhs=lambda f: _grouped(INT4)(f) or _grouped(UINT4)(f),
            rhs_description="int4 or uint4+zero-point per-group", lhs_int8=False, run=_bound_run(_w4a16)),
     Family(name="w8a16", accepts_rhs=lambda f: f == _INT8_ROW, rhs_description="int8 per-channel",
@@ -198,6 +213,7 @@ def register() -> None:
             dispatch.register(dispatch.Implementation(
                 name=f"{prefix}.{fam.name}", framework="torch", op=dispatch.Op.QMATMUL, priority=priority,
                 supports=_supports(platform_reason, fam.reason), run=fam.run, serves=dispatch.Serves.tags(fam.name),
+                accumulate=fam.accumulate,
                 automatic=automatic, configure=functools.partial(tuning.choose, backend=_TUNED),
                 description=f"Triton {fam.name} kernel, rescale fused{where}"))
         dispatch.register(dispatch.Implementation(

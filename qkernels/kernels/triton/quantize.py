@@ -8,6 +8,8 @@ matmul output of that row is NaN, as a float matmul's would be; never silently f
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -82,7 +84,7 @@ def quantize_rows(x: torch.Tensor, *, config: QuantizeConfig | None = None) -> t
     arch = arch_of(x.device)
     cfg = config or CONFIGS[arch]
     lead, k = tuple(x.shape[:-1]), x.shape[-1]
-    rows = x.reshape(-1, k)
+    rows = x.reshape(math.prod(lead), k)  # explicit rows: -1 is ambiguous for K=0
     r = rows.shape[0]
     q = torch.empty((r, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((r,), dtype=torch.float32, device=x.device)
