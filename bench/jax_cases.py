@@ -53,7 +53,7 @@ def _xla_int8(data: Data, device: Any) -> Prepared:
     """Dynamic per-row int8 activations, XLA's int8 dot (int32 result) against pre-quantized weights,
     then a separate f32 rescale in the same jit."""
     dt = _act_dtype(device)
-    w_q = reference.quantize(data.w, W8A8().rhs, name="w")
+    w_q = reference.quantize(data.w, W8A8.rhs, name="w")
     wq = jnp.asarray(np.ascontiguousarray(w_q.qvalue.T))  # (K, N) int8
     sw = jnp.asarray(w_q.scale)
     x = jnp.asarray(data.x, dt)

@@ -65,7 +65,7 @@ def _int_mm(data: Data, device: Any) -> Prepared:
     """Dynamic per-row int8 activations, `torch._int_mm` against pre-quantized weights, then a separate
     f32 rescale: what a user writes by hand without a fused kernel."""
     dt = _act_dtype(device)
-    w_q = reference.quantize(data.w, W8A8().rhs, name="w")
+    w_q = reference.quantize(data.w, W8A8.rhs, name="w")
     wq_t = torch.from_numpy(w_q.qvalue).to(_tdev(device)).t()  # (K, N) view of the (N, K) codes
     sw = torch.from_numpy(w_q.scale).to(_tdev(device))
     x = torch.from_numpy(data.x).to(_tdev(device), dt)

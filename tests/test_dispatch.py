@@ -14,7 +14,7 @@ FW = "dispatch-test"  # a framework of its own, so these registrations never mee
 
 
 def _problem(**kw) -> Problem:
-    base = dict(recipe=qk.W8A8(), m=16, n=32, k=64, act_dtype="float32", out_dtype="float32",
+    base = dict(recipe=qk.W8A8, m=16, n=32, k=64, act_dtype="float32", out_dtype="float32",
                 framework=FW, platform="cuda:sm_90")
     return Problem(**(base | kw))
 
@@ -110,7 +110,7 @@ def test_reference_serves_everything_and_runs() -> None:
 
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((3, 40)).astype(np.float32), rng.standard_normal((5, 40)).astype(np.float32)
-    for recipe in (qk.W8A8(), qk.W8A16(), qk.W4A16(32, zero_point=True), qk.W4A8(32)):
+    for recipe in (qk.W8A8, qk.W8A16, qk.W4A16(32, zero_point=True), qk.W4A8(32)):
         p = _problem(recipe=recipe, m=3, n=5, k=40, framework="numpy", platform="cpu")
         call = dispatch.bind(p)
         assert call.implementation.name == "reference"

@@ -22,8 +22,8 @@ from qkernels import dispatch, reference
 from qkernels.testing import activations, assert_close, snr_db, weights
 
 RECIPES = [
-    pytest.param(qk.W8A8(), id="w8a8"),
-    pytest.param(qk.W8A16(), id="w8a16"),
+    pytest.param(qk.W8A8, id="w8a8"),
+    pytest.param(qk.W8A16, id="w8a16"),
     pytest.param(qk.W4A16(32), id="w4a16-g32"),
     pytest.param(qk.W4A16(32, zero_point=True), id="w4a16-g32-zp"),
     pytest.param(qk.W4A8(32), id="w4a8-g32"),
@@ -121,7 +121,7 @@ def test_lhs_qarray_is_swapped_and_transposed_back():
     rng = np.random.default_rng(5)
     w, x = weights(rng, (11, 3, 48)), activations(rng, (48, 6))
     dims = (((2,), (0,)), ((), ()))
-    w_q = qk.quantize(jnp.asarray(w), qk.W8A16(), contracting_axes=(2,))
+    w_q = qk.quantize(jnp.asarray(w), qk.W8A16, contracting_axes=(2,))
     out = qk.dot_general(w_q, jnp.asarray(x), dims)
     expected = lax.dot_general(w_q.dequantize(), jnp.asarray(x), dims, precision=lax.Precision.HIGHEST)
     assert out.shape == (11, 3, 6)
@@ -149,7 +149,7 @@ def test_quantized_backward_is_close_to_straight_through():
     x, w = jnp.asarray(activations(rng, (2, 16, 64))), jnp.asarray(weights(rng, (64, 32)))
     dims = (((2,), (0,)), ((), ()))
     grads = {}
-    for recipe in (qk.W8A8(), qk.W8A8(quantized_backward=True)):
+    for recipe in (qk.W8A8, qk.W8A8(quantized_backward=True)):
         dg = qk.make_dot_general(recipe)
         grads[recipe.name] = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(dg(x, w, dims))), argnums=(0, 1)))(x, w)
     for ste, qb in zip(grads["w8a8"], grads["w8a8-qbwd"]):
@@ -201,12 +201,12 @@ def test_nan_in_concrete_weight_raises_naming_it():
     w = np.ones((16, 4), np.float32)
     w[3, 1] = np.nan
     with pytest.raises(ValueError, match="up_proj contains 1 NaN/Inf"):
-        qk.quantize(jnp.asarray(w), qk.W8A8(), contracting_axes=(0,), name="up_proj")
+        qk.quantize(jnp.asarray(w), qk.W8A8, contracting_axes=(0,), name="up_proj")
 
 
 @pytest.mark.parametrize("bad", [pytest.param(np.nan, id="nan"), pytest.param(np.inf, id="inf")])
 def test_checkify_path_reports_nonfinite_activations_under_jit(bad):
-    dg = qk.make_dot_general(qk.W8A8(), check_finite=True)
+    dg = qk.make_dot_general(qk.W8A8, check_finite=True)
     x = np.ones((4, 16), np.float32)
     w = jnp.ones((16, 3))
     f = checkify.checkify(jax.jit(lambda x: dg(x, w, (((1,), (0,)), ((), ())))))
@@ -218,13 +218,13 @@ def test_checkify_path_reports_nonfinite_activations_under_jit(bad):
 
 
 def test_k_beyond_int32_bound_is_refused():
-    k = qk.W8A8().max_k + 1
+    k = qk.W8A8.max_k + 1
     with pytest.raises(ValueError, match=f"K={k} exceeds"):
         qk.dot_general(jnp.ones((1, k)), jnp.ones((k, 1)), (((1,), (0,)), ((), ())))
 
 
 def test_xla_refuses_integer_recipe_on_tpu_v4():
-    problem = dispatch.Problem(recipe=qk.W8A8(), m=8, n=8, k=8, act_dtype="float32", out_dtype="float32",
+    problem = dispatch.Problem(recipe=qk.W8A8, m=8, n=8, k=8, act_dtype="float32", out_dtype="float32",
                                framework="jax", platform="tpu:v4")
     with pytest.raises(qk.BackendUnavailable, match="TPU v4 has no int8 MXU"):
         dispatch.select(problem, "xla")

@@ -31,7 +31,7 @@ def test_flax_mlp_trains_and_loss_falls():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((64, 16), dtype=np.float32))
     y = jnp.sin(x[:, :1] * 2) + x[:, 1:2]
-    model = MLP(qk.W8A8())
+    model = MLP(qk.W8A8)
     params = model.init(jax.random.key(0), x)
     opt = optax.adam(1e-2)
     state = opt.init(params)
@@ -91,7 +91,7 @@ EINSUMS = [
                  lambda w: w.transpose(0, 2, 1).reshape(128, 64), lambda y, x, w: y.reshape(4, 2, 8, 16),
                  id="nnx-docstring"),
 ]
-EINSUM_RECIPES = [pytest.param(qk.W4A16(32), id="w4a16-g32"), pytest.param(qk.W8A8(), id="w8a8")]
+EINSUM_RECIPES = [pytest.param(qk.W4A16(32), id="w4a16-g32"), pytest.param(qk.W8A8, id="w8a8")]
 
 
 def _expected(recipe, x2d, w2d, bias=None):
@@ -119,7 +119,7 @@ def test_make_einsum_quantizes_the_second_operand(subscripts, x_shape, w_shape, 
 
 
 def test_make_einsum_refuses_what_one_dot_general_cannot_do():
-    op = qk.make_einsum(qk.W8A8())
+    op = qk.make_einsum(qk.W8A8)
     x, w = jnp.ones((4, 8)), jnp.ones((8, 3))
     with pytest.raises(ValueError, match="no output"):
         op("bk,kn", x, w)

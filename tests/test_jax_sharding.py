@@ -27,7 +27,7 @@ from qkernels.formats import QOperand
 from qkernels.testing import activations, assert_close, weights
 
 DIMS = (((1,), (0,)), ((), ()))
-RECIPES = [pytest.param(qk.W8A8(), id="w8a8"), pytest.param(qk.W4A16(32), id="w4a16-g32"),
+RECIPES = [pytest.param(qk.W8A8, id="w8a8"), pytest.param(qk.W4A16(32), id="w4a16-g32"),
            pytest.param(qk.W4A8(32), id="w4a8-g32")]
 LAYOUTS = [  # (activation spec, weight spec over the canonical (N, K_stored) storage)
     pytest.param(P("d", None), P(None, None), id="data-parallel"),
@@ -118,7 +118,7 @@ def test_sharded_layouts_equal_unsharded(x_spec, w_spec, recipe, axis_type, back
     pytest.param("pallas.interpret", AxisType.Explicit, id="pallas-explicit"),
     pytest.param("reference.callback", AxisType.Explicit, id="callback-explicit"),
 ])
-@pytest.mark.parametrize("recipe", [pytest.param(qk.W8A8(), id="w8a8"), pytest.param(qk.W4A16(32), id="w4a16-g32")])
+@pytest.mark.parametrize("recipe", [pytest.param(qk.W8A8, id="w8a8"), pytest.param(qk.W4A16(32), id="w4a16-g32")])
 def test_column_parallel_hlo_moves_no_weight(recipe, backend, axis_type):
     mesh = _mesh(axis_type)
     x, w_q = _case(recipe)
@@ -132,7 +132,7 @@ def test_column_parallel_hlo_moves_no_weight(recipe, backend, axis_type):
 def test_hlo_check_sees_a_weight_gather():
     """The check above is not vacuous: the host callback under Auto axes gathers the weight."""
     mesh = _mesh()
-    x, w_q = _case(qk.W8A8())
+    x, w_q = _case(qk.W8A8)
     w_sharded = _shard(w_q, P("d", None), mesh)
     with qk.use_backend("reference.callback"):
         hlo = jax.jit(lambda x, w: qk.dot_general(x, w, DIMS)).lower(jnp.asarray(x), w_sharded).compile().as_text()
@@ -143,7 +143,7 @@ def test_hlo_check_sees_a_weight_gather():
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
 def test_row_parallel_w8a8_all_reduces_int32_accumulators(axis_type):
     mesh = _mesh(axis_type)
-    x, w_q = _case(qk.W8A8())
+    x, w_q = _case(qk.W8A8)
     f = jax.jit(lambda x, w: qk.dot_general(x, w, DIMS))
     with qk.use_backend("pallas.interpret"):
         hlo = f.lower(jax.device_put(jnp.asarray(x), NamedSharding(mesh, P(None, "d"))),
@@ -158,7 +158,7 @@ def test_row_parallel_w8a8_all_reduces_int32_accumulators(axis_type):
 @pytest.mark.parametrize("backend", ["xla", "pallas.interpret"])
 def test_out_sharding_is_honoured(backend, axis_type):
     mesh = _mesh(axis_type)
-    x, w_q = _case(qk.W8A8())
+    x, w_q = _case(qk.W8A8)
     wanted = NamedSharding(mesh, P("d", None))  # row-parallel: the partial sums come out replicated
     f = jax.jit(lambda x, w: qk.dot_general(x, w, DIMS, out_sharding=wanted))
     with qk.use_backend(backend):
@@ -172,7 +172,7 @@ def test_einsum_out_sharding_follows_the_output_order():
     mesh = _mesh(AxisType.Explicit)
     x = jax.device_put(jnp.asarray(activations(np.random.default_rng(9), (8, 64))), NamedSharding(mesh, P("d", None)))
     w = jnp.asarray(weights(np.random.default_rng(10), (16, 64)))
-    op = qk.make_einsum(qk.W8A8())
+    op = qk.make_einsum(qk.W8A8)
     wanted = NamedSharding(mesh, P("d", None))  # over n, the kernel's free axis, while x is split over b
     out = jax.jit(lambda x, w: op("bk,nk->nb", x, w, out_sharding=wanted))(x, w)
     assert out.shape == (16, 8) and out.sharding.is_equivalent_to(wanted, 2)
@@ -181,7 +181,7 @@ def test_einsum_out_sharding_follows_the_output_order():
 
 def test_two_axis_mesh_data_and_row_parallel():
     mesh = _mesh(shape=(2, 4), names=("data", "model"))
-    x, w_q = _case(qk.W8A8())
+    x, w_q = _case(qk.W8A8)
     f = jax.jit(lambda x, w: qk.dot_general(x, w, DIMS))
     with qk.use_backend("pallas.interpret"):
         unsharded = f(jnp.asarray(x), w_q)
@@ -198,7 +198,7 @@ def test_batched_weight_sharded_over_batch(axis_type):
     mesh = _mesh(axis_type)
     rng = np.random.default_rng(3)
     x, w = jnp.asarray(activations(rng, (8, 16, 128))), jnp.asarray(weights(rng, (8, 128, 32)))
-    w_q = qk.quantize(w, qk.W8A8(), contracting_axes=(1,), batch_axes=(0,))
+    w_q = qk.quantize(w, qk.W8A8, contracting_axes=(1,), batch_axes=(0,))
     dims = (((2,), (1,)), ((0,), (0,)))
     f = jax.jit(lambda x, w: qk.dot_general(x, w, dims))
     put = lambda a: jax.device_put(a, NamedSharding(mesh, P("d")))  # noqa: E731
@@ -210,7 +210,7 @@ def test_batched_weight_sharded_over_batch(axis_type):
 
 def test_vmap_keeps_a_shared_weight_partitioned():
     mesh = _mesh()
-    x, w_q = _case(qk.W8A8())
+    x, w_q = _case(qk.W8A8)
     w_sharded = _shard(w_q, P("d", None), mesh)
     f = jax.jit(jax.vmap(lambda xi, w: qk.dot_general(xi, w, DIMS), in_axes=(0, None)))
     xs = jnp.asarray(x).reshape(4, 8, 256)
@@ -231,7 +231,7 @@ def test_vmap_keeps_a_shared_weight_partitioned():
 ])
 def test_inside_user_shard_map(backend, check_vma):
     mesh = _mesh()
-    x, w_q = _case(qk.W8A8())
+    x, w_q = _case(qk.W8A8)
 
     def local(x, w):
         return qk.dot_general(x, w, DIMS)
@@ -246,7 +246,7 @@ def test_inside_user_shard_map(backend, check_vma):
 
 def test_run_partitioned_row_parallel_with_bias_and_prequantized_lhs():
     mesh = _mesh(AxisType.Explicit)
-    recipe = qk.W8A8()
+    recipe = qk.W8A8
     x, w_q = _case(recipe)
     bias = jnp.asarray(np.random.default_rng(4).standard_normal(64, dtype=np.float32))
     lhs_ref = reference.quantize(x, recipe.lhs)
@@ -264,7 +264,7 @@ def test_run_partitioned_row_parallel_with_bias_and_prequantized_lhs():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("recipe", [pytest.param(qk.W8A8(), id="w8a8"), pytest.param(qk.W4A8(32), id="w4a8-g32")])
+@pytest.mark.parametrize("recipe", [pytest.param(qk.W8A8, id="w8a8"), pytest.param(qk.W4A8(32), id="w4a8-g32")])
 def test_accumulate_hook_gives_the_reference_int32_accumulators(recipe, backend):
     """`Implementation.accumulate`, what a row-parallel shard all-reduces, is exact on every backend."""
     x, w_q = _case(recipe)
@@ -283,18 +283,18 @@ def _problem(recipe, m=32, n=64, k=256, batch=None):
                             framework="jax", platform="cpu")
 
 
-def _impl(name="pallas.interpret", recipe=qk.W8A8()):
+def _impl(name="pallas.interpret", recipe=qk.W8A8):
     return dispatch.select(_problem(recipe), name)
 
 
 def test_choose_layout_settles_conflicts_weight_first():
-    layout = sharding.choose_layout(_impl(), _problem(qk.W8A8()), [("d",), ()], [("d",), ()], {"d": 8})
+    layout = sharding.choose_layout(_impl(), _problem(qk.W8A8), [("d",), ()], [("d",), ()], {"d": 8})
     assert (layout.m, layout.n, layout.k) == ((), ("d",), ())
     assert any("already split another dimension" in note for note in layout.notes)
 
 
 def test_choose_layout_replicates_what_does_not_divide():
-    layout = sharding.choose_layout(_impl(), _problem(qk.W8A8(), m=12), [("d",), ()], [(), ()], {"d": 8})
+    layout = sharding.choose_layout(_impl(), _problem(qk.W8A8, m=12), [("d",), ()], [(), ()], {"d": 8})
     assert layout == sharding.Layout(axis_sizes=(("d", 8),))
     assert any("m=12 is not divisible by 8" in note for note in layout.notes)
 
@@ -311,14 +311,14 @@ def test_choose_layout_keeps_groups_whole(k, reason):
 
 
 def test_choose_layout_adopts_a_one_sided_k_split():
-    layout = sharding.choose_layout(_impl(), _problem(qk.W8A8()), [(), ("d",)], [(), ()], {"d": 8})
+    layout = sharding.choose_layout(_impl(), _problem(qk.W8A8), [(), ("d",)], [(), ()], {"d": 8})
     assert layout.k == ("d",)
 
 
 def test_run_partitioned_refuses_non_canonical_operands():
-    x, w_q = _case(qk.W8A8())
+    x, w_q = _case(qk.W8A8)
     with pytest.raises(TypeError, match=r"lhs \(2, 16, 256\).*Flatten"):
-        sharding.run_partitioned(dispatch.Bound.of(_problem(qk.W8A8()), _impl()), jnp.asarray(x).reshape(2, 16, 256), w_q.operand())
+        sharding.run_partitioned(dispatch.Bound.of(_problem(qk.W8A8), _impl()), jnp.asarray(x).reshape(2, 16, 256), w_q.operand())
 
 
 @pytest.mark.slow
@@ -334,7 +334,7 @@ def test_pallas_tpu_kernels_partition_under_explicit_axes_for_a_v5e_mesh():
     devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
     mesh = jax.sharding.Mesh(np.array(devices), ("d",), axis_types=(AxisType.Explicit,))
     m, n, k = 64, 512, 1024
-    problem = dispatch.Problem(recipe=qk.W8A8(), m=m, n=n, k=k, act_dtype="bfloat16", out_dtype="bfloat16",
+    problem = dispatch.Problem(recipe=qk.W8A8, m=m, n=n, k=k, act_dtype="bfloat16", out_dtype="bfloat16",
                                framework="jax", platform="tpu:v5e")
     impl = dispatch.select(problem)
     assert impl.name == "pallas.tpu.w8a8"

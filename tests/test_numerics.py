@@ -148,10 +148,10 @@ def test_scale_uses_ieee_division() -> None:
 def test_overflow_bounds() -> None:
     assert numerics.max_exact_k(INT8, INT8) == 133_144
     assert 133_144 * 127 * 127 < 2**31 <= 133_145 * 127 * 127
-    assert qk.W8A8().max_k == 133_144 and qk.W4A16().max_k is None and qk.W4A8().max_k is None
-    qk.W8A8().check_k(133_144)
+    assert qk.W8A8.max_k == 133_144 and qk.W4A16().max_k is None and qk.W4A8().max_k is None
+    qk.W8A8.check_k(133_144)
     with pytest.raises(ValueError, match="K=133145 exceeds 133144"):
-        qk.W8A8().check_k(133_145)
+        qk.W8A8.check_k(133_145)
 
 
 def test_padding_recorded() -> None:
@@ -160,7 +160,7 @@ def test_padding_recorded() -> None:
     assert q.qvalue.shape == (2, 64) and q.scale.shape == (2, 2)  # K padded to 128, two codes per byte
 
 
-@pytest.mark.parametrize("recipe", [qk.W8A8(), qk.W8A16(), qk.W4A16(32), qk.W4A16(256, zero_point=True),
+@pytest.mark.parametrize("recipe", [qk.W8A8, qk.W8A16, qk.W4A16(32), qk.W4A16(256, zero_point=True),
                                     qk.W4A8(64), qk.W8A8(quantized_backward=True)], ids=lambda r: r.name)
 def test_recipe_names_round_trip(recipe) -> None:
     assert qk.parse_recipe(recipe.name) == recipe
@@ -168,9 +168,9 @@ def test_recipe_names_round_trip(recipe) -> None:
 
 
 def test_recipes_accept_class_instance_and_positional_group_size() -> None:
-    assert qk.resolve_recipe(qk.W8A8) == qk.W8A8()
+    assert qk.resolve_recipe(qk.W8A8) == qk.W8A8
     assert qk.W4A16(128) == qk.W4A16(group_size=128)
-    assert qk.resolve_recipe(None) == qk.W8A8()
+    assert qk.resolve_recipe(None) == qk.W8A8
 
 
 @pytest.mark.parametrize(("make", "message"), [

@@ -56,7 +56,7 @@ def test_quantize_kernel_bit_exact_on_cpu(rows, k, seed, zero_rows):
     if zero_rows:
         x[::2] = 0
     q, s, _ = ops.quantize_activations(jnp.asarray(x), ops.Target.INTERPRET)
-    ref = reference.quantize(x, W8A8().lhs)
+    ref = reference.quantize(x, W8A8.lhs)
     np.testing.assert_array_equal(np.asarray(q), ref.qvalue)
     np.testing.assert_array_equal(np.asarray(s), ref.scale)
 
@@ -84,7 +84,7 @@ def _small_m_configs():
     return sorted(seen, key=lambda fc: (fc[0].value, fc[1].block_n, fc[1].block_k))
 
 
-SMALL_M_RECIPES = {Family.W8A8: W8A8(), Family.W4A16: W4A16(128, zero_point=True), Family.W4A8: W4A8(64)}
+SMALL_M_RECIPES = {Family.W8A8: W8A8, Family.W4A16: W4A16(128, zero_point=True), Family.W4A8: W4A8(64)}
 
 
 @pytest.mark.parametrize("m", [1, 3, 16], ids=lambda m: f"M{m}")
@@ -116,20 +116,20 @@ def test_interpret_runs_the_decode_entry_for_small_m():
 
 
 def test_qmatmul_refuses_a_config_of_the_wrong_kind():
-    recipe = W8A8()
+    recipe = W8A8
     x, rq, _ = _data(1, 2, 8, 16, recipe)
     with pytest.raises(ValueError, match="take a TileConfig"):
         ops.qmatmul(jnp.asarray(x), _jax(rq), recipe, config=configs.gpu_config(Family.W8A8))
 
 
 def test_detect_races_small_case():
-    recipe = W8A8()
+    recipe = W8A8
     x, rq, _ = _data(5, 40, 130, 300, recipe)
     acc = ops.accumulators(jnp.asarray(x), _jax(rq), recipe, interpret=pltpu.InterpretParams(detect_races=True))
     np.testing.assert_array_equal(np.asarray(acc), reference.accumulators(x, rq, recipe))
 
 
-@pytest.mark.parametrize("recipe", [W8A8(), W4A8(32), W4A16(128, zero_point=True)], ids=lambda r: r.name)
+@pytest.mark.parametrize("recipe", [W8A8, W4A8(32), W4A16(128, zero_point=True)], ids=lambda r: r.name)
 def test_gpu_kernels_interpreted(recipe):
     """The Triton-lowering variants, run by the Pallas interpreter."""
     x, rq, bias = _data(2, 17, 150, 300, recipe)
@@ -157,7 +157,7 @@ def _problem(recipe, platform, **kw):
                             framework="jax", platform=platform, **kw)
 
 
-@pytest.mark.parametrize("recipe", [W8A8(), W4A8(128), W4A16(128)], ids=lambda r: r.name)
+@pytest.mark.parametrize("recipe", [W8A8, W4A8(128), W4A16(128)], ids=lambda r: r.name)
 def test_dispatch_registration(recipe):
     family = ops.family_of(recipe).value
     assert dispatch.select(_problem(recipe, "tpu:v5e")).name == f"pallas.tpu.{family}"
@@ -170,10 +170,10 @@ def test_dispatch_registration(recipe):
 
 
 def test_tpu_v4_refused_for_int8_mxu():
-    for recipe in (W8A8(), W4A8(32)):
+    for recipe in (W8A8, W4A8(32)):
         reasons = {v.implementation.name: v.reason for v in dispatch.candidates(_problem(recipe, "tpu:v4"))}
         assert "Mosaic rejects int8 matmul on TPU v4" in reasons[f"pallas.tpu.{recipe.tag}"]
-    w8a16 = {v.implementation.name: v.reason for v in dispatch.candidates(_problem(W8A16(), "tpu:v5e"))}
+    w8a16 = {v.implementation.name: v.reason for v in dispatch.candidates(_problem(W8A16, "tpu:v5e"))}
     assert w8a16["pallas.tpu.w8a8"] == "serves recipes w8a8, not w8a16"
     assert all(r is not None for name, r in w8a16.items() if name.startswith("pallas"))
 

@@ -19,7 +19,7 @@ from qkernels.kernels.pallas.configs import Family, TileConfig
 
 def problem(recipe=None, m: int = 1, n: int = 8192, k: int = 8192, arch: str = "v5e", act: str = "bfloat16",
             **kw) -> dispatch.Problem:
-    return dispatch.Problem(recipe=recipe or W8A8(), m=m, n=n, k=k, act_dtype=act, out_dtype=act, framework="jax",
+    return dispatch.Problem(recipe=recipe or W8A8, m=m, n=n, k=k, act_dtype=act, out_dtype=act, framework="jax",
                             platform=f"tpu:{arch}", device=f"tpu-{arch}", **kw)
 
 
@@ -31,12 +31,12 @@ def test_registered_for_the_tune_cli():
 def test_serves_tpu_generations_only():
     assert tunable.serves(problem()) is None
     assert "runs on TPU, not cuda:sm_90" in tunable.serves(
-        dispatch.Problem(recipe=W8A8(), m=1, n=64, k=64, act_dtype="bfloat16", out_dtype="bfloat16",
+        dispatch.Problem(recipe=W8A8, m=1, n=64, k=64, act_dtype="bfloat16", out_dtype="bfloat16",
                          framework="jax", platform="cuda:sm_90"))
     assert "no Pallas config for TPU v7x" in tunable.serves(problem(arch="v7x"))
 
 
-@pytest.mark.parametrize("recipe", [W8A8(), W4A16(128), W4A8(128)], ids=lambda r: r.name)
+@pytest.mark.parametrize("recipe", [W8A8, W4A16(128), W4A8(128)], ids=lambda r: r.name)
 @pytest.mark.parametrize("m", [1, 3, 16])
 def test_heuristic_picks_the_decode_entry_for_small_m(recipe, m, dirs):
     family = ops.family_of(recipe)
@@ -49,14 +49,14 @@ def test_heuristic_picks_the_decode_entry_for_small_m(recipe, m, dirs):
 
 @pytest.mark.parametrize("arch", configs.TPU_GENERATIONS)
 def test_heuristic_takes_the_any_m_entry_above_small_m(arch):
-    for family, recipe in ((Family.W8A8, W8A8()), (Family.W4A16, W4A16(32, zero_point=True))):
+    for family, recipe in ((Family.W8A8, W8A8), (Family.W4A16, W4A16(32, zero_point=True))):
         config, _ = tunable.heuristic(problem(recipe, m=configs.SMALL_M + 1, arch=arch, act="float32"))
         assert config.max_m is None and config == configs.tpu_configs(arch, family)[-1]
 
 
 def test_check_accepts_every_table_entry_for_the_m_it_serves():
     for arch in configs.TPU_GENERATIONS:
-        for recipe in (W8A8(), W4A16(32, zero_point=True), W4A16(256), W4A8(32)):
+        for recipe in (W8A8, W4A16(32, zero_point=True), W4A16(256), W4A8(32)):
             for config in configs.tpu_configs(arch, ops.family_of(recipe)):
                 m = config.max_m or 4096
                 assert tunable.check(config, problem(recipe, m=m, arch=arch, act="float32")) is None
@@ -99,7 +99,7 @@ def test_heuristic_skips_an_entry_over_vmem_and_shrinks_when_none_fits(monkeypat
     assert config.block_m == 512 and config.block_n < 4096
 
 
-@pytest.mark.parametrize("recipe", [W8A8(), W4A16(64, zero_point=True), W4A8(32)], ids=lambda r: r.name)
+@pytest.mark.parametrize("recipe", [W8A8, W4A16(64, zero_point=True), W4A8(32)], ids=lambda r: r.name)
 def test_candidates_valid_distinct_and_led_by_the_table(recipe):
     prob = problem(recipe, m=8, n=8192, k=4096)
     cands = tunable.candidates(prob)
@@ -132,7 +132,7 @@ def test_tuned_table_round_trip_and_bad_entries(dirs):
 
 
 def test_explain_shows_the_config_line(dirs):
-    text = str(dispatch.explain(problem(W8A8(), m=1)))
+    text = str(dispatch.explain(problem(W8A8, m=1)))
     assert "chosen: pallas.tpu.w8a8" in text
     assert "config: bm32-bn2048-bk2048-M<=16 (heuristic: TPU v5e w8a8 table entry for M=1)" in text
     text = str(dispatch.explain(problem(W4A8(128), m=64, arch="v6e")))
@@ -153,7 +153,7 @@ def test_tpu_run_uses_the_chosen_config(dirs, monkeypatch):
     assert seen["config"] == tuned and seen["target"] is ops.Target.TPU_V5E
 
 
-@pytest.mark.parametrize("recipe", [W8A8(), W4A16(32, zero_point=True), W4A8(64)], ids=lambda r: r.name)
+@pytest.mark.parametrize("recipe", [W8A8, W4A16(32, zero_point=True), W4A8(64)], ids=lambda r: r.name)
 def test_measure_operands_run_the_kernels(recipe):
     """`measure`'s operands have the shapes the kernels take (run here interpreted: no TPU)."""
     prob = problem(recipe, m=3, n=200, k=300, arch="v5e", act="float32", has_bias=True)

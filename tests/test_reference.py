@@ -12,7 +12,7 @@ from qkernels import numerics, reference, testing
 from qkernels.formats import Accumulation
 from qkernels.reference import np_dtype
 
-RECIPES = [qk.W8A8(), qk.W8A16(), *(qk.W4A16(g) for g in (32, 64, 128, 256)), qk.W4A16(64, zero_point=True),
+RECIPES = [qk.W8A8, qk.W8A16, *(qk.W4A16(g) for g in (32, 64, 128, 256)), qk.W4A16(64, zero_point=True),
            *(qk.W4A8(g) for g in (32, 128, 256))]
 RECIPE_PARAMS = [pytest.param(r, id=r.name) for r in RECIPES]
 
@@ -87,7 +87,7 @@ def test_w8a8_rescale_order_is_lhs_then_rhs_then_bias() -> None:
     rng = np.random.default_rng(0)
     x, w = testing.activations(rng, (5, 64)), testing.weights(rng, (7, 64))
     bias = rng.standard_normal(7).astype(np.float32)
-    recipe = qk.W8A8()
+    recipe = qk.W8A8
     xq, wq = reference.quantize(x, recipe.lhs), reference.quantize(w, recipe.rhs)
     acc = reference.accumulators(x, wq, recipe).astype(np.float32)
     expected = ((acc * xq.scale[:, None]) * wq.scale[None, :]) + bias
@@ -100,23 +100,23 @@ def test_w8a8_rescale_order_is_lhs_then_rhs_then_bias() -> None:
 def test_prequantized_lhs_matches_dynamic() -> None:
     rng = np.random.default_rng(1)
     x, w = testing.activations(rng, (4, 96)), testing.weights(rng, (6, 96))
-    for recipe in (qk.W8A8(), qk.W4A8(32)):
+    for recipe in (qk.W8A8, qk.W4A8(32)):
         wq = reference.quantize(w, recipe.rhs)
         xq = reference.quantize(x, recipe.lhs)
         np.testing.assert_array_equal(reference.qmatmul(xq, wq, recipe), reference.qmatmul(x, wq, recipe))
 
 
 def test_overflow_prone_k_is_refused() -> None:
-    k = qk.W8A8().max_k + 1
+    k = qk.W8A8.max_k + 1
     x = np.ones((1, k), np.float32)
-    wq = reference.quantize(np.ones((1, k), np.float32), qk.W8A8().rhs)
+    wq = reference.quantize(np.ones((1, k), np.float32), qk.W8A8.rhs)
     with pytest.raises(ValueError, match=f"K={k} exceeds"):
-        reference.qmatmul(x, wq, qk.W8A8())
+        reference.qmatmul(x, wq, qk.W8A8)
 
 
 def test_accumulator_at_the_bound_is_exact() -> None:
-    k = qk.W8A8().max_k
+    k = qk.W8A8.max_k
     x = np.full((1, k), 3.0, np.float32)
-    wq = reference.quantize(np.full((1, k), -2.0, np.float32), qk.W8A8().rhs)
-    acc = reference.accumulators(x, wq, qk.W8A8())
+    wq = reference.quantize(np.full((1, k), -2.0, np.float32), qk.W8A8.rhs)
+    acc = reference.accumulators(x, wq, qk.W8A8)
     assert acc[0, 0] == -k * 127 * 127 and abs(acc[0, 0]) < numerics.INT32_LIMIT

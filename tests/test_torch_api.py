@@ -13,8 +13,8 @@ from qkernels import testing
 from torch_bindings import LINEAR
 
 RECIPES = [
-    pytest.param(qk.W8A8(), id="w8a8"),
-    pytest.param(qk.W8A16(), id="w8a16"),
+    pytest.param(qk.W8A8, id="w8a8"),
+    pytest.param(qk.W8A16, id="w8a16"),
     pytest.param(qk.W4A16(32), id="w4a16-g32"),
     pytest.param(qk.W4A16(32, zero_point=True), id="w4a16-g32-zp"),
     pytest.param(qk.W4A8(32), id="w4a8-g32"),
@@ -41,7 +41,7 @@ def test_opcheck(recipe, with_bias):
     torch.library.opcheck(LINEAR, (x, wq.qvalue, wq.scale, wq.zero_point, bias, recipe.name))
 
 
-@pytest.mark.parametrize("recipe", [pytest.param(qk.W8A8(), id="w8a8"), pytest.param(qk.W4A16(32), id="w4a16-g32")])
+@pytest.mark.parametrize("recipe", [pytest.param(qk.W8A8, id="w8a8"), pytest.param(qk.W4A16(32), id="w4a16-g32")])
 def test_compile_fullgraph_matches_eager(recipe):
     model = qk.quantize_(_mlp(), recipe)
     x = _x((2, 3, 100))
@@ -88,7 +88,7 @@ def test_input_grad_is_straight_through(recipe):
 def test_frozen_base_with_adapter_trains():
     """An adapter beside a frozen quantized base: the adapter gets its float gradient, the input the
     straight-through one, `grad_y @ dequantize(W) + grad_y @ A`, and the quantized weight none."""
-    model = qk.quantize_(nn.Sequential(nn.Linear(64, 32, bias=False)), qk.W8A8())
+    model = qk.quantize_(nn.Sequential(nn.Linear(64, 32, bias=False)), qk.W8A8)
     adapter = nn.Linear(64, 32, bias=False)
     nn.init.normal_(adapter.weight, std=0.02)
     x = _x((4, 64)).requires_grad_(True)
@@ -110,7 +110,7 @@ def test_qtensor_save_load_roundtrip(tmp_path):
     assert wq.to("cpu").device.type == "cpu"
 
 
-@pytest.mark.parametrize("recipe", [pytest.param(qk.W8A8(), id="w8a8"),
+@pytest.mark.parametrize("recipe", [pytest.param(qk.W8A8, id="w8a8"),
                                     pytest.param(qk.W4A16(32, zero_point=True), id="w4a16-g32-zp")])
 def test_qlinear_state_dict_roundtrips_through_safetensors_and_torch_save(recipe, tmp_path):
     model = qk.quantize_(_mlp(0), recipe)
@@ -127,11 +127,11 @@ def test_qlinear_state_dict_roundtrips_through_safetensors_and_torch_save(recipe
 def test_float_weight_is_quantized_per_call_with_w8a8():
     w = torch.randn(9, 33) * 0.02
     x = _x((4, 33))
-    assert torch.equal(qk.linear(x, w), qk.linear(x, qk.quantize(w, qk.W8A8())))
+    assert torch.equal(qk.linear(x, w), qk.linear(x, qk.quantize(w, qk.W8A8)))
 
 
 def test_explain_names_the_choice_and_use_backend_changes_it():
-    wq = qk.quantize(torch.randn(8, 16), qk.W8A16())
+    wq = qk.quantize(torch.randn(8, 16), qk.W8A16)
     x = _x((2, 16))
     assert qk.explain(x, wq).chosen.name == "torch-cpu"
     with qk.use_backend("reference"):
@@ -139,7 +139,7 @@ def test_explain_names_the_choice_and_use_backend_changes_it():
 
 
 def test_bad_inputs_raise_clear_errors():
-    wq = qk.quantize(torch.randn(8, 16), qk.W8A8())
+    wq = qk.quantize(torch.randn(8, 16), qk.W8A8)
     x = _x((2, 16))
     with pytest.raises(TypeError, match="dtype torch.int32"):
         qk.linear(torch.ones(2, 16, dtype=torch.int32), wq)

@@ -68,7 +68,7 @@ splits = st.integers(1, 8)
 def test_w8a8_decode_variants_exact(shape, kernel: Kernel, split: int, has_bias: bool, out: str, seed: int) -> None:
     batch, m, n, k = shape
     x, w, bias = data(seed, batch, m, n, k)
-    recipe = formats.W8A8()
+    recipe = formats.W8A8
     wq = reference.quantize(w, recipe.rhs)
     q, s = quantize_rows(t(x))
     cfg = variant(kernel, split, m)
@@ -85,7 +85,7 @@ def test_w8a8_decode_variants_exact(shape, kernel: Kernel, split: int, has_bias:
 @pytest.mark.parametrize("kernel", list(Kernel), ids=lambda k: k.value)
 def test_w8a8_every_split_count_is_bit_identical(kernel: Kernel, split: int) -> None:
     x, w, bias = data(split, None, 5, 45, 289)  # 10 K tiles of 32: splits of 1..8 tiles, some uneven
-    wq = reference.quantize(w, formats.W8A8().rhs)
+    wq = reference.quantize(w, formats.W8A8.rhs)
     q, s = quantize_rows(t(x))
     run = lambda cfg: w8a8_matmul(q, s, t(wq.qvalue), t(wq.scale), t(bias), out_dtype="float32", config=cfg)
     assert torch.equal(run(variant(kernel, split, 5)), run(TILE))
@@ -106,7 +106,7 @@ def _run_weight_only(recipe, xt, wq, b, out: str, cfg: MatmulConfig | None) -> t
     return w8a16_matmul(xt, t(wq.qvalue), t(wq.scale), t(b), out_dtype=out, config=cfg)
 
 
-weight_only = st.sampled_from([formats.W8A16(), formats.W4A16(32), formats.W4A16(64, zero_point=True),
+weight_only = st.sampled_from([formats.W8A16, formats.W4A16(32), formats.W4A16(64, zero_point=True),
                                formats.W4A16(128), formats.W4A16(256, zero_point=True)])
 
 
@@ -127,7 +127,7 @@ def test_weight_only_decode_variants_close(shape, recipe, kernel: Kernel, split:
 
 
 @pytest.mark.parametrize("split", range(1, 9))
-@pytest.mark.parametrize("recipe", [formats.W8A16(), formats.W4A16(32, zero_point=True)], ids=lambda r: r.name)
+@pytest.mark.parametrize("recipe", [formats.W8A16, formats.W4A16(32, zero_point=True)], ids=lambda r: r.name)
 def test_weight_only_split_counts_agree_with_the_tile_kernel(recipe, split: int) -> None:
     """Same dequantized bf16 weights, same f32 products: only the f32 summation order differs."""
     x, w, bias = data(split, None, 3, 40, 300)
@@ -216,7 +216,7 @@ def test_explain_shows_the_decode_config_and_its_source() -> None:
     assert "chosen: triton.w4a16" in text.splitlines() and "-> triton.w4a16" in text
     line = next(ln for ln in text.splitlines() if ln.startswith("config:"))
     assert "gemv-m1n" in line and "heuristic: M=1 <= 4: GEMV" in line and "132 SMs" in line
-    line = next(ln for ln in str(dispatch.explain(_gpu_problem(formats.W8A16(), 16))).splitlines()
+    line = next(ln for ln in str(dispatch.explain(_gpu_problem(formats.W8A16, 16))).splitlines()
                 if ln.startswith("config:"))
     assert "-sk" in line and "split-K" in line
 
@@ -231,17 +231,17 @@ def _problem_here(recipe, m: int, n: int, k: int) -> dispatch.Problem:
 
 def test_tune_cli_writes_the_cache_dispatch_reads(dirs: tuple[Path, Path], capsys) -> None:
     assert tune.main(["--recipes", "w8a8,w4a16-g32", "--shapes", "2x40x96", "--max-configs", "3"]) == 0
-    problem = _problem_here(formats.W8A8(), 2, 40, 96)
+    problem = _problem_here(formats.W8A8, 2, 40, 96)
     table = json.loads((dirs[1] / "tuned" / f"triton-{problem.device}.json").read_text())
     assert table["format"] == tuning.TABLE_FORMAT and len(table["entries"]) == 2
     choice = tuning.choose(problem, "triton")
     assert choice.source == f"user cache triton-{problem.device}.json: w8a8 M<=2 N=40 K=96"
     # The tuned config runs the call, with the reference's exact result.
     x, w, _ = data(1, None, 2, 40, 96)
-    wq = reference.quantize(w, formats.W8A8().rhs)
+    wq = reference.quantize(w, formats.W8A8.rhs)
     q, s = quantize_rows(t(x))
     acc = w8a8_matmul(q, s, t(wq.qvalue), t(wq.scale), return_acc=True, config=choice.config)
-    np.testing.assert_array_equal(npy(acc), reference.accumulators(x, wq, formats.W8A8()))
+    np.testing.assert_array_equal(npy(acc), reference.accumulators(x, wq, formats.W8A8))
     assert "best" in capsys.readouterr().out
 
 
@@ -259,7 +259,7 @@ def test_tune_list_for_a_named_gpu_without_one(capsys) -> None:
 def test_tune_ship_writes_the_package_table(dirs: tuple[Path, Path], tmp_path: Path) -> None:
     shipped, cache = dirs
     assert tune.main(["--recipes", "w8a16", "--shapes", "1x24x64", "--max-configs", "2", "--ship"]) == 0
-    problem = _problem_here(formats.W8A16(), 1, 24, 64)
+    problem = _problem_here(formats.W8A16, 1, 24, 64)
     assert (shipped / f"triton-{problem.device}.json").is_file()
     assert not (cache / "tuned").exists()
     tuning.reload()

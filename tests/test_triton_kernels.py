@@ -60,7 +60,7 @@ def test_quantize_rows_bit_exact(rows: int, k: int, dtype: str, seed: int) -> No
     x[0] = 0  # amax 0 -> scale 1
     if k >= 3:  # exact ties x/scale = +-0.5, 1.5 with scale 1 (amax 127)
         x[-1, :3] = torch.tensor([127.0, 0.5, -1.5])
-    ref = reference.quantize(f32(x), formats.W8A8().lhs)
+    ref = reference.quantize(f32(x), formats.W8A8.lhs)
     q, s = quantize_rows(x)
     np.testing.assert_array_equal(q.cpu().numpy(), ref.qvalue)
     np.testing.assert_array_equal(f32(s), ref.scale)
@@ -69,7 +69,7 @@ def test_quantize_rows_bit_exact(rows: int, k: int, dtype: str, seed: int) -> No
 def test_quantize_rows_strided_batched_input() -> None:
     rng = np.random.default_rng(1)
     x = t(testing.activations(rng, (3, 50, 41))).transpose(0, 1)  # (50, 3, 41), not contiguous
-    ref = reference.quantize(f32(x), formats.W8A8().lhs)
+    ref = reference.quantize(f32(x), formats.W8A8.lhs)
     q, s = quantize_rows(x)
     np.testing.assert_array_equal(q.cpu().numpy(), ref.qvalue)
     np.testing.assert_array_equal(f32(s), ref.scale)
@@ -92,7 +92,7 @@ def test_raw_accumulators_exact(shape, group: int | None, seed: int) -> None:
     """`return_acc=True`: W8A8's int32 accumulator, W4A8's per group, identical to the reference's."""
     batch, m, n, k, w3 = shape
     x, w, _ = problem_data(seed, batch, m, n, k, w3 and batch is not None)
-    recipe = formats.W8A8() if group is None else formats.W4A8(group)
+    recipe = formats.W8A8 if group is None else formats.W4A8(group)
     wq = reference.quantize(w, recipe.rhs)
     q, s = quantize_rows(t(x))
     if group is None:
@@ -103,7 +103,7 @@ def test_raw_accumulators_exact(shape, group: int | None, seed: int) -> None:
     np.testing.assert_array_equal(acc.cpu().numpy(), reference.accumulators(x, wq, recipe))
 
 
-@pytest.mark.parametrize("recipe", [pytest.param(formats.W8A8(), id="w8a8"),
+@pytest.mark.parametrize("recipe", [pytest.param(formats.W8A8, id="w8a8"),
                                     pytest.param(formats.W4A8(64), id="w4a8-g64")])
 def test_configs_never_change_numerics(recipe) -> None:
     x, w, bias = problem_data(7, None, 45, 70, 259, False)
@@ -122,7 +122,7 @@ def test_configs_never_change_numerics(recipe) -> None:
 def test_strided_weights_are_read_in_place() -> None:
     """A weight that is a transposed view (K not contiguous) is read through its strides."""
     x, w, bias = problem_data(3, None, 9, 33, 100, False)
-    recipe = formats.W8A8()
+    recipe = formats.W8A8
     wq = reference.quantize(w, recipe.rhs)
     w_view = t(wq.qvalue.T).t()  # (N, K) with strides (1, N)
     assert not w_view.is_contiguous()
@@ -157,10 +157,10 @@ def make_problem(recipe, *, m, n, k, act="float32", out="float32", platform=None
 
 
 @pytest.mark.parametrize("recipe,name", [
-    pytest.param(formats.W8A8(), "w8a8", id="w8a8"), pytest.param(formats.W4A8(128), "w4a8", id="w4a8"),
+    pytest.param(formats.W8A8, "w8a8", id="w8a8"), pytest.param(formats.W4A8(128), "w4a8", id="w4a8"),
     pytest.param(formats.W4A16(128), "w4a16", id="w4a16"),
     pytest.param(formats.W4A16(64, zero_point=True), "w4a16", id="w4a16-zp"),
-    pytest.param(formats.W8A16(), "w8a16", id="w8a16")])
+    pytest.param(formats.W8A16, "w8a16", id="w8a16")])
 def test_dispatch_selects_family_honestly(recipe, name: str) -> None:
     gpu = make_problem(recipe, m=16, n=4096, k=4096, act="bfloat16", out="bfloat16", platform="cuda:sm_90")
     assert dispatch.select(gpu).name == f"triton.{name}"
@@ -181,6 +181,6 @@ def test_dispatch_refuses_float32_activations_for_weight_only() -> None:
 
 
 def test_dispatch_selects_the_quantize_kernel() -> None:
-    problem = make_problem(formats.W8A8(), m=5, n=0, k=40, out="int8", op=dispatch.Op.QUANTIZE)
+    problem = make_problem(formats.W8A8, m=5, n=0, k=40, out="int8", op=dispatch.Op.QUANTIZE)
     q_impl = dispatch.select(problem, backend="triton")
     assert q_impl.name == f"{PREFIX}quantize" and q_impl.priority == (-10 if INTERPRET else 100)

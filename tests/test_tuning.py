@@ -46,7 +46,7 @@ dispatch.register(dispatch.Implementation(
 
 
 def problem(m: int = 3, n: int = 64, k: int = 256, device: str = "h100", recipe: Any = None) -> dispatch.Problem:
-    return dispatch.Problem(recipe=recipe or W8A8(), m=m, n=n, k=k, act_dtype="bfloat16", out_dtype="bfloat16",
+    return dispatch.Problem(recipe=recipe or W8A8, m=m, n=n, k=k, act_dtype="bfloat16", out_dtype="bfloat16",
                             framework=FRAMEWORK, platform="cuda:sm_90", device=device)
 
 

@@ -61,7 +61,7 @@ class _Variant:
 
     def recipe(self, family: Family) -> Recipe:
         if family is Family.W8A8:
-            return W8A8()
+            return W8A8
         if family is Family.W4A16:
             return W4A16(self.group, zero_point=self.zero_point)
         return W4A8(self.group)
