@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import numbers
 import re
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar, NamedTuple
@@ -43,6 +44,18 @@ class Calibration(enum.Enum):
     MINMAX = "minmax"  # asymmetric: scale = (max - min) / qmax, integer zero point (unsigned types)
 
 
+def _integer(value: Any, name: str, example: str) -> int:
+    """`value` as an int: integers (NumPy's too) pass; floats, bools and strings are refused."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name}={value!r} ({type(value).__name__}) must be an integer, e.g. {name}={example}")
+    return int(value)
+
+
+def _flag(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} ({type(value).__name__}) must be True or False")
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class OperandFormat:
     """How one quantized operand is stored: `x ≈ (qvalue - zero_point) * scale` per block.
@@ -61,6 +74,9 @@ class OperandFormat:
     calibration: Calibration | None = None  # None: MINMAX with a zero point, else ABSMAX
 
     def __post_init__(self) -> None:
+        if self.group_size is not None:
+            object.__setattr__(self, "group_size", _integer(self.group_size, "group_size", "128"))
+        _flag(self.zero_point, "zero_point")
         grouped = self.granularity is Granularity.GROUP
         if grouped and self.group_size not in GROUP_SIZES:
             raise ValueError(
@@ -361,7 +377,8 @@ class Recipe:
     _hash: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"[a-z][a-z0-9]*", self.tag):
+        _flag(self.quantized_backward, "quantized_backward")
+        if not isinstance(self.tag, str) or not re.fullmatch(r"[a-z][a-z0-9]*", self.tag):
             raise ValueError(f"recipe tag {self.tag!r} must be lower-case letters and digits, e.g. 'w6a16'")
         if self.accumulation is None:
             object.__setattr__(self, "accumulation", _derive_accumulation(self.lhs, self.rhs))
@@ -472,6 +489,8 @@ class W4A16(Recipe):
     rhs: OperandFormat = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "group_size", _integer(self.group_size, "group_size", "128"))
+        _flag(self.zero_point, "zero_point")
         object.__setattr__(self, "rhs", OperandFormat(
             qtype=UINT4 if self.zero_point else INT4, granularity=Granularity.GROUP, group_size=self.group_size,
             zero_point=self.zero_point))
@@ -488,6 +507,7 @@ class W4A8(Recipe):
     rhs: OperandFormat = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "group_size", _integer(self.group_size, "group_size", "128"))
         object.__setattr__(self, "rhs", OperandFormat(qtype=INT4, granularity=Granularity.GROUP,
                                                       group_size=self.group_size))
         Recipe.__post_init__(self)

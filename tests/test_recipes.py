@@ -122,3 +122,21 @@ def test_the_custom_op_holds_hand_made_operands_to_the_format():
     with pytest.raises(ValueError, match="scale is .*float64"):
         LINEAR(x, w.qvalue, w.scale.double(), None, None, "w4a16-g32")
     torch.testing.assert_close(LINEAR(x, w.qvalue, w.scale, None, None, "w4a16-g32"), qk.linear(x, w))
+
+
+@pytest.mark.parametrize("make, message", [
+    pytest.param(lambda: qk.W4A16(128.0), r"group_size=128.0 \(float\) must be an integer", id="float-group"),
+    pytest.param(lambda: qk.W4A8("64"), r"group_size='64' \(str\) must be an integer", id="str-group"),
+    pytest.param(lambda: qk.W4A16(128, zero_point=1), r"zero_point=1 \(int\) must be True or False", id="int-flag"),
+    pytest.param(lambda: qk.W8A8(quantized_backward="yes"), "quantized_backward='yes'", id="str-flag"),
+    pytest.param(lambda: qk.OperandFormat(qtype=qk.int_type(4), granularity=qk.Granularity.GROUP, group_size=32.5),
+                 "must be an integer", id="format-group"),
+])
+def test_wrong_types_are_refused_at_construction(make, message):
+    with pytest.raises(TypeError, match=message):
+        make()
+
+
+def test_integer_like_group_sizes_are_normalized():
+    r = qk.W4A16(np.int64(64))
+    assert type(r.group_size) is int and r == qk.W4A16(64) and hash(r) == hash(qk.W4A16(64)) and r.name == "w4a16-g64"
