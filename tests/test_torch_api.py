@@ -168,3 +168,38 @@ def test_bad_inputs_raise_clear_errors():
         qk.linear(x, trainable)
     with pytest.raises(RuntimeError, match="quantized per call"):
         qk.linear(x, torch.randn(8, 16, requires_grad=True))
+
+
+def test_checkpoint_of_another_shape_or_recipe_is_refused_before_anything_is_overwritten():
+    """Packed shapes coincide (in_features 100 and 128 both store 64 bytes per row at int4 g32; W4A16 and
+    W4A8 store the same tensors): the layer's identity in the state dict tells them apart."""
+    src = qk.quantize_(nn.Sequential(nn.Linear(100, 8)), qk.W4A16(32))
+    for target in (qk.quantize_(nn.Sequential(nn.Linear(128, 8)), qk.W4A16(32)),
+                   qk.quantize_(nn.Sequential(nn.Linear(100, 8)), qk.W4A8(32))):
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        assert before["0.qvalue"].shape == src.state_dict()["0.qvalue"].shape
+        with pytest.raises(ValueError, match=r"checkpoint holds a QLinear with recipe 'w4a16-g32' and \(out, in\) "
+                                             r"shape \[8, 100\], but this layer is"):
+            target.load_state_dict(src.state_dict())
+        for k, v in target.state_dict().items():
+            assert torch.equal(v, before[k]), k
+
+
+def test_quantized_model_built_on_meta_loads_a_quantized_checkpoint():
+    src = qk.quantize_(_mlp(), qk.W4A16(32))
+    with torch.device("meta"):
+        model = _mlp()
+    qk.quantize_(model, qk.W4A16(32))
+    assert model[0].qvalue.is_meta
+    model.load_state_dict(src.state_dict(), assign=True)
+    x = _x((4, 100))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="meta device and has no values to quantize"):
+        qk.quantize(torch.empty(8, 16, device="meta"), qk.W8A8)
+
+
+def test_torch_func_transforms_are_refused_clearly():
+    w = qk.quantize(torch.randn(8, 16), qk.W8A8)
+    with pytest.raises(NotImplementedError, match="torch.func transforms"):
+        torch.func.grad(lambda x: qk.linear(x, w).sum())(torch.randn(2, 16))

@@ -63,6 +63,11 @@ def linear(input: torch.Tensor, weight: torch.Tensor | QTensor, bias: torch.Tens
     distinct shape, dtype, recipe and device.
     Gradients flow to input (straight-through the dequantized weight) and bias, never to the weight.
     """
+    if not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(input):
+        raise NotImplementedError(
+            "qkernels.linear does not run under torch.func transforms (grad, vmap, jacrev, ...): its custom op's "
+            "autograd formula (torch.library.register_autograd, torch 2.13) has no functorch rule; differentiate "
+            "with loss.backward() / torch.autograd.grad instead")
     x, w = _prepare(input, weight, bias)
     y = LINEAR(x, w.qvalue, w.scale, w.zero_point, bias, w.recipe.name)
     return y.reshape(*input.shape[:-1], w.out_features)

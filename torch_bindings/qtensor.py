@@ -158,6 +158,10 @@ def quantize(w: torch.Tensor, recipe: Any = None, *, name: str = "weight") -> QT
         raise ValueError(f"{name} has shape {tuple(w.shape)}; quantize takes an (out_features, in_features) "
                          f"weight (reshape it to 2-D first)")
     w = w.detach()
+    if w.is_meta:
+        raise ValueError(f"{name} is on the meta device and has no values to quantize; load the float weights "
+                         f"first (model.to_empty(device=...) + load_state_dict), or build the quantized model on "
+                         f"meta with qkernels.quantize_ and load a quantized checkpoint with assign=True")
     numerics.check_finite(w, name, TORCH_OPS)
     q = recipe.rhs.quantize(w, TORCH_OPS)
     return QTensor(qvalue=q.qvalue.contiguous(), scale=q.scale.contiguous(),
