@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -135,21 +136,49 @@ def quantize(w: Any, recipe: Any = None, *, contracting_axes: Sequence[int] | in
     return dataclasses.replace(skeleton, qvalue=op.qvalue, scale=op.scale, zero_point=op.zero_point)
 
 
+_STATE_FORMAT = "qkernels.QArray/1"
+
+
+def _identity(q: QArray) -> dict[str, Any]:
+    return {"format": _STATE_FORMAT, "recipe": q.recipe.name, "shape": list(q.shape),
+            "contracting_axes": list(q.contracting_axes), "batch_axes": list(q.batch_axes)}
+
+
 def _to_state_dict(q: QArray) -> dict[str, Any]:
-    out = {"qvalue": q.qvalue, "scale": q.scale}
+    """The leaves, and the array's identity as `meta` (uint8 JSON: an array, so any checkpointer holds it):
+    packed shapes alone cannot tell a 100-wide int4 weight from a 128-wide one, nor W4A16 from W4A8."""
+    out = {"qvalue": q.qvalue, "scale": q.scale,
+           "meta": np.frombuffer(json.dumps(_identity(q), sort_keys=True).encode(), np.uint8)}
     if q.zero_point is not None:
         out["zero_point"] = q.zero_point
     return out
 
 
 def _from_state_dict(target: QArray, state: dict[str, Any]) -> QArray:
-    """Restore the leaves into `target`'s static layout (recipe, shape, axes come from the target)."""
+    """Restore the leaves into `target`'s static layout, refusing a state of another recipe, logical
+    shape or axes, or with leaves of other shapes or dtypes (it would fail later, misleadingly)."""
     expected = set(_to_state_dict(target))
     if set(state) != expected:
         raise ValueError(f"QArray state has fields {sorted(state)}, expected {sorted(expected)} for "
                          f"{target.recipe.name}; restore into a target quantized with the same recipe")
-    return dataclasses.replace(target, qvalue=jnp.asarray(state["qvalue"]), scale=jnp.asarray(state["scale"]),
-                               zero_point=jnp.asarray(state["zero_point"]) if "zero_point" in state else None)
+    try:
+        saved = json.loads(bytes(np.asarray(state["meta"], np.uint8)).decode())
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"QArray state's meta is not qkernels metadata ({e})") from None
+    if saved != _identity(target):
+        raise ValueError(f"checkpoint holds a QArray {saved.get('recipe')!r} of shape {saved.get('shape')} "
+                         f"(contracting {saved.get('contracting_axes')}, batch {saved.get('batch_axes')}) but the "
+                         f"target is {target.recipe.name!r} of shape {list(target.shape)} (contracting "
+                         f"{list(target.contracting_axes)}, batch {list(target.batch_axes)}); build the target "
+                         f"with the checkpoint's recipe and shapes")
+    leaves = {k: jnp.asarray(v) for k, v in state.items() if k != "meta"}
+    for name, leaf in leaves.items():
+        want = getattr(target, name)
+        if leaf.shape != want.shape or leaf.dtype != want.dtype:
+            raise ValueError(f"QArray state's {name} is {leaf.shape} {leaf.dtype} but the target's is "
+                             f"{want.shape} {want.dtype}; the checkpoint is not of this weight")
+    return dataclasses.replace(target, qvalue=leaves["qvalue"], scale=leaves["scale"],
+                               zero_point=leaves.get("zero_point"))
 
 
 if importlib.util.find_spec("flax") is not None:

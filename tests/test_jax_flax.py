@@ -164,3 +164,19 @@ def test_linen_einsum_takes_a_dot_general():
     assert qk.testing.snr_db(out, float_out) > 15
     unquantized = jax.jit(qflax.Einsum((8, 64, 16), "nta,hab->nthb").apply)(params, x)  # lax.dot_general
     np.testing.assert_allclose(np.asarray(unquantized), np.asarray(float_out), rtol=1e-5, atol=1e-5)
+
+
+def test_restore_of_another_shape_or_recipe_is_refused_at_restore():
+    """Packed shapes coincide (K=100 and K=128 both store 64 bytes per row at int4 g32; W4A16 and W4A8
+    store the same leaves): the identity saved with the leaves tells them apart, at restore time."""
+    rng = np.random.default_rng(3)
+    saved = qk.quantize(jnp.asarray(weights(rng, (100, 8))), qk.W4A16(32), contracting_axes=(0,))
+    blob = serialization.to_bytes({"kernel": saved})
+    for target in (qk.quantize(jnp.asarray(weights(rng, (128, 8))), qk.W4A16(32), contracting_axes=(0,)),
+                   qk.quantize(jnp.asarray(weights(rng, (100, 8))), qk.W4A8(32), contracting_axes=(0,)),
+                   qk.quantize(jnp.asarray(weights(rng, (8, 100))), qk.W4A16(32), contracting_axes=(1,))):
+        assert target.qvalue.shape == saved.qvalue.shape
+        with pytest.raises(ValueError, match=r"checkpoint holds a QArray 'w4a16-g32' of shape \[100, 8\]"):
+            serialization.from_bytes({"kernel": target}, blob)
+    restored = serialization.from_bytes({"kernel": saved}, blob)["kernel"]
+    np.testing.assert_array_equal(np.asarray(restored.qvalue), np.asarray(saved.qvalue))
