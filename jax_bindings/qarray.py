@@ -133,6 +133,8 @@ def quantize(w: Any, recipe: Any = None, *, contracting_axes: Sequence[int] | in
     canon = jnp.transpose(w, perm).reshape(*lead, skeleton.n, skeleton.k)
     recipe.check_k(skeleton.k)
     op = quant.quantize_operand(canon, recipe.rhs)
+    if _is_concrete(w):
+        recipe.rhs.check_scale(np.asarray(op.scale), what=name)
     return dataclasses.replace(skeleton, qvalue=op.qvalue, scale=op.scale, zero_point=op.zero_point)
 
 

@@ -178,16 +178,21 @@ class OperandFormat:
             q = numerics.pack_int4(q, ops)
         return QOperand(q, self._stored(scale), zero)
 
+    def check_scale(self, scale: Any, ops: ArrayOps = NUMPY_OPS, *, what: str = "the tensor", fix: str = "") -> None:
+        """Raise where a block's scale is not finite: a NaN/Inf value in the block, or a range
+        (max - min, MINMAX) beyond f32 that would give NaN outputs silently. A host check: a no-op where
+        values cannot be inspected (`ops.host_checks` False: under jax tracing, use checkify)."""
+        if ops.host_checks and not ops.all_finite(scale):
+            raise ValueError(
+                f"{what}: NaN/Inf in {ops.count_nonfinite(scale)} row(s) or group(s), or a group whose range "
+                f"overflows f32 (max - min > 3.4e38), and cannot be quantized to {self.describe()}; fix the values "
+                f"(e.g. nan_to_num) or scale them down (fold a power of two into the next layer){fix}")
+
     def quantize_activations(self, x: Any, ops: ArrayOps = NUMPY_OPS) -> QOperand:
         """`quantize` for activations on the fly: where the framework can check on the host
         (`ops.host_checks`), a row with NaN/Inf (a non-finite scale) raises instead of giving garbage."""
         q = self.quantize(x, ops)
-        if ops.host_checks and not ops.all_finite(q.scale):
-            bad = ops.count_nonfinite(q.scale)
-            if bad:
-                raise ValueError(f"activations contain NaN/Inf in {bad} row(s) and cannot be quantized to "
-                                 f"{self.describe()}; fix the values upstream (e.g. nan_to_num) or use a "
-                                 f"weight-only recipe")
+        self.check_scale(q.scale, ops, what="activations", fix=", or use a weight-only recipe")
         return q
 
     def codes(self, operand: QOperand, k: int, ops: ArrayOps = NUMPY_OPS) -> Any:

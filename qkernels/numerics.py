@@ -314,7 +314,8 @@ def asymmetric_params(xmin: Any, xmax: Any, qtype: QType, ops: ArrayOps = NUMPY_
     """
     lo = ops.clip(ops.cast(xmin, "float32"), -math.inf, 0)
     hi = ops.clip(ops.cast(xmax, "float32"), 0, math.inf)
-    span = hi - lo
+    with np.errstate(over="ignore"):  # an overflowing range gives an inf scale: callers refuse it (check_scale)
+        span = hi - lo
     scale = ops.div(span, qtype.qmax)
     scale = ops.where(scale == 0, 1.0, scale)
     zero = to_codes(ops.div(-lo, scale), qtype, ops)

@@ -75,6 +75,7 @@ def quantize(x: Any, fmt: OperandFormat, *, name: str = "x") -> RefQuantized:
         raise TypeError(f"{name} has dtype {x.dtype}; quantize takes a float array")
     numerics.check_finite(x, name)
     q = fmt.quantize(x)
+    fmt.check_scale(q.scale, what=name)
     return RefQuantized(qvalue=q.qvalue, scale=q.scale, zero_point=q.zero_point, fmt=fmt, k=x.shape[-1])
 
 

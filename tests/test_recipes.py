@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 import subprocess
 import sys
@@ -12,6 +13,9 @@ import pytest
 import qkernels as qk
 from qkernels import dispatch, formats
 from qkernels.formats import Accumulation
+
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+HAS_JAX = importlib.util.find_spec("jax") is not None
 
 
 def test_shipped_recipes_are_values_with_names():
@@ -140,3 +144,22 @@ def test_wrong_types_are_refused_at_construction(make, message):
 def test_integer_like_group_sizes_are_normalized():
     r = qk.W4A16(np.int64(64))
     assert type(r.group_size) is int and r == qk.W4A16(64) and hash(r) == hash(qk.W4A16(64)) and r.name == "w4a16-g64"
+
+
+def test_a_group_whose_range_overflows_f32_is_refused_in_every_port():
+    """max - min of finite values can overflow to inf: the scale would be inf and every output NaN."""
+    w = np.zeros((4, 64), np.float32)
+    w[1, 0], w[1, 1] = 3e38, -3e38
+    recipe = qk.W4A16(32, zero_point=True)
+    ports = [lambda: qk.quantize(w, recipe)]
+    if HAS_TORCH:
+        import torch
+        ports.append(lambda: qk.quantize(torch.from_numpy(w), recipe))
+    if HAS_JAX:
+        import jax.numpy as jnp
+        ports.append(lambda: qk.quantize(jnp.asarray(w.T), recipe, contracting_axes=(0,)))
+    for port in ports:
+        with pytest.raises(ValueError, match=r"weight: NaN/Inf in 1 row\(s\) or group\(s\), or a group whose range"):
+            port()
+    symmetric = qk.quantize(w, qk.W4A16(32))  # absmax / 7 stays finite: served
+    assert np.isfinite(symmetric.scale).all()
