@@ -203,14 +203,22 @@ def _parse_key(raw: Mapping[str, Any]) -> Key:
     return key
 
 
+_MAX_TABLE_BYTES = 16 * 2**20  # a shipped table holds a few hundred entries (tens of KiB)
+
+
 def load_table(path: Path, tunable: Tunable, device: str) -> Table | None:
     """Read a table for (`tunable.backend`, `device`); None (with a warning) if unusable."""
     try:
+        size = path.stat().st_size
+        if size > _MAX_TABLE_BYTES:
+            _warn(path, f"it is {size} bytes, more than a table of configs needs ({_MAX_TABLE_BYTES})")
+            return None
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        _warn(path, f"not readable JSON ({type(e).__name__}: {e})")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError covers JSONDecodeError and integers beyond Python's digit limit; RecursionError, deep nesting
+        _warn(path, f"not readable JSON ({type(e).__name__}: {str(e)[:200]})")
         return None
     if not isinstance(raw, dict) or raw.get("format") != TABLE_FORMAT:
         got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
@@ -231,8 +239,8 @@ def load_table(path: Path, tunable: Tunable, device: str) -> Table | None:
             config = tunable.parse(row["config"])
             seconds = row.get("seconds")
             entries.append(Entry(key=key, config=config, seconds=None if seconds is None else float(seconds)))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            bad.append(f"entry {i}: {type(e).__name__}: {e}")
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError, RecursionError) as e:
+            bad.append(f"entry {i}: {type(e).__name__}: {str(e)[:200]}")
     if bad:
         warnings.warn(f"qkernels: {path}: dropped {len(bad)} unusable entries ({'; '.join(bad[:3])}"
                       f"{'; ...' if len(bad) > 3 else ''})", RuntimeWarning, stacklevel=2)

@@ -116,6 +116,10 @@ CORRUPT = [
                  "on 'a100'", id="other-device"),
     pytest.param(json.dumps({"format": tuning.TABLE_FORMAT, "backend": BACKEND, "device": "h100", "entries": 5}).encode(),
                  "'entries' is not a list", id="entries-not-list"),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, "RecursionError", id="deep-nesting"),
+    pytest.param(b'{"format": "qkernels.tuned/1", "entries": [' + b"9" * 5000 + b"]}", "ValueError",
+                 id="integer-beyond-the-digit-limit"),
+    pytest.param(b" " * (17 * 2**20) + b"{}", "more than a table of configs needs", id="oversized"),
 ]
 
 
@@ -141,12 +145,14 @@ def test_bad_entries_are_dropped_and_good_ones_kept(dirs: tuple[Path, Path]) -> 
             {"key": good["key"], "config": {"block": -1}},
             {"key": good["key"], "config": {"block": 8, "warps": 4}},
             {"config": {"block": 8}},
+            {"key": good["key"], "config": {"block": 16}, "seconds": 10**400},  # float() overflows
+            {"key": good["key"], "config": [[[["deep"]]]]},
             good]
     path = tuning.cache_path(BACKEND, "h100")
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"format": tuning.TABLE_FORMAT, "backend": BACKEND, "device": "h100", "entries": rows}))
     tuning.reload()
-    with pytest.warns(RuntimeWarning, match="dropped 4 unusable entries"):
+    with pytest.warns(RuntimeWarning, match="dropped 6 unusable entries"):
         choice = tuning.choose(problem(), BACKEND)
     assert choice.config == Cfg(block=32) and choice.source.startswith("user cache")
 
