@@ -153,8 +153,9 @@ class OperandFormat:
     def quantize(self, x: Any, ops: ArrayOps = NUMPY_OPS, *, amax: Any = None) -> QOperand:
         """Quantize float `x` (..., K) along its last axis, calibrated on `x` itself.
 
-        K is zero-padded to `padded_k(K)` first (zeros change neither an absmax nor a range that
-        includes 0); packed formats then store two codes per byte. NaN/Inf are not checked here
+        Subnormal inputs are read as 0 (`numerics.flush_subnormals`: flush-to-zero hardware does), then
+        K is zero-padded to `padded_k(K)` (zeros change neither an absmax nor a range that includes
+        0); packed formats then store two codes per byte. NaN/Inf are not checked here
         (that needs a host sync): callers check with `numerics.check_finite` where they can.
         `amax` (ABSMAX, per-row formats): each row's absolute maximum (...,) to calibrate with
         instead of `x`'s own, e.g. the all-reduced maximum when `x` is one K-shard of longer rows.
@@ -162,7 +163,7 @@ class OperandFormat:
         if amax is not None and (self.calibration is not Calibration.ABSMAX or self.granularity is not Granularity.ROW):
             raise ValueError(f"amax= calibrates symmetric per-row formats only, not {self.describe()}; "
                              f"drop amax to calibrate on x itself")
-        x = ops.pad_last(ops.cast(x, "float32"), self.padded_k(x.shape[-1]))
+        x = ops.pad_last(numerics.flush_subnormals(ops.cast(x, "float32"), ops), self.padded_k(x.shape[-1]))
         xb = self.blocks(x)
         zero = None
         if self.calibration is Calibration.MINMAX:

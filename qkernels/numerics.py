@@ -26,7 +26,7 @@ __all__ = [
     "Kind", "QType", "INT8", "INT4", "UINT4", "FP8_E4M3", "FP8_E5M2", "int_type", "Granularity", "GROUP_SIZES",
     "ArrayOps", "NumpyOps", "NUMPY_OPS", "round_half_even", "check_finite", "symmetric_scale",
     "quantize_symmetric", "asymmetric_params", "quantize_asymmetric", "padded_k", "pad_k", "pack_int4",
-    "unpack_int4", "max_exact_k", "INT32_LIMIT",
+    "unpack_int4", "max_exact_k", "INT32_LIMIT", "FLT_MIN", "flush_subnormals",
 ]
 
 INT32_LIMIT = 2**31
@@ -265,16 +265,34 @@ def check_finite(x: Any, name: str, ops: ArrayOps = NUMPY_OPS) -> None:
 def symmetric_scale(amax: Any, qtype: QType, ops: ArrayOps = NUMPY_OPS) -> Any:
     """Scale of a symmetric format from the absolute maximum of each block.
 
-    | amax                         | scale                            |
-    |------------------------------|----------------------------------|
-    | a > 0                        | f32(a) / qmax, IEEE f32 division |
-    | 0, or so small a/qmax == 0   | 1 (not 0: avoids 0/0; every code is then 0) |
+    | amax                                   | scale                                        |
+    |----------------------------------------|----------------------------------------------|
+    | a / qmax >= 2**-126 (FLT_MIN)          | f32(a) / qmax, IEEE f32 division             |
+    | 0, or so small that a / qmax < FLT_MIN | 1 (not 0 or subnormal; every code is then 0) |
 
-    The rule tests the computed scale, not amax, so a subnormal amax whose quotient underflows to 0
-    cannot divide by zero (kernels: `scale = amax / qmax; scale = scale == 0 ? 1 : scale`).
+    The rule tests the computed scale, not amax, so a tiny amax whose quotient underflows cannot
+    divide by zero, and it treats a subnormal scale like zero: hardware that flushes subnormals
+    (XLA:CPU, TPUs) computes 0 where IEEE hardware computes a subnormal, and both then take 1.
+    Kernels: `scale = amax / qmax; scale = scale < FLT_MIN ? 1 : scale`. Inputs are flushed first
+    (`flush_subnormals`), so every backend calibrates and rounds the same values.
     """
     scale = ops.div(ops.cast(amax, "float32"), qtype.qmax)
-    return ops.where(scale == 0, 1.0, scale)
+    return ops.where(scale < FLT_MIN, 1.0, scale)
+
+
+FLT_MIN = float(np.finfo(np.float32).tiny)
+"""2**-126, the smallest normal f32: scales below it are replaced by 1, inputs below it in magnitude by 0."""
+
+
+def flush_subnormals(x: Any, ops: ArrayOps = NUMPY_OPS) -> Any:
+    """f32 `x` with subnormal values replaced by 0 (sign kept as +0), as flush-to-zero hardware reads them.
+
+    | x                      | result |
+    |------------------------|--------|
+    | 0 < abs(x) < 2**-126   | 0      |
+    | anything else (NaN too)| x      |
+    """
+    return ops.where(abs(x) < FLT_MIN, 0.0, x)
 
 
 def to_codes(y: Any, qtype: QType, ops: ArrayOps = NUMPY_OPS) -> Any:
@@ -308,7 +326,7 @@ def asymmetric_params(xmin: Any, xmax: Any, qtype: QType, ops: ArrayOps = NUMPY_
 
     | block                 | scale | zero |
     |-----------------------|-------|------|
-    | all zeros (or span/15 underflows to 0) | 1 | 0 |
+    | all zeros (or span/15 < FLT_MIN) | 1 | 0 |
     | all >= 0 (min -> 0)   | max/15| 0    |
     | all <= 0 (max -> 0)   | -min/15 | 15 |
     """
@@ -317,7 +335,7 @@ def asymmetric_params(xmin: Any, xmax: Any, qtype: QType, ops: ArrayOps = NUMPY_
     with np.errstate(over="ignore"):  # an overflowing range gives an inf scale: callers refuse it (check_scale)
         span = hi - lo
     scale = ops.div(span, qtype.qmax)
-    scale = ops.where(scale == 0, 1.0, scale)
+    scale = ops.where(scale < FLT_MIN, 1.0, scale)  # as in symmetric_scale: 0 or subnormal -> 1
     zero = to_codes(ops.div(-lo, scale), qtype, ops)
     return scale, zero
 

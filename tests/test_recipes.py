@@ -163,3 +163,29 @@ def test_a_group_whose_range_overflows_f32_is_refused_in_every_port():
             port()
     symmetric = qk.quantize(w, qk.W4A16(32))  # absmax / 7 stays finite: served
     assert np.isfinite(symmetric.scale).all()
+
+
+@pytest.mark.parametrize("recipe", [qk.W8A8, qk.W4A16(32), qk.W4A16(32, zero_point=True), qk.W4A8(32)],
+                         ids=lambda r: r.name)
+def test_subnormal_amax_gives_the_references_scale_and_codes_in_every_port(recipe):
+    """amax / qmax underflows to 0 for a subnormal amax: the rule 'scale 1 when the computed scale is 0'
+    is applied to the scale, identically in NumPy, torch and jnp."""
+    from qkernels import reference
+
+    w = np.array([[1e-45, -1e-45, 0.0, 3e-45] * 16, [0.0] * 64, [2e-39, -5e-41] * 32], np.float32)
+    ref = reference.quantize(w, recipe.rhs)
+    assert (ref.scale[0] == 1).all()
+    got = []
+    if HAS_TORCH:
+        import torch
+        t = qk.quantize(torch.from_numpy(w), recipe)
+        got.append((t.qvalue.numpy(), t.scale.numpy(), None if t.zero_point is None else t.zero_point.numpy()))
+    if HAS_JAX:
+        import jax.numpy as jnp
+        j = qk.quantize(jnp.asarray(w.T), recipe, contracting_axes=(0,))
+        got.append(tuple(None if a is None else np.asarray(a) for a in (j.qvalue, j.scale, j.zero_point)))
+    for q, s, z in got:
+        np.testing.assert_array_equal(q, ref.qvalue)
+        np.testing.assert_array_equal(s, ref.scale)
+        if z is not None:
+            np.testing.assert_array_equal(z, ref.zero_point)

@@ -1,6 +1,7 @@
 """Fused dynamic activation quantization (int8, per row) as a Pallas kernel.
 
-Bit-exact to `qkernels.numerics` (`scale = amax / 127`, `q = clip(round_half_even(x / scale))`)
+Bit-exact to `qkernels.numerics` (subnormals read as 0, `scale = amax / 127` or 1 below FLT_MIN,
+`q = clip(round_half_even(x / scale))`)
 wherever f32 division is IEEE-correct: in interpret mode on CPU (tested ==). XLA's algebraic
 simplifier rewrites a division by a broadcast (or constant) divisor into a multiply by its
 reciprocal (measured on XLA:CPU: 4.4% of `a / 127` differ by an ulp), so `exact_div` hides the
@@ -18,11 +19,13 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from qkernels import numerics
 from qkernels.kernels.pallas.layout import fit_block, out_struct, pad_axis
 
 __all__ = ["quantize_rows", "exact_div"]
 
 QMAX = 127
+FLT_MIN = numerics.FLT_MIN
 _ROW_BYTES_BUDGET = 2**20  # one f32 input block; the kernel keeps ~4 such tiles live
 
 
@@ -42,8 +45,10 @@ def _quantize_kernel(x_ref, q_ref, s_ref, *, barrier: bool):
     s_ref: (block_m, 1) f32 per-row scales, VMEM.
     """
     x = x_ref[...].astype(jnp.float32)  # [block_m, K]
+    x = jnp.where(jnp.abs(x) < FLT_MIN, jnp.float32(0), x)  # subnormals read as 0 (numerics.flush_subnormals)
     amax = jnp.max(jnp.abs(x), axis=1, keepdims=True)  # [block_m, 1]
-    scale = jnp.where(amax == 0, jnp.float32(1), exact_div(amax, jnp.float32(QMAX), barrier=barrier))
+    scale = exact_div(amax, jnp.float32(QMAX), barrier=barrier)
+    scale = jnp.where(scale < FLT_MIN, jnp.float32(1), scale)  # 0 or subnormal -> 1 (numerics.symmetric_scale)
     q = jnp.clip(jnp.round(exact_div(x, scale, barrier=barrier)), -QMAX, QMAX)  # round: half to even
     q_ref[...] = q.astype(jnp.int32).astype(jnp.int8)
     s_ref[...] = scale

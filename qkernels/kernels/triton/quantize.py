@@ -1,6 +1,7 @@
 """Fused activation quantization: float rows -> int8 codes + one f32 scale per row, in one kernel.
 
-Bit-exact to `qkernels.numerics` (symmetric int8, per row): `scale = amax / 127` (1 when amax is 0)
+Bit-exact to `qkernels.numerics` (symmetric int8, per row, subnormal inputs read as 0): `scale = amax / 127`
+(1 when that is below FLT_MIN)
 and `q = clip(round_half_even(x / scale), -127, 127)`, with IEEE divisions (`tl.math.div_rn`, not
 the approximate `/`) and a ties-to-even rounding. A row holding NaN/Inf gets a NaN scale, so the
 matmul output of that row is NaN, as a float matmul's would be; never silently finite garbage.
@@ -14,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qkernels import numerics
+
 from qkernels.kernels.triton._common import QuantizeConfig, arch_of, rint_half_even
 
 __all__ = ["CONFIGS", "quantize_rows", "quantize_rows_kernel"]
@@ -26,6 +29,7 @@ CONFIGS: dict[str, QuantizeConfig] = {
 }
 
 QMAX = tl.constexpr(127.0)
+FLT_MIN = tl.constexpr(numerics.FLT_MIN)  # 2**-126: see numerics.symmetric_scale
 
 
 @triton.jit
@@ -55,10 +59,11 @@ def quantize_rows_kernel(
         mask = row_ok[:, None] & (k[None, :] < K)
         x = tl.load(x_ptr + rows64[:, None] * stride_xr + k[None, :] * stride_xk, mask=mask, other=0.0)
         x = x.to(tl.float32)  # [BLOCK_R, BLOCK_K]
+        x = tl.where(tl.abs(x) < FLT_MIN, 0.0, x)  # subnormals read as 0 (numerics.flush_subnormals)
         amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
         poison = poison + tl.sum(x * 0.0, axis=1)
     scale = tl.math.div_rn(amax, tl.full((BLOCK_R,), QMAX, tl.float32))
-    scale = tl.where(amax == 0.0, 1.0, scale) + poison  # [BLOCK_R]
+    scale = tl.where(scale < FLT_MIN, 1.0, scale) + poison  # [BLOCK_R]; 0 or subnormal -> 1
     tl.store(scale_ptr + rows, scale, mask=row_ok)
 
     # Pass 2: codes, q = clip(rint(x / scale), -127, 127) with an IEEE division.
@@ -66,7 +71,9 @@ def quantize_rows_kernel(
         k = k0 + cols
         mask = row_ok[:, None] & (k[None, :] < K)
         x = tl.load(x_ptr + rows64[:, None] * stride_xr + k[None, :] * stride_xk, mask=mask, other=0.0)
-        y = tl.math.div_rn(x.to(tl.float32), scale[:, None])  # [BLOCK_R, BLOCK_K]
+        x = x.to(tl.float32)
+        x = tl.where(tl.abs(x) < FLT_MIN, 0.0, x)
+        y = tl.math.div_rn(x, scale[:, None])  # [BLOCK_R, BLOCK_K]
         q = tl.minimum(tl.maximum(rint_half_even(y), -QMAX), QMAX)
         tl.store(q_ptr + rows64[:, None] * stride_qr + k[None, :] * stride_qk, q.to(tl.int8), mask=mask)
 
