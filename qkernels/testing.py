@@ -24,7 +24,7 @@ from qkernels import reference
 from qkernels.formats import QOperand, Recipe
 from qkernels.reference import np_dtype
 
-__all__ = ["tolerances", "assert_close", "epilogue_terms", "fma_bound", "assert_within", "snr_db",
+__all__ = ["tolerances", "assert_close", "epilogue_terms", "fma_bound", "assert_within", "snr_db", "subnormal_rows",
            "activations", "weights"]
 
 
@@ -136,3 +136,15 @@ def activations(rng: np.random.Generator, shape: tuple[int, ...], *, outliers: i
 def weights(rng: np.random.Generator, shape: tuple[int, ...], std: float = 0.02) -> np.ndarray:
     """Realistic weights (out_features, in_features): normal with small std, f32."""
     return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+
+
+def subnormal_rows(k: int = 64) -> np.ndarray:
+    """(4, k) f32 rows at the edge of the subnormal rules (`numerics.symmetric_scale`): all subnormal
+    (codes 0, scale 1); a normal amax whose amax / 127 is subnormal (scale 1); a scale of exactly
+    FLT_MIN with subnormal and tiny normal neighbours; an ordinary row holding one subnormal."""
+    x = np.zeros((4, k), np.float32)
+    x[0, ::2], x[0, 1::2] = 2e-39, -5e-41
+    x[1, 0], x[1, 1] = 1e-37, 3e-39
+    x[2, 0], x[2, 1:4] = 127 * 2.0**-126, [1e-38, 2e-38, -2.0**-120]
+    x[3, :3] = [1.0, 1e-40, -0.5]
+    return x

@@ -237,11 +237,7 @@ def test_unknown_tpu_generation_is_refused():
 def test_quantize_subnormal_rows_match_the_reference(target):
     """Subnormals read as 0 and a scale below FLT_MIN becomes 1: XLA:CPU and TPUs flush subnormals,
     NumPy does not, and both give the reference's codes and scales."""
-    x = np.zeros((4, 64), np.float32)
-    x[0, ::2], x[0, 1::2] = 2e-39, -5e-41
-    x[1, 0], x[1, 1] = 1e-37, 3e-39
-    x[2, 0], x[2, 1:4] = 127 * 2.0**-126, [1e-38, 2e-38, -2.0**-120]
-    x[3, :3] = [1.0, 1e-40, -0.5]
+    x = testing.subnormal_rows()
     q, s, _ = ops.quantize_activations(jnp.asarray(x), target)
     ref = reference.quantize(x, W8A8.lhs)
     np.testing.assert_array_equal(np.asarray(q), ref.qvalue)

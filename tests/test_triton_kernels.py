@@ -189,11 +189,7 @@ def test_dispatch_selects_the_quantize_kernel() -> None:
 def test_quantize_rows_subnormal_rows_match_the_reference() -> None:
     """Subnormal values read as 0 and a scale below FLT_MIN becomes 1 (numerics.symmetric_scale), so a
     flush-to-zero device and an IEEE one agree: rows of subnormals, a tiny amax, a scale just above FLT_MIN."""
-    x = np.zeros((4, 64), np.float32)
-    x[0, ::2], x[0, 1::2] = 2e-39, -5e-41  # all subnormal: codes 0, scale 1
-    x[1, 0], x[1, 1] = 1e-37, 3e-39  # amax normal, amax / 127 subnormal: scale 1
-    x[2, 0], x[2, 1:4] = 127 * 2.0**-126, [1e-38, 2e-38, -2.0**-120]  # scale exactly FLT_MIN
-    x[3, :3] = [1.0, 1e-40, -0.5]
+    x = testing.subnormal_rows()
     ref = reference.quantize(x, formats.W8A8.lhs)
     assert (ref.scale[:2] == 1).all() and ref.scale[2] == np.float32(2.0**-126)
     q, s = quantize_rows(t(x))
