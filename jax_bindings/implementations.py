@@ -25,7 +25,6 @@ import enum
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jax_bindings.arrays import DTYPES, JAX_OPS
 from qkernels import dispatch, hardware, reference

@@ -74,7 +74,7 @@ class Problem:
     `act_dtype`: name of the float activation dtype ('int8' if lhs arrives quantized).
     `platform`: 'cpu', 'cuda:sm_80', 'cuda:sm_90', 'rocm:gfx942', 'tpu:v5e', ...
     `device`: the device kind tuned configs are keyed by ('h100', 'a100', 'tpu-v5e', 'cpu'; see
-    `qkernels.tuning.device_kind`), '' when unknown. It never changes which implementations serve.
+    `qkernels.hardware.device_kind`), '' when unknown. It never changes which implementations serve.
     Construction refuses a K that would overflow the recipe's int32 accumulator.
     """
 

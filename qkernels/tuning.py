@@ -26,7 +26,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass

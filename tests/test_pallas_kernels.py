@@ -20,7 +20,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-import qkernels.kernels.pallas  # noqa: F401  (registers the implementations)
 from qkernels import dispatch, reference, testing
 from qkernels.formats import W4A8, W4A16, W8A8, W8A16, QOperand
 from qkernels.kernels.pallas import configs, gpu, ops

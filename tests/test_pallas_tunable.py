@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import qkernels.kernels.pallas  # noqa: F401  (registers the implementations and the tunable)
 from qkernels import dispatch, reference, testing, tuning
 from qkernels.formats import W4A8, W4A16, W8A8, QOperand
 from qkernels.kernels.pallas import configs, ops, tunable

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _triton_target import DEVICE, INTERPRET, t, torch  # skips the module without a GPU or interpreter
+from _triton_target import DEVICE, t, torch  # skips the module without a GPU or interpreter
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
