@@ -75,9 +75,13 @@ Axes = tuple[str, ...]
 
 def run(impl: dispatch.Implementation, problem: dispatch.Problem, lhs: Any, rhs: QOperand,
         bias: Any = None) -> jax.Array:
-    """Call `impl` on JAX arrays; framework-neutral (NumPy) implementations go through a host callback."""
-    call = dispatch.Bound.of(problem, impl)  # a shard's own problem gets its own config
-    if impl.framework == dispatch.ANY_FRAMEWORK:
+    """Call `impl` on JAX arrays, bound to `problem` (a shard's own problem gets its own config)."""
+    return _run_bound(dispatch.Bound.of(problem, impl), lhs, rhs, bias)
+
+
+def _run_bound(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any = None) -> jax.Array:
+    """A bound call on JAX arrays; framework-neutral (NumPy) implementations go through a host callback."""
+    if call.implementation.framework == dispatch.ANY_FRAMEWORK:
         return implementations.run_host(call, lhs, rhs, bias)
     return call.run(lhs, rhs, bias)
 
@@ -409,8 +413,5 @@ def run_partitioned(bound: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any = 
     if mesh is not None and not local and AxisType.Explicit in mesh.axis_types:
         return _run_explicit(call, mesh, args)
     if local or implementations.execution_of(impl) is not Execution.KERNEL or jax.device_count() == 1:
-        # XLA ops: GSPMD partitions them; host callbacks: see above; local operands: run as is
-        if impl.framework == dispatch.ANY_FRAMEWORK:
-            return implementations.run_host(bound, lhs, rhs, bias)
-        return bound.run(lhs, rhs, bias)
+        return _run_bound(bound, lhs, rhs, bias)  # XLA ops: GSPMD partitions them; host callbacks: see above
     return _op(call)(*args)

@@ -54,9 +54,13 @@ def device_of(device: torch.device) -> str:
 
 def make_problem(x: torch.Tensor, n: int, recipe: Recipe, has_bias: bool) -> Problem:
     """The canonical problem of `x (M, K)` against an (N, K) weight (leading axes already folded)."""
-    return Problem(recipe=recipe, m=x.shape[0], n=n, k=x.shape[-1], act_dtype=dtype_name(x.dtype),
-                   out_dtype=dtype_name(x.dtype), has_bias=has_bias, framework="torch",
-                   platform=platform_of(x.device), device=device_of(x.device))
+    return _problem(x.shape[0], x.shape[-1], x.dtype, x.device, n, has_bias, recipe)
+
+
+def _problem(m: int, k: int, dtype: torch.dtype, device: torch.device, n: int, has_bias: bool,
+             recipe: Recipe) -> Problem:
+    return Problem(recipe=recipe, m=m, n=n, k=k, act_dtype=dtype_name(dtype), out_dtype=dtype_name(dtype),
+                   has_bias=has_bias, framework="torch", platform=platform_of(device), device=device_of(device))
 
 
 def _check(x: tuple[int, ...], qvalue: tuple[Any, ...], scale: tuple[Any, ...], zero: tuple[Any, ...] | None,
@@ -99,9 +103,7 @@ _checked = functools.lru_cache(maxsize=4096)(_check)  # a call's shapes are chec
 @functools.lru_cache(maxsize=4096)
 def _bind(m: int, k: int, dtype: torch.dtype, device: torch.device, n: int, has_bias: bool, recipe: Recipe,
           backend: str | None, version: int) -> Bound:
-    problem = Problem(recipe=recipe, m=m, n=n, k=k, act_dtype=dtype_name(dtype), out_dtype=dtype_name(dtype),
-                      has_bias=has_bias, framework="torch", platform=platform_of(device), device=device_of(device))
-    return dispatch.bind(problem, backend)
+    return dispatch.bind(_problem(m, k, dtype, device, n, has_bias, recipe), backend)
 
 
 def bind(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,

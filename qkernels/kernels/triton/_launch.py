@@ -18,13 +18,13 @@ registered Triton implementations outside tests) by:
 | activation and output dtypes                    | `supports` (`Family.reason`), at bind time           |
 | platform: sm_80+ / gfx942, or the interpreter   | `supports`, at bind time                             |
 | the config runs the problem                     | `tuning.choose` (`heuristics.check`), at bind time   |
-| qvalue dtype; scale, zero-point shapes, dtypes  | the `QTensor` invariant, checked when it is made     |
-| weight, bias and input on one device            | `qkernels.linear` (`torch_bindings.functional`)      |
+| qvalue dtype; scale, zero-point shapes, dtypes  | `torch_bindings.ops.bind` (and the `QTensor` invariant) |
+| weight and input on one device                  | `torch_bindings.ops.bind`; bias: `qkernels.linear`   |
 
 The one piece of the public path a launch still does per call is clamping BLOCK_K to the group size
-(`MatmulConfig.for_group`, idempotent): how a grouped kernel runs, not a check. A caller of the raw
-op that hands it codes and scales of its own making (not a `QTensor`) gets the binding's shape checks
-only: their dtypes, scale shapes and devices are then its responsibility.
+(`MatmulConfig.for_group`, idempotent): how a grouped kernel runs, not a check. A caller of the raw op
+that hands it codes and scales of its own making (not a `QTensor`) gets the same checks from `bind`,
+except the bias's device.
 """
 
 from __future__ import annotations
