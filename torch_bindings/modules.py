@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,9 +17,10 @@ from torch_bindings.functional import linear
 from torch_bindings.ops import device_of, platform_of
 from torch_bindings.qtensor import QTensor, quantize
 
-__all__ = ["QLinear", "quantize_"]
+__all__ = ["QLinear", "quantize_", "Summary", "LayerSummary", "swap_modules", "unsafe_reason"]
 
 _STATE_FORMAT = "qkernels.QLinear/1"
+_F32_BUFFERS = ("scale",)  # quantization parameters: f32 whatever the model's float dtype
 
 
 class QLinear(nn.Module):
@@ -94,6 +96,18 @@ class QLinear(nn.Module):
             q.zero_point = qt.zero_point
         return q
 
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QLinear:
+        """`.to(device)` moves every buffer; `.half()`, `.bfloat16()`, `.to(dtype)` change only the bias (and
+        so, as for `nn.Linear`, the activation dtype the layer is called with): the codes are integers and
+        stay so, and the f32 scales are moved, never cast (a cast would change what the codes mean)."""
+        keep = {name: t for name in _F32_BUFFERS if (t := self._buffers.get(name)) is not None}
+        super()._apply(fn, recurse)
+        for name, t in keep.items():
+            moved = self._buffers[name]
+            if moved.dtype != t.dtype:  # fn cast it: move the original instead
+                self._buffers[name] = t.to(moved.device)
+        return self
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return linear(input, self.weight, self.bias)
 
@@ -111,18 +125,112 @@ class QLinear(nn.Module):
                 f"recipe={self.recipe.name}, backend={self.backend()}")
 
 
-def quantize_(model: nn.Module, recipe: Any = W8A8,
-              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
-    """Replace every `nn.Linear` in `model` (for which `filter_fn(module, fqn)` is true) by a QLinear.
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LayerSummary:
+    """One linear layer `quantize_` (or `prepare_qat`, `convert`, `add_lora`) looked at.
 
-    In place; returns `model` (or a new QLinear when `model` itself is an `nn.Linear`).
+    `name`: its fully qualified name; `shape`: (out_features, in_features); `recipe`: the recipe name it
+    now runs, None when skipped; `reason`: why it was skipped, None when swapped."""
+
+    name: str
+    shape: tuple[int, int]
+    recipe: str | None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Summary:
+    """What a model-level swap did: one `LayerSummary` per candidate layer, in module order.
+
+    `model` is the model (swapped in place), or the new layer when the model itself was swapped."""
+
+    model: nn.Module
+    layers: tuple[LayerSummary, ...]
+
+    @property
+    def swapped(self) -> tuple[LayerSummary, ...]:
+        return tuple(row for row in self.layers if row.reason is None)
+
+    @property
+    def skipped(self) -> tuple[LayerSummary, ...]:
+        return tuple(row for row in self.layers if row.reason is not None)
+
+    def __iter__(self) -> Iterator[LayerSummary]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __str__(self) -> str:
+        rows = [f"{r.name or '<model>'}  {r.shape[0]}x{r.shape[1]}  {r.recipe or 'skipped: ' + str(r.reason)}"
+                for r in self.layers]
+        return "\n".join([f"{len(self.swapped)} of {len(self.layers)} layers swapped", *rows])
+
+
+def unsafe_reason(model: nn.Module, parent: nn.Module | None, child: nn.Module) -> str | None:
+    """Why swapping `child` (a child of `parent` in `model`) for another module would break the model, or None.
+
+    - a child of `nn.MultiheadAttention` (its `out_proj`): the attention passes `out_proj.weight` to
+      `F.multi_head_attention_forward` as a float tensor instead of calling the layer;
+    - a weight shared with another module (tied embeddings / lm_head): that module reads the float
+      tensor, and swapping would untie the two.
     """
-    recipe = resolve_recipe(recipe)
-    if isinstance(model, nn.Linear):
-        return QLinear.from_float(model, recipe) if filter_fn is None or filter_fn(model, "") else model
+    if isinstance(parent, nn.MultiheadAttention):
+        return ("nn.MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward), "
+                "so a swapped out_proj would break its forward")
+    weight = getattr(child, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        sharers = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+        if len(sharers) > 1:
+            return f"its weight is shared (tied) with {', '.join(sharers)}, which would be untied"
+    return None
+
+
+def swap_modules(model: nn.Module, kind: type | tuple[type, ...], make: Callable[[nn.Module], nn.Module],
+                 recipe_of: Callable[[nn.Module], str | None], filter_fn: Callable[[nn.Module, str], bool] | None,
+                 check_unsafe: bool = True) -> Summary:
+    """Replace every module of type `kind` in `model` by `make(module)`, in place, and summarize.
+
+    With `filter_fn=None` the layers `unsafe_reason` names are skipped (when `check_unsafe`); a
+    `filter_fn(module, fqn)` decides alone (it can force an unsafe swap, or skip a safe one).
+    """
+    def decide(parent: nn.Module | None, fqn: str, child: nn.Module) -> str | None:
+        if filter_fn is not None:
+            return None if filter_fn(child, fqn) else "filter_fn returned False"
+        return unsafe_reason(model, parent, child) if check_unsafe else None
+
+    def row(fqn: str, child: nn.Module, new: nn.Module | None, reason: str | None) -> LayerSummary:
+        return LayerSummary(name=fqn, shape=(child.out_features, child.in_features),
+                            recipe=None if new is None else recipe_of(new), reason=reason)
+
+    if isinstance(model, kind):
+        reason = decide(None, "", model)
+        new = make(model) if reason is None else None
+        return Summary(model=model if new is None else new, layers=(row("", model, new, reason),))
+    rows = []
     for fqn, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
+            if not isinstance(child, kind):
+                continue
             child_fqn = f"{fqn}.{name}" if fqn else name
-            if isinstance(child, nn.Linear) and (filter_fn is None or filter_fn(child, child_fqn)):
-                setattr(module, name, QLinear.from_float(child, recipe))
-    return model
+            reason = decide(module, child_fqn, child)
+            new = None
+            if reason is None:
+                new = make(child)
+                setattr(module, name, new)
+            rows.append(row(child_fqn, child, new, reason))
+    return Summary(model=model, layers=tuple(rows))
+
+
+def quantize_(model: nn.Module, recipe: Any = W8A8,
+              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> Summary:
+    """Replace the `nn.Linear` layers of `model` by QLinear, in place; returns a `Summary`
+    (name, shape, recipe or reason skipped of every `nn.Linear`; `.model` is the model, or the new
+    QLinear when `model` itself is an `nn.Linear`).
+
+    By default the layers a swap would break are skipped (`unsafe_reason`: `nn.MultiheadAttention`'s
+    `out_proj`, tied weights); `filter_fn(module, fqn) -> bool` replaces that rule.
+    """
+    recipe = resolve_recipe(recipe)
+    return swap_modules(model, nn.Linear, lambda m: QLinear.from_float(m, recipe), lambda m: m.recipe.name,
+                        filter_fn)

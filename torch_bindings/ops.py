@@ -27,7 +27,7 @@ from qkernels import dispatch, hardware
 from qkernels.dispatch import Bound, Problem
 from qkernels.formats import QOperand, Recipe, recipe_named
 from torch_bindings.arrays import DTYPES, dtype_name
-from torch_bindings.qtensor import dequantize_operand
+from torch_bindings.qtensor import check_operands, dequantize_operand
 
 __all__ = ["LINEAR", "platform_of", "device_of", "make_problem", "dtype_name", "bind"]
 
@@ -72,22 +72,9 @@ def _check(x: tuple[int, ...], qvalue: tuple[Any, ...], scale: tuple[Any, ...], 
     """
     if len(x) != 2:
         raise ValueError(f"qkernels::linear takes a 2-D (M, K) input, got shape {x}")
-    fmt = recipe.rhs
-    (q_shape, q_dtype), (s_shape, s_dtype) = qvalue, scale
-    stored = fmt.stored_k(x[1])
-    if len(q_shape) != 2 or q_shape[1] != stored:
-        raise ValueError(f"qvalue has shape {q_shape} but an input with K={x[1]} in {recipe.name} "
-                         f"needs (N, {stored}); the weight's in_features does not match the input")
-    if q_dtype != DTYPES[fmt.qtype.storage]:
-        raise TypeError(f"qvalue has dtype {q_dtype}; {fmt.describe()} codes are stored as {fmt.qtype.storage}")
-    want = fmt.scale_shape((q_shape[0], x[1]))
-    if s_shape != want or s_dtype != torch.float32:
-        raise ValueError(f"scale is {s_shape} {s_dtype}; {recipe.name} needs {want} torch.float32")
-    if (zero is not None) != fmt.zero_point or (zero is not None and (zero[0] != want or zero[1] != torch.int8)):
-        need = f"{want} torch.int8" if fmt.zero_point else "None"
-        raise ValueError(f"zero_point is {zero}; {recipe.name} needs {need}")
-    if bias is not None and bias != (q_shape[0],):
-        raise ValueError(f"bias has shape {bias}; expected ({q_shape[0]},)")
+    check_operands(recipe, x[1], qvalue, scale, zero)
+    if bias is not None and bias != (qvalue[0][0],):
+        raise ValueError(f"bias has shape {bias}; expected ({qvalue[0][0]},)")
 
 
 def _operand_key(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
