@@ -25,6 +25,7 @@ __all__ = [
     "OperandFormat", "Accumulation", "Calibration", "Granularity", "QType", "int_type",
     "Problem", "BackendUnavailable", "use_backend", "explain", "quantize",
     "dot_general", "make_dot_general", "make_einsum", "QArray", "linear", "quantize_", "QLinear", "QTensor",
+    "QATLinear", "prepare_qat", "convert",
 ]
 
 _LAZY = {
@@ -36,6 +37,9 @@ _LAZY = {
     "quantize_": "torch_bindings",
     "QLinear": "torch_bindings",
     "QTensor": "torch_bindings",
+    "QATLinear": "torch_bindings",
+    "prepare_qat": "torch_bindings",
+    "convert": "torch_bindings",
 }
 
 

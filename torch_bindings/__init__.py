@@ -10,11 +10,13 @@ from typing import Any
 
 from torch_bindings import ops
 from torch_bindings.functional import explain, linear
-from torch_bindings.modules import QLinear, quantize_
+from torch_bindings.modules import LayerSummary, QLinear, Summary, quantize_
+from torch_bindings.qat import QATLinear, convert, prepare_qat
 from torch_bindings.qtensor import QTensor
 from torch_bindings.qtensor import quantize as _quantize
 
-__all__ = ["linear", "explain", "quantize", "quantize_", "QLinear", "QTensor", "LINEAR"]
+__all__ = ["linear", "explain", "quantize", "quantize_", "QLinear", "QTensor", "LINEAR", "Summary", "LayerSummary",
+           "QATLinear", "prepare_qat", "convert"]
 
 LINEAR = ops.LINEAR
 

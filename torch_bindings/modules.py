@@ -186,10 +186,10 @@ def unsafe_reason(model: nn.Module, parent: nn.Module | None, child: nn.Module) 
     return None
 
 
-def swap_modules(model: nn.Module, kind: type | tuple[type, ...], make: Callable[[nn.Module], nn.Module],
+def swap_modules(model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module],
                  recipe_of: Callable[[nn.Module], str | None], filter_fn: Callable[[nn.Module, str], bool] | None,
                  check_unsafe: bool = True) -> Summary:
-    """Replace every module of type `kind` in `model` by `make(module)`, in place, and summarize.
+    """Replace every module of `model` for which `match(module)` by `make(module)`, in place, and summarize.
 
     With `filter_fn=None` the layers `unsafe_reason` names are skipped (when `check_unsafe`); a
     `filter_fn(module, fqn)` decides alone (it can force an unsafe swap, or skip a safe one).
@@ -203,14 +203,14 @@ def swap_modules(model: nn.Module, kind: type | tuple[type, ...], make: Callable
         return LayerSummary(name=fqn, shape=(child.out_features, child.in_features),
                             recipe=None if new is None else recipe_of(new), reason=reason)
 
-    if isinstance(model, kind):
+    if match(model):
         reason = decide(None, "", model)
         new = make(model) if reason is None else None
         return Summary(model=model if new is None else new, layers=(row("", model, new, reason),))
     rows = []
     for fqn, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
-            if not isinstance(child, kind):
+            if not match(child):
                 continue
             child_fqn = f"{fqn}.{name}" if fqn else name
             reason = decide(module, child_fqn, child)
@@ -232,5 +232,5 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
     `out_proj`, tied weights); `filter_fn(module, fqn) -> bool` replaces that rule.
     """
     recipe = resolve_recipe(recipe)
-    return swap_modules(model, nn.Linear, lambda m: QLinear.from_float(m, recipe), lambda m: m.recipe.name,
+    return swap_modules(model, lambda m: isinstance(m, nn.Linear), lambda m: QLinear.from_float(m, recipe), lambda m: m.recipe.name,
                         filter_fn)
