@@ -25,7 +25,7 @@ __all__ = [
     "OperandFormat", "Accumulation", "Calibration", "Granularity", "QType", "int_type",
     "Problem", "BackendUnavailable", "use_backend", "explain", "quantize",
     "dot_general", "make_dot_general", "make_einsum", "QArray", "linear", "quantize_", "QLinear", "QTensor",
-    "QATLinear", "prepare_qat", "convert",
+    "QATLinear", "prepare_qat", "convert", "LoRALinear", "add_lora", "lora_state_dict", "load_lora",
 ]
 
 _LAZY = {
@@ -40,6 +40,10 @@ _LAZY = {
     "QATLinear": "torch_bindings",
     "prepare_qat": "torch_bindings",
     "convert": "torch_bindings",
+    "LoRALinear": "torch_bindings",
+    "add_lora": "torch_bindings",
+    "lora_state_dict": "torch_bindings",
+    "load_lora": "torch_bindings",
 }
 
 

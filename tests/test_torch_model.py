@@ -248,3 +248,86 @@ def test_prepare_qat_skips_like_quantize_and_refuses_what_it_cannot_train():
     assert isinstance(layer.linear1, qk.QATLinear) and isinstance(layer.linear1.weight, nn.Parameter)
     with pytest.raises(NotImplementedError, match="quantized backward"):
         qk.prepare_qat(nn.Linear(8, 8), qk.W8A8(quantized_backward=True))
+
+
+# --- LoRA -----------------------------------------------------------------------------------------------------------
+
+def _lora_model(recipe=qk.W4A8(32), rank: int = 4, seed: int = 0) -> nn.Module:
+    model = qk.quantize_(_awkward_mlp(seed), recipe).model
+    torch.manual_seed(seed + 1)
+    return qk.add_lora(model, rank=rank, alpha=8.0)
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(qk.W4A8(32), id="w4a8-g32"), pytest.param(qk.W4A16(32), id="w4a16-g32")])
+def test_lora_loss_falls_with_the_quantized_base_unchanged(recipe):
+    model = _lora_model(recipe)
+    base = {k: v.clone() for k, v in model.state_dict().items() if ".base." in k}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"}
+    x = _x((64, 100))
+    with torch.no_grad():
+        start = model(x)
+    torch.testing.assert_close(start, qk.quantize_(_awkward_mlp(), recipe).model(x), rtol=0, atol=0)  # B = 0
+    target = torch.randn(64, 19, generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = (model(x) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    for k, v in model.state_dict().items():
+        if k in base:
+            assert torch.equal(v, base[k]) and v.dtype == base[k].dtype, k
+
+
+def test_lora_compiles_forward_and_backward():
+    model = qk.add_lora(qk.quantize_(nn.Sequential(nn.Linear(48, 16), nn.ReLU(), nn.Linear(16, 8)), qk.W8A8).model,
+                        rank=2)
+    with torch.no_grad():
+        for m in (model[0], model[2]):
+            m.lora_B.normal_()
+    x = _x((4, 48))
+
+    def step(fn):
+        model.zero_grad()
+        loss = fn(x).square().sum()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in (model[0].lora_A, model[0].lora_B, model[2].lora_B)]
+
+    eager = step(model)
+    compiled = step(torch.compile(model, fullgraph=True))
+    torch.testing.assert_close(compiled[0], eager[0])
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_lora_adapters_save_and_load_on_their_own(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _lora_model()
+    with torch.no_grad():
+        model[0].lora_B.normal_()
+    state = qk.lora_state_dict(model)
+    assert sorted(state) == ["0._extra_state", "0.lora_A", "0.lora_B", "2._extra_state", "2.lora_A", "2.lora_B"]
+    save_file(state, tmp_path / "adapters.safetensors")
+    fresh = _lora_model(seed=0)
+    x = _x((3, 100))
+    assert not torch.equal(fresh(x), model(x))
+    qk.load_lora(fresh, load_file(tmp_path / "adapters.safetensors"))
+    assert torch.equal(fresh(x), model(x))
+    with pytest.raises(ValueError, match=r"rank 4 and alpha 8.0, but this layer's is rank 2 alpha 8.0"):
+        qk.load_lora(_lora_model(rank=2), state)
+    with pytest.raises(ValueError, match=r"missing \['2._extra_state', '2.lora_A', '2.lora_B'\]"):
+        qk.load_lora(fresh, {k: v for k, v in state.items() if k.startswith("0.")})
+
+
+def test_add_lora_needs_quantized_layers_and_does_not_wrap_twice():
+    with pytest.raises(ValueError, match="no QLinear layer"):
+        qk.add_lora(_awkward_mlp(), rank=4)
+    model = _lora_model()
+    with pytest.raises(ValueError, match="already has an adapter"):
+        qk.add_lora(model, rank=4)
+    assert isinstance(model[0], qk.LoRALinear) and isinstance(model[0].base, qk.QLinear)

@@ -10,13 +10,14 @@ from typing import Any
 
 from torch_bindings import ops
 from torch_bindings.functional import explain, linear
+from torch_bindings.lora import LoRALinear, add_lora, load_lora, lora_state_dict
 from torch_bindings.modules import LayerSummary, QLinear, Summary, quantize_
 from torch_bindings.qat import QATLinear, convert, prepare_qat
 from torch_bindings.qtensor import QTensor
 from torch_bindings.qtensor import quantize as _quantize
 
 __all__ = ["linear", "explain", "quantize", "quantize_", "QLinear", "QTensor", "LINEAR", "Summary", "LayerSummary",
-           "QATLinear", "prepare_qat", "convert"]
+           "QATLinear", "prepare_qat", "convert", "LoRALinear", "add_lora", "lora_state_dict", "load_lora"]
 
 LINEAR = ops.LINEAR
 
