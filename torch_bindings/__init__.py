@@ -6,6 +6,7 @@ are registered by `qkernels.backends` on the first dispatch of a torch call.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from torch_bindings import ops
@@ -20,6 +21,9 @@ __all__ = ["linear", "explain", "quantize", "quantize_", "QLinear", "QTensor", "
            "QATLinear", "prepare_qat", "convert", "LoRALinear", "add_lora", "lora_state_dict", "load_lora"]
 
 LINEAR = ops.LINEAR
+
+if "transformers" in sys.modules:  # register the "qkernels" quant_method (importing transformers takes seconds)
+    from torch_bindings import hf  # noqa: F401
 
 
 def quantize(x: Any, recipe: Any = None, **kwargs: Any) -> QTensor:

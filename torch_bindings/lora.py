@@ -107,7 +107,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float = 8.0, dropout: float = 0
     place, and freeze every other parameter of the model (as peft does: only adapters train); returns the
     model (or the new layer when `model` is a QLinear). Defaults follow peft's LoraConfig (alpha 8, no dropout)."""
     wrapped = {id(m.base) for m in model.modules() if isinstance(m, LoRALinear)}
-    summary = swap_modules(model, lambda m: isinstance(m, QLinear) and id(m) not in wrapped, lambda m: LoRALinear(m, rank, alpha, dropout),
+    summary = swap_modules(model, lambda m: isinstance(m, QLinear) and id(m) not in wrapped, lambda m, _: LoRALinear(m, rank, alpha, dropout),
                            lambda m: m.recipe.name, filter_fn, check_unsafe=False)
     if not summary.swapped:
         raise ValueError("add_lora found no QLinear layer to adapt (filter_fn accepted none, every one already has "

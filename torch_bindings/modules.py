@@ -186,10 +186,10 @@ def unsafe_reason(model: nn.Module, parent: nn.Module | None, child: nn.Module) 
     return None
 
 
-def swap_modules(model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module], nn.Module],
+def swap_modules(model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module, str], nn.Module],
                  recipe_of: Callable[[nn.Module], str | None], filter_fn: Callable[[nn.Module, str], bool] | None,
                  check_unsafe: bool = True) -> Summary:
-    """Replace every module of `model` for which `match(module)` by `make(module)`, in place, and summarize.
+    """Replace every module of `model` for which `match(module)` by `make(module, fqn)`, in place, and summarize.
 
     With `filter_fn=None` the layers `unsafe_reason` names are skipped (when `check_unsafe`); a
     `filter_fn(module, fqn)` decides alone (it can force an unsafe swap, or skip a safe one).
@@ -205,7 +205,7 @@ def swap_modules(model: nn.Module, match: Callable[[nn.Module], bool], make: Cal
 
     if match(model):
         reason = decide(None, "", model)
-        new = make(model) if reason is None else None
+        new = make(model, "") if reason is None else None
         return Summary(model=model if new is None else new, layers=(row("", model, new, reason),))
     rows = []
     for fqn, module in list(model.named_modules()):
@@ -216,7 +216,7 @@ def swap_modules(model: nn.Module, match: Callable[[nn.Module], bool], make: Cal
             reason = decide(module, child_fqn, child)
             new = None
             if reason is None:
-                new = make(child)
+                new = make(child, child_fqn)
                 setattr(module, name, new)
             rows.append(row(child_fqn, child, new, reason))
     return Summary(model=model, layers=tuple(rows))
@@ -232,5 +232,10 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
     `out_proj`, tied weights); `filter_fn(module, fqn) -> bool` replaces that rule.
     """
     recipe = resolve_recipe(recipe)
-    return swap_modules(model, lambda m: isinstance(m, nn.Linear), lambda m: QLinear.from_float(m, recipe), lambda m: m.recipe.name,
-                        filter_fn)
+    summary = swap_modules(model, lambda m: isinstance(m, nn.Linear), lambda m, _: QLinear.from_float(m, recipe),
+                           lambda m: m.recipe.name, filter_fn)
+    if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+        from torch_bindings import hf  # a PreTrainedModel: save_pretrained / from_pretrained keep the layers
+
+        hf.record(model)
+    return summary

@@ -113,11 +113,11 @@ def prepare_qat(model: nn.Module, recipe: Any = W8A8,
     keeps training them."""
     recipe = _qat_recipe(recipe)
     return swap_modules(model, lambda m: isinstance(m, nn.Linear) and not isinstance(m, QATLinear),
-                        lambda m: QATLinear.from_float(m, recipe), lambda m: m.recipe.name, filter_fn).model
+                        lambda m, _: QATLinear.from_float(m, recipe), lambda m: m.recipe.name, filter_fn).model
 
 
 def convert(model: nn.Module) -> nn.Module:
     """Replace every `QATLinear` by the `QLinear` of its current weight (in place); returns the model (or the
     new layer). The forward does not change: outputs are bit-identical to the fake-quant model's."""
-    return swap_modules(model, lambda m: isinstance(m, QATLinear), lambda m: QLinear.from_float(m, m.recipe),
+    return swap_modules(model, lambda m: isinstance(m, QATLinear), lambda m, _: QLinear.from_float(m, m.recipe),
                         lambda m: m.recipe.name, None, check_unsafe=False).model
