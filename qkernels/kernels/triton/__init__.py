@@ -53,6 +53,8 @@ __all__ = [
 ]
 
 _INT8_ROW = W8A8.lhs  # int8 per row: W8A8's activations and weights, W4A8's activations, W8A16's weights
+# activations the int8 kernels take: per row, or static (always pre-quantized, its scale repeated per row)
+_INT8_ACTS = (_INT8_ROW, W8A8(static=True).lhs)
 _OUT_DTYPES = ("bfloat16", "float16", "float32")
 _FLOAT_ACTS = ("bfloat16", "float16")  # weight-only recipes multiply in the activation dtype
 _ANY_FLOAT_ACTS = ("bfloat16", "float16", "float32")  # integer recipes quantize them in the kernel
@@ -75,7 +77,7 @@ class Family:
             return f"weights {recipe.rhs.describe()} are not {self.rhs_description}"
         if self.lhs_int8 != (recipe.lhs is not None):
             return "activations stay float in this recipe" if self.lhs_int8 else "activations are quantized"
-        if self.lhs_int8 and recipe.lhs != _INT8_ROW:
+        if self.lhs_int8 and recipe.lhs not in _INT8_ACTS:
             return f"activations {recipe.lhs.describe()} are not int8 per-row"
         if problem.lhs_quantized and not self.lhs_int8:
             return "pre-quantized activations need an integer recipe"
