@@ -26,6 +26,7 @@ __all__ = [
     "Problem", "BackendUnavailable", "use_backend", "explain", "quantize",
     "dot_general", "make_dot_general", "make_einsum", "QArray", "linear", "quantize_", "QLinear", "QTensor",
     "QATLinear", "prepare_qat", "convert", "LoRALinear", "add_lora", "lora_state_dict", "load_lora",
+    "calibrate", "smoothquant_",
 ]
 
 _LAZY = {
@@ -44,6 +45,8 @@ _LAZY = {
     "add_lora": "torch_bindings",
     "lora_state_dict": "torch_bindings",
     "load_lora": "torch_bindings",
+    "calibrate": "torch_bindings",
+    "smoothquant_": "torch_bindings",
 }
 
 

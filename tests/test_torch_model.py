@@ -331,3 +331,167 @@ def test_add_lora_needs_quantized_layers_and_does_not_wrap_twice():
     with pytest.raises(ValueError, match="already has an adapter"):
         qk.add_lora(model, rank=4)
     assert isinstance(model[0], qk.LoRALinear) and isinstance(model[0].base, qk.QLinear)
+
+
+# --- static W8A8, calibration, SmoothQuant ----------------------------------------------------------------------------
+
+def _systematic_outliers(seed: int = 0, rows: int = 512 + 1024, k: int = 256) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """LLM-like activations: standard normal channels plus 4 systematic outlier channels (LLM.int8's outlier
+    features: the same channels in every token, with a persistent sign and magnitude, here 20 +- 5%).
+    Returns 8 calibration batches of 64 tokens and 1024 held-out tokens."""
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(testing.activations(rng, (rows, k), outliers=0))
+    cols = torch.from_numpy(rng.choice(k, 4, replace=False))
+    spread = torch.from_numpy(rng.standard_normal((rows, 4), dtype=np.float32))
+    x[:, cols] = torch.tensor([1.0, -1.0, 1.0, -1.0]) * 20 * (1 + 0.05 * spread)
+    return list(x[:512].split(64)), x[512:]
+
+
+def _varying_outliers(seed: int = 0, k: int = 256) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`testing.activations` (outlier channels 20x a standard normal, so their magnitude varies per token),
+    the same channels in the calibration batches and the held-out tokens (one draw)."""
+    x = torch.from_numpy(testing.activations(np.random.default_rng(seed), (128 + 256, k)))
+    return list(x[:128].split(32)), x[128:]
+
+
+def _snr(model: nn.Module, x: torch.Tensor, ref: torch.Tensor) -> float:
+    with torch.no_grad():
+        return testing.snr_db(model(x).numpy(), ref.numpy())
+
+
+def _float_layer(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(256, 128))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_calibrated_static_w8a8_is_within_1db_of_dynamic(seed, record_property):
+    batches, x = _systematic_outliers(seed)
+    with torch.no_grad():
+        ref = _float_layer(seed)(x)
+    dynamic = qk.quantize_(_float_layer(seed), qk.W8A8).model
+    static = qk.quantize_(_float_layer(seed), qk.W8A8(static=True)).model
+    ranges = qk.calibrate(static, batches, method="percentile", percentile=99.99)
+    assert set(ranges) == {"0"} and 19 < ranges["0"] < 25
+    assert static[0].input_scale.dtype == torch.float32 and static[0].input_scale.shape == ()
+    snr_dynamic, snr_static = _snr(dynamic, x, ref), _snr(static, x, ref)
+    record_property("snr_db", {"dynamic": snr_dynamic, "static": snr_static})
+    print(f"W8A8 dynamic {snr_dynamic:.2f} dB, static (percentile 99.99) {snr_static:.2f} dB")
+    assert snr_static >= snr_dynamic - 1.0
+
+
+def test_static_forward_is_the_recipe_on_its_calibrated_codes():
+    """The static layer's output equals the reference backend fed `Recipe.quantize_lhs(x, input_scale)`;
+    values beyond the calibrated range saturate at +-127 instead of failing."""
+    from torch_bindings.arrays import TORCH_OPS
+
+    batches, x = _systematic_outliers()
+    model = qk.quantize_(_float_layer(), qk.W4A8(32, static=True)).model
+    qk.calibrate(model, batches, method="absmax")
+    layer = model[0]
+    x = torch.cat([x[:8], 3 * x[8:16]])  # rows past the calibrated range
+    with torch.no_grad():
+        got = model(x)
+        with qk.use_backend("reference"):
+            ref = model(x)
+    assert torch.equal(got, ref)
+    codes = layer.recipe.quantize_lhs(TORCH_OPS, x, layer.input_scale).qvalue
+    assert int(codes.abs().max()) == 127 and bool((codes[8:].abs() == 127).any())
+
+
+def test_static_layer_without_calibration_raises_clearly():
+    model = qk.quantize_(_float_layer(), qk.W8A8(static=True)).model
+    with pytest.raises(ValueError, match="calibrate it first"):
+        model(torch.randn(2, 256))
+    with pytest.raises(ValueError, match="no QLinear with a static recipe"):
+        qk.calibrate(qk.quantize_(_float_layer(), qk.W8A8).model, [torch.randn(2, 256)])
+    with pytest.raises(ValueError, match="no batch"):
+        qk.calibrate(model, [])
+    two = qk.quantize_(nn.ModuleDict({"a": nn.Linear(8, 8), "b": nn.Linear(8, 8)}), qk.W8A8(static=True)).model
+    two.forward = lambda x: two["a"](x)
+    with pytest.raises(ValueError, match=r"layers \['b'\] saw no input"):
+        qk.calibrate(two, [torch.randn(2, 8)])
+    with pytest.raises(ValueError, match="static recipe"):
+        qk.prepare_qat(nn.Linear(8, 8), qk.W8A8(static=True))
+
+
+@pytest.mark.parametrize("recipe", [pytest.param(qk.W8A8, id="w8a8"), pytest.param(qk.W8A8(static=True), id="static")])
+def test_smoothquant_improves_snr_on_outlier_channels(recipe, record_property):
+    batches, x = _varying_outliers()
+    with torch.no_grad():
+        ref = _float_layer()(x)
+    plain = qk.quantize_(_float_layer(), recipe).model
+    if recipe.static:
+        qk.calibrate(plain, batches)
+    smoothed = _float_layer()
+    summary = qk.smoothquant_(smoothed, batches, recipe, alpha=0.5)
+    assert [r.recipe for r in summary.swapped] == [recipe.name]
+    layer = smoothed[0]
+    assert layer.smooth.shape == (256,) and layer.smooth.dtype == torch.float32
+    assert (layer.input_scale is not None) == recipe.static
+    snr_plain, snr_smooth = _snr(plain, x, ref), _snr(smoothed, x, ref)
+    record_property("snr_db", {"plain": snr_plain, "smoothquant": snr_smooth})
+    print(f"{recipe.name}: plain {snr_plain:.2f} dB, SmoothQuant {snr_smooth:.2f} dB")
+    assert snr_smooth > snr_plain + 1.0
+    torch.testing.assert_close(layer.weight.dequantize(), _float_layer()[0].weight, atol=2e-3, rtol=0)
+
+
+def test_smoothquant_gradients_and_weight_only_refusal():
+    batches, x = _varying_outliers()
+    model = _float_layer()
+    qk.smoothquant_(model, batches, qk.W8A8)
+    xg = x[:4].clone().requires_grad_(True)
+    g = torch.randn(4, 128)
+    model(xg).backward(g)
+    torch.testing.assert_close(xg.grad, g @ model[0].weight.dequantize())  # straight-through the logical weight
+    with pytest.raises(ValueError, match="keeps its activations float"):
+        qk.smoothquant_(_float_layer(), batches, qk.W4A16(32))
+
+
+@pytest.mark.parametrize("smooth", [pytest.param(False, id="static"), pytest.param(True, id="smoothquant")])
+def test_static_and_smoothed_state_round_trips(smooth, tmp_path):
+    """A calibrated (and smoothed) model's state loads with weights_only into a freshly quantized model, which
+    has no input_scale / smooth buffers yet; QTensor pickles carry both."""
+    batches, x = _varying_outliers()
+    recipe = qk.W8A8(static=True)
+
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32))
+    if smooth:
+        qk.smoothquant_(src, batches, recipe)
+    else:
+        qk.quantize_(src, recipe)
+        qk.calibrate(src, batches)
+    torch.save(src.state_dict(), tmp_path / "m.pt")
+    fresh = qk.quantize_(nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32)), recipe).model
+    assert fresh[0].input_scale is None and fresh[0].smooth is None
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), src(x))
+    torch.save(src[0].weight, tmp_path / "w.pt")
+    wq = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert torch.equal(wq.input_scale, src[0].input_scale)
+    assert (wq.smooth is not None) == smooth
+    with torch.no_grad():
+        assert torch.equal(qk.linear(x, wq, src[0].bias), src[0](x))
+    src.half()
+    assert src[0].input_scale.dtype == torch.float32 and (not smooth or src[0].smooth.dtype == torch.float32)
+    assert src(x.half()).dtype == torch.float16
+
+
+def test_static_op_passes_opcheck_and_a_smoothed_static_model_compiles():
+    from torch_bindings import LINEAR
+
+    batches, x = _varying_outliers()
+    model = nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 32))
+    qk.smoothquant_(model, batches, qk.W8A8(static=True))
+    w = model[0].weight
+    xs = x[:5].clone().requires_grad_(True)
+    torch.library.opcheck(LINEAR, (xs, w.qvalue, w.scale, None, model[0].bias, w.recipe.name, w.input_scale))
+    with pytest.raises(ValueError, match=r"input_scale is \(\(2,\), torch.float32\)"):
+        LINEAR(x[:5], w.qvalue, w.scale, None, None, w.recipe.name, w.input_scale.repeat(2))
+    with pytest.raises(ValueError, match="use w8a8-static"):
+        dyn = qk.quantize(torch.randn(8, 256), qk.W8A8)
+        LINEAR(x[:5], dyn.qvalue, dyn.scale, None, None, "w8a8", w.input_scale)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=0, atol=0)

@@ -79,3 +79,25 @@ def test_from_pretrained_refuses_a_checkpoint_that_does_not_match_its_config(sav
     (bad / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"names quantized layers \['model.layers.0.mlp.no_such_proj'\]"):
         transformers.AutoModelForCausalLM.from_pretrained(bad)
+
+
+def test_smoothquant_static_model_round_trips_and_uncalibrated_static_refuses_to_save(tmp_path):
+    model = _tiny_llama()
+    batches = [torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    summary = qk.smoothquant_(model, batches, qk.W8A8(static=True), filter_fn=lambda m, fqn: "layers" in fqn)
+    assert len(summary.swapped) == 7 and [r.name for r in summary.skipped] == ["lm_head"]
+    ids = batches[0]
+    with torch.no_grad():
+        logits = model(ids).logits
+    model.save_pretrained(tmp_path / "sq")
+    config = json.loads((tmp_path / "sq" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.0.mlp.up_proj" in config["smoothed"] and "lm_head" not in config["layers"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "sq")
+    layer = loaded.model.layers[0].mlp.up_proj
+    assert layer.smooth is not None and layer.input_scale is not None
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, logits)
+    fresh = _tiny_llama()
+    qk.quantize_(fresh, qk.W8A8(static=True))
+    with pytest.raises(ValueError, match="qk.calibrate the model before save_pretrained"):
+        fresh.save_pretrained(tmp_path / "uncalibrated")

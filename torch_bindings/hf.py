@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -41,6 +42,7 @@ class QkernelsConfig(QuantizationConfigMixin):
     """`quantization_config` of a qkernels-quantized model: the recipe name of each QLinear, by fqn."""
 
     layers: dict[str, str] = field(default_factory=dict)
+    smoothed: list[str] = field(default_factory=list)  # layers with SmoothQuant factors (QLinear.smooth)
     quant_method: str = QUANT_METHOD
 
     def __post_init__(self) -> None:
@@ -48,7 +50,7 @@ class QkernelsConfig(QuantizationConfigMixin):
             recipe_named(name)  # an unknown recipe fails here, naming it, not later in a forward
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, "layers": dict(self.layers)}
+        return {"quant_method": QUANT_METHOD, "layers": dict(self.layers), "smoothed": sorted(self.smoothed)}
 
 
 @register_quantizer(QUANT_METHOD)
@@ -63,6 +65,13 @@ class QkernelsHfQuantizer(HfQuantizer):
         found = swap_modules(model, lambda m: isinstance(m, nn.Linear),
                              lambda m, fqn: QLinear.from_float(m, recipe_named(layers[fqn])),
                              lambda m: m.recipe.name, lambda m, fqn: fqn in layers)
+        smoothed = set(self.quantization_config.smoothed)
+        for fqn, m in model.named_modules():  # the buffers a calibrated / smoothed checkpoint fills
+            if isinstance(m, QLinear) and fqn in layers:
+                if m.recipe.static:
+                    m.input_scale = torch.empty((), dtype=torch.float32, device=m.qvalue.device)
+                if fqn in smoothed:
+                    m.smooth = torch.empty(m.in_features, dtype=torch.float32, device=m.qvalue.device)
         missing = sorted(set(layers) - {row.name for row in found.swapped})
         if missing:
             raise ValueError(f"the checkpoint's quantization_config names quantized layers {missing} that this "
@@ -73,6 +82,12 @@ class QkernelsHfQuantizer(HfQuantizer):
         return False  # stored codes and scales are loaded as they are
 
     def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[None, dict[str, str]]:
+        uncalibrated = [fqn for fqn, m in model.named_modules()
+                        if isinstance(m, QLinear) and m.recipe.static and m.input_scale is None]
+        if uncalibrated:
+            raise ValueError(f"layers {uncalibrated} use a static recipe but have no input_scale; qk.calibrate the "
+                             f"model before save_pretrained")
+        record(model)  # layers quantized, smoothed or calibrated since quantize_
         return None, {METADATA_KEY: json.dumps(layer_recipes(model), sort_keys=True)}
 
     def is_serializable(self) -> bool:
@@ -92,7 +107,8 @@ def record(model: nn.Module) -> None:
     """Make a quantized PreTrainedModel save (and so load) as a qkernels checkpoint."""
     if not isinstance(model, PreTrainedModel):
         return
-    config = QkernelsConfig(layers=layer_recipes(model))
+    config = QkernelsConfig(layers=layer_recipes(model), smoothed=[
+        fqn for fqn, m in model.named_modules() if isinstance(m, QLinear) and m.smooth is not None])
     model.config.quantization_config = config
     model.hf_quantizer = QkernelsHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True

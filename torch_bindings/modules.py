@@ -17,10 +17,10 @@ from torch_bindings.functional import linear
 from torch_bindings.ops import device_of, platform_of
 from torch_bindings.qtensor import QTensor, quantize
 
-__all__ = ["QLinear", "quantize_", "Summary", "LayerSummary", "swap_modules", "unsafe_reason"]
+__all__ = ["QLinear", "quantize_", "Summary", "LayerSummary", "swap_modules", "unsafe_reason", "record_hf"]
 
 _STATE_FORMAT = "qkernels.QLinear/1"
-_F32_BUFFERS = ("scale",)  # quantization parameters: f32 whatever the model's float dtype
+_F32_BUFFERS = ("scale", "input_scale", "smooth")  # quantization parameters: f32 whatever the model's dtype
 
 
 class QLinear(nn.Module):
@@ -52,11 +52,14 @@ class QLinear(nn.Module):
         self.register_buffer("zero_point", torch.zeros(scale_shape, dtype=torch.int8, device=device)
                              if fmt.zero_point else None)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        # set by qk.calibrate (static recipes) and qk.smoothquant_; None until then, absent from the state dict
+        self.register_buffer("input_scale", None)
+        self.register_buffer("smooth", None)
 
     @property
     def weight(self) -> QTensor:
         return QTensor(qvalue=self.qvalue, scale=self.scale, zero_point=self.zero_point, recipe=self.recipe,
-                       shape=(self.out_features, self.in_features))
+                       shape=(self.out_features, self.in_features), input_scale=self.input_scale, smooth=self.smooth)
 
     def get_extra_state(self) -> torch.Tensor:
         meta = {"format": _STATE_FORMAT, "recipe": self.recipe.name, "shape": [self.out_features, self.in_features]}
@@ -79,7 +82,21 @@ class QLinear(nn.Module):
         key = prefix + "_extra_state"
         if key in state_dict:
             self.set_extra_state(state_dict[key])
+        # a calibrated / smoothed checkpoint into a layer that is not yet: make the buffers it fills
+        shapes = {"input_scale": (), "smooth": (self.in_features,)}
+        for name, shape in shapes.items():
+            if prefix + name in state_dict and self._buffers[name] is None:
+                self._buffers[name] = torch.ones(shape, dtype=torch.float32, device=self.qvalue.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @classmethod
+    def from_qtensor(cls, weight: QTensor, bias: nn.Parameter | None = None) -> QLinear:
+        """A QLinear holding `weight` (its tensors become the buffers, its input scale and smoothing too)."""
+        q = cls(weight.in_features, weight.out_features, bias=False, recipe=weight.recipe, device="meta")
+        for name in ("qvalue", "scale", "zero_point", "input_scale", "smooth"):
+            q._buffers[name] = getattr(weight, name)
+        q.bias = bias
+        return q
 
     @classmethod
     def from_float(cls, linear_module: nn.Linear, recipe: Any = W8A8) -> QLinear:
@@ -188,13 +205,16 @@ def unsafe_reason(model: nn.Module, parent: nn.Module | None, child: nn.Module) 
 
 def swap_modules(model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module, str], nn.Module],
                  recipe_of: Callable[[nn.Module], str | None], filter_fn: Callable[[nn.Module, str], bool] | None,
-                 check_unsafe: bool = True) -> Summary:
+                 check_unsafe: bool = True, skip: Callable[[nn.Module, str], str | None] | None = None) -> Summary:
     """Replace every module of `model` for which `match(module)` by `make(module, fqn)`, in place, and summarize.
 
     With `filter_fn=None` the layers `unsafe_reason` names are skipped (when `check_unsafe`); a
-    `filter_fn(module, fqn)` decides alone (it can force an unsafe swap, or skip a safe one).
+    `filter_fn(module, fqn)` decides alone (it can force an unsafe swap, or skip a safe one). `skip(module,
+    fqn)` gives the caller's own reasons to skip, checked first.
     """
     def decide(parent: nn.Module | None, fqn: str, child: nn.Module) -> str | None:
+        if skip is not None and (reason := skip(child, fqn)) is not None:
+            return reason
         if filter_fn is not None:
             return None if filter_fn(child, fqn) else "filter_fn returned False"
         return unsafe_reason(model, parent, child) if check_unsafe else None
@@ -234,8 +254,14 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
     recipe = resolve_recipe(recipe)
     summary = swap_modules(model, lambda m: isinstance(m, nn.Linear), lambda m, _: QLinear.from_float(m, recipe),
                            lambda m: m.recipe.name, filter_fn)
+    record_hf(model)
+    return summary
+
+
+def record_hf(model: nn.Module) -> None:
+    """For a transformers PreTrainedModel: record its QLinear layers so save_pretrained / from_pretrained keep
+    them (`torch_bindings.hf`); nothing for other models (transformers is not imported for them)."""
     if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
-        from torch_bindings import hf  # a PreTrainedModel: save_pretrained / from_pretrained keep the layers
+        from torch_bindings import hf
 
         hf.record(model)
-    return summary

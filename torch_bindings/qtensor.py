@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from qkernels import numerics
+from qkernels import calibration, numerics
 from qkernels.formats import OperandFormat, QOperand, Recipe, recipe_named, resolve_recipe
 from torch_bindings.arrays import DTYPES, TORCH_OPS
 
@@ -31,6 +31,11 @@ class QTensor:
     `scale`: f32 (N,) per output channel, or (N, K_padded // group_size) per group, broadcast over
     each group. `zero_point`: int8 like `scale` for uint4 (W4A16 zero_point=True), else None.
     `shape`: the logical (out_features, in_features) of the float weight.
+    `input_scale`: f32 `()`, the calibrated activation scale of a static recipe (`qk.calibrate`); None
+    before calibration (a forward then raises) and for dynamic recipes.
+    `smooth`: f32 (in_features,) SmoothQuant factors `s`, or None. The codes then hold `w * s` (`s` folded
+    into the weight along K) and the layer divides its activations by `s` before quantizing them, so
+    `linear(x, w_q) ≈ (x / s) @ (w * s)^T = x @ w^T`; `dequantize()` returns the logical `w` (codes / s).
 
     A plain container of plain tensors, not a tensor subclass: it pickles with `torch.save`, and
     `QLinear` registers its three tensors as buffers so `state_dict` / safetensors round-trip.
@@ -42,14 +47,16 @@ class QTensor:
     zero_point: torch.Tensor | None
     recipe: Recipe
     shape: tuple[int, int]
+    input_scale: torch.Tensor | None = None
+    smooth: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        for name in ("qvalue", "scale", "zero_point"):
+        for name in ("qvalue", "scale", "zero_point", "input_scale", "smooth"):
             t = getattr(self, name)
             if t is not None and not isinstance(t, torch.Tensor):
                 raise TypeError(f"QTensor.{name} must be a torch.Tensor, got {type(t).__name__}")
         check_operands(self.recipe, self.shape[1], _sig(self.qvalue), _sig(self.scale), _sig(self.zero_point),
-                       n=self.shape[0])
+                       n=self.shape[0], input_scale=_sig(self.input_scale), smooth=_sig(self.smooth))
         devices = {t.device for t in self.tensors()}
         if len(devices) > 1:
             raise ValueError(f"QTensor tensors are on several devices {sorted(map(str, devices))}; use .to(device)")
@@ -82,7 +89,9 @@ class QTensor:
         return self
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t for t in (self.qvalue, self.scale, self.zero_point) if t is not None)
+        """Every tensor it holds: codes, scales, zero points, then the input scale and smoothing factors if set."""
+        return tuple(t for t in (self.qvalue, self.scale, self.zero_point, self.input_scale, self.smooth)
+                     if t is not None)
 
     def operand(self) -> QOperand:
         return QOperand(self.qvalue, self.scale, self.zero_point)
@@ -92,13 +101,20 @@ class QTensor:
         if isinstance(device, torch.dtype):
             raise TypeError(f"QTensor.to({device}): a quantized weight has no float dtype to change (its codes are "
                             f"integers, its scales f32); cast the activations instead, or dequantize({device})")
-        zp = None if self.zero_point is None else self.zero_point.to(device)
-        return QTensor(qvalue=self.qvalue.to(device), scale=self.scale.to(device), zero_point=zp,
-                       recipe=self.recipe, shape=self.shape)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return QTensor(qvalue=self.qvalue.to(device), scale=self.scale.to(device), zero_point=move(self.zero_point),
+                       recipe=self.recipe, shape=self.shape, input_scale=move(self.input_scale),
+                       smooth=move(self.smooth))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The float (out_features, in_features) weight `(f32(q) - zero) * scale`, cast to `dtype`."""
-        return dequantize_operand(self.operand(), self.fmt, self.in_features).to(dtype)
+        """The float (out_features, in_features) weight `(f32(q) - zero) * scale` (divided by `smooth`
+        along K when set: the logical weight), cast to `dtype`."""
+        w = dequantize_operand(self.operand(), self.fmt, self.in_features)
+        if self.smooth is not None:
+            w = calibration.smooth_activations(w, self.smooth, TORCH_OPS)
+        return w.to(dtype)
 
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -113,20 +129,22 @@ class QTensor:
     def __reduce__(self) -> tuple[Any, ...]:
         # plain data only (tensors, the recipe's name, ints): `torch.load(weights_only=True)` rebuilds it
         # through `_rebuild_qtensor`, the one global it needs (registered with add_safe_globals below)
-        return (_rebuild_qtensor, (self.qvalue, self.scale, self.zero_point, self.recipe.name, *self.shape))
+        return (_rebuild_qtensor, (self.qvalue, self.scale, self.zero_point, self.recipe.name, *self.shape,
+                                   self.input_scale, self.smooth))
 
     def __repr__(self) -> str:
         return f"QTensor(shape={self.shape}, recipe={self.recipe.name}, device={self.device})"
 
 
 def _rebuild_qtensor(qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, recipe: str,
-                     out_features: int, in_features: int) -> QTensor:
+                     out_features: int, in_features: int, input_scale: torch.Tensor | None = None,
+                     smooth: torch.Tensor | None = None) -> QTensor:
     """Unpickle a QTensor: only tensors, a recipe name (looked up, never evaluated) and two ints, all
     validated by `QTensor.__post_init__`."""
     if not isinstance(recipe, str) or not all(isinstance(v, int) for v in (out_features, in_features)):
         raise ValueError(f"not a saved QTensor: recipe {recipe!r}, shape ({out_features!r}, {in_features!r})")
     return QTensor(qvalue=qvalue, scale=scale, zero_point=zero_point, recipe=recipe_named(recipe),
-                   shape=(out_features, in_features))
+                   shape=(out_features, in_features), input_scale=input_scale, smooth=smooth)
 
 
 torch.serialization.add_safe_globals([_rebuild_qtensor])
@@ -137,7 +155,8 @@ def _sig(t: torch.Tensor | None) -> tuple[tuple[Any, ...], torch.dtype] | None:
 
 
 def check_operands(recipe: Recipe, k: Any, qvalue: tuple[Any, ...], scale: tuple[Any, ...],
-                   zero: tuple[Any, ...] | None, n: Any = None) -> None:
+                   zero: tuple[Any, ...] | None, n: Any = None, input_scale: tuple[Any, ...] | None = None,
+                   smooth: tuple[Any, ...] | None = None) -> None:
     """The one check of a quantized weight's stored tensors against its format, for a logical K (and N).
 
     `qvalue`, `scale`, `zero` are (shape, dtype) pairs, so the custom op can check the symbolic shapes of
@@ -158,6 +177,14 @@ def check_operands(recipe: Recipe, k: Any, qvalue: tuple[Any, ...], scale: tuple
     if (zero is not None) != fmt.zero_point or (zero is not None and (zero[0] != want or zero[1] != torch.int8)):
         need = f"{want} torch.int8" if fmt.zero_point else "None"
         raise ValueError(f"zero_point is {zero}; {recipe.name} needs {need}")
+    if input_scale is not None:
+        if not recipe.static:
+            raise ValueError(f"input_scale given, but {recipe.name} quantizes activations per token on the fly; "
+                             f"use {recipe.name}-static (static=True) to serve with calibrated scales")
+        if tuple(input_scale[0]) != () or input_scale[1] != torch.float32:
+            raise ValueError(f"input_scale is {input_scale}; {recipe.name} needs one calibrated scale: () torch.float32")
+    if smooth is not None and (tuple(smooth[0]) != (k,) or smooth[1] != torch.float32):
+        raise ValueError(f"smooth is {smooth}; SmoothQuant factors are one per input channel: ({k},) torch.float32")
 
 
 def check_float(x: torch.Tensor, name: str) -> None:
