@@ -101,3 +101,28 @@ def test_smoothquant_static_model_round_trips_and_uncalibrated_static_refuses_to
     qk.quantize_(fresh, qk.W8A8(static=True))
     with pytest.raises(ValueError, match="qk.calibrate the model before save_pretrained"):
         fresh.save_pretrained(tmp_path / "uncalibrated")
+
+
+def test_a_fresh_process_loads_the_quantized_layers(saved):
+    """The 'qkernels' quant_method is registered when qkernels' torch binding is imported after transformers."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    path, ids, logits = saved
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    torch.save({"ids": ids, "logits": logits}, path.parent / "expected.pt")
+    code = (
+        "import sys, torch, transformers\n"
+        "import qkernels as qk\n"
+        "qk.QLinear  # imports the torch binding\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})\n"
+        f"e = torch.load({str(path.parent / 'expected.pt')!r})\n"
+        "assert isinstance(m.model.layers[0].mlp.down_proj, qk.QLinear)\n"
+        "with torch.no_grad():\n"
+        "    assert torch.equal(m(e['ids']).logits, e['logits'])\n"
+        "print('loaded')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert out.returncode == 0 and "loaded" in out.stdout, out.stderr[-2000:]

@@ -17,7 +17,8 @@ from torch_bindings.functional import linear
 from torch_bindings.ops import device_of, platform_of
 from torch_bindings.qtensor import QTensor, quantize
 
-__all__ = ["QLinear", "quantize_", "Summary", "LayerSummary", "swap_modules", "unsafe_reason", "record_hf"]
+__all__ = ["QLinear", "quantize_", "Summary", "LayerSummary", "swap_modules", "unsafe_reason", "parameter_owners",
+           "record_hf"]
 
 _STATE_FORMAT = "qkernels.QLinear/1"
 _F32_BUFFERS = ("scale", "input_scale", "smooth")  # quantization parameters: f32 whatever the model's dtype
@@ -184,8 +185,9 @@ class Summary:
         return "\n".join([f"{len(self.swapped)} of {len(self.layers)} layers swapped", *rows])
 
 
-def unsafe_reason(model: nn.Module, parent: nn.Module | None, child: nn.Module) -> str | None:
-    """Why swapping `child` (a child of `parent` in `model`) for another module would break the model, or None.
+def unsafe_reason(parent: nn.Module | None, child: nn.Module, owners: dict[int, list[str]]) -> str | None:
+    """Why swapping `child` (a child of `parent`) for another module would break the model, or None.
+    `owners`: the model's parameter names by `id` of the tensor (`parameter_owners`).
 
     - a child of `nn.MultiheadAttention` (its `out_proj`): the attention passes `out_proj.weight` to
       `F.multi_head_attention_forward` as a float tensor instead of calling the layer;
@@ -196,11 +198,18 @@ def unsafe_reason(model: nn.Module, parent: nn.Module | None, child: nn.Module) 
         return ("nn.MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward), "
                 "so a swapped out_proj would break its forward")
     weight = getattr(child, "weight", None)
-    if isinstance(weight, torch.Tensor):
-        sharers = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
-        if len(sharers) > 1:
-            return f"its weight is shared (tied) with {', '.join(sharers)}, which would be untied"
+    sharers = owners.get(id(weight), []) if isinstance(weight, torch.Tensor) else []
+    if len(sharers) > 1:
+        return f"its weight is shared (tied) with {', '.join(sharers)}, which would be untied"
     return None
+
+
+def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each parameter of `model` has (a tied parameter has several), by the tensor's `id`."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    return owners
 
 
 def swap_modules(model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module, str], nn.Module],
@@ -212,12 +221,14 @@ def swap_modules(model: nn.Module, match: Callable[[nn.Module], bool], make: Cal
     `filter_fn(module, fqn)` decides alone (it can force an unsafe swap, or skip a safe one). `skip(module,
     fqn)` gives the caller's own reasons to skip, checked first.
     """
+    owners = parameter_owners(model) if check_unsafe and filter_fn is None else {}
+
     def decide(parent: nn.Module | None, fqn: str, child: nn.Module) -> str | None:
         if skip is not None and (reason := skip(child, fqn)) is not None:
             return reason
         if filter_fn is not None:
             return None if filter_fn(child, fqn) else "filter_fn returned False"
-        return unsafe_reason(model, parent, child) if check_unsafe else None
+        return unsafe_reason(parent, child, owners) if check_unsafe else None
 
     def row(fqn: str, child: nn.Module, new: nn.Module | None, reason: str | None) -> LayerSummary:
         return LayerSummary(name=fqn, shape=(child.out_features, child.in_features),
