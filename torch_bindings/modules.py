@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,15 +100,15 @@ class QLinear(nn.Module):
         return q
 
     @classmethod
-    def from_float(cls, linear_module: nn.Linear, recipe: Any = W8A8) -> QLinear:
-        """A QLinear holding `linear_module`'s weight quantized with `recipe`, sharing its bias
-        (empty buffers of the right shapes when the weight is on the meta device)."""
+    def from_float(cls, linear_module: nn.Linear, recipe: Any = W8A8, *, method: str = "rtn") -> QLinear:
+        """A QLinear holding `linear_module`'s weight quantized with `recipe` (data-free `method`, see
+        `quantize`), sharing its bias (empty buffers of the right shapes when the weight is on meta)."""
         w = linear_module.weight
         q = cls(linear_module.in_features, linear_module.out_features, bias=False, recipe=recipe, device=w.device)
         q.bias = linear_module.bias
         if w.is_meta:
             return q
-        qt = quantize(w.detach(), q.recipe, name=f"weight of {linear_module!r}")
+        qt = quantize(w.detach(), q.recipe, name=f"weight of {linear_module!r}", method=method)
         q.qvalue, q.scale = qt.qvalue, qt.scale
         if qt.zero_point is not None:
             q.zero_point = qt.zero_point
@@ -254,17 +254,34 @@ def swap_modules(model: nn.Module, match: Callable[[nn.Module], bool], make: Cal
 
 
 def quantize_(model: nn.Module, recipe: Any = W8A8,
-              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> Summary:
+              filter_fn: Callable[[nn.Module, str], bool] | None = None, *, method: str = "rtn",
+              calibration: Iterable[Any] | None = None, act_order: bool = False, progress: bool = True) -> Summary:
     """Replace the `nn.Linear` layers of `model` by QLinear, in place; returns a `Summary`
     (name, shape, recipe or reason skipped of every `nn.Linear`; `.model` is the model, or the new
     QLinear when `model` itself is an `nn.Linear`).
 
     By default the layers a swap would break are skipped (`unsafe_reason`: `nn.MultiheadAttention`'s
     `out_proj`, tied weights); `filter_fn(module, fqn) -> bool` replaces that rule.
+    `method` chooses the codes: "rtn" (round to nearest) and "mse" (per-block clip search) are
+    data-free; "gptq" (`act_order` optional) and "awq" need `calibration`, an iterable of model
+    inputs, run once through the float model (`torch_bindings.ptq`; a progress bar per layer).
     """
     recipe = resolve_recipe(recipe)
-    summary = swap_modules(model, lambda m: isinstance(m, nn.Linear), lambda m, _: QLinear.from_float(m, recipe),
-                           lambda m: m.recipe.name, filter_fn)
+    if method in ("gptq", "awq"):
+        if calibration is None:
+            raise ValueError(f"method={method!r} needs calibration batches: qk.quantize_(model, recipe, "
+                             f"calibration=[inputs, ...], method={method!r})")
+        from torch_bindings.ptq import quantize_calibrated
+
+        summary = quantize_calibrated(model, recipe, calibration, method, filter_fn, act_order=act_order,
+                                      progress=progress)
+        record_hf(model)
+        return summary
+    if calibration is not None:
+        raise ValueError(f"calibration batches are used by method='gptq' or 'awq', not {method!r}; "
+                         f"for static activation scales use qk.calibrate(model, batches)")
+    summary = swap_modules(model, lambda m: isinstance(m, nn.Linear),
+                           lambda m, _: QLinear.from_float(m, recipe, method=method), lambda m: m.recipe.name, filter_fn)
     record_hf(model)
     return summary
 

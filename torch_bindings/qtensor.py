@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from qkernels import calibration, numerics
+from qkernels import calibration, numerics, quality
 from qkernels.formats import OperandFormat, QOperand, Recipe, recipe_named, resolve_recipe
 from torch_bindings.arrays import DTYPES, TORCH_OPS
 
@@ -223,12 +223,15 @@ def dequantize_operand(operand: QOperand, fmt: OperandFormat, k: int) -> torch.T
     return fmt.dequantize(operand, k, TORCH_OPS)
 
 
-def quantize(w: torch.Tensor, recipe: Any = None, *, name: str = "weight") -> QTensor:
+def quantize(w: torch.Tensor, recipe: Any = None, *, name: str = "weight", method: str = "rtn") -> QTensor:
     """Quantize an (out_features, in_features) float weight for `recipe` (default W8A8).
 
     in_features is zero-padded to the group size (and to even length for int4) before
     calibration; zeros change neither an absmax nor a range that already includes 0. Raises
     ValueError if the weight holds NaN/Inf, TypeError if it is not a float tensor.
+    `method`: "rtn" (round to nearest on each block's full range) or "mse" (each block's range
+    clipped where that lowers its reconstruction error, `qkernels.quality.clip_search`); the stored
+    layout is the same. Data-aware methods (GPTQ, AWQ) run through `qk.quantize_(..., calibration=)`.
     """
     recipe = resolve_recipe(recipe)
     check_float(w, name)
@@ -241,7 +244,7 @@ def quantize(w: torch.Tensor, recipe: Any = None, *, name: str = "weight") -> QT
                          f"first (model.to_empty(device=...) + load_state_dict), or build the quantized model on "
                          f"meta with qkernels.quantize_ and load a quantized checkpoint with assign=True")
     numerics.check_finite(w, name, TORCH_OPS)
-    q = recipe.rhs.quantize(w, TORCH_OPS)
+    q = quality.quantize_weight(w, recipe.rhs, TORCH_OPS, method=method)
     recipe.rhs.check_scale(q.scale, TORCH_OPS, what=name)
     return QTensor(qvalue=q.qvalue.contiguous(), scale=q.scale.contiguous(),
                    zero_point=None if q.zero_point is None else q.zero_point.contiguous(), recipe=recipe,
