@@ -244,7 +244,11 @@ def quantize(w: torch.Tensor, recipe: Any = None, *, name: str = "weight", metho
                          f"first (model.to_empty(device=...) + load_state_dict), or build the quantized model on "
                          f"meta with qkernels.quantize_ and load a quantized checkpoint with assign=True")
     numerics.check_finite(w, name, TORCH_OPS)
-    q = quality.quantize_weight(w, recipe.rhs, TORCH_OPS, method=method)
+    if method == "rtn":
+        q = recipe.rhs.quantize(w, TORCH_OPS)
+    else:  # an offline search: NumPy runs it ~5-15x faster than torch's CPU ops here (measured, 1536x384)
+        q = QOperand(*(None if a is None else torch.from_numpy(a).to(w.device) for a in
+                       quality.quantize_weight(w.to(torch.float32).cpu().numpy(), recipe.rhs, method=method)))
     recipe.rhs.check_scale(q.scale, TORCH_OPS, what=name)
     return QTensor(qvalue=q.qvalue.contiguous(), scale=q.scale.contiguous(),
                    zero_point=None if q.zero_point is None else q.zero_point.contiguous(), recipe=recipe,
