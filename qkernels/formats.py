@@ -24,7 +24,7 @@ from qkernels import numerics
 from qkernels.numerics import GROUP_SIZES, INT4, INT8, NUMPY_OPS, UINT4, ArrayOps, Granularity, QType
 
 __all__ = [
-    "Calibration", "OperandFormat", "Accumulation", "Recipe", "W8A8", "W8A16", "W4A16", "W4A8", "RECIPES",
+    "Calibration", "OperandFormat", "Accumulation", "ACCUMULATIONS", "Recipe", "W8A8", "W8A16", "W4A16", "W4A8", "RECIPES",
     "QOperand", "resolve_recipe", "parse_recipe", "recipe_named",
 ]
 
@@ -349,6 +349,12 @@ class _FloatDot(Accumulation):
 Accumulation.INT32 = _IntegerDot()
 Accumulation.INT32_PER_GROUP = _GroupedIntegerDot()
 Accumulation.FLOAT = _FloatDot()
+
+ACCUMULATIONS: tuple[Accumulation, ...] = (Accumulation.INT32, Accumulation.INT32_PER_GROUP, Accumulation.FLOAT)
+"""The shipped accumulations: written in `ArrayOps` primitives alone, so every generic backend (the
+reference, `torch-cpu`, `xla`) executes them and declares exactly these; a shipped accumulation added
+here is served there with no change in a binding. A user-defined one is not listed: generic backends
+refuse it by name (only the reference runs it)."""
 
 
 def _derive_accumulation(lhs: OperandFormat | None, rhs: OperandFormat) -> Accumulation:
