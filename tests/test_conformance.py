@@ -398,7 +398,7 @@ def test_every_runnable_backend_is_discovered() -> None:
         if importlib.util.find_spec("triton") is not None:
             import torch
 
-            kernels = ("w8a8", "w4a8", "w4a16", "w8a16")
+            kernels = ("w8a8", "w4a8", "w4a16", "w8a16", "fp8", "fp8a16")
             if os.environ.get("TRITON_INTERPRET") == "1":
                 assert {f"torch:triton.interpret.{f}" for f in kernels} <= names
             elif torch.cuda.is_available():
