@@ -125,6 +125,7 @@ def cases(device: Any, recipes: tuple[Recipe, ...]) -> list[Case]:
         out.append(Case(method="aqt.int8", framework="jax", recipe="w8a8", role="baseline", mma="int8",
                         prepare=_aqt))
     for r in recipes:
-        out.append(Case(method="qkernels.dot_general", framework="jax", recipe=r.name, role="qkernels", mma=mma_of(r, act),
+        out.append(Case(method="qkernels.dot_general", framework="jax", recipe=r.name, role="qkernels",
+                        mma=mma_of(r, act),
                         prepare=_qkernels(r)))
     return out

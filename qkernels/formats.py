@@ -24,7 +24,8 @@ from qkernels import numerics
 from qkernels.numerics import FP8_E4M3, GROUP_SIZES, INT4, INT8, NUMPY_OPS, UINT4, ArrayOps, Granularity, QType
 
 __all__ = [
-    "Calibration", "OperandFormat", "Accumulation", "ACCUMULATIONS", "Recipe", "W8A8", "W8A16", "W4A16", "W4A8", "FP8", "FP8A16", "RECIPES",
+    "Calibration", "OperandFormat", "Accumulation", "ACCUMULATIONS", "Recipe", "W8A8", "W8A16", "W4A16", "W4A8",
+    "FP8", "FP8A16", "RECIPES",
     "QOperand", "resolve_recipe", "parse_recipe", "recipe_named",
 ]
 

@@ -223,7 +223,7 @@ MMA_PATTERNS: dict[tuple[str, str], str] = {
     ("cuda", "16bit"): r"\b(?:HMMA|HGMMA)\.\S+",
     ("hip", "int8"): r"\bv_mfma_i32_\w+_i8\b",
     ("hip", "16bit"): r"\bv_mfma_f32_\w+_(?:bf16|f16)\w*\b",
-    ("cuda", "fp8"): r"\b(?:HGMMA\.\S*E4M3\S*|QMMA\.\S*E4M3\S*|HMMA\.\S*E4M3\S*)",
+    ("cuda", "fp8"): r"\b(?:QGMMA|QMMA|HGMMA|HMMA)\.\S*E4M3\S*",  # sm_90: QGMMA...E4M3, sm_89: QMMA...E4M3
     ("hip", "fp8"): r"\bv_mfma_f32_\w+_fp8_fp8\b",
 }
 """Matrix instructions the machine code must show per (GPU backend, MMA input kind)."""

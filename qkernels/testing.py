@@ -28,7 +28,8 @@ from qkernels import reference
 from qkernels.formats import QOperand, Recipe
 from qkernels.reference import np_dtype
 
-__all__ = ["tolerances", "float_operands", "assert_close", "epilogue_terms", "fma_bound", "assert_within", "snr_db", "subnormal_rows",
+__all__ = ["tolerances", "float_operands",
+           "assert_close", "epilogue_terms", "fma_bound", "assert_within", "snr_db", "subnormal_rows",
            "activations", "weights"]
 
 

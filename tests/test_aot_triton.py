@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 INT8_MMA = ("IMMA.", "IGMMA.")
 FLOAT_MMA = ("HMMA.", "HGMMA.")
-FP8_MMA = ("HGMMA.", "QMMA.", "HMMA.")  # with E4M3 operands (checked below)
+FP8_MMA = ("QGMMA.", "QMMA.")  # with E4M3 operands (checked below): the sm_90 / sm_89 fp8 MMAs
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +75,11 @@ def test_gemv_and_reduce_need_no_tensor_cores_and_do_not_spill(reports: list[dic
 
 
 def test_sm90_large_tiles_use_warpgroup_mma(reports: list[dict]) -> None:
-    """Hopper's prefill configs (BLOCK_M >= 64) must reach wgmma, not the Ampere mma.sync path."""
+    """Hopper's prefill configs (BLOCK_M >= 64) must reach wgmma (IGMMA int8, HGMMA bf16, QGMMA fp8), not the
+    Ampere mma.sync path."""
     large = [r for r in reports if r["target"] == "sm_90" and r["kernel"] != "quantize_rows"
              and r["config"].startswith("m128")]
-    assert large and all(r["mma_instruction"].startswith(("IGMMA.", "HGMMA.")) for r in large), large
+    assert large and all(r["mma_instruction"].startswith(("IGMMA.", "HGMMA.", "QGMMA.")) for r in large), large
 
 
 def test_unknown_target_is_refused() -> None:

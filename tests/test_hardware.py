@@ -104,7 +104,7 @@ def test_aot_cli_targets_come_from_the_table_and_the_backends() -> None:
     pytest.param(("cuda", "16bit"), "HMMA.16816.F32.BF16", id="sm80-hmma"),
     pytest.param(("cuda", "16bit"), "HGMMA.64x128x16.F32.BF16", id="sm90-hgmma"),
     pytest.param(("hip", "16bit"), "v_mfma_f32_32x32x8_bf16", id="gfx942-mfma-bf16"),
-    pytest.param(("cuda", "fp8"), "HGMMA.64x128x32.F32.E4M3.E4M3", id="sm90-hgmma-e4m3"),
+    pytest.param(("cuda", "fp8"), "QGMMA.64x128x32.F32.E4M3.E4M3", id="sm90-qgmma-e4m3"),
     pytest.param(("cuda", "fp8"), "QMMA.16832.F32.E4M3.E4M3", id="sm89-qmma-e4m3"),
     pytest.param(("hip", "fp8"), "v_mfma_f32_32x32x16_fp8_fp8", id="gfx942-mfma-fp8")])
 def test_mma_patterns(kind: tuple[str, str], text: str) -> None:

@@ -25,7 +25,8 @@ from torch_bindings.ops import platform_of
 
 __all__ = [
     "Kernel", "MatmulConfig", "QuantizeConfig", "ARCHS", "interpreting", "platform_of", "arch_of", "pick_config",
-    "TORCH_DTYPES", "torch_dtype", "device_kind_of", "rint_half_even", "round_to_bf16", "round_to_e4m3", "as_fnuz", "unpack_int4_tile",
+    "TORCH_DTYPES", "torch_dtype", "device_kind_of", "rint_half_even", "round_to_bf16", "round_to_e4m3",
+    "as_fnuz", "unpack_int4_tile",
     "Output", "check_device", "dot_upcast", "batch_stride", "store_rescaled",
 ]
 

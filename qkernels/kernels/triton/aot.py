@@ -143,7 +143,8 @@ def _out(v: Variant, partial: str, final: str = "*bf16") -> dict[str, str]:
     return dict(out_ptr=partial if v.partial else final)
 
 
-def _fp8_only(configs: Callable[[str], tuple[Any, ...]], backend: str | None = None) -> Callable[[str], tuple[Any, ...]]:
+def _fp8_only(configs: Callable[[str], tuple[Any, ...]],
+              backend: str | None = None) -> Callable[[str], tuple[Any, ...]]:
     """`configs` on the targets whose GPU multiplies fp8 (`hardware.fp8_mma_reason`; of `backend` only, if
     given), none elsewhere: Triton refuses the fp8e4nv type below sm_89."""
     def on(target: str) -> tuple[Any, ...]:
@@ -164,7 +165,8 @@ def _gemv_spec(family: str, weight: gemv.GemvWeight, act: str, group_size: int |
         name=f"gemv-{family}{suffix}", fn=gemv.gemv_kernel,
         pointers=lambda v: dict(a_ptr=act, a_scale_ptr="*fp32", w_ptr=codes, w_scale_ptr="*fp32", w_zero_ptr="*i8",
                                 bias_ptr="*fp32" if int_act else "*bf16", **_out(v, acc)),
-        constexprs=lambda v: dict(**weight.constexprs(), INT_ACT=int_act, FLOAT_CODES=float_codes, PARTIAL=v.partial, HAS_BIAS=True,
+        constexprs=lambda v: dict(**weight.constexprs(), INT_ACT=int_act, FLOAT_CODES=float_codes, PARTIAL=v.partial,
+                                  HAS_BIAS=True,
                                   ROUND_BF16=False, GROUP_SIZE=group_size or 1, BLOCK_M=v.cfg.block_m,
                                   BLOCK_N=v.cfg.block_n, BLOCK_K=v.cfg.block_k),
         configs=_fp8_only(configs) if family.startswith("fp8") else configs, mma=None)
@@ -172,7 +174,8 @@ def _gemv_spec(family: str, weight: gemv.GemvWeight, act: str, group_size: int |
 
 def _reduce_spec(acc: str, rescale: bool) -> KernelSpec:
     return KernelSpec(
-        name=f"splitk_reduce-{acc[1:]}{'-rescale' if rescale and acc != '*i32' else ''}", fn=splitk.splitk_reduce_kernel,
+        name=f"splitk_reduce-{acc[1:]}{'-rescale' if rescale and acc != '*i32' else ''}",
+        fn=splitk.splitk_reduce_kernel,
         pointers=lambda v: dict(part_ptr=acc, a_scale_ptr="*fp32", w_scale_ptr="*fp32",
                                 bias_ptr="*fp32" if rescale else "*bf16", out_ptr="*bf16"),
         constexprs=lambda v: dict(RESCALE=rescale, HAS_BIAS=True, BLOCK_M=v.block_m, BLOCK_N=splitk.REDUCE_BLOCK_N),

@@ -1,8 +1,9 @@
 """FP8: float8_e4m3fn activations (per token) x float8_e4m3fn weights (per output channel), fp8 tensor-core MMA.
 
-`tl.dot` on fp8 operands accumulating in f32: `mma.sync ... e4m3` on Ada (sm_89), `wgmma ... e4m3` on
-Hopper (sm_90), `v_mfma_f32_*_fp8_fp8` on MI300 (gfx942). Every product of two e4m3 codes is exact in
-f32, so the kernel differs from the reference (`Accumulation.FLOAT_CODES`) only in the order of the f32
+`tl.dot` on fp8 operands accumulating in f32: `mma.sync ... e4m3` on Ada (sm_89, SASS
+`QMMA.16832.F32.E4M3.E4M3`), `wgmma ... e4m3` on Hopper (sm_90, `QGMMA.64x128x32.F32.E4M3.E4M3`),
+`v_mfma_f32_*_fp8_fp8` on MI300 (gfx942); `python -m qkernels.aot` checks each config for it. Every
+product of two e4m3 codes is exact in f32, so the kernel differs from the reference (`Accumulation.FLOAT_CODES`) only in the order of the f32
 sum, within `qkernels.testing.tolerances`. The rescale is fused as W8A8's, in DESIGN.md section 4's
 order: `y = (acc * s_lhs[m]) * s_rhs[n]`, then `y = y + bias[n]`, then one cast (`enable_fp_fusion=False`).
 
@@ -40,8 +41,11 @@ CONFIGS: dict[str, tuple[MatmulConfig, ...]] = {
     # 'sm_80' is the table of sm_80..sm_89 parts; fp8 runs on sm_89 (Ada) only: 99 KB shared memory per block.
     "sm_80": (MatmulConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, max_m=16),
               MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)),
-    "sm_90": (MatmulConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4, max_m=16),
-              MatmulConfig(block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3)),
+    # sm_90: 64-row tiles at least, so decode tiles reach wgmma too (with 16 rows Triton's mma.sync path
+    # upcasts fp8 to f16 on Hopper: HMMA.16816.F32, measured with triton 3.9); 128x256 tiles spill there
+    # (352-592 bytes, the promoted accumulator is a second register tile), 128x128x128 does not.
+    "sm_90": (MatmulConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4, max_m=16),
+              MatmulConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)),
     "gfx942": (MatmulConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=2, max_m=16),
                MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=2)),
     "interpret": (MatmulConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1),),

@@ -105,9 +105,11 @@ def gemv_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         k_ok = offs_k < K
-        a = tl.load(a_row + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        a = tl.load(a_row + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # [BLOCK_M, BLOCK_K] (0.0: converts to any code type, fp8 included)
         if not PACKED:
-            q = tl.load(w_row + offs_k[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K] int8 / fp8
+            q = tl.load(w_row + offs_k[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # [BLOCK_N, BLOCK_K] int8 / fp8
         else:
             offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BLOCK_K // 2] packed bytes
             packed = tl.load(w_row + offs_kb[None, :] * stride_wk, mask=n_ok[:, None] & (offs_kb < K_STORED)[None, :],
@@ -156,8 +158,9 @@ def launch_gemv(
     float_codes: bool = False,
 ) -> None:
     """Run `gemv_kernel` for a validated problem: `a` is 3-D (B, M, K) (int8 codes with `a_scale`
-    (B, M) for W8A8, fp8 codes with `float_codes` for FP8, else float); `w` (B?, N, K or K/2); `plan` says where it writes (the output or
-    the split-K partials, which the caller then finishes with `plan.finish`)."""
+    (B, M) for W8A8, fp8 codes with `float_codes` for FP8, else float); `w` (B?, N, K or K/2); `plan`
+    says where it writes (the output or the split-K partials, which the caller then finishes with
+    `plan.finish`)."""
     nb, m, k = a.shape
     n = w.shape[-2]
     int_act = a_scale is not None
@@ -176,7 +179,8 @@ def launch_gemv(
         batch_stride(z, 3) if w_zero is not None else 0, z.stride(-2) if w_zero is not None else 0,
         z.stride(-1) if w_zero is not None else 0,
         *plan.target_strides(),
-        **weight.constexprs(), INT_ACT=int_act, FLOAT_CODES=float_codes, PARTIAL=plan.partial or return_acc, HAS_BIAS=bias is not None,
+        **weight.constexprs(), INT_ACT=int_act, FLOAT_CODES=float_codes, PARTIAL=plan.partial or return_acc,
+        HAS_BIAS=bias is not None,
         ROUND_BF16=round_bf16, GROUP_SIZE=group_size or 1,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)

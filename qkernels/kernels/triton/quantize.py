@@ -111,5 +111,6 @@ def quantize_rows(x: torch.Tensor, *, config: QuantizeConfig | None = None,
         grid = (triton.cdiv(r, cfg.block_rows),)
         quantize_rows_kernel[grid](
             rows, q, scale, r, k, rows.stride(0), rows.stride(1), q.stride(0), q.stride(1),
-            QMAX=float(qtype.qmax), FLOAT8=not qtype.integer, BLOCK_R=cfg.block_rows, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, enable_fp_fusion=False)
+            QMAX=float(qtype.qmax), FLOAT8=not qtype.integer,
+            BLOCK_R=cfg.block_rows, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps, enable_fp_fusion=False)
     return q.reshape(*lead, k), scale.reshape(lead)
