@@ -75,7 +75,8 @@ class Problem:
     `platform`: 'cpu', 'cuda:sm_80', 'cuda:sm_90', 'rocm:gfx942', 'tpu:v5e', ...
     `device`: the device kind tuned configs are keyed by ('h100', 'a100', 'tpu-v5e', 'cpu'; see
     `qkernels.hardware.device_kind`), '' when unknown. It never changes which implementations serve.
-    Construction refuses a K that would overflow the recipe's int32 accumulator.
+    Construction refuses a K that would overflow the recipe's int32 accumulator, and a static-range
+    recipe whose activations are not already quantized with their calibrated scale.
     """
 
     op: Op = Op.QMATMUL
@@ -98,6 +99,13 @@ class Problem:
                 raise ValueError(f"{name}={getattr(self, name)} is negative")
         if self.op is Op.QMATMUL:
             self.recipe.check_k(self.k)
+            if self.recipe.static and not self.lhs_quantized:
+                raise ValueError(
+                    f"{self.recipe.name} quantizes activations with a calibrated scale: quantize them first with "
+                    f"recipe.quantize_lhs(ops, x, input_scale) and pass the codes (lhs_quantized=True)")
+        elif self.recipe.static:  # Op.QUANTIZE kernels calibrate per token; the static rule is quantize_lhs
+            raise ValueError(f"{self.recipe.name}: static activations are quantized by recipe.quantize_lhs with the "
+                             f"calibrated scale, not by a dynamic quantize kernel")
 
     @property
     def lhs_format(self) -> OperandFormat | None:

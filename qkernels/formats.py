@@ -43,6 +43,7 @@ class Calibration(enum.Enum):
 
     ABSMAX = "absmax"  # symmetric: scale = max|x| / qmax
     MINMAX = "minmax"  # asymmetric: scale = (max - min) / qmax, integer zero point (unsigned types)
+    STATIC = "static"  # symmetric, one scale per tensor fixed ahead of time (calibrated), given at quantize
 
 
 def _integer(value: Any, name: str, example: str) -> int:
@@ -66,6 +67,11 @@ class OperandFormat:
     codes per byte when `qtype.packed`. `scale` is f32 of shape `(...,)` per row,
     `(..., K_padded // group_size)` per group, `()` per tensor; `zero_point` (MINMAX calibration,
     unsigned types) is int8 of the scale's shape.
+
+    STATIC calibration (activations with a calibrated range, per tensor): `quantize(x, scale=s)` uses the
+    given scale and saturates values beyond the calibrated range at +-qmax. Its operands carry `s`
+    repeated per row (shape `(...,)`, as a per-row format's), so every kernel that takes per-token
+    activations serves them unchanged: with equal row scales the per-row rescale is the per-tensor one.
     """
 
     qtype: QType
@@ -94,6 +100,19 @@ class OperandFormat:
             raise ValueError(f"calibration {calibration.value} {'needs' if self.zero_point else 'has no'} zero "
                              f"point; use {'MINMAX' if self.zero_point else 'ABSMAX'} for {self.qtype.name}")
         object.__setattr__(self, "calibration", calibration)
+        if calibration is Calibration.STATIC and (self.granularity is not Granularity.TENSOR or not self.qtype.signed):
+            raise ValueError(f"static calibration is one symmetric scale per tensor: use Granularity.TENSOR "
+                             f"with a signed type, not {self.granularity.value} {self.qtype.name}")
+
+    @property
+    def static(self) -> bool:
+        """The scale is calibrated ahead of time and given at quantize (`Calibration.STATIC`)."""
+        return self.calibration is Calibration.STATIC
+
+    @property
+    def _rowwise(self) -> bool:
+        """Stored with one scale per row: per-row formats, and static ones (their scale repeated per row)."""
+        return self.granularity is Granularity.ROW or self.static
 
     @property
     def packed(self) -> bool:
@@ -110,9 +129,9 @@ class OperandFormat:
 
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of `scale` (and `zero_point`) for a logical operand shape (..., K)."""
-        if self.granularity is Granularity.TENSOR:
+        if self.granularity is Granularity.TENSOR and not self.static:
             return ()
-        if self.granularity is Granularity.ROW:
+        if self.granularity is not Granularity.GROUP:  # per row, or a static scale repeated per row
             return tuple(shape[:-1])
         return (*shape[:-1], self.padded_k(shape[-1]) // self.group_size)
 
@@ -122,6 +141,8 @@ class OperandFormat:
             parts.append(f"g{self.group_size}")
         if self.zero_point:
             parts.append("zero-point")
+        if self.static:
+            parts.append("static")
         return " ".join(parts)
 
     # --- numerics, for any ArrayOps --------------------------------------------------------------
@@ -130,7 +151,7 @@ class OperandFormat:
         """(..., K_padded) -> (..., n_blocks, block): one scale per block."""
         if self.granularity is Granularity.GROUP:
             return x.reshape(*x.shape[:-1], x.shape[-1] // self.group_size, self.group_size)
-        if self.granularity is Granularity.ROW:
+        if self._rowwise:
             return x[..., None, :]
         return x.reshape(*([1] * (x.ndim - 1)), 1, -1)
 
@@ -139,7 +160,7 @@ class OperandFormat:
         s = s[..., 0]
         if self.granularity is Granularity.GROUP:
             return s
-        if self.granularity is Granularity.ROW:
+        if self._rowwise:
             return s[..., 0]
         return s.reshape(())
 
@@ -147,11 +168,11 @@ class OperandFormat:
         """Stored scale / zero point -> broadcastable against `blocks(x)`."""
         if self.granularity is Granularity.GROUP:
             return s[..., None]
-        if self.granularity is Granularity.ROW:
+        if self._rowwise:
             return s[..., None, None]
         return s
 
-    def quantize(self, x: Any, ops: ArrayOps = NUMPY_OPS, *, amax: Any = None) -> QOperand:
+    def quantize(self, x: Any, ops: ArrayOps = NUMPY_OPS, *, amax: Any = None, scale: Any = None) -> QOperand:
         """Quantize float `x` (..., K) along its last axis, calibrated on `x` itself.
 
         Subnormal inputs are read as 0 (`numerics.flush_subnormals`: flush-to-zero hardware does), then
@@ -160,7 +181,11 @@ class OperandFormat:
         (that needs a host sync): callers check with `numerics.check_finite` where they can.
         `amax` (ABSMAX, per-row formats): each row's absolute maximum (...,) to calibrate with
         instead of `x`'s own, e.g. the all-reduced maximum when `x` is one K-shard of longer rows.
+        `scale` (STATIC formats, required there): the calibrated f32 scale (a scalar), e.g. from
+        `qkernels.calibration.static_scale`.
         """
+        if self.static or scale is not None:
+            return self._quantize_static(x, ops, scale)
         if amax is not None and (self.calibration is not Calibration.ABSMAX or self.granularity is not Granularity.ROW):
             raise ValueError(f"amax= calibrates symmetric per-row formats only, not {self.describe()}; "
                              f"drop amax to calibrate on x itself")
@@ -180,6 +205,21 @@ class OperandFormat:
             q = numerics.pack_int4(q, ops)
         return QOperand(q, self._stored(scale), zero)
 
+    def _quantize_static(self, x: Any, ops: ArrayOps, scale: Any) -> QOperand:
+        if not self.static:
+            raise ValueError(f"scale= is for static formats, not {self.describe()}; drop it to calibrate on x")
+        if scale is None:
+            raise ValueError(f"{self.describe()} quantizes with a calibrated scale: pass scale= (qk.calibrate "
+                             f"records one per layer; qkernels.calibration.static_scale computes one)")
+        scale = ops.cast(ops.asarray(scale), "float32")
+        if tuple(scale.shape) not in ((), (1,)):
+            raise ValueError(f"a static scale is one value per tensor, got shape {tuple(scale.shape)}")
+        scale = scale.reshape(())
+        if ops.host_checks and not (ops.all_finite(scale) and bool(scale > 0)):
+            raise ValueError(f"static scale {float(scale)} must be finite and > 0; recalibrate the layer")
+        q = numerics.quantize_symmetric(numerics.flush_subnormals(ops.cast(x, "float32"), ops), scale, self.qtype, ops)
+        return QOperand(q, ops.broadcast_to(scale, tuple(x.shape[:-1])))
+
     def check_scale(self, scale: Any, ops: ArrayOps = NUMPY_OPS, *, what: str = "the tensor", fix: str = "") -> None:
         """Raise where a block's scale is not finite: a NaN/Inf value in the block, or a range
         (max - min, MINMAX) beyond f32 that would give NaN outputs silently. A host check: a no-op where
@@ -190,9 +230,15 @@ class OperandFormat:
                 f"overflows f32 (max - min > 3.4e38), and cannot be quantized to {self.describe()}; fix the values "
                 f"(e.g. nan_to_num) or scale them down (fold a power of two into the next layer){fix}")
 
-    def quantize_activations(self, x: Any, ops: ArrayOps = NUMPY_OPS) -> QOperand:
+    def quantize_activations(self, x: Any, ops: ArrayOps = NUMPY_OPS, *, scale: Any = None) -> QOperand:
         """`quantize` for activations on the fly: where the framework can check on the host
-        (`ops.host_checks`), a row with NaN/Inf (a non-finite scale) raises instead of giving garbage."""
+        (`ops.host_checks`), a row with NaN/Inf (a non-finite scale) raises instead of giving garbage.
+        `scale`: the calibrated scale of a STATIC format."""
+        if self.static:  # the scale is given: check the values themselves (a calibrated range hides no NaN)
+            if ops.host_checks and not ops.all_finite(x):
+                raise ValueError(f"activations: {ops.count_nonfinite(x)} NaN/Inf value(s) cannot be quantized to "
+                                 f"{self.describe()}; fix the values (e.g. nan_to_num) or use a weight-only recipe")
+            return self.quantize(x, ops, scale=scale)
         q = self.quantize(x, ops)
         self.check_scale(q.scale, ops, what="activations", fix=", or use a weight-only recipe")
         return q
@@ -477,6 +523,8 @@ class Recipe:
             parts.append(f"g{self.group_size}")
         if self.rhs.zero_point:
             parts.append("zp")
+        if self.lhs is not None and self.lhs.static:
+            parts.append("static")
         if self.quantized_backward:
             parts.append("qbwd")
         return "-".join(parts)
@@ -484,6 +532,25 @@ class Recipe:
     def describe(self) -> str:
         lhs = self.lhs.describe() if self.lhs else "float"
         return f"{self.name}: lhs {lhs}, rhs {self.rhs.describe()}, accumulate {self.accumulation.description}"
+
+    @property
+    def static(self) -> bool:
+        """Activations are quantized with a calibrated per-tensor scale (`quantize_lhs(..., input_scale)`)."""
+        return self.lhs is not None and self.lhs.static
+
+    def quantize_lhs(self, ops: ArrayOps, x: Any, input_scale: Any = None) -> QOperand:
+        """The activations as this recipe quantizes them: per token on the fly, or, for a static recipe,
+        with the layer's calibrated `input_scale`. Bindings serving a static recipe call this and hand the
+        result to dispatch as pre-quantized activations (`Problem(lhs_quantized=True)`)."""
+        if self.lhs is None:
+            raise ValueError(f"{self.name} is weight-only: its activations stay float")
+        if self.static and input_scale is None:
+            raise ValueError(f"{self.name} quantizes activations with a calibrated scale, and this layer has none; "
+                             f"calibrate it first (qk.calibrate) or use the dynamic recipe (static=False)")
+        if not self.static and input_scale is not None:
+            raise ValueError(f"input_scale given, but {self.name} quantizes activations per token on the fly; "
+                             f"use {self.name}-static (static=True) to serve with calibrated scales")
+        return self.lhs.quantize_activations(x, ops, scale=input_scale)
 
     def matmul(self, ops: ArrayOps, lhs: Any, rhs: QOperand, bias: Any = None, *, k: int, batched: bool,
                act_dtype: str, out_dtype: str) -> Any:
@@ -497,16 +564,29 @@ def _rebuild_recipe(cls: type[Recipe], init: dict[str, Any]) -> Recipe:
 
 
 _INT8_ROW = OperandFormat(qtype=INT8, granularity=Granularity.ROW)
+_INT8_STATIC = OperandFormat(qtype=INT8, granularity=Granularity.TENSOR, calibration=Calibration.STATIC)
+
+
+def _int8_activations(static: bool) -> OperandFormat:
+    _flag(static, "static")
+    return _INT8_STATIC if static else _INT8_ROW
 
 
 @dataclass(frozen=True, slots=True, repr=False)
 class W8A8Recipe(Recipe):
     """int8 activations (per token, quantized on the fly) x int8 weights (per output channel).
-    `qk.W8A8` is its value."""
+    `qk.W8A8` is its value; `qk.W8A8(static=True)` ('w8a8-static') quantizes activations with one
+    calibrated scale per layer instead (torchao's static int8, SmoothQuant's W8A8-O1)."""
 
+    _: KW_ONLY
+    static: bool = False
     tag: str = field(default="w8a8", init=False)
     lhs: OperandFormat | None = field(default=_INT8_ROW, init=False)
     rhs: OperandFormat = field(default=_INT8_ROW, init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lhs", _int8_activations(self.static))
+        Recipe.__post_init__(self)
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -545,15 +625,19 @@ class W4A16(Recipe):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class W4A8(Recipe):
-    """int8 activations (per token) x int4 weights (per group along K), int32 per group."""
+    """int8 activations (per token; `static=True`: one calibrated scale) x int4 weights (per group along
+    K), int32 per group."""
 
     group_size: int = 128
+    _: KW_ONLY
+    static: bool = False
     tag: str = field(default="w4a8", init=False)
     lhs: OperandFormat | None = field(default=_INT8_ROW, init=False)
     rhs: OperandFormat = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group_size", _integer(self.group_size, "group_size", "128"))
+        object.__setattr__(self, "lhs", _int8_activations(self.static))
         object.__setattr__(self, "rhs", OperandFormat(qtype=INT4, granularity=Granularity.GROUP,
                                                       group_size=self.group_size))
         Recipe.__post_init__(self)
@@ -616,15 +700,16 @@ def recipe_named(name: str) -> Recipe:
     return recipe if recipe is not None else parse_recipe(name)
 
 
-_NAME = re.compile(r"^(?P<tag>[a-z0-9]+)(?:-g(?P<g>\d+))?(?P<zp>-zp)?(?P<qb>-qbwd)?$")
+_NAME = re.compile(r"^(?P<tag>[a-z0-9]+)(?:-g(?P<g>\d+))?(?P<zp>-zp)?(?P<st>-static)?(?P<qb>-qbwd)?$")
 
 
 def parse_recipe(name: str) -> Recipe:
-    """Inverse of `Recipe.name` for the shipped families: 'w8a8', 'w4a16-g64-zp', 'w4a8-g128', 'w8a8-qbwd'."""
+    """Inverse of `Recipe.name` for the shipped families: 'w8a8', 'w4a16-g64-zp', 'w4a8-g128', 'w8a8-qbwd',
+    'w8a8-static'."""
     m = _NAME.match(name.strip().lower())
     if not m or m["tag"] not in _TYPES:
         raise ValueError(f"unknown recipe name {name!r}; expected one of {sorted(_TYPES)} "
-                         f"optionally followed by -g<group size>, -zp, -qbwd (e.g. 'w4a16-g128-zp')")
+                         f"optionally followed by -g<group size>, -zp, -static, -qbwd (e.g. 'w4a16-g128-zp')")
     cls = _TYPES[m["tag"]]
     kwargs: dict[str, Any] = {"quantized_backward": bool(m["qb"])}
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -636,4 +721,8 @@ def parse_recipe(name: str) -> Recipe:
         if "zero_point" not in fields:
             raise ValueError(f"recipe {m['tag']} has no zero-point variant (got {name!r})")
         kwargs["zero_point"] = True
+    if m["st"]:
+        if "static" not in fields:
+            raise ValueError(f"recipe {m['tag']} has no static-activation variant (got {name!r})")
+        kwargs["static"] = True
     return cls(**kwargs)

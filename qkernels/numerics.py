@@ -149,6 +149,8 @@ class ArrayOps(Protocol):
     def grouped_int_dot(self, a: Any, w: Any, group_size: int, batched: bool) -> Any: ...  # -> int32 (..., M, N, G)
     def grouped_scaled_sum(self, a: Any, w: Any, scale: Any, group_size: int, batched: bool) -> Any: ...
     def float_linear(self, x: Any, w: Any, bias: Any, out_dtype: str, batched: bool) -> Any: ...
+    def quantile(self, x: Any, q: float) -> Any: ...  # f32 (N, K) -> (K,) along axis 0, NumPy's linear rule
+    def broadcast_to(self, x: Any, shape: tuple[int, ...]) -> Any: ...
 
 
 def round_half_even(x: np.ndarray) -> np.ndarray:
@@ -248,6 +250,15 @@ class NumpyOps:
         if bias is not None:
             y = y + np.asarray(bias).astype(np.float32)
         return y.astype(_NP_DTYPES[out_dtype])
+
+    def quantile(self, x: Any, q: float) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        if x.shape[0] == 0:
+            return np.zeros(x.shape[1:], np.float32)
+        return np.quantile(x, q, axis=0).astype(np.float32)
+
+    def broadcast_to(self, x: Any, shape: tuple[int, ...]) -> np.ndarray:
+        return np.broadcast_to(np.asarray(x), shape)
 
 
 NUMPY_OPS = NumpyOps()

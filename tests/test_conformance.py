@@ -25,6 +25,7 @@ Interpreter backends (not chosen automatically) get fewer and smaller cases: the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -38,7 +39,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qkernels as qk
-from qkernels import dispatch, numerics, reference, testing
+from qkernels import calibration, dispatch, numerics, reference, testing
 from qkernels.dispatch import Implementation, Problem
 from qkernels.formats import Accumulation, OperandFormat, QOperand, Recipe
 from qkernels.numerics import GROUP_SIZES, INT8, Granularity
@@ -505,6 +506,24 @@ def test_prequantized_activations(backend: Backend) -> None:
         expect_output(backend, case, data, to_numpy(y), dtype_of(y), lhs=lhs)
         if recipe.accumulation.integer and backend.impl.accumulate is not None:
             expect_accumulators(backend, case, data, lhs, lhs_quantized=True)
+
+
+@pytest.mark.parametrize("backend", backends(lambda b: any(r.lhs is not None for r in b.recipes)))
+def test_static_range_activations(backend: Backend) -> None:
+    """Static-range recipes (`static=True`) run the dynamic family's kernels on activations quantized
+    with one calibrated scale (`Recipe.quantize_lhs`): a scale below the range saturates codes at
+    +-127, and the outputs still equal the reference's for those codes exactly."""
+    for recipe in families(backend):
+        if recipe.lhs is None:
+            continue
+        static = recipe(static=True)
+        case = dataclasses.replace(fixed(backend, recipe, m=6, n=11, k=90, bias=True, seed=4), recipe=static)
+        data = Data.of(case)
+        scale = calibration.static_scale(calibration.batch_range(data.x.astype(np.float32)) / 4)
+        lhs = static.quantize_lhs(numerics.NUMPY_OPS, data.x, scale)
+        assert (np.abs(lhs.qvalue) == 127).any() and np.all(lhs.scale == scale), "some codes saturate"
+        y = run_bound(backend, case, lhs, data.rq, data.bias, lhs_quantized=True)
+        expect_output(backend, case, data, to_numpy(y), dtype_of(y), lhs=lhs)
 
 
 @pytest.mark.parametrize("backend", backends())

@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 _INT8_ROW = W8A8.lhs  # int8 per row: W8A8's activations and weights, W4A8's activations, W8A16's weights
+# activations the int8 kernels take: per row, or static (always pre-quantized, its scale repeated per row)
+_INT8_ACTS = (_INT8_ROW, W8A8(static=True).lhs)
 _FP8_ROW = FP8.lhs  # float8_e4m3fn per row: FP8's activations and weights, FP8A16's weights
 _QUANTIZED_ACTS = (_INT8_ROW, _FP8_ROW)  # what the fused activation-quantize kernel writes
 _OUT_DTYPES = ("bfloat16", "float16", "float32")
@@ -70,7 +72,7 @@ class Family:
     name: str
     accepts_rhs: Callable[[OperandFormat], bool]
     rhs_description: str
-    lhs: OperandFormat | None  # the activations' format (quantized in the kernel, or by the caller); None: float
+    lhs: tuple[OperandFormat, ...]  # activation formats it takes (quantized in the kernel or by the caller); (): float
     run: Callable[..., Any]
     accumulate: Callable[..., Any] | None = None  # the raw int32 accumulators (integer families)
     fp8: bool = False  # fp8 operands: only GPUs with fp8 tensor cores (`hardware.fp8_mma_reason`)
@@ -79,11 +81,11 @@ class Family:
         recipe = problem.recipe
         if not self.accepts_rhs(recipe.rhs):
             return f"weights {recipe.rhs.describe()} are not {self.rhs_description}"
-        quantized = self.lhs is not None
+        quantized = bool(self.lhs)
         if quantized != (recipe.lhs is not None):
             return "activations stay float in this recipe" if quantized else "activations are quantized"
-        if quantized and recipe.lhs != self.lhs:
-            return f"activations {recipe.lhs.describe()} are not {self.lhs.describe()}"
+        if quantized and recipe.lhs not in self.lhs:
+            return f"activations {recipe.lhs.describe()} are not {self.lhs[0].describe()}"
         if problem.lhs_quantized and not quantized:
             return "pre-quantized activations need a recipe that quantizes them"
         if self.fp8 and problem.device_kind != "cpu":
@@ -179,17 +181,17 @@ def _grouped(qtype: Any) -> Callable[[OperandFormat], bool]:
 
 FAMILIES: tuple[Family, ...] = (
     Family(name="w8a8", accepts_rhs=lambda f: f == _INT8_ROW, rhs_description="int8 per-channel",
-           lhs=_INT8_ROW, run=_bound_run(_w8a8), accumulate=_bound_run(_acc_w8a8)),
-    Family(name="w4a8", accepts_rhs=_grouped(INT4), rhs_description="int4 per-group", lhs=_INT8_ROW,
+           lhs=_INT8_ACTS, run=_bound_run(_w8a8), accumulate=_bound_run(_acc_w8a8)),
+    Family(name="w4a8", accepts_rhs=_grouped(INT4), rhs_description="int4 per-group", lhs=_INT8_ACTS,
            run=_bound_run(_w4a8), accumulate=_bound_run(_acc_w4a8)),
     Family(name="w4a16", accepts_rhs=lambda f: _grouped(INT4)(f) or _grouped(UINT4)(f),
-           rhs_description="int4 or uint4+zero-point per-group", lhs=None, run=_bound_run(_w4a16)),
+           rhs_description="int4 or uint4+zero-point per-group", lhs=(), run=_bound_run(_w4a16)),
     Family(name="w8a16", accepts_rhs=lambda f: f == _INT8_ROW, rhs_description="int8 per-channel",
-           lhs=None, run=_bound_run(_w8a16)),
+           lhs=(), run=_bound_run(_w8a16)),
     Family(name="fp8", accepts_rhs=lambda f: f == _FP8_ROW, rhs_description="float8_e4m3fn per-channel",
-           lhs=_FP8_ROW, run=_bound_run(_fp8), fp8=True),
+           lhs=(_FP8_ROW,), run=_bound_run(_fp8), fp8=True),
     Family(name="fp8a16", accepts_rhs=lambda f: f == _FP8_ROW, rhs_description="float8_e4m3fn per-channel",
-           lhs=None, run=_bound_run(_fp8a16), fp8=True),
+           lhs=(), run=_bound_run(_fp8a16), fp8=True),
 )
 
 
