@@ -644,17 +644,27 @@ class W4A8(Recipe):
 
 
 _FP8_ROW = OperandFormat(qtype=FP8_E4M3, granularity=Granularity.ROW)
+_FP8_STATIC = OperandFormat(qtype=FP8_E4M3, granularity=Granularity.TENSOR, calibration=Calibration.STATIC)
 
 
 @dataclass(frozen=True, slots=True, repr=False)
 class FP8Recipe(Recipe):
     """float8_e4m3fn activations (per token, quantized on the fly) x float8_e4m3fn weights (per output
     channel), f32 accumulation (`Accumulation.FLOAT_CODES`): what torch `_scaled_mm` with row-wise scales,
-    torchao float8 and vLLM's dynamic fp8 compute. Codes saturate at +-448. `qk.FP8` is its value."""
+    torchao float8 and vLLM's dynamic fp8 compute. Codes saturate at +-448. `qk.FP8` is its value;
+    `qk.FP8(static=True)` ('fp8-static') quantizes activations with one calibrated scale per layer
+    (vLLM's and torchao's static fp8; calibrate with `qkernels.calibration.static_scale(..., qtype=FP8_E4M3)`)."""
 
+    _: KW_ONLY
+    static: bool = False
     tag: str = field(default="fp8", init=False)
     lhs: OperandFormat | None = field(default=_FP8_ROW, init=False)
     rhs: OperandFormat = field(default=_FP8_ROW, init=False)
+
+    def __post_init__(self) -> None:
+        _flag(self.static, "static")
+        object.__setattr__(self, "lhs", _FP8_STATIC if self.static else _FP8_ROW)
+        Recipe.__post_init__(self)
 
 
 @dataclass(frozen=True, slots=True, repr=False)

@@ -512,16 +512,18 @@ def test_prequantized_activations(backend: Backend) -> None:
 def test_static_range_activations(backend: Backend) -> None:
     """Static-range recipes (`static=True`) run the dynamic family's kernels on activations quantized
     with one calibrated scale (`Recipe.quantize_lhs`): a scale below the range saturates codes at
-    +-127, and the outputs still equal the reference's for those codes exactly."""
+    +-qmax (127, 448 for fp8), and the outputs still equal the reference's for those codes exactly."""
     for recipe in families(backend):
         if recipe.lhs is None:
             continue
         static = recipe(static=True)
         case = dataclasses.replace(fixed(backend, recipe, m=6, n=11, k=90, bias=True, seed=4), recipe=static)
         data = Data.of(case)
-        scale = calibration.static_scale(calibration.batch_range(data.x.astype(np.float32)) / 4)
+        qtype = static.lhs.qtype
+        scale = calibration.static_scale(calibration.batch_range(data.x.astype(np.float32)) / 4, qtype=qtype)
         lhs = static.quantize_lhs(numerics.NUMPY_OPS, data.x, scale)
-        assert (np.abs(lhs.qvalue) == 127).any() and np.all(lhs.scale == scale), "some codes saturate"
+        saturated = np.abs(lhs.qvalue.astype(np.float32)) == qtype.qmax
+        assert saturated.any() and np.all(lhs.scale == scale), "some codes saturate"
         y = run_bound(backend, case, lhs, data.rq, data.bias, lhs_quantized=True)
         expect_output(backend, case, data, to_numpy(y), dtype_of(y), lhs=lhs)
 

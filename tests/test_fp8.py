@@ -109,7 +109,9 @@ def test_recipes_are_values_whose_names_parse_back() -> None:
     assert qk.FP8.accumulation is Accumulation.FLOAT_CODES and qk.FP8A16.accumulation is Accumulation.FLOAT
     assert qk.FP8.lhs == qk.FP8.rhs == qk.FP8A16.rhs and qk.FP8A16.lhs is None
     assert qk.FP8.rhs.qtype is numerics.FP8_E4M3 and qk.FP8.max_k is None
-    for r in (qk.FP8, qk.FP8A16, qk.FP8(quantized_backward=True)):
+    assert qk.FP8(static=True).name == "fp8-static" and qk.FP8(static=True).lhs.static
+    assert qk.FP8(static=True).accumulation is Accumulation.FLOAT_CODES
+    for r in (qk.FP8, qk.FP8A16, qk.FP8(quantized_backward=True), qk.FP8(static=True)):
         assert qk.recipe_named(r.name) == r and qk.parse_recipe(r.name) == r and qk.resolve_recipe(r.name) == r
         back = pickle.loads(pickle.dumps(r))
         assert back == r and back.accumulation is r.accumulation

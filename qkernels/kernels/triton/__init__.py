@@ -59,6 +59,7 @@ _INT8_ROW = W8A8.lhs  # int8 per row: W8A8's activations and weights, W4A8's act
 # activations the int8 kernels take: per row, or static (always pre-quantized, its scale repeated per row)
 _INT8_ACTS = (_INT8_ROW, W8A8(static=True).lhs)
 _FP8_ROW = FP8.lhs  # float8_e4m3fn per row: FP8's activations and weights, FP8A16's weights
+_FP8_ACTS = (_FP8_ROW, FP8(static=True).lhs)  # per row, or static (pre-quantized, its scale repeated per row)
 _QUANTIZED_ACTS = (_INT8_ROW, _FP8_ROW)  # what the fused activation-quantize kernel writes
 _OUT_DTYPES = ("bfloat16", "float16", "float32")
 _FLOAT_ACTS = ("bfloat16", "float16")  # weight-only recipes multiply in the activation dtype
@@ -189,7 +190,7 @@ FAMILIES: tuple[Family, ...] = (
     Family(name="w8a16", accepts_rhs=lambda f: f == _INT8_ROW, rhs_description="int8 per-channel",
            lhs=(), run=_bound_run(_w8a16)),
     Family(name="fp8", accepts_rhs=lambda f: f == _FP8_ROW, rhs_description="float8_e4m3fn per-channel",
-           lhs=(_FP8_ROW,), run=_bound_run(_fp8), fp8=True),
+           lhs=_FP8_ACTS, run=_bound_run(_fp8), fp8=True),
     Family(name="fp8a16", accepts_rhs=lambda f: f == _FP8_ROW, rhs_description="float8_e4m3fn per-channel",
            lhs=(), run=_bound_run(_fp8a16), fp8=True),
 )
