@@ -22,7 +22,7 @@ from bench import device as device_mod
 from qkernels import backends
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_RECIPES = "w8a8,w8a16,w4a16-g128,w4a8-g128"
+DEFAULT_RECIPES = "w8a8,w8a16,w4a16-g128,w4a8-g128,fp8,fp8a16"
 # what every backend needs, then the compilers below them and the baselines' and plots' libraries
 _PACKAGES = tuple(dict.fromkeys(("qkernels", "numpy", *(r for b in backends.BACKENDS for r in b.requires), "jaxlib",
                                  "libtpu", "torchao", "aqtp", "matplotlib")))

@@ -13,15 +13,16 @@ from typing import Any
 
 from qkernels.dispatch import BackendUnavailable, Problem, use_backend
 from qkernels.formats import (
-    RECIPES, W4A8, W4A16, W8A8, W8A16, Accumulation, Calibration, OperandFormat, Recipe, parse_recipe, recipe_named,
-    resolve_recipe,
+    FP8, FP8A16, RECIPES, W4A8, W4A16, W8A8, W8A16, Accumulation, Calibration, OperandFormat, Recipe, parse_recipe,
+    recipe_named, resolve_recipe,
 )
 from qkernels.numerics import Granularity, QType, int_type
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "W8A8", "W8A16", "W4A16", "W4A8", "Recipe", "RECIPES", "parse_recipe", "recipe_named", "resolve_recipe",
+    "W8A8", "W8A16", "W4A16", "W4A8", "FP8", "FP8A16", "Recipe", "RECIPES", "parse_recipe", "recipe_named",
+    "resolve_recipe",
     "OperandFormat", "Accumulation", "Calibration", "Granularity", "QType", "int_type",
     "Problem", "BackendUnavailable", "use_backend", "explain", "quantize",
     "dot_general", "make_dot_general", "make_einsum", "QArray", "linear", "quantize_", "QLinear", "QTensor",

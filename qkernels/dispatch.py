@@ -176,6 +176,8 @@ class Implementation:
     and where it came from) that `run` will use (as `call.config.config`); `explain` shows it.
     `accumulate(call, lhs, rhs)`, where the kernel can stop before its rescale, returns the raw
     integer accumulators (see the module docstring); None where it cannot.
+    `note(problem)`, pure and cheap like `supports`: how it serves a problem it supports when that is
+    worth knowing (e.g. an operand type it emulates by upcasting), else None; `explain` prints it.
     """
 
     name: str
@@ -189,6 +191,7 @@ class Implementation:
     description: str = ""
     configure: Callable[[Problem], Any] | None = field(default=None, compare=False)
     accumulate: Callable[..., Any] | None = field(default=None, compare=False)
+    note: Callable[[Problem], str | None] | None = field(default=None, compare=False)
 
     def matches(self, backend: str) -> bool:
         return self.name == backend or self.name.startswith(backend + ".")
@@ -227,7 +230,8 @@ class Explanation:
         for v in self.verdicts:
             impl = v.implementation
             mark = "->" if impl is self.chosen else "  "
-            verdict = "ok" if v.ok else f"no: {v.reason}"
+            note = impl.note(self.problem) if v.ok and impl.note is not None else None
+            verdict = ("ok" + (f" ({note})" if note else "")) if v.ok else f"no: {v.reason}"
             lines.append(f"{mark} {impl.name:<24} prio {impl.priority:>4}  {verdict}")
         if self.hidden:
             lines.append(f"   ({self.hidden} more that do not serve {self.problem.recipe.name} or are test-only: "

@@ -21,10 +21,11 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 from qkernels import numerics
-from qkernels.numerics import GROUP_SIZES, INT4, INT8, NUMPY_OPS, UINT4, ArrayOps, Granularity, QType
+from qkernels.numerics import FP8_E4M3, GROUP_SIZES, INT4, INT8, NUMPY_OPS, UINT4, ArrayOps, Granularity, QType
 
 __all__ = [
-    "Calibration", "OperandFormat", "Accumulation", "Recipe", "W8A8", "W8A16", "W4A16", "W4A8", "RECIPES",
+    "Calibration", "OperandFormat", "Accumulation", "ACCUMULATIONS", "Recipe", "W8A8", "W8A16", "W4A16", "W4A8",
+    "FP8", "FP8A16", "RECIPES",
     "QOperand", "resolve_recipe", "parse_recipe", "recipe_named",
 ]
 
@@ -278,6 +279,7 @@ class Accumulation:
     INT32: ClassVar[Accumulation]
     INT32_PER_GROUP: ClassVar[Accumulation]
     FLOAT: ClassVar[Accumulation]
+    FLOAT_CODES: ClassVar[Accumulation]
 
     def __repr__(self) -> str:
         return f"Accumulation.{self.name}"
@@ -321,6 +323,13 @@ class Accumulation:
             y = y + ops.cast(bias, "float32")
         return ops.cast(y, out_dtype)
 
+    @classmethod
+    def _row_rescale(cls, ops: ArrayOps, part: Any, lhs: QOperand, rhs: QOperand, bias: Any, out_dtype: str) -> Any:
+        """`y = (f32(acc) * s_lhs[m]) * s_rhs[n]`, then `+ bias[n]`, one cast (per-row scales on both sides)."""
+        y = (ops.cast(part, "float32") * ops.cast(lhs.scale, "float32")[..., :, None]) \
+            * ops.cast(rhs.scale, "float32")[..., None, :]
+        return cls._epilogue(ops, y, bias, out_dtype)
+
     @staticmethod
     def _int_codes(recipe: Recipe, ops: ArrayOps, lhs: QOperand, rhs: QOperand, k: int) -> tuple[Any, Any]:
         """Activation codes zero-padded to the weight's padded K, and the weight's codes."""
@@ -347,9 +356,7 @@ class _IntegerDot(Accumulation):
         return self.accumulators(recipe, ops, lhs, rhs, k=k, batched=batched)
 
     def finish(self, recipe, ops, part, lhs, rhs, bias, out_dtype):
-        y = (ops.cast(part, "float32") * ops.cast(lhs.scale, "float32")[..., :, None]) \
-            * ops.cast(rhs.scale, "float32")[..., None, :]
-        return self._epilogue(ops, y, bias, out_dtype)
+        return self._row_rescale(ops, part, lhs, rhs, bias, out_dtype)
 
 
 class _GroupedIntegerDot(Accumulation):
@@ -392,9 +399,39 @@ class _FloatDot(Accumulation):
         return ops.float_linear(lhs, w, bias, out_dtype, batched)
 
 
+class _FloatCodesDot(Accumulation):
+    """One f32 dot of float codes (fp8 x fp8), then `y = (acc * s_lhs[m]) * s_rhs[n] + bias[n]`, one cast.
+
+    Every product of two e4m3 codes is exact in f32 (4 x 4 significant bits; magnitudes 2**-18 to
+    448**2), so backends differ only in the order of the f32 sum (`qkernels.testing.tolerances`'
+    accumulation term), not in the products: the reference sums in f64 and rounds once, torch on CPU
+    upcasts the codes to f32 (emulated), XLA multiplies the float8 operands with an f32 preferred type,
+    the Triton kernels run fp8 tensor-core MMAs accumulating in f32. The rescale is W8A8's (DESIGN.md
+    section 4), in the same order. Unbounded K (no integer accumulator to overflow).
+    """
+
+    name = "FLOAT_CODES"
+    description = "f32 dot of the float codes (exact products), f32 rescale"
+
+    def partial(self, recipe, ops, lhs, rhs, *, k, batched, act_dtype):
+        a, w = self._int_codes(recipe, ops, lhs, rhs, k)  # the padding rule is the integer codes'
+        return ops.float_linear(a, w, None, "float32", batched)
+
+    def finish(self, recipe, ops, part, lhs, rhs, bias, out_dtype):
+        return self._row_rescale(ops, part, lhs, rhs, bias, out_dtype)
+
+
 Accumulation.INT32 = _IntegerDot()
 Accumulation.INT32_PER_GROUP = _GroupedIntegerDot()
 Accumulation.FLOAT = _FloatDot()
+Accumulation.FLOAT_CODES = _FloatCodesDot()
+
+ACCUMULATIONS: tuple[Accumulation, ...] = (Accumulation.INT32, Accumulation.INT32_PER_GROUP, Accumulation.FLOAT,
+                                           Accumulation.FLOAT_CODES)
+"""The shipped accumulations: written in `ArrayOps` primitives alone, so every generic backend (the
+reference, `torch-cpu`, `xla`) executes them and declares exactly these; a shipped accumulation added
+here is served there with no change in a binding. A user-defined one is not listed: generic backends
+refuse it by name (only the reference runs it)."""
 
 
 def _derive_accumulation(lhs: OperandFormat | None, rhs: OperandFormat) -> Accumulation:
@@ -402,6 +439,9 @@ def _derive_accumulation(lhs: OperandFormat | None, rhs: OperandFormat) -> Accum
         return Accumulation.FLOAT
     if lhs.qtype.integer and rhs.qtype.integer and lhs.granularity is not Granularity.GROUP:
         return Accumulation.INT32_PER_GROUP if rhs.granularity is Granularity.GROUP else Accumulation.INT32
+    ungrouped = Granularity.GROUP not in (lhs.granularity, rhs.granularity)
+    if not lhs.qtype.integer and not rhs.qtype.integer and ungrouped and not lhs.zero_point and not rhs.zero_point:
+        return Accumulation.FLOAT_CODES
     raise ValueError(f"no accumulation is derived for activations {lhs.describe()} x weights {rhs.describe()}; "
                      f"pass accumulation= explicitly")
 
@@ -603,13 +643,50 @@ class W4A8(Recipe):
         Recipe.__post_init__(self)
 
 
+_FP8_ROW = OperandFormat(qtype=FP8_E4M3, granularity=Granularity.ROW)
+_FP8_STATIC = OperandFormat(qtype=FP8_E4M3, granularity=Granularity.TENSOR, calibration=Calibration.STATIC)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class FP8Recipe(Recipe):
+    """float8_e4m3fn activations (per token, quantized on the fly) x float8_e4m3fn weights (per output
+    channel), f32 accumulation (`Accumulation.FLOAT_CODES`): what torch `_scaled_mm` with row-wise scales,
+    torchao float8 and vLLM's dynamic fp8 compute. Codes saturate at +-448. `qk.FP8` is its value;
+    `qk.FP8(static=True)` ('fp8-static') quantizes activations with one calibrated scale per layer
+    (vLLM's and torchao's static fp8; calibrate with `qkernels.calibration.static_scale(..., qtype=FP8_E4M3)`)."""
+
+    _: KW_ONLY
+    static: bool = False
+    tag: str = field(default="fp8", init=False)
+    lhs: OperandFormat | None = field(default=_FP8_ROW, init=False)
+    rhs: OperandFormat = field(default=_FP8_ROW, init=False)
+
+    def __post_init__(self) -> None:
+        _flag(self.static, "static")
+        object.__setattr__(self, "lhs", _FP8_STATIC if self.static else _FP8_ROW)
+        Recipe.__post_init__(self)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class FP8A16Recipe(Recipe):
+    """Float activations x float8_e4m3fn weights (per output channel): weight-only fp8 (accumulation
+    FLOAT: weights dequantized to the activation dtype). `qk.FP8A16` is its value."""
+
+    tag: str = field(default="fp8a16", init=False)
+    lhs: OperandFormat | None = field(default=None, init=False)
+    rhs: OperandFormat = field(default=_FP8_ROW, init=False)
+
+
 W8A8 = W8A8Recipe()
 W8A16 = W8A16Recipe()
+FP8 = FP8Recipe()
+FP8A16 = FP8A16Recipe()
 
-RECIPES: tuple[Recipe, ...] = (W8A8, W8A16, W4A16(), W4A8())
+RECIPES: tuple[Recipe, ...] = (W8A8, W8A16, W4A16(), W4A8(), FP8, FP8A16)
 """One value of each shipped recipe family (W4A16 and W4A8 at their default group size 128)."""
 
-_TYPES: dict[str, type[Recipe]] = {"w8a8": W8A8Recipe, "w8a16": W8A16Recipe, "w4a16": W4A16, "w4a8": W4A8}
+_TYPES: dict[str, type[Recipe]] = {"w8a8": W8A8Recipe, "w8a16": W8A16Recipe, "w4a16": W4A16, "w4a8": W4A8,
+                                   "fp8": FP8Recipe, "fp8a16": FP8A16Recipe}
 
 
 def resolve_recipe(recipe: Recipe | type[Recipe] | str | None, default: Recipe = W8A8) -> Recipe:
@@ -623,7 +700,7 @@ def resolve_recipe(recipe: Recipe | type[Recipe] | str | None, default: Recipe =
     if isinstance(recipe, str):
         return recipe_named(recipe)
     raise TypeError(f"recipe={recipe!r} is not a recipe; pass one of qk.W8A8, qk.W8A16, qk.W4A16(group_size), "
-                    f"qk.W4A8(group_size), another qkernels.Recipe, or a name like 'w4a16-g128'")
+                    f"qk.W4A8(group_size), qk.FP8, qk.FP8A16, another qkernels.Recipe, or a name like 'w4a16-g128'")
 
 
 def recipe_named(name: str) -> Recipe:

@@ -320,10 +320,19 @@ def to_codes(y: Any, qtype: QType, ops: ArrayOps = NUMPY_OPS) -> Any:
 
 
 def quantize_symmetric(x: Any, scale: Any, qtype: QType, ops: ArrayOps = NUMPY_OPS) -> Any:
-    """Codes `clip(round_half_even(x / scale), -qmax, qmax)` (integer types; see `to_codes`).
+    """Codes of `x / scale` saturated at +-qmax (`to_codes`): integer types `clip(round_half_even(.))`,
+    float types (fp8) `clip(.)` then one round-to-nearest-even cast to the storage type.
 
     `x / scale` is an IEEE f32 division (not a multiply by a reciprocal), so every backend that
-    divides correctly rounded gets the same codes. Values beyond the range saturate at +-qmax.
+    divides correctly rounded gets the same codes. Values beyond the range saturate at +-qmax (448
+    for float8_e4m3fn: the cast itself would give NaN, e4m3fn has no infinity).
+
+    | x / scale (float8_e4m3fn)  | code                          |
+    |----------------------------|-------------------------------|
+    | 1.0625 (tie), 17 (tie)     | 1.0, 16 (ties to even)        |
+    | 500, -1e30                 | 448, -448 (saturated)         |
+    | 3 * 2**-10 (subnormal tie) | 2**-8 (subnormal codes kept)  |
+    | |y| <= 2**-10              | 0 (sign kept: -0 for y < 0)   |
     """
     return to_codes(ops.div(ops.cast(x, "float32"), scale), qtype, ops)
 

@@ -110,19 +110,24 @@ def bind(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point:
                  dispatch.requested_backend(), dispatch.registry_version("torch"))
 
 
+_BITS = {1: (np.uint8, torch.uint8), 2: (np.uint16, torch.uint16)}
+
+
 def _to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
+    """A tensor as NumPy; dtypes NumPy lacks (bfloat16, float8_*) cross as the same bytes in ml_dtypes' dtype."""
     if t is None:
         return None
     t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    name = dtype_name(t.dtype)
+    if hasattr(ml_dtypes, name):
+        return t.view(_BITS[t.element_size()][1]).numpy().view(getattr(ml_dtypes, name))
     return t.numpy()
 
 
 def _from_numpy(a: np.ndarray, device: torch.device) -> torch.Tensor:
     a = np.ascontiguousarray(a)
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16).to(device)
+    if hasattr(ml_dtypes, a.dtype.name) and a.dtype.name in DTYPES:
+        return torch.from_numpy(a.view(_BITS[a.itemsize][0])).view(DTYPES[a.dtype.name]).to(device)
     return torch.from_numpy(a).to(device)
 
 
