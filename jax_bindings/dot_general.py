@@ -304,23 +304,30 @@ _JNP_EINSUM_CODE = _jnp_einsum_code()
 
 
 def swapped_by_jnp_einsum(lhs: Any, rhs: Any, caller: Any) -> bool:
-    """Whether `caller` (a frame) is `jnp.einsum` passing its second operand first.
+    """Whether `caller` (a frame) is `jnp.einsum` passing the einsum's second operand, the weight, first.
 
-    `jnp.einsum(s, x, w, _dot_general=dg)` calls `dg(w, x, ...)` whenever that order needs no
-    transpose of the result (jax 0.10: `_einsum` tries (rhs, lhs) first), so the position of a
-    float operand does not say which one is the weight; the operands `_einsum` holds as `lhs` and
-    `rhs` do (its `lhs` is the einsum's first operand). Any other caller: False (rhs is the weight).
+    `jnp.einsum(s, x, w, _dot_general=dg)` calls `dg` in whichever order needs no transpose of the
+    result (jax 0.10: `_einsum` tries `(rhs, lhs)` first, and its `lhs` / `rhs` are the operands in
+    the order of the contraction path, `operand_indices`), so the position of a float operand does not
+    say which one is the weight. With one two-operand contraction, `operand_indices` maps them back
+    to the einsum's own operands. Any other caller: False (the rhs is the weight, as for lax).
+    Raises a TypeError where jnp.einsum's call cannot be mapped back (an einsum with single-operand
+    steps, or a jax whose `_einsum` holds other names): use `make_einsum` there.
     """
     if _JNP_EINSUM_CODE is None or caller is None or caller.f_code is not _JNP_EINSUM_CODE:
         return False
     held = caller.f_locals
-    if held.get("rhs") is lhs and held.get("lhs") is rhs:
+    contractions, indices = held.get("contractions"), tuple(held.get("operand_indices") or ())
+    second = None
+    if isinstance(contractions, (list, tuple)) and len(contractions) == 1 and sorted(indices) == [0, 1]:
+        second = held.get("lhs") if indices[0] == 1 else held.get("rhs")
+    if second is not None and lhs is second:
         return True
-    if held.get("lhs") is lhs and held.get("rhs") is rhs:
+    if second is not None and rhs is second:
         return False
-    raise TypeError("qkernels: jnp.einsum called a quantized dot_general with operands it does not hold as its "
-                    "(lhs, rhs), so which one is the weight cannot be told; use qkernels.make_einsum(recipe) "
-                    "(its second operand is the weight) instead of jnp.einsum(..., _dot_general=...)")
+    raise TypeError("qkernels: jnp.einsum called a quantized dot_general in a way that does not tell which operand "
+                    "is the weight (its second); use qkernels.make_einsum(recipe)(subscripts, x, w) instead of "
+                    "jnp.einsum(..., _dot_general=...)")
 
 
 def _lax_order(y: jax.Array, n_batch: int, n_first: int) -> jax.Array:

@@ -509,7 +509,7 @@ def _quantize_nnx(model: nnx.Module, rules: tuple[Rule, ...], mode: str, args: t
             model(*args, **kwargs)
         finally:
             _LOCAL.converting = False
-    state.summary.warn_unmatched()
+    state.summary.warn_unmatched(stacklevel=3)  # the caller of quantize_model
     return model
 
 

@@ -121,7 +121,7 @@ class Summary:
     def paths_seen(self) -> list[str]:
         return list(self._seen)
 
-    def warn_unmatched(self) -> None:
+    def warn_unmatched(self, stacklevel: int = 2) -> None:
         """Warn once for each rule that matched no module, listing the module paths seen."""
         if self._warned or not self._seen:
             return
@@ -129,7 +129,7 @@ class Summary:
         for rule, hits in zip(self.rules, self._hits):
             if hits == 0:
                 warnings.warn(f"qkernels.Rule({rule.module_path!r}) matched no module; the module paths are "
-                              f"{self.paths_seen}", stacklevel=3)
+                              f"{self.paths_seen}", stacklevel=stacklevel + 1)
 
     def __str__(self) -> str:
         rows = [("path", "module", "param", "recipe", "shape", "stored / reason")]
