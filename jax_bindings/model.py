@@ -101,7 +101,12 @@ class _Scope:
         return None
 
     def name_of(self, w: Any) -> str:
-        return self.weights[id(w)][0] if id(w) in self.weights else "kernel"
+        if id(w) in self.weights:
+            return self.weights[id(w)][0]
+        for name, v in self.weights.values():  # a QArray rebuilt around the same leaves (unboxing makes new ones)
+            if isinstance(v, QArray) and isinstance(w, QArray) and v.qvalue is w.qvalue:
+                return name
+        return "?"
 
 
 def _stack() -> list[_Scope | None]:
@@ -337,6 +342,10 @@ class _ModelState:
     rules: tuple[Rule, ...]
     mode: str
     summary: Summary
+    # linen: each module's parameters by identity, per path, shared by its setup and its other
+    # methods (setup runs as a call of its own); emptied when the top-level call returns
+    marks: dict[str, dict[int, tuple[str, Any]]] = field(default_factory=dict)
+    depth: int = 0
 
 
 def _own_params(module: Any) -> bool:
@@ -401,22 +410,46 @@ def _finish(scope: _Scope, has_params: bool) -> None:
     scope.summary.record(Entry(path=scope.path, module=type(scope.module).__name__, reason=reason))
 
 
-def _linen_run(state: _ModelState, module: nn.Module, fun: Any, *args: Any, **kwargs: Any) -> Any:
-    """`fun(*args, **kwargs)`, a method of the bound `module`, in its scope."""
+def _linen_run(state: _ModelState, module: nn.Module, fun: Any, is_setup: bool, *args: Any, **kwargs: Any) -> Any:
+    """`fun(*args, **kwargs)`, a method of the bound `module` (its `setup` if `is_setup`), in its scope."""
     path = "/".join(module.scope.path)
     hit = state.summary.match(path)
     scope = _Scope(path=path, module=module, rule=None if hit is None else hit[1], mode=state.mode,
-                   summary=state.summary, flavor="linen")
+                   summary=state.summary, flavor="linen", weights=state.marks.setdefault(path, {}))
+    for name, value in (module.variables.get("params", {}) if module.scope is not None else {}).items():
+        if not isinstance(value, Mapping):  # its own parameters (children are sub-dicts)
+            scope.mark(name, meta.unbox(value))
     with _scoped(scope), _linen_overrides(module, scope):
         out = fun(*args, **kwargs)
-    _finish(scope, _own_params(module))
+    if not is_setup:
+        _finish(scope, _own_params(module))
     return out
+
+
+class _top_level:
+    """The outermost call of a quantized linen model: interception on, marks emptied after (not after
+    the top module's setup, whose parameters its `__call__` uses next). Marks hold their arrays, so a
+    stale one can never share its id with a new array."""
+
+    def __init__(self, state: _ModelState, clears: bool = True) -> None:
+        self.state, self.clears = state, clears
+        self.intercepting = nn.intercept_methods(functools.partial(_linen_interceptor, state))
+
+    def __enter__(self) -> None:
+        self.state.depth += 1
+        self.intercepting.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.intercepting.__exit__(*exc)
+        self.state.depth -= 1
+        if self.state.depth == 0 and self.clears:
+            self.state.marks.clear()
 
 
 def _linen_interceptor(state: _ModelState, next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
     if context.module.scope is None:
         return next_fun(*args, **kwargs)
-    return _linen_run(state, context.module, next_fun, *args, **kwargs)
+    return _linen_run(state, context.module, next_fun, context.method_name == "setup", *args, **kwargs)
 
 
 def _unwrapped(method: Any) -> Any:
@@ -432,13 +465,23 @@ def _quantize_linen(model: nn.Module, rules: tuple[Rule, ...], mode: str) -> nn.
 
     @functools.wraps(call)  # keeps nn.compact's mark
     def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        with nn.intercept_methods(functools.partial(_linen_interceptor, state)):
-            out = _linen_run(state, self, functools.partial(call, self), *args, **kwargs)
+        with _top_level(state):
+            out = _linen_run(state, self, functools.partial(call, self), False, *args, **kwargs)
         state.summary.warn_unmatched()
         return out
 
-    cls = type(base.__name__, (base,), {"__call__": __call__, "_qk_float_type": base, "_qk_state": state,
-                                        "__module__": base.__module__, "__qualname__": base.__qualname__})
+    namespace = {"__call__": __call__, "_qk_float_type": base, "_qk_state": state, "__module__": base.__module__,
+                 "__qualname__": base.__qualname__}
+    if base.setup is not nn.Module.setup:  # flax runs the top module's setup before its __call__
+        base_setup = _unwrapped(base.setup)
+
+        @functools.wraps(base_setup)
+        def setup(self: nn.Module) -> None:
+            with _top_level(state, clears=False):
+                _linen_run(state, self, functools.partial(base_setup, self), True)
+
+        namespace["setup"] = setup
+    cls = type(base.__name__, (base,), namespace)
     qmodel = model.copy()
     qmodel.__class__ = cls
     return qmodel

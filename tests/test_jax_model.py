@@ -174,6 +174,33 @@ def test_bare_lax_and_einsum_calls_on_own_params_are_quantized_whichever_operand
     np.testing.assert_array_equal(np.asarray(out), np.asarray(qk.dot_general(h, w2, (((1,), (1,)), ((), ())))))
 
 
+class SetupStyle(nn.Module):
+    def setup(self):
+        self.w = self.param("w", nn.initializers.lecun_normal(), (64, 32))
+        self.dense = nn.Dense(8)
+
+    def __call__(self, x):
+        return self.dense(jax.lax.dot_general(x, self.w, (((1,), (0,)), ((), ()))))
+
+
+class Outer(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return SetupStyle(name="inner")(x)
+
+
+@pytest.mark.parametrize("make", [pytest.param(SetupStyle, id="top-level"), pytest.param(Outer, id="nested")])
+def test_params_made_in_setup_are_quantized_too(make):
+    model, x = make(), _x((4, 64), seed=12)
+    params = model.init(KEY, x)["params"]
+    qmodel, qparams = _served(model, [qk.Rule(r".*", qk.W8A8)], x, params)
+    inner = qparams if make is SetupStyle else qparams["inner"]
+    assert isinstance(inner["w"], qk.QArray) and isinstance(inner["dense"]["kernel"], qk.QArray)
+    out = jax.jit(qmodel.apply)({"params": qparams}, x)
+    assert snr_db(out, model.apply({"params": params}, x)) >= 25
+    assert {e.param for e in qk.quantization_summary(qmodel).quantized} == {"w", "kernel"}
+
+
 # --- NNX ----------------------------------------------------------------------------------------------------------
 
 def test_nnx_mlp_quantized_in_place_serves_and_quantize_params_gives_the_same_state():
@@ -434,7 +461,8 @@ def test_a_rule_matching_nothing_warns_with_the_paths_seen():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         qk.quantize_model(NnxMLP(nnx.Rngs(0)), [qk.Rule(r"up", qk.W8A8)], "serve", x)
-    with pytest.warns(UserWarning, match=r"Rule\('mlp'\) matched no module; the module paths are \['down', 'mid', 'up', ''\]"):
+    unmatched = r"Rule\('mlp'\) matched no module; the module paths are \['down', 'mid', 'up', ''\]"
+    with pytest.warns(UserWarning, match=unmatched):
         qk.quantize_model(NnxMLP(nnx.Rngs(0)), [qk.Rule(r"mlp", qk.W8A8)], "serve", x)
 
 
@@ -463,7 +491,7 @@ def test_bad_calls_give_clear_errors():
     with pytest.raises(ValueError, match=r"declares 'kernel' of shape \(64, 8\) but the params hold a QArray of shape "
                                          r"\[32, 8\]"):
         qsmall.apply({"params": qp}, jnp.ones((1, 64)))
-    with pytest.raises(ValueError, match=r"param 'kernel' has shape \(64, 8\) but the quantized model expects \[32, 8\]"):
+    with pytest.raises(ValueError, match=r"'kernel' has shape \(64, 8\) but the quantized model expects \[32, 8\]"):
         qk.quantize_params(small.init(KEY, jnp.ones((1, 64)))["params"],
                            jax.eval_shape(qsmall.init, KEY, jnp.ones((1, 32)))["params"])
     with pytest.raises(ValueError, match="needs example inputs"):
@@ -474,7 +502,7 @@ def test_bad_calls_give_clear_errors():
     with pytest.raises(ValueError, match=r"apply with mutable=\['calibration'\]"):
         calib.apply({"params": params}, x)
     static = qk.quantize_model(block, [qk.Rule(r".*", qk.W8A8(static=True))])
-    with pytest.raises(ValueError, match="static activation scale but the calibration has no 'attn/key/kernel_input_amax'"):
+    with pytest.raises(ValueError, match="activation scale but the calibration has no 'attn/key/kernel_input_amax'"):
         qk.quantize_params(params, jax.eval_shape(static.init, KEY, x)["params"], calibration={})
     with pytest.raises(TypeError, match="was not made by qk.quantize_model"):
         qk.quantization_summary(block)
@@ -488,3 +516,15 @@ def test_assert_close_helper_is_used_for_float_paths():
     qmodel, qparams = _served(layer, [qk.Rule(r".*", qk.W4A16(32))], x, layer.init(KEY, x)["params"])
     w = np.asarray(qparams["kernel"].dequantize())
     assert_close(qmodel.apply({"params": qparams}, x), np.asarray(x) @ w, np.asarray(x), w.T, np.float32)
+
+
+def test_bench_model_smoke_has_both_libraries_side_by_side():
+    """`python -m bench model --smoke`'s rows (speed is reported there, never asserted here)."""
+    from bench import jax_model
+
+    rows = jax_model.run("smoke", ("w8a8",))
+    assert [(r["recipe"], r["impl"]) for r in rows] == [("float", "flax f32"), ("w8a8", "qkernels"), ("w8a8", "qwix")]
+    ours = rows[1]
+    assert ours["snr_db"] >= 25 and ours["ms"] > 0 and ours["param_bytes"] < rows[0]["param_bytes"]
+    assert "error" not in rows[2] or rows[2]["error"].startswith("unavailable")
+    assert "| w8a8 | qkernels |" in jax_model.markdown(rows, "smoke")
