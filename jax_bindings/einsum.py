@@ -32,7 +32,7 @@ from qkernels.formats import Recipe, resolve_recipe
 __all__ = ["einsum", "make_einsum", "QEinsum"]
 
 
-def _parse(subscripts: str, lhs: Any, rhs: Any) -> tuple[str, str, str]:
+def parse_subscripts(subscripts: str, lhs: Any, rhs: Any) -> tuple[str, str, str]:
     """(lhs indices, rhs indices, output indices), ellipses expanded to letters."""
     subscripts = subscripts.replace(" ", "")
     if "->" not in subscripts:
@@ -83,7 +83,7 @@ def einsum(subscripts: str, lhs: Any, rhs: Any, *, dot_general: Any = lax.dot_ge
     The weight is the `QArray` operand (either position), else `rhs`; a `QArray` must be quantized
     with the contracting (and batch) axes this einsum uses.
     """
-    a, b, out = _parse(subscripts, lhs, rhs)
+    a, b, out = parse_subscripts(subscripts, lhs, rhs)
     if isinstance(lhs, QArray) and not isinstance(rhs, QArray):
         lhs, rhs, a, b = rhs, lhs, b, a
     for c in out:

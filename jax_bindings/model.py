@@ -51,9 +51,11 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from jax.sharding import NamedSharding
 
 from jax_bindings import einsum as qeinsum
-from jax_bindings.dot_general import _lax_order, dot_general
+from jax_bindings.arrays import JAX_OPS
+from jax_bindings.dot_general import _constrain, _lax_order, dot_general
 from jax_bindings.qarray import QArray, quantize
 from jax_bindings.rules import Entry, Rule, Summary, check_rules, quantized_entry
+from qkernels import calibration as qcal
 
 __all__ = ["quantize_model", "quantize_params", "quantization_summary", "MODES", "CALIBRATION"]
 
@@ -158,6 +160,7 @@ def _serving_weight(scope: _Scope, w: Any, contracting: tuple[int, ...], batch: 
         boxed = scope.module.get_variable("params", name)
         scope.module.put_variable("params", name, _rebox(q, boxed))
     elif scope.flavor == "nnx" and scope.converting:
+        q = _placed_like(q, w)
         getattr(scope.module, name).set_value(q)
     else:
         raise ValueError(f"module {scope.path!r} got a float {name!r} {tuple(w.shape)} but the model is quantized for "
@@ -165,6 +168,16 @@ def _serving_weight(scope: _Scope, w: Any, contracting: tuple[int, ...], batch: 
                          f"...)['params']) (linen) or nnx.update(qmodel, qk.quantize_params(params, qmodel)) (NNX)")
     scope.mark(name, q)
     return q
+
+
+def _placed_like(q: QArray, w: Any) -> QArray:
+    """`q` sharded as `QArray.storage_specs` derives from the float weight's `NamedSharding`, if any."""
+    sharding = None if isinstance(w, jax.core.Tracer) else getattr(w, "sharding", None)
+    if not isinstance(sharding, NamedSharding) or sharding.mesh.size == 1:
+        return q
+    specs = q.storage_specs(sharding.spec)
+    return dataclasses.replace(q, **{f: jax.device_put(getattr(q, f), NamedSharding(sharding.mesh, getattr(specs, f)))
+                                     for f in ("qvalue", "scale", "zero_point") if getattr(q, f) is not None})
 
 
 def _rebox(q: QArray, boxed: Any) -> Any:
@@ -179,16 +192,12 @@ def _rebox(q: QArray, boxed: Any) -> Any:
 
 def _input_scale(scope: _Scope, x: jax.Array, name: str) -> jax.Array:
     """The static-range recipe's per-tensor activation scale: a param next to the kernel."""
-    from qkernels import calibration
-
-    from jax_bindings.arrays import JAX_OPS
-
     key = name + INPUT_SCALE
     rule = scope.rule
 
     def measured() -> jax.Array:
-        amax = calibration.batch_range(x, JAX_OPS, method=rule.method, percentile=rule.percentile)
-        return calibration.static_scale(amax, JAX_OPS)
+        amax = qcal.batch_range(x, JAX_OPS, method=rule.method, percentile=rule.percentile)
+        return qcal.static_scale(amax, JAX_OPS)
 
     if scope.flavor == "linen":
         return scope.module.param(key, lambda _key: measured())
@@ -200,59 +209,47 @@ def _input_scale(scope: _Scope, x: jax.Array, name: str) -> jax.Array:
 
 
 def _calibrate(scope: _Scope, x: jax.Array, name: str) -> None:
-    from qkernels import calibration
-
-    from jax_bindings.arrays import JAX_OPS
-
     rule, key = scope.rule, name + INPUT_AMAX
-    amax = calibration.batch_range(jax.lax.stop_gradient(x), JAX_OPS, method=rule.method, percentile=rule.percentile)
+    amax = qcal.batch_range(jax.lax.stop_gradient(x), JAX_OPS, method=rule.method, percentile=rule.percentile)
     if scope.flavor == "linen":
         module = scope.module
         if not module.is_mutable_collection(CALIBRATION):
             raise ValueError(f"mode='calibrate' collects activation ranges into the {CALIBRATION!r} collection; "
                              f"apply with mutable=[{CALIBRATION!r}]")
         stat = module.variable(CALIBRATION, key, lambda: jnp.zeros((), jnp.float32))
-        stat.value = calibration.merge_ranges(None if module.is_initializing() else stat.value, amax, JAX_OPS)
+        stat.value = qcal.merge_ranges(None if module.is_initializing() else stat.value, amax, JAX_OPS)
         return
     if not hasattr(scope.module, key):
         setattr(scope.module, key, CalibrationStat(amax))
     else:
         stat = getattr(scope.module, key)
-        stat.set_value(calibration.merge_ranges(stat.get_value(), amax, JAX_OPS))
+        stat.set_value(qcal.merge_ranges(stat.get_value(), amax, JAX_OPS))
 
 
-def _prepare(scope: _Scope, x: Any, w: Any, contracting: tuple[int, ...], batch: tuple[int, ...]) -> dict[str, Any]:
+def _prepare(scope: _Scope, x: Any, w: Any, contracting: tuple[int, ...],
+             batch: tuple[int, ...]) -> dict[str, Any] | None:
     """The weight (and the call's extra arguments) for this mode; None: run the float call."""
     name = scope.name_of(w)
-    if scope.mode == "calibrate":
+    if scope.mode != "serve":
         if isinstance(w, QArray):
-            raise ValueError(f"module {scope.path!r}: mode='calibrate' runs float params; its {name!r} is a QArray")
-        if scope.recipe.static:
-            _calibrate(scope, x, name)
-        scope.summary.record(dataclasses.replace(
-            quantized_entry(scope.path, scope.module, name, _abstract_quantized(w, scope.recipe, contracting, batch)),
-            stored=None))
-        return None
-    if scope.mode == "qat":
-        if isinstance(w, QArray):
-            raise ValueError(f"module {scope.path!r}: mode='qat' trains float params; its {name!r} is a QArray "
-                             f"(serve it with mode='serve')")
-        if scope.recipe.static:
+            raise ValueError(f"module {scope.path!r}: mode={scope.mode!r} runs float params; its {name!r} is a "
+                             f"QArray (serve it with mode='serve')")
+        if scope.mode == "qat" and scope.recipe.static:
             raise ValueError(f"module {scope.path!r}: {scope.recipe.name} is a static-range recipe; train with its "
                              f"dynamic recipe and calibrate after")
-        scope.summary.record(dataclasses.replace(
-            quantized_entry(scope.path, scope.module, name, _abstract_quantized(w, scope.recipe, contracting, batch)),
-            stored=None))
-        return {"weight": w, "extra": {}}
+        planned = jax.eval_shape(functools.partial(quantize, recipe=scope.recipe, contracting_axes=contracting,
+                                                   batch_axes=batch), jax.ShapeDtypeStruct(w.shape, w.dtype))
+        scope.summary.record(dataclasses.replace(quantized_entry(scope.path, scope.module, name, planned),
+                                                 stored=None))
+        if scope.mode == "qat":
+            return {"weight": w, "extra": {}}
+        if scope.recipe.static:
+            _calibrate(scope, x, name)
+        return None
     q = _serving_weight(scope, w, contracting, batch)
     scope.summary.record(quantized_entry(scope.path, scope.module, name, q))
     extra = {"input_scale": _input_scale(scope, x, name)} if q.recipe.static else {}
     return {"weight": q, "extra": extra}
-
-
-def _abstract_quantized(w: Any, recipe: Any, contracting: tuple[int, ...], batch: tuple[int, ...]) -> QArray:
-    return jax.eval_shape(functools.partial(quantize, recipe=recipe, contracting_axes=contracting, batch_axes=batch),
-                          jax.ShapeDtypeStruct(w.shape, w.dtype))
 
 
 # --- the replacement functions -----------------------------------------------------------------------------------
@@ -270,14 +267,13 @@ def _dot_general_hook(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any
     ready = _prepare(scope, x, w, tuple(wc), tuple(wb))
     if ready is None:
         return _LAX_DOT_GENERAL(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs)
-    out_sharding = kwargs.pop("out_sharding", None)
+    out_sharding = kwargs.pop("out_sharding", None) if side == "lhs" else None
     with _scoped(None):
         y = dot_general(x, ready["weight"], ((xc, wc), (xb, wb)), precision, preferred_element_type,
                         recipe=scope.recipe, backend=scope.rule.backend, **ready["extra"], **kwargs)
         if side == "lhs":  # lax order: (batch, weight free, activation free)
             y = _lax_order(y, len(xb), x.ndim - len(xc) - len(xb))
-        if out_sharding is not None:
-            y = jax.lax.with_sharding_constraint(y, out_sharding)
+            y = y if out_sharding is None else _constrain(y, out_sharding)
     return y
 
 
@@ -293,7 +289,7 @@ def _einsum_hook(subscripts: Any, *operands: Any, **kwargs: Any) -> jax.Array:
         return _JNP_EINSUM(subscripts, *operands, **kwargs)
     scope.used += 1
     x, w = operands if side == "rhs" else operands[::-1]
-    a, b, out = qeinsum._parse(subscripts, *operands)
+    a, b, out = qeinsum.parse_subscripts(subscripts, *operands)
     xi, wi = (a, b) if side == "rhs" else (b, a)
     ready = _prepare(scope, x, w, tuple(i for i, c in enumerate(wi) if c in xi and c not in out),
                      tuple(i for i, c in enumerate(wi) if c in xi and c in out))
@@ -610,11 +606,7 @@ def _quantize_leaf(path: str, value: Any, target: QArray) -> Any:
                          f"{list(abstract.shape)}; the params are of another model")
     q = quantize(value, abstract.recipe, contracting_axes=abstract.contracting_axes, batch_axes=abstract.batch_axes,
                  name=path)
-    sharding = getattr(value, "sharding", None)
-    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-        specs = q.storage_specs(sharding.spec)
-        q = dataclasses.replace(q, **{f: jax.device_put(getattr(q, f), NamedSharding(sharding.mesh, getattr(specs, f)))
-                                      for f in ("qvalue", "scale", "zero_point") if getattr(q, f) is not None})
+    q = _placed_like(q, value)
     leaf = getattr(target, "qvalue", None)
     if isinstance(leaf, meta.Partitioned):  # the abstract tree's boxes (names derived at init)
         q = dataclasses.replace(q, **{f: dataclasses.replace(getattr(target, f), value=getattr(q, f))
@@ -634,10 +626,6 @@ def quantize_params(params: Any, abstract_quantized_params: Any, calibration: An
     `qkernels.calibration.static_scale` of its `<param>_input_amax`. A float param sharded with a
     `NamedSharding` gives a QArray sharded alike (`QArray.storage_specs`).
     """
-    from qkernels import calibration as calib
-
-    from jax_bindings.arrays import JAX_OPS
-
     targets = _flat(abstract_quantized_params) if not isinstance(abstract_quantized_params, nnx.Module) else \
         traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract_quantized_params, nnx.Param)))
     if isinstance(params, nnx.Module):
@@ -658,7 +646,7 @@ def quantize_params(params: Any, abstract_quantized_params: Any, calibration: An
                 raise ValueError(f"param {name!r} is a static activation scale but the calibration has no "
                                  f"{'/'.join(map(str, amax_path))!r}; run the mode='calibrate' model over example "
                                  f"batches and pass its {CALIBRATION!r} collection as calibration=")
-            scale = calib.static_scale(jnp.asarray(_unboxed(stats[amax_path])), JAX_OPS)
+            scale = qcal.static_scale(jnp.asarray(_unboxed(stats[amax_path])), JAX_OPS)
             out[path] = dataclasses.replace(target, value=scale) if isinstance(target, meta.Partitioned) else scale
         else:
             raise ValueError(f"the quantized model has param {name!r} but the float params do not; they are of "

@@ -528,3 +528,15 @@ def test_bench_model_smoke_has_both_libraries_side_by_side():
     assert ours["snr_db"] >= 25 and ours["ms"] > 0 and ours["param_bytes"] < rows[0]["param_bytes"]
     assert "error" not in rows[2] or rows[2]["error"].startswith("unavailable")
     assert "| w8a8 | qkernels |" in jax_model.markdown(rows, "smoke")
+
+
+def test_nnx_kernels_sharded_before_quantize_model_stay_sharded():
+    mesh, x = _mesh(), _x((2, 4, D), seed=13)
+    model = NnxMLP(nnx.Rngs(0))
+    model.up.kernel.set_value(jax.device_put(model.up.kernel[...], NamedSharding(mesh, P(None, "model"))))
+    reference = nnx.jit(lambda m, x: m(x))(qk.quantize_model(NnxMLP(nnx.Rngs(0)), [qk.Rule(r".*", qk.W8A8)],
+                                                               "serve", x), x)
+    qmodel = qk.quantize_model(model, [qk.Rule(r".*", qk.W8A8)], "serve", x)
+    w = qmodel.up.kernel[...]
+    assert w.qvalue.sharding.spec == P("model", None) and w.scale.sharding.spec == P("model")
+    np.testing.assert_array_equal(np.asarray(nnx.jit(lambda m, x: m(x))(qmodel, x)), np.asarray(reference))
