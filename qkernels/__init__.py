@@ -26,6 +26,8 @@ __all__ = [
     "OperandFormat", "Accumulation", "Calibration", "Granularity", "QType", "int_type",
     "Problem", "BackendUnavailable", "use_backend", "explain", "quantize",
     "dot_general", "make_dot_general", "make_einsum", "QArray", "linear", "quantize_", "QLinear", "QTensor",
+    "QATLinear", "prepare_qat", "convert", "LoRALinear", "add_lora", "lora_state_dict", "load_lora",
+    "calibrate", "smoothquant_",
     "Rule", "quantize_model", "quantize_params", "quantization_summary",
 ]
 
@@ -42,6 +44,15 @@ _LAZY = {
     "quantize_": "torch_bindings",
     "QLinear": "torch_bindings",
     "QTensor": "torch_bindings",
+    "QATLinear": "torch_bindings",
+    "prepare_qat": "torch_bindings",
+    "convert": "torch_bindings",
+    "LoRALinear": "torch_bindings",
+    "add_lora": "torch_bindings",
+    "lora_state_dict": "torch_bindings",
+    "load_lora": "torch_bindings",
+    "calibrate": "torch_bindings",
+    "smoothquant_": "torch_bindings",
 }
 
 

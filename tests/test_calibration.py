@@ -41,7 +41,7 @@ def test_static_recipes_are_values_with_names():
     s = qk.W8A8(static=True)
     assert s.name == "w8a8-static" and s.static and not qk.W8A8.static and s != qk.W8A8
     assert s.tag == qk.W8A8.tag and s.accumulation is qk.Accumulation.INT32
-    assert qk.recipe_named("w8a8-static") is s and qk.parse_recipe("w4a8-g64-static") == qk.W4A8(64, static=True)
+    assert qk.recipe_named("w8a8-static") == s and qk.parse_recipe("w4a8-g64-static") == qk.W4A8(64, static=True)
     assert qk.W4A8(64, static=True).accumulation is qk.Accumulation.INT32_PER_GROUP
     with pytest.raises(ValueError, match="no static-activation variant"):
         qk.parse_recipe("w4a16-g128-static")
