@@ -3,6 +3,7 @@
     python -m bench [--recipes w8a8,w4a16-g128] [--shapes cpu|model|llama3-8b|square|...]
                     [--framework jax|torch|both] [--smoke | --quick] [--json FILE] [--plot FILE.png]
                     [--markdown FILE] [--save] [--budget SECONDS]
+    python -m bench model [--smoke] [--recipes w8a8,w4a16-g128] [--json FILE]   (bench/jax_model.py)
 
 `--save` writes JSON, markdown and PNG to bench/results/<device>-<date>.* (the committed results).
 """
@@ -93,6 +94,11 @@ def _cases(dev: Any, framework: str, recipes: tuple[Any, ...]) -> list[Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["model"]:  # python -m bench model: a Flax model quantized by qkernels and by Qwix
+        from bench import jax_model
+
+        return jax_model.main(argv[1:])
     args = _parse(argv)
     device_mod.configure_environment()
     from bench import report, runner, targets

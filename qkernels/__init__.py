@@ -1,8 +1,9 @@
 """qkernels: hand-written quantized matmul kernels (Triton, Pallas) behind drop-in JAX/PyTorch APIs.
 
 `import qkernels` needs neither JAX nor PyTorch: the framework entry points (`dot_general`,
-`make_dot_general`, `make_einsum`, `linear`, `quantize_`, `QLinear`, `QTensor`, `QArray`) are
-loaded on first use from `jax_bindings` / `torch_bindings`. `quantize` and `explain` route by the
+`make_dot_general`, `make_einsum`, `linear`, `quantize_`, `QLinear`, `QTensor`, `QArray`, and the Flax
+model-level `Rule`, `quantize_model`, `quantize_params`, `quantization_summary`) are loaded on first
+use from `jax_bindings` / `torch_bindings`. `quantize` and `explain` route by the
 type of their first argument.
 """
 
@@ -28,6 +29,7 @@ __all__ = [
     "dot_general", "make_dot_general", "make_einsum", "QArray", "linear", "quantize_", "QLinear", "QTensor",
     "QATLinear", "prepare_qat", "convert", "LoRALinear", "add_lora", "lora_state_dict", "load_lora",
     "calibrate", "smoothquant_",
+    "Rule", "quantize_model", "quantize_params", "quantization_summary",
 ]
 
 _LAZY = {
@@ -35,6 +37,10 @@ _LAZY = {
     "make_dot_general": "jax_bindings",
     "make_einsum": "jax_bindings",
     "QArray": "jax_bindings",
+    "Rule": "jax_bindings.rules",
+    "quantize_model": "jax_bindings.model",
+    "quantize_params": "jax_bindings.model",
+    "quantization_summary": "jax_bindings.model",
     "linear": "torch_bindings",
     "quantize_": "torch_bindings",
     "QLinear": "torch_bindings",
