@@ -155,7 +155,8 @@ def _serving_weight(scope: _Scope, w: Any, contracting: tuple[int, ...], batch: 
                              f"rule gives {recipe.name}; convert the float params for this model with "
                              f"qk.quantize_params")
         return w
-    q = quantize(w, recipe, contracting_axes=contracting, batch_axes=batch, name=f"{scope.path}/{name}")
+    q = quantize(w, recipe, contracting_axes=contracting, batch_axes=batch, name=f"{scope.path}/{name}",
+                 method=scope.rule.weight_method)
     if scope.flavor == "linen" and scope.module.is_initializing():
         boxed = scope.module.get_variable("params", name)
         scope.module.put_variable("params", name, _rebox(q, boxed))
@@ -598,14 +599,14 @@ def _unboxed(x: Any) -> Any:
     return meta.unbox(x)
 
 
-def _quantize_leaf(path: str, value: Any, target: QArray) -> Any:
+def _quantize_leaf(path: str, value: Any, target: QArray, method: str = "rtn") -> Any:
     value = _unboxed(value)
     abstract = _unboxed(target)
     if tuple(value.shape) != abstract.shape:
         raise ValueError(f"param {path!r} has shape {tuple(value.shape)} but the quantized model expects "
                          f"{list(abstract.shape)}; the params are of another model")
     q = quantize(value, abstract.recipe, contracting_axes=abstract.contracting_axes, batch_axes=abstract.batch_axes,
-                 name=path)
+                 name=path, method=method)
     q = _placed_like(q, value)
     leaf = getattr(target, "qvalue", None)
     if isinstance(leaf, meta.Partitioned):  # the abstract tree's boxes (names derived at init)
@@ -614,7 +615,8 @@ def _quantize_leaf(path: str, value: Any, target: QArray) -> Any:
     return q
 
 
-def quantize_params(params: Any, abstract_quantized_params: Any, calibration: Any = None) -> Any:
+def quantize_params(params: Any, abstract_quantized_params: Any, calibration: Any = None, *,
+                    method: str = "rtn") -> Any:
     """Float params -> the params of a quantized model: every `QArray` leaf of the abstract tree is
     quantized from the float param at the same path (no float copy kept); the rest is passed through.
 
@@ -624,7 +626,8 @@ def quantize_params(params: Any, abstract_quantized_params: Any, calibration: An
     a pure dict for `nnx.update(qmodel, ...)`. Static-range recipes: `calibration` is the collected
     'calibration' collection (linen) or the calibrated model (NNX); each `<param>_input_scale` is
     `qkernels.calibration.static_scale` of its `<param>_input_amax`. A float param sharded with a
-    `NamedSharding` gives a QArray sharded alike (`QArray.storage_specs`).
+    `NamedSharding` gives a QArray sharded alike (`QArray.storage_specs`). `method`: how the weights'
+    codes are chosen, 'rtn' or 'mse' (`qk.quantize`).
     """
     targets = _flat(abstract_quantized_params) if not isinstance(abstract_quantized_params, nnx.Module) else \
         traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract_quantized_params, nnx.Param)))
@@ -639,7 +642,7 @@ def quantize_params(params: Any, abstract_quantized_params: Any, calibration: An
         name = "/".join(map(str, path))
         if path in values:
             value = values[path]
-            out[path] = _quantize_leaf(name, value, target) if _is_qarray(_unboxed(target)) else value
+            out[path] = _quantize_leaf(name, value, target, method) if _is_qarray(_unboxed(target)) else value
         elif str(path[-1]).endswith(INPUT_SCALE):
             amax_path = (*path[:-1], str(path[-1])[:-len(INPUT_SCALE)] + INPUT_AMAX)
             if amax_path not in stats:

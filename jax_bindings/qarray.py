@@ -23,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_bindings import quant
-from qkernels import numerics
+from jax_bindings.arrays import JAX_OPS
+from qkernels import numerics, quality
 from qkernels.formats import QOperand, Recipe, resolve_recipe
 
 __all__ = ["QArray", "quantize", "normalize_axes"]
@@ -150,13 +151,16 @@ def _is_concrete(x: Any) -> bool:
 
 
 def quantize(w: Any, recipe: Any = None, *, contracting_axes: Sequence[int] | int = (0,),
-             batch_axes: Sequence[int] | int = (), name: str = "weight") -> QArray:
+             batch_axes: Sequence[int] | int = (), name: str = "weight", method: str = "rtn") -> QArray:
     """Quantize a float weight for `recipe` (default W8A8) into a canonical packed `QArray`.
 
     `contracting_axes`: the axes the weight is contracted over in the `dot_general` it feeds, e.g.
     `(0,)` for a Flax `Dense` kernel `(in, out)`, `(1,)` for a PyTorch-style `(out, in)` weight.
     `batch_axes`: its batch axes (default none). With a concrete (non-traced) `w`, NaN/Inf raise a
     ValueError naming `name`; under a trace use `dot_general(..., check_finite=True)` and checkify.
+    `method`: "rtn" (round to nearest) or "mse" (per-block clip search, `qkernels.quality`): a concrete
+    weight is searched in NumPy, as the torch binding does, so both give the same codes; a traced one in
+    jnp (the same definition).
     """
     recipe = resolve_recipe(recipe)
     w = jnp.asarray(w)
@@ -173,7 +177,13 @@ def quantize(w: Any, recipe: Any = None, *, contracting_axes: Sequence[int] | in
     lead = (skeleton.batch,) if batch else ()
     canon = jnp.transpose(w, perm).reshape(*lead, skeleton.n, skeleton.k)
     recipe.check_k(skeleton.k)
-    op = quant.quantize_operand(canon, recipe.rhs)
+    if method == "rtn":
+        op = quant.quantize_operand(canon, recipe.rhs)
+    elif _is_concrete(w):
+        op = QOperand(*(None if a is None else jnp.asarray(a) for a in quality.quantize_weight(
+            np.asarray(canon.astype(jnp.float32)), recipe.rhs, method=method)))
+    else:
+        op = quality.quantize_weight(canon, recipe.rhs, JAX_OPS, method=method)
     if _is_concrete(w):
         recipe.rhs.check_scale(np.asarray(op.scale), what=name)
     return dataclasses.replace(skeleton, qvalue=op.qvalue, scale=op.scale, zero_point=op.zero_point)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
+from qkernels import quality
 from qkernels.formats import Recipe, resolve_recipe
 
 __all__ = ["Rule", "Entry", "Summary", "CALIBRATION_METHODS"]
@@ -28,7 +29,10 @@ class Rule:
     `recipe`: a recipe (`qk.W8A8`, `qk.W4A16(128)`, a name such as 'w8a8') or None (leave float).
     Options: `method` and `percentile` say how `mode="calibrate"` measures the activation range of a
     static-range recipe ('absmax', or 'percentile' of |x| at `percentile`); `backend` forces a
-    qkernels implementation for these modules (as `qk.dot_general(..., backend=)`).
+    qkernels implementation for these modules (as `qk.dot_general(..., backend=)`); `weight_method`
+    chooses the weights' codes when they are quantized: 'rtn' (round to nearest) or 'mse' (per-block clip
+    search, `qkernels.quality`; QAT's forward rounds to nearest, so QAT -> serve stays bit-identical only
+    with 'rtn').
     """
 
     module_path: str
@@ -37,6 +41,7 @@ class Rule:
     method: str = "absmax"
     percentile: float = 99.99
     backend: str | None = None
+    weight_method: str = "rtn"
 
     def __post_init__(self) -> None:
         try:
@@ -47,6 +52,8 @@ class Rule:
             object.__setattr__(self, "recipe", resolve_recipe(self.recipe))
         if self.method not in CALIBRATION_METHODS:
             raise ValueError(f"Rule method={self.method!r}; use one of {CALIBRATION_METHODS}")
+        if self.weight_method not in quality.METHODS:
+            raise ValueError(f"Rule weight_method={self.weight_method!r}; use one of {quality.METHODS}")
         if not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"Rule percentile={self.percentile} must be in (0, 100], e.g. 99.99")
 
