@@ -118,11 +118,13 @@ def test_mse_codes_are_the_same_in_torch_and_jax():
                     np.testing.assert_array_equal(np.asarray(a), b)
     import jax
 
-    # under jit the same definition runs in jnp; f32 error sums may order differently, so a near-tie can pick
-    # another shrink factor for a group: compare the scales, nearly all equal
-    traced = jax.jit(lambda x: qk.quantize(x, qk.W4A16(32), contracting_axes=(1,), method="mse").scale)(jnp.asarray(w))
-    eager = quality.clip_search(w, qk.W4A16(32).rhs).scale
-    assert traced.shape == eager.shape and np.mean(np.asarray(traced) == eager) > 0.95
+    # under jit the same definition runs in jnp; XLA may fuse the f32 error sums differently, so near-ties can
+    # pick another shrink factor for a group (about 1 group in 10 here): the reconstruction error is as low
+    fmt = qk.W4A16(32).rhs
+    traced = jax.jit(lambda x: qk.quantize(x, qk.W4A16(32), contracting_axes=(1,), method="mse"))(jnp.asarray(w))
+    err = lambda op: float(((_dq(op, fmt, 130) - w) ** 2).sum())  # noqa: E731
+    ops = QOperand(*(None if a is None else np.asarray(a) for a in traced.operand()))
+    assert err(ops) <= 1.01 * err(quality.clip_search(w, fmt)) < err(fmt.quantize(w))
 
 
 def test_rules_and_quantize_params_take_the_weight_method():
