@@ -46,6 +46,24 @@ class Imported:
     operand: QOperand
     shape: tuple[int, int]
 
+    def to_torch(self, device: Any = None) -> Any:
+        """The layer as a `QTensor` (what `QLinear.from_qtensor(w, bias)` serves), on `device`."""
+        import torch
+
+        from torch_bindings.qtensor import QTensor
+
+        q, s, z = (None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in self.operand)
+        return QTensor(qvalue=q, scale=s, zero_point=z, recipe=self.recipe, shape=self.shape)
+
+    def to_jax(self) -> Any:
+        """The layer as a `QArray` of a PyTorch-style (out, in) weight: `contracting_axes=(1,)`."""
+        import jax.numpy as jnp
+
+        from jax_bindings.qarray import QArray
+
+        q, s, z = (None if a is None else jnp.asarray(a) for a in self.operand)
+        return QArray(q, s, z, self.recipe, self.shape, jnp.dtype(jnp.float32), (1,))
+
 
 def unpack_int32(packed: Any, axis: int, bits: int = 4, order: tuple[int, ...] | None = None) -> np.ndarray:
     """The unsigned `bits`-bit fields of int32 words, spread along `axis`: word w's field i (bits

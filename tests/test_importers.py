@@ -106,3 +106,17 @@ def test_unservable_layers_are_refused_with_the_reason():
                            bad.T, group_size=G)
     with pytest.raises(TypeError, match="int32 words"):
         importers.unpack_int32(codes, 0)
+
+
+def test_imported_layers_serve_in_both_frameworks():
+    torch = pytest.importorskip("torch")
+    jnp = pytest.importorskip("jax.numpy")
+    codes, zeros, scales = layer(5)
+    imp = importers.from_awq(pack_words(codes.T, 1, importers.AWQ_ORDER), pack_words(zeros.T, 1, importers.AWQ_ORDER),
+                             scales.T, group_size=G)
+    x = np.random.default_rng(1).standard_normal((2, K)).astype(np.float32)
+    want = x @ imp.recipe.rhs.dequantize(imp.operand, K).T
+    y_torch = qk.linear(torch.from_numpy(x), imp.to_torch()).numpy()
+    y_jax = np.asarray(qk.dot_general(jnp.asarray(x), imp.to_jax(), (((1,), (1,)), ((), ()))))
+    np.testing.assert_allclose(y_torch, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y_jax, want, rtol=1e-5, atol=1e-5)
