@@ -14,6 +14,7 @@ from jax_bindings.dot_general import QDotGeneral, dot_general, explain, make_dot
 from jax_bindings.einsum import QEinsum, make_einsum
 from jax_bindings.implementations import current_platform, platform_of
 from jax_bindings.qarray import QArray, quantize
+from jax_bindings.ragged import quantize_experts, ragged_dot
 
 __all__ = ["dot_general", "make_dot_general", "QDotGeneral", "make_einsum", "QEinsum", "QArray", "quantize", "explain",
-           "plan", "current_platform", "platform_of"]
+           "plan", "current_platform", "platform_of", "ragged_dot", "quantize_experts"]

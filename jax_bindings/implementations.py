@@ -170,3 +170,6 @@ def register() -> None:
         name="reference.callback", framework="jax", priority=1, supports=_serves_everything, serves=SERVES.everything(),
         run=_run_reference, accumulate=_accumulate_reference,
         description="NumPy reference through jax.pure_callback (host round trip; exact, slow)"))
+    from jax_bindings import ragged  # the grouped (MoE) op: same platform rules
+
+    ragged.register(_supports_xla, SERVES)

@@ -30,6 +30,7 @@ __all__ = [
     "QATLinear", "prepare_qat", "convert", "LoRALinear", "add_lora", "lora_state_dict", "load_lora",
     "calibrate", "smoothquant_",
     "Rule", "quantize_model", "quantize_params", "quantization_summary",
+    "ragged_dot", "grouped_linear", "quantize_experts",
 ]
 
 _LAZY = {
@@ -54,6 +55,8 @@ _LAZY = {
     "load_lora": "torch_bindings",
     "calibrate": "torch_bindings",
     "smoothquant_": "torch_bindings",
+    "ragged_dot": "jax_bindings",
+    "grouped_linear": "torch_bindings",
 }
 
 
@@ -84,6 +87,16 @@ def quantize(x: Any, recipe: Any = None, **kwargs: Any) -> Any:
         return reference.quantize(x, resolve_recipe(recipe).rhs, name=kwargs.get("name", "weight"))
     module = importlib.import_module(f"{framework}_bindings")
     return module.quantize(x, recipe, **kwargs)
+
+
+def quantize_experts(w: Any, recipe: Any = None, **kwargs: Any) -> Any:
+    """Quantize a stack of expert weights for `recipe` (default W8A8), each expert with its own scales:
+    a JAX (E, K, N) array (`lax.ragged_dot`'s rhs) -> `QArray` for `qk.ragged_dot`; a torch
+    (E, out_features, in_features) tensor -> 3-D `QTensor` for `qk.grouped_linear`."""
+    framework = _framework_of(w)
+    if framework == "numpy":
+        raise TypeError("quantize_experts takes a JAX array or a torch tensor (the framework of the call it feeds)")
+    return importlib.import_module(f"{framework}_bindings").quantize_experts(w, recipe, **kwargs)
 
 
 def explain(*args: Any, **kwargs: Any) -> Any:

@@ -25,6 +25,11 @@ Calling convention of `Implementation.run` for `Op.QMATMUL` (framework-native ar
     rhs:  `QOperand(qvalue, scale, zero_point)` in canonical stored layout (B?, N, K_stored).
     bias: (N,) or None.
     out:  (..., M, N) of dtype `problem.out_dtype`.
+For `Op.RAGGED_QMATMUL` (the grouped matmul of mixture-of-experts layers, `qkernels.grouped`):
+    run(call, lhs, rhs, group_sizes) -> out (M, N)
+    lhs: float (M, K), or a per-row `QOperand` as above; rhs: `QOperand` of E = `problem.groups`
+    experts stored (E, N, K_stored); group_sizes: int32 (E,), expert e owning the next
+    group_sizes[e] rows; rows past their sum are zero (as `jax.lax.ragged_dot`).
 For `Op.QUANTIZE` (dynamic quantization of activations along the last axis):
     run(call, x) -> QOperand(qvalue, scale, None) with the format `call.problem.recipe.lhs`.
 Optional, for integer recipes (`Implementation.accumulate`):
@@ -63,6 +68,7 @@ ANY_FRAMEWORK = "any"
 class Op(enum.Enum):
     QMATMUL = "qmatmul"
     QUANTIZE = "quantize"
+    RAGGED_QMATMUL = "ragged_qmatmul"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -71,6 +77,7 @@ class Problem:
 
     The matmul is canonical (DESIGN.md section 3): lhs (batch?, M, K) x rhs (batch?, N, K).
     `batch` is None when the weight is 2-D and shared (leading lhs axes are folded into M).
+    `groups`: the number of experts E of an `Op.RAGGED_QMATMUL` (M is then all experts' rows).
     `act_dtype`: name of the float activation dtype ('int8' if lhs arrives quantized).
     `platform`: 'cpu', 'cuda:sm_80', 'cuda:sm_90', 'rocm:gfx942', 'tpu:v5e', ...
     `device`: the device kind tuned configs are keyed by ('h100', 'a100', 'tpu-v5e', 'cpu'; see
@@ -92,12 +99,16 @@ class Problem:
     framework: str
     platform: str
     device: str = ""
+    groups: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("m", "n", "k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} is negative")
-        if self.op is Op.QMATMUL:
+        if (self.op is Op.RAGGED_QMATMUL) != (self.groups is not None) or (self.groups is not None and self.groups < 1):
+            raise ValueError(f"groups={self.groups} for op {self.op.value}: a ragged matmul takes the number of "
+                             f"experts (>= 1), other ops none")
+        if self.op in (Op.QMATMUL, Op.RAGGED_QMATMUL):
             self.recipe.check_k(self.k)
             if self.recipe.static and not self.lhs_quantized:
                 raise ValueError(
@@ -126,7 +137,7 @@ class Problem:
         return self.platform.split(":", 1)[1] if ":" in self.platform else None
 
     def describe(self) -> str:
-        b = f"{self.batch}x" if self.batch is not None else ""
+        b = f"{self.batch}x" if self.batch is not None else f"E={self.groups} " if self.groups is not None else ""
         lhs = f"{self.recipe.lhs.qtype.name} (pre-quantized)" if self.lhs_quantized else self.act_dtype
         return (f"{self.op.value} {self.recipe.name} {b}M={self.m} N={self.n} K={self.k} lhs={lhs} "
                 f"out={self.out_dtype}{' +bias' if self.has_bias else ''} on {self.framework}/{self.platform}")
@@ -271,11 +282,11 @@ class Bound:
     def run(self, *args: Any) -> Any:
         return self.implementation.run(self, *args)
 
-    def accumulate(self, lhs: Any, rhs: Any) -> Any:
+    def accumulate(self, lhs: Any, rhs: Any, *rest: Any) -> Any:
         if self.implementation.accumulate is None:
             raise ValueError(f"implementation {self.implementation.name!r} does not expose integer accumulators; "
                              f"use one that does (e.g. 'reference')")
-        return self.implementation.accumulate(self, lhs, rhs)
+        return self.implementation.accumulate(self, lhs, rhs, *rest)  # rest: a ragged op's group sizes
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(str(self))

@@ -172,3 +172,9 @@ def register() -> None:
             supports=_serves_everything, run=run, serves=dispatch.Serves.everything(),
             accumulate=_accumulate_qmatmul if op is dispatch.Op.QMATMUL else None,
             description="NumPy reference on the host: exact int64 accumulation, slow; the last resort"))
+    from qkernels import grouped
+
+    dispatch.register(dispatch.Implementation(
+        name="reference", framework=dispatch.ANY_FRAMEWORK, op=dispatch.Op.RAGGED_QMATMUL, priority=0,
+        supports=_serves_everything, run=grouped.reference_run, serves=dispatch.Serves.everything(),
+        accumulate=grouped.reference_accumulate, description="NumPy reference of the grouped matmul (qkernels.grouped)"))

@@ -13,6 +13,7 @@ from typing import Any
 from torch_bindings import ops
 from torch_bindings.calibrate import calibrate, smoothquant_
 from torch_bindings.functional import explain, linear
+from torch_bindings.grouped import grouped_linear, quantize_experts
 from torch_bindings.lora import LoRALinear, add_lora, load_lora, lora_state_dict
 from torch_bindings.modules import LayerSummary, QLinear, Summary, quantize_
 from torch_bindings.qat import QATLinear, convert, prepare_qat
@@ -21,7 +22,7 @@ from torch_bindings.qtensor import quantize as _quantize
 
 __all__ = ["linear", "explain", "quantize", "quantize_", "QLinear", "QTensor", "LINEAR", "Summary", "LayerSummary",
            "QATLinear", "prepare_qat", "convert", "LoRALinear", "add_lora", "lora_state_dict", "load_lora",
-           "calibrate", "smoothquant_"]
+           "calibrate", "smoothquant_", "grouped_linear", "quantize_experts"]
 
 LINEAR = ops.LINEAR
 

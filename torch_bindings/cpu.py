@@ -103,3 +103,6 @@ def register() -> None:
         name="torch-cpu", framework="torch", priority=50, supports=_supports, run=_run, serves=SERVES,
         accumulate=_accumulate, note=_note,
         description="torch on CPU: torch._int_mm for integer dots (exact), dequantize + GEMM for weight-only"))
+    from torch_bindings import grouped  # the grouped (MoE) op: same rules
+
+    grouped.register_cpu(_supports, SERVES)
