@@ -39,6 +39,7 @@ import torch
 
 from qkernels import dispatch, hardware, tuning
 from qkernels.formats import FP8, W8A8, OperandFormat, QOperand
+from qkernels.kernels.triton import grouped
 from qkernels.kernels.triton._common import ARCHS, MatmulConfig, QuantizeConfig
 from qkernels.kernels.triton.fp8 import fp8_matmul, launch_fp8
 from qkernels.kernels.triton.fp8a16 import fp8a16_matmul, launch_fp8a16
@@ -251,3 +252,6 @@ def register() -> None:
             name=f"{prefix}.quantize", framework="torch", op=dispatch.Op.QUANTIZE, priority=priority,
             supports=_supports(platform_reason, _quantize_reason), run=_run_quantize, automatic=automatic,
             description=f"Triton fused activation quantization (int8 / float8_e4m3fn per row){where}"))
+        families = {fam.name: fam for fam in FAMILIES}
+        grouped.register(prefix, priority, lambda name, pr=platform_reason: _supports(pr, families[name].reason),
+                         where, automatic)
