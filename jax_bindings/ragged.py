@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 from jax_bindings import implementations, quant
 from jax_bindings.arrays import JAX_OPS
@@ -114,7 +116,25 @@ def _forward(core: _Core, lhs: jax.Array, rhs: Any, group_sizes: jax.Array) -> j
     call = dispatch.bind(problem, core.backend)
     if call.implementation.framework == dispatch.ANY_FRAMEWORK:
         return _run_host(call, lhs, w, group_sizes)
-    return call.run(lhs, w, group_sizes.astype(jnp.int32))
+    run = lambda lhs, w, gs: call.run(lhs, w, gs.astype(jnp.int32))  # noqa: E731
+    mesh = _explicit_mesh(lhs, w, group_sizes)
+    if mesh is not None:  # GSPMD partitions the call as under Auto axes; the output keeps lhs's row sharding
+        rows = jax.typeof(lhs).sharding.spec[0] if jax.typeof(lhs).sharding.spec else None
+        run = jax.sharding.auto_axes(run, out_sharding=jax.sharding.NamedSharding(mesh, P(rows, None)))
+    return run(lhs, w, group_sizes)
+
+
+def _explicit_mesh(*trees: Any) -> Any:
+    """The mesh of the operands when it has Explicit axes (sharding in types), else None.
+
+    Selecting an expert (`rhs[e]`) of an Explicit expert-sharded array is refused by JAX's sharding
+    rules (jax 0.10: 'slicing on sharded dims ... is not implemented'), so the call runs under
+    `auto_axes`, where GSPMD partitions it as it does under Auto axes."""
+    for leaf in jax.tree_util.tree_leaves(trees):
+        mesh = getattr(jax.typeof(leaf).sharding, "mesh", None)
+        if mesh is not None and not mesh.empty and AxisType.Explicit in mesh.axis_types:
+            return mesh
+    return None
 
 
 def _fwd(core: _Core, lhs: jax.Array, rhs: Any, group_sizes: jax.Array) -> tuple[jax.Array, tuple[Any, ...]]:
