@@ -60,6 +60,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", metavar="FILE.png", help="write the speedup-vs-M plot")
     p.add_argument("--markdown", metavar="FILE", help="also write the markdown table to FILE")
     p.add_argument("--save", action="store_true", help=f"write JSON, markdown and PNG to {RESULTS}/<device>-<date>.*")
+    p.add_argument("--moe", action="store_true", help="mixture-of-experts grouped matmuls instead (bench/moe_cases.py)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds for the timed sweep before cases drop to one sample "
                         "(default 420; 120 with --quick; 20 with --smoke)")
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return jax_model.main(argv[1:])
     args = _parse(argv)
+    if args.moe:
+        return __import__("bench.moe_cases", fromlist=["main"]).main(args)
     device_mod.configure_environment()
     from bench import report, runner, targets
 
