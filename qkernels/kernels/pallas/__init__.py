@@ -127,4 +127,7 @@ def register() -> None:
         run=functools.partial(_run, target=Target.INTERPRET),
         accumulate=functools.partial(_accumulate, target=Target.INTERPRET),
         description="the Pallas TPU kernels run by the Pallas interpreter on CPU: exact, slow, for tests"))
+    from qkernels.kernels.pallas import grouped  # the grouped (MoE) kernels: the same platform rules
+
+    grouped.register(supports_tpu, supports_interpret, Family)
 
