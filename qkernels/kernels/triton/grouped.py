@@ -276,3 +276,27 @@ def register(prefix: str, priority: int, supports: Callable[[str], Callable[[dis
             name=f"{prefix}.grouped.{family}", framework="torch", op=dispatch.Op.RAGGED_QMATMUL, priority=priority,
             supports=supports(family), run=run, accumulate=accumulate, serves=dispatch.Serves.tags(family),
             automatic=automatic, description=f"Triton grouped {family} kernel, one launch for every expert{where}"))
+
+
+def aot_reports(target: str) -> list[Any]:
+    """Compile every grouped config for `target` ('sm_80', 'sm_90', 'gfx942') with no GPU, through
+    `qkernels.kernels.triton.aot`'s compiler and machine-code checks (tensor-core instruction, spills,
+    shared memory), as it compiles the dense families: bf16 activations / outputs, group size 128.
+    Needs TRITON_INTERPRET unset (compiled kernels, not interpreter objects)."""
+    from qkernels.kernels.triton import aot
+
+    arch = aot.GPU_TARGETS[target].arch
+    blocks = lambda c, **extra: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, **extra)  # noqa: E731
+    schedule = dict(tile_group_ptr="*i32", tile_block_ptr="*i32", group_start_ptr="*i32", group_end_ptr="*i32")
+    specs = (
+        aot.KernelSpec(name="grouped-w8a8", fn=grouped_w8a8_kernel, mma="int8",
+                       pointers=lambda c: dict(a_ptr="*i8", a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32",
+                                               out_ptr="*bf16", **schedule),
+                       constexprs=lambda c: blocks(c, RETURN_ACC=False), configs=lambda t: CONFIGS[arch]),
+        aot.KernelSpec(name="grouped-w4a16", fn=grouped_w4a16_kernel, mma="16bit",
+                       pointers=lambda c: dict(a_ptr="*bf16", w_ptr="*i8", w_scale_ptr="*fp32", w_zero_ptr="*i8",
+                                               out_ptr="*bf16", **schedule),
+                       constexprs=lambda c: blocks(c, ZERO_POINT=False, DOT_F32=False, GROUP_SIZE=128),
+                       configs=lambda t: tuple(c.for_group(128) for c in CONFIGS[arch])),
+    )
+    return [aot._check_one(spec, cfg, target) for spec in specs for cfg in spec.configs(target)]
