@@ -30,6 +30,7 @@ For `Op.RAGGED_QMATMUL` (the grouped matmul of mixture-of-experts layers, `qkern
     lhs: float (M, K), or a per-row `QOperand` as above; rhs: `QOperand` of E = `problem.groups`
     experts stored (E, N, K_stored); group_sizes: int32 (E,), expert e owning the next
     group_sizes[e] rows; rows past their sum are zero (as `jax.lax.ragged_dot`).
+    accumulate(call, lhs, rhs, group_sizes) -> int32 (M, N) (or (M, N, G)), zero past the groups.
 For `Op.QUANTIZE` (dynamic quantization of activations along the last axis):
     run(call, x) -> QOperand(qvalue, scale, None) with the format `call.problem.recipe.lhs`.
 Optional, for integer recipes (`Implementation.accumulate`):

@@ -14,7 +14,8 @@ Two executions of the same definition, written against `numerics.ArrayOps`:
 
 - `ragged_matmul` (and `ragged_accumulators`): every expert's dense matmul over all rows, each row kept
   from its own expert (`ops.where`). It needs no host-known sizes, so it runs traced (`xla`) and is
-  what the reference executes; it costs E dense matmuls (as XLA's CPU/GPU `ragged_dot` does).
+  what the reference executes; it costs E dense matmuls over all M rows (E times the work of the
+  segments; `bench/moe_cases.py` times it against `lax.ragged_dot`).
 - `segment_outputs`: host-known sizes (`check_group_sizes`), one dense matmul per non-empty expert on
   its own rows; the caller concatenates (`torch-cpu`). Same rows, same numbers.
 """
