@@ -130,6 +130,9 @@ def test_triton_grouped_kernels(recipe, dtype, sizes, m) -> None:
         y = qk.grouped_linear(xt.to(DEVICE), dev, _offsets(sizes).to(DEVICE)).cpu()
     _compare(y, expected, xt, w_q, recipe, sizes)
     assert not y[sum(sizes):].any()
+    if DEVICE.type == "cpu":
+        text = str(tg.explain(xt, w_q, _offsets(sizes), "triton"))
+        assert f"-> {TRITON_PREFIX}.{recipe.tag}" in text and "(grouped table: interpret" in text, text
 
 
 def test_tile_schedule_worked_example() -> None:

@@ -27,7 +27,7 @@ import triton.language as tl
 from qkernels import dispatch
 from qkernels.formats import QOperand
 from qkernels.kernels.triton._common import (
-    MatmulConfig, Output, arch_of, dot_upcast, pick_config, round_to_bf16, store_rescaled, torch_dtype,
+    MatmulConfig, Output, dot_upcast, pick_config, round_to_bf16, store_rescaled, torch_dtype,
     unpack_int4_tile,
 )
 from qkernels.kernels.triton.quantize import quantize_rows
@@ -237,9 +237,17 @@ def launch_grouped_w4a16(lhs: torch.Tensor, rhs: torch.Tensor, rhs_scale: torch.
     return out.result()
 
 
+def _configure(problem: dispatch.Problem) -> Any:
+    """`Implementation.configure`: the table entry for the mean rows per expert (what `explain` shows)."""
+    from qkernels import hardware, tuning
+
+    arch = "interpret" if problem.platform == "cpu" else hardware.table_arch(problem.platform)
+    rows = max(1, problem.m // problem.groups)
+    return tuning.Choice(pick_config(CONFIGS, arch, rows), f"grouped table: {arch}, {rows} rows per expert")
+
+
 def _config(call: dispatch.Bound, device: torch.device) -> MatmulConfig:
-    p = call.problem
-    return pick_config(CONFIGS, arch_of(device), max(1, p.m // p.groups))  # by mean rows per expert
+    return call.config.config if call.config is not None else _configure(call.problem).config
 
 
 def _lhs_codes(call: dispatch.Bound, lhs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,7 +283,7 @@ def register(prefix: str, priority: int, supports: Callable[[str], Callable[[dis
         dispatch.register(dispatch.Implementation(
             name=f"{prefix}.grouped.{family}", framework="torch", op=dispatch.Op.RAGGED_QMATMUL, priority=priority,
             supports=supports(family), run=run, accumulate=accumulate, serves=dispatch.Serves.tags(family),
-            automatic=automatic, description=f"Triton grouped {family} kernel, one launch for every expert{where}"))
+            automatic=automatic, configure=_configure, description=f"Triton grouped {family} kernel, one launch for every expert{where}"))
 
 
 def aot_reports(target: str) -> list[Any]:
