@@ -92,7 +92,7 @@ def quantize(x: Any, recipe: Any = None, **kwargs: Any) -> Any:
 def quantize_experts(w: Any, recipe: Any = None, **kwargs: Any) -> Any:
     """Quantize a stack of expert weights for `recipe` (default W8A8), each expert with its own scales:
     a JAX (E, K, N) array (`lax.ragged_dot`'s rhs) -> `QArray` for `qk.ragged_dot`; a torch
-    (E, out_features, in_features) tensor -> 3-D `QTensor` for `qk.grouped_linear`."""
+    (E, out_features, in_features) tensor -> `QExperts` for `qk.grouped_linear`."""
     framework = _framework_of(w)
     if framework == "numpy":
         raise TypeError("quantize_experts takes a JAX array or a torch tensor (the framework of the call it feeds)")

@@ -124,10 +124,8 @@ def test_triton_grouped_kernels(recipe, dtype, sizes, m) -> None:
     xt, wt = torch.from_numpy(x).to(dtype), torch.from_numpy(w)
     w_q = qk.quantize_experts(wt, recipe)
     expected = _loop(xt, wt, sizes, recipe)
-    dev = qk.QTensor(qvalue=w_q.qvalue.to(DEVICE), scale=w_q.scale.to(DEVICE), recipe=recipe, shape=w_q.shape,
-                     zero_point=None if w_q.zero_point is None else w_q.zero_point.to(DEVICE))
     with qk.use_backend("triton"):
-        y = qk.grouped_linear(xt.to(DEVICE), dev, _offsets(sizes).to(DEVICE)).cpu()
+        y = qk.grouped_linear(xt.to(DEVICE), w_q.to(DEVICE), _offsets(sizes).to(DEVICE)).cpu()
     _compare(y, expected, xt, w_q, recipe, sizes)
     assert not y[sum(sizes):].any()
     if DEVICE.type == "cpu":
@@ -149,12 +147,16 @@ def test_quantize_experts_equals_per_expert_quantize() -> None:
     w = torch.from_numpy(testing.weights(np.random.default_rng(0), (3, 8, 70)))
     for recipe in (qk.W8A8, qk.W4A16(32, zero_point=True)):
         q = qk.quantize_experts(w, recipe)
-        assert q.shape == (3, 8, 70) and q.out_features == 8 and q.in_features == 70
+        assert q.shape == (3, 8, 70) and q.experts == 3 and q.out_features == 8 and q.in_features == 70
         for e in range(3):
-            one = qk.quantize(w[e], recipe)
-            assert torch.equal(q.qvalue[e], one.qvalue) and torch.equal(q.scale[e], one.scale)
+            one, mine = qk.quantize(w[e], recipe), q.expert(e)
+            assert torch.equal(mine.qvalue, one.qvalue) and torch.equal(mine.scale, one.scale)
             if recipe.rhs.zero_point:
-                assert torch.equal(q.zero_point[e], one.zero_point)
+                assert torch.equal(mine.zero_point, one.zero_point)
+            torch.testing.assert_close(q.dequantize()[e], one.dequantize(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"QExperts.scale .* must be \(3, 8\) torch.float32, got \(3, 1\) torch.float32"):
+        q = qk.quantize_experts(w, qk.W8A8)
+        tg.QExperts(qvalue=q.qvalue, scale=q.scale[:, :1], zero_point=None, recipe=qk.W8A8, shape=(3, 8, 70))
 
 
 def test_gradient_is_straight_through() -> None:
@@ -203,5 +205,5 @@ def test_bad_operands_are_refused() -> None:
         qk.grouped_linear(xt, w_q, torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="in_features=15"):
         qk.grouped_linear(xt[:, :15], w_q, _offsets((1, 1)))
-    with pytest.raises(ValueError, match="2-D weight"):
+    with pytest.raises(ValueError, match="2-D QTensor"):
         qk.grouped_linear(xt, qk.quantize(torch.from_numpy(w[0])), _offsets((1,)))

@@ -57,10 +57,11 @@ class QExperts:
                   "zero_point": (fmt.scale_shape(self.shape), torch.int8) if fmt.zero_point else None}
         for name, want in expect.items():
             t = getattr(self, name)
-            got = None if t is None else (tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else type(t).__name__
-            if got != (None if want is None else (tuple(want[0]), want[1])):
-                raise ValueError(f"QExperts.{name} for {self.shape} experts in {self.recipe.name} must be "
-                                 f"{'None' if want is None else f'{tuple(want[0])} {want[1]}'}, got {got}")
+            got = "None" if t is None else f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            need = "None" if want is None else f"{tuple(want[0])} {want[1]}"
+            if got != need:
+                raise ValueError(f"QExperts.{name} for {self.shape} experts in {self.recipe.name} must be {need}, "
+                                 f"got {got}")
         if len({t.device for t in self.tensors()}) > 1:
             raise ValueError("QExperts tensors are on several devices; use .to(device)")
 
