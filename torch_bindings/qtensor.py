@@ -164,7 +164,7 @@ def quantize(w: torch.Tensor, recipe: Any = None, *, name: str = "weight") -> QT
                          f"meta with qkernels.quantize_ and load a quantized checkpoint with assign=True")
     numerics.check_finite(w, name, TORCH_OPS)
     q = recipe.rhs.quantize(w, TORCH_OPS)
-    recipe.rhs.check_scale(q.scale, TORCH_OPS, what=name)
+    recipe.check_weight_scale(q.scale, w.shape[1], TORCH_OPS, what=name)
     return QTensor(qvalue=q.qvalue.contiguous(), scale=q.scale.contiguous(),
                    zero_point=None if q.zero_point is None else q.zero_point.contiguous(), recipe=recipe,
                    shape=tuple(w.shape))

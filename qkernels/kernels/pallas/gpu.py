@@ -45,7 +45,7 @@ def _w8a8_kernel(a_ref, w_ref, sa_ref, sw_ref, *rest, block_k: int, has_bias: bo
     if raw:
         o_ref[...] = acc
         return
-    y = (acc.astype(jnp.float32) * sa_ref[...][:, None]) * sw_ref[...][None, :]
+    y = (acc.astype(jnp.float32) * sw_ref[...][None, :]) * sa_ref[...][:, None]  # weight scale first
     if has_bias:
         y = y + b_ref[...][None, :]
     o_ref[...] = y.astype(o_ref.dtype)

@@ -9,7 +9,7 @@ weight is re-read per row block, so the heuristic only picks GEMV for M <= 4).
 
 Numerics are the tile kernels' (DESIGN.md section 4), only the summation order differs:
 - W8A8: int8 x int8 products summed in int32: exact, identical to the tile kernel and the reference;
-  the epilogue `(f32(acc) * s_lhs[m]) * s_rhs[n] + bias[n]` then one cast.
+  the epilogue `(f32(acc) * s_rhs[n]) * s_lhs[m] + bias[n]` then one cast.
 - W8A16 / W4A16: the weight is dequantized in f32 (`f32(q) * scale[n]`, or `(f32(q) - zero) *
   scale[g, n]` per group) and rounded to the activation dtype, exactly as the tile kernel feeds its
   MMA; the products of two 16-bit floats are exact in f32 and summed in f32, like the MMA.

@@ -1,7 +1,7 @@
 """W8A8: int8 activations (per token) x int8 weights (per output channel), int32 tensor-core MMA.
 
 The rescale is fused while the accumulator is in registers, in DESIGN.md section 4's order:
-`y = (f32(acc) * s_lhs[m]) * s_rhs[n]`, then `y = y + bias[n]`, then one cast to the output dtype
+`y = (f32(acc) * s_rhs[n]) * s_lhs[m]`, then `y = y + bias[n]`, then one cast to the output dtype
 (kernels compile with `enable_fp_fusion=False`, so no multiply-add is contracted into an FMA).
 
 For decode the config may instead run the GEMV kernel (`gemv.py`) or split K (`splitk.py`): each
