@@ -255,6 +255,9 @@ def test_tune_list_for_a_named_gpu_without_one(capsys) -> None:
     with pytest.raises(SystemExit, match="not a known GPU kind"):
         tune.main(["--recipes", "w8a8", "--shapes", "1x64x64", "--list", "--device", "tpu-v5e"])
 
+    assert [d.kind for d in tune.default_devices("triton", tuning.tunables()["triton"])] == \
+        ["a100", "h100", "h200", "mi300x"]
+
 
 def test_tune_ship_writes_the_package_table(dirs: tuple[Path, Path], tmp_path: Path) -> None:
     shipped, cache = dirs
