@@ -31,7 +31,7 @@ from typing import Any
 
 from qkernels import backends, dispatch, hardware, tuning
 from qkernels.formats import Recipe, parse_recipe
-from qkernels.shapes import DECODE_M, SETS, shape_set
+from qkernels.shapes import DECODE_M, parse_shapes
 
 __all__ = ["main", "Job", "jobs", "tune"]
 
@@ -47,33 +47,12 @@ class Job:
     k: int
 
 
-def _parse_shapes(specs: Sequence[str], ms: Sequence[int]) -> list[tuple[int, int, int]]:
-    out: list[tuple[int, int, int]] = []
-    for spec in specs:
-        for part in spec.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if part.split("+")[0] in SETS:
-                out.extend((s.m, s.n, s.k) for s in shape_set(part) if s.batch is None)
-                continue
-            try:
-                dims = tuple(int(d) for d in part.lower().split("x"))
-            except ValueError:
-                dims = ()
-            if len(dims) == 3 and min(dims) > 0:
-                out.append(dims)  # type: ignore[arg-type]
-            elif len(dims) == 2 and min(dims) > 0:
-                out.extend((m, dims[0], dims[1]) for m in ms)
-            else:
-                raise ValueError(f"shape {part!r} is neither MxNxK, NxK (with --m) nor a shape set "
-                                 f"({', '.join(sorted(SETS))})")
-    return list(dict.fromkeys(out))
-
-
 def jobs(recipes: Sequence[str], shapes: Sequence[str], ms: Sequence[int] = DECODE_M) -> list[Job]:
+    """One job per recipe and unbatched shape (`qkernels.shapes.parse_shapes`: sets, MxNxK, NxK x `ms`)."""
     parsed = [parse_recipe(r) for spec in recipes for r in spec.split(",") if r.strip()]
-    return [Job(recipe=r, m=m, n=n, k=k) for r in parsed for m, n, k in _parse_shapes(shapes, ms)]
+    found = dict.fromkeys((s.m, s.n, s.k) for spec in shapes for s in parse_shapes(spec, None, default_ms=tuple(ms))
+                          if s.batch is None)
+    return [Job(recipe=r, m=m, n=n, k=k) for r in parsed for m, n, k in found]
 
 
 def _tunable(backend: backends.Backend) -> tuning.Tunable:
