@@ -92,7 +92,7 @@ def w8a8_matmul(
     bias: torch.Tensor | None = None, *, out_dtype: str | torch.dtype = "bfloat16",
     config: MatmulConfig | None = None, return_acc: bool = False,
 ) -> torch.Tensor:
-    """`out[b, m, n] = (f32(sum_k lhs[b,m,k] * rhs[b,n,k]) * lhs_scale[b,m]) * rhs_scale[b,n] + bias[n]`.
+    """`out[b, m, n] = (f32(sum_k lhs[b,m,k] * rhs[b,n,k]) * rhs_scale[b,n]) * lhs_scale[b,m] + bias[n]`.
 
     lhs: int8 codes (M, K) or (B, M, K); lhs_scale f32 (M,) / (B, M). rhs: int8 (N, K) shared by
     every batch, or (B, N, K); rhs_scale f32 (N,) / (B, N). Any strides (nothing is copied).
