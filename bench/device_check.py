@@ -78,7 +78,7 @@ class Plan:
     bench_budget_s: float = 60.0
     tune_shapes: str = "decode-sweep"
     tune_recipes: tuple[str, ...] = ("w4a16-g128", "w8a8", "w8a16")
-    tune_max_configs: int = 6
+    tune_max_configs: int = 4  # the heuristic's pick and three more per problem: ~45 timings per recipe
 
     @classmethod
     def make(cls, dry: bool) -> Plan:
@@ -270,16 +270,18 @@ def step_bench(run: Run, step: Step) -> None:
 
 
 def step_tune(run: Run, step: Step) -> None:
-    """The decode tune, one recipe per child, all into tune.json (each child merges its entries)."""
+    """The decode tune, one recipe per child with an equal share of the budget, all into tune.json
+    (each child merges its entries into the file, so a recipe that runs out of time loses only its own)."""
     failures = []
-    for recipe in run.plan.tune_recipes:
-        if min(run.left_s(), step.left_s()) < 5:
+    for i, recipe in enumerate(run.plan.tune_recipes):
+        share = step.left_s() / (len(run.plan.tune_recipes) - i)  # a recipe that runs long leaves the others theirs
+        if min(run.left_s(), share) < 5:
             failures.append(f"{recipe}: no time left")
             continue
         argv = [*_python(), "-m", "qkernels.tune", "--recipes", recipe, "--shapes", run.plan.tune_shapes,
                 "--max-configs", str(run.plan.tune_max_configs), "--out", str(run.out / "tune.json")]
         part = Step(name=recipe, budget_s=0)
-        _finish(part, run.command(step, argv), f"tune {recipe}")
+        _finish(part, run.command(step, argv, timeout_s=share), f"tune {recipe}")
         if part.status != "ok":
             failures.append(part.reason)
     step.status = "ok" if not failures else "failed"
