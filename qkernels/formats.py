@@ -311,7 +311,8 @@ class _IntegerDot(Accumulation):
     fixed orders each fail somewhere: `(acc * s_lhs) * s_rhs` overflows in the middle for activations
     near 1e33 although the result fits (and activations, quantized on the fly on the device, cannot be
     checked without a host sync); `acc * (s_lhs * s_rhs)` gives inf * 0 = NaN for a zero accumulator
-    and a subnormal, imprecise product for small scales.
+    and a subnormal, imprecise product for small scales. (A departure from DESIGN.md section 4, which
+    wrote `(f32(acc) * s_lhs[m]) * s_rhs[n]`: every backend changed with it, so outputs stay identical.)
     """
 
     name = "INT32"
