@@ -339,13 +339,19 @@ def small_calls(split_k: bool) -> int:
         backend = prefix + recipe.tag
         with qk.use_backend(backend):
             y = qk.linear(xt, w_q).float().cpu().numpy()
-        lhs = xt.float().cpu().numpy()
+        lhs = xt.float().cpu().numpy().astype(reference.np_dtype("bfloat16"))  # the values the kernel read
         rq = reference.quantize(w, recipe.rhs)
-        expected = reference.qmatmul(lhs, rq, recipe, out_dtype="float32")
-        operands = (lhs if recipe.lhs is None else reference.quantize(lhs, recipe.lhs).dequantize(), rq.dequantize())
+        expected = reference.qmatmul(lhs, rq, recipe, out_dtype="float32")  # weights dequantized to bf16 too
+        operands = (lhs if recipe.lhs is None else reference.quantize(lhs, recipe.lhs).dequantize(),
+                    rq.dequantize("bfloat16"))
         try:
-            testing.assert_close(y, expected, *operands, "bfloat16", what=recipe.name)
-            verdict = "within tolerance of the reference"
+            if recipe.accumulation.integer:  # DESIGN.md section 4: the same bits as the reference
+                exact = reference.qmatmul(lhs, rq, recipe, out_dtype="bfloat16").astype(np.float32)
+                np.testing.assert_array_equal(y, exact, err_msg=recipe.name)
+                verdict = "equal to the reference"
+            else:
+                testing.assert_close(y, expected, *operands, "bfloat16", what=recipe.name)
+                verdict = "within tolerance of the reference"
         except AssertionError as e:
             bad += 1
             verdict = f"MISMATCH: {str(e).splitlines()[0]}"

@@ -467,9 +467,9 @@ class Recipe:
             qr, ql = self.rhs.qtype.qmax, self.lhs.qtype.qmax
             raise ValueError(
                 f"{what}: a scale of {worst:.4g} (|values| up to ~{worst * qr:.4g}) exceeds {bound:.4g}, the largest "
-                f"{self.name} rescales without overflowing f32 at K={k} (weight scale * K * {ql} * {qr} <= FLT_MAX / 2, "
-                f"|values| up to ~{bound * qr:.4g}); scale the weight down by a power of two and fold it into the "
-                f"layer's output (or the next layer), or use a weight-only recipe (W8A16/W4A16)")
+                f"{self.name} rescales without overflowing f32 at K={k} (weight scale * K * {ql} * {qr} <= "
+                f"FLT_MAX / 2, |values| up to ~{bound * qr:.4g}); scale the weight down by a power of two and fold "
+                f"it into the layer's output (or the next layer), or use a weight-only recipe (W8A16/W4A16)")
 
     def check_k(self, k: int) -> None:
         """Refuse a contraction that would overflow the int32 accumulator (never wrap silently)."""

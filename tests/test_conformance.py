@@ -815,7 +815,8 @@ def test_weights_beyond_the_rescale_bound_are_refused_at_quantize_time(entry: st
     data = _range_data(recipe, 1.0, 1e37, k=k)
     bound = recipe.accumulation.rescale_bound(recipe, k)
     assert float(np.max(data.rq.scale)) > bound
-    pattern = rf"weights?\)?: a scale of .* exceeds {re.escape(f'{bound:.4g}')}, the largest {recipe.name} rescales .* at K={k}"
+    pattern = (rf"weights?\)?: a scale of .* exceeds {re.escape(f'{bound:.4g}')}, the largest {recipe.name} "
+               rf"rescales .* at K={k}")
     with pytest.raises(ValueError, match=pattern):
         if entry == "reference":
             reference.qmatmul(data.x, QOperand(data.rq.qvalue, data.rq.scale), recipe)

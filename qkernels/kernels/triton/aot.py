@@ -5,10 +5,11 @@ family's table configs, the heuristic's decode/split-K/GEMV picks (`matmul_varia
 of the tuned tables shipped for the target's device kinds, the GEMV kernel and the split-K reduce,
 with `triton.compile(ASTSource(...), target=GPUTarget(...))`, in both forms the JIT specializes a call
 into (`SPECIALIZATIONS`: every integer argument a multiple of 16, as model shapes give, and none, as odd
-K / N / M give; aligned pointers, unit K strides, bf16 activations/outputs, bias on), then reads the machine code: SASS through the wheel's `cuobjdump`
-(tensor-core instruction, registers, spills) or the AMDGCN text (v_mfma, VGPRs, spills, LDS).
-A config fails if it does not compile, lacks the expected tensor-core instruction, spills, or uses
-more shared memory than the target has. This also warms Triton's compilation cache.
+K / N / M give; aligned pointers, unit K strides, bf16 activations/outputs, bias on), then reads the
+machine code: SASS through the wheel's `cuobjdump` (tensor-core instruction, registers, spills) or
+the AMDGCN text (v_mfma, VGPRs, spills, LDS). A config fails if it does not compile, lacks the
+expected tensor-core instruction, spills in the divisible form, or uses more shared memory than the
+target has (`Specialization`). This also warms Triton's compilation cache.
 Targets, their device kinds, shared-memory limits and instruction patterns are `qkernels.hardware`'s.
 """
 
@@ -215,9 +216,10 @@ class Specialization:
     (torch allocations are). Without divisibility the loads do not vectorize and the K loop does
     not pipeline through cp.async, which costs registers. Measured here (no GPU): in `ANY`, 8 of the
     43 sm_90 configs spill 8-768 bytes under triton 3.9, and 11 of 43 (sm_90) / 15 of 41 (sm_80)
-    under triton 3.6 (the device's version); in `DIVISIBLE` none spills under either. A compile failure, a missing tensor-core
-    instruction or too much shared memory fails either form; a spill fails `DIVISIBLE` (the form
-    model shapes run) and is a note on `ANY` (awkward shapes run slower, with the same results).
+    under triton 3.6 (the device's version); in `DIVISIBLE` none spills under either. A compile
+    failure, a missing tensor-core instruction or too much shared memory fails either form; a spill
+    fails `DIVISIBLE` (the form model shapes run) and is a note on `ANY` (awkward shapes run slower,
+    with the same results).
     """
 
     name: str
