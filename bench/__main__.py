@@ -3,6 +3,7 @@
     python -m bench [--recipes w8a8,w4a16-g128] [--shapes cpu|model|llama3-8b|square|14336x4096,...] [--m 1,16]
                     [--framework jax|torch|both] [--smoke | --quick] [--json FILE] [--plot FILE.png]
                     [--markdown FILE] [--save] [--budget SECONDS]
+    python -m bench model [--smoke] [--recipes w8a8,w4a16-g128] [--json FILE]   (bench/jax_model.py)
 
 `--save` writes JSON, markdown and PNG to bench/results/<device>-<date>.* (the committed results).
 """
@@ -22,7 +23,7 @@ from bench import device as device_mod
 from qkernels import backends
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_RECIPES = "w8a8,w8a16,w4a16-g128,w4a8-g128"
+DEFAULT_RECIPES = "w8a8,w8a16,w4a16-g128,w4a8-g128,fp8,fp8a16"
 # what every backend needs, then the compilers below them and the baselines' and plots' libraries
 _PACKAGES = tuple(dict.fromkeys(("qkernels", "numpy", *(r for b in backends.BACKENDS for r in b.requires), "jaxlib",
                                  "libtpu", "torchao", "aqtp", "matplotlib")))
@@ -105,6 +106,11 @@ def _cases(dev: Any, framework: str, recipes: tuple[Any, ...]) -> list[Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["model"]:  # python -m bench model: a Flax model quantized by qkernels and by Qwix
+        from bench import jax_model
+
+        return jax_model.main(argv[1:])
     args = _parse(argv)
     device_mod.configure_environment()
     from bench import report, runner, targets

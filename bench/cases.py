@@ -17,9 +17,10 @@ import numpy as np
 from qkernels import testing
 from qkernels.shapes import Shape
 
-__all__ = ["Unavailable", "Data", "Prepared", "Case", "make_data", "ROLES", "nbytes", "chosen_name"]
+__all__ = ["Unavailable", "Data", "Prepared", "Case", "make_data", "ROLES", "MMAS", "mma_of", "nbytes", "chosen_name"]
 
 ROLES = ("float", "baseline", "qkernels")  # float: what users run today; baseline: other quantized paths
+MMAS = ("f32", "bf16", "int8", "fp8")  # multiply types of the roofline peaks (`qkernels.hardware.Peak`)
 
 
 class Unavailable(Exception):
@@ -53,7 +54,7 @@ class Prepared:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Case:
-    """One method at one recipe. `mma` is the multiply type of its roofline peak: 'f32', 'bf16', 'int8'."""
+    """One method at one recipe. `mma` is the multiply type of its roofline peak: 'f32', 'bf16', 'int8', 'fp8'."""
 
     method: str
     framework: str
@@ -65,8 +66,15 @@ class Case:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role={self.role!r}; choose one of {ROLES}")
-        if self.mma not in ("f32", "bf16", "int8"):
-            raise ValueError(f"mma={self.mma!r}; choose 'f32', 'bf16' or 'int8'")
+        if self.mma not in MMAS:
+            raise ValueError(f"mma={self.mma!r}; choose one of {MMAS}")
+
+
+def mma_of(recipe: Any, act: str) -> str:
+    """The multiply type of a qkernels row: the activations' codes (int8, fp8), else the activation dtype."""
+    if recipe.lhs is None:
+        return act
+    return "int8" if recipe.lhs.qtype.integer else "fp8"
 
 
 def make_data(shape: Shape, seed: int = 0) -> Data:

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench.cases import Case, Data, Prepared, Unavailable, chosen_name, nbytes
+from bench.cases import mma_of, Case, Data, Prepared, Unavailable, chosen_name, nbytes
 from qkernels import reference
 from qkernels.formats import W8A8, Recipe
 
@@ -125,7 +125,7 @@ def cases(device: Any, recipes: tuple[Recipe, ...]) -> list[Case]:
         out.append(Case(method="aqt.int8", framework="jax", recipe="w8a8", role="baseline", mma="int8",
                         prepare=_aqt))
     for r in recipes:
-        mma = "int8" if r.lhs is not None else act
-        out.append(Case(method="qkernels.dot_general", framework="jax", recipe=r.name, role="qkernels", mma=mma,
+        out.append(Case(method="qkernels.dot_general", framework="jax", recipe=r.name, role="qkernels",
+                        mma=mma_of(r, act),
                         prepare=_qkernels(r)))
     return out

@@ -28,7 +28,7 @@ ROW: dict[str, Any] = {
         "method": {"type": "string", "minLength": 1},
         "recipe": {"type": "string", "minLength": 1},
         "role": {"enum": ["float", "baseline", "qkernels"]},
-        "mma": {"enum": ["f32", "bf16", "int8"]},
+        "mma": {"enum": ["f32", "bf16", "int8", "fp8"]},
         "shape": {"type": "string", "pattern": "^(B[0-9]+-)?M[0-9]+-N[0-9]+-K[0-9]+$"},
         "layer": {"type": "string"},
         "m": {"type": "integer", "minimum": 1}, "n": {"type": "integer", "minimum": 1},

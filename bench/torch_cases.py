@@ -1,4 +1,5 @@
-"""PyTorch rows: `qkernels.linear` per recipe, `F.linear` f32/bf16, `torch._int_mm` + rescale, torchao."""
+"""PyTorch rows: `qkernels.linear` per recipe, `F.linear` f32/bf16, `torch._int_mm` + rescale, torchao,
+and `torch._scaled_mm` (row-wise fp8, the GPU baseline of the fp8 rows)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.cases import Case, Data, Prepared, Unavailable, chosen_name, nbytes
-from qkernels import reference
-from qkernels.formats import W8A8, Recipe
+from bench.cases import Case, Data, Prepared, Unavailable, chosen_name, mma_of, nbytes
+from qkernels import hardware, reference
+from qkernels.formats import FP8, W8A8, Recipe
 
 __all__ = ["cases"]
 
@@ -79,6 +80,35 @@ def _int_mm(data: Data, device: Any) -> Prepared:
                     impl="torch._int_mm + f32 rescale")
 
 
+def _scaled_mm(data: Data, device: Any) -> Prepared:
+    """Dynamic per-row float8_e4m3fn activations (quantized by torch ops, as numerics.py defines them),
+    `torch._scaled_mm` with row-wise scales against pre-quantized per-channel weights, bf16 out: what
+    torchao float8 and vLLM's dynamic fp8 run on CUDA. GPUs with fp8 tensor cores only."""
+    if device.kind != "cuda":
+        raise Unavailable(f"torch._scaled_mm runs on CUDA GPUs with fp8 tensor cores, not {device.platform}")
+    why = hardware.fp8_mma_reason(device.platform)
+    if why:
+        raise Unavailable(f"torch._scaled_mm: {why}")
+    from torch_bindings.arrays import TORCH_OPS
+
+    w_q = reference.quantize(data.w, FP8.rhs, name="w")
+    wq_t = torch.from_numpy(w_q.qvalue.view(np.uint8)).view(torch.float8_e4m3fn).to("cuda").t()  # (K, N) view
+    sw = torch.from_numpy(w_q.scale).to("cuda")[None, :]  # (1, N)
+    x = torch.from_numpy(data.x).to("cuda", torch.bfloat16)
+
+    def run() -> torch.Tensor:
+        xq = FP8.lhs.quantize(x, TORCH_OPS)
+        return torch._scaled_mm(xq.qvalue, wq_t, scale_a=xq.scale[:, None], scale_b=sw, out_dtype=torch.bfloat16)
+
+    try:
+        run()
+    except RuntimeError as e:  # row-wise scales need a recent CUDA / sm_90 in some torch builds
+        raise Unavailable(f"torch._scaled_mm row-wise fp8 failed here: {str(e).splitlines()[0]}")
+    return Prepared(fn=_timed(run), sync=_sync_for(device), to_numpy=_to_numpy,
+                    bytes_moved=nbytes(x, wq_t, sw) + data.ref.size * x.element_size(),
+                    impl="torch._scaled_mm fp8 row-wise")
+
+
 def _torchao(config_name: str):
     def prepare(data: Data, device: Any) -> Prepared:
         try:
@@ -144,11 +174,13 @@ def cases(device: Any, recipes: tuple[Recipe, ...]) -> list[Case]:
                         mma="int8", prepare=_int_mm))
         out.append(Case(method="torchao.int8-dynamic", framework="torch", recipe="w8a8", role="baseline",
                         mma="int8", prepare=_torchao("Int8DynamicActivationInt8WeightConfig")))
+    if "fp8" in names:
+        out.append(Case(method="torch._scaled_mm", framework="torch", recipe="fp8", role="baseline", mma="fp8",
+                        prepare=_scaled_mm))
     if "w4a16-g128" in names:
         out.append(Case(method="torchao.int4-weight-only", framework="torch", recipe="w4a16-g128", role="baseline",
                         mma="bf16", prepare=_torchao("Int4WeightOnlyConfig")))
     for r in recipes:
-        mma = "int8" if r.lhs is not None else act
-        out.append(Case(method="qkernels.linear", framework="torch", recipe=r.name, role="qkernels", mma=mma,
+        out.append(Case(method="qkernels.linear", framework="torch", recipe=r.name, role="qkernels", mma=mma_of(r, act),
                         prepare=_qkernels(r)))
     return out

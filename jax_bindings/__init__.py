@@ -1,6 +1,8 @@
 """JAX binding of qkernels: `dot_general`, `make_dot_general`, `make_einsum`, `QArray`, `quantize`, `explain`.
 
 Flax linen's `Einsum` with a `dot_general` field is `jax_bindings.flax.Einsum` (imports flax).
+Whole Flax models: `jax_bindings.rules.Rule` and `jax_bindings.model.quantize_model` /
+`quantize_params` / `quantization_summary` (import flax; `qkernels.` top level loads them lazily).
 
 Its implementations ('xla', 'reference.callback' and the Pallas kernels) are registered by
 `qkernels.backends` on the first dispatch of a JAX call.

@@ -134,5 +134,14 @@ class JaxOps:
             y = y + bias.astype(jnp.float32)
         return y.astype(DTYPES[out_dtype])
 
+    def quantile(self, x: Any, q: float) -> jnp.ndarray:
+        x = jnp.asarray(x, jnp.float32)
+        if x.shape[0] == 0:
+            return jnp.zeros(x.shape[1:], jnp.float32)
+        return jnp.quantile(x, q, axis=0).astype(jnp.float32)
+
+    def broadcast_to(self, x: Any, shape: tuple[int, ...]) -> jnp.ndarray:
+        return jnp.broadcast_to(jnp.asarray(x), shape)
+
 
 JAX_OPS = JaxOps()

@@ -28,7 +28,9 @@ weight-only recipes accumulate in f32).
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,7 @@ from jax import lax
 from jax.experimental import checkify
 
 from jax_bindings import implementations, quant, sharding
+from jax_bindings.arrays import JAX_OPS
 from jax_bindings.qarray import QArray, normalize_axes
 from qkernels import dispatch
 from qkernels.formats import W8A8, QOperand, Recipe, resolve_recipe
@@ -143,8 +146,9 @@ def plan(lhs: Any, rhs: Any, dimension_numbers: Any, preferred_element_type: Any
     problem = dispatch.Problem(
         recipe=recipe, m=math.prod(act.shape[a] for a in a_free), n=math.prod(weight.shape[a] for a in w_free_axes),
         k=math.prod(act.shape[a] for a in ac), batch=math.prod(batch_shape) if ab else None,
-        act_dtype=_dtype_name(act.dtype), out_dtype=_dtype_name(out_dtype), framework="jax",
-        platform=implementations.current_platform(), device=implementations.current_device())
+        act_dtype="int8" if recipe.static else _dtype_name(act.dtype), out_dtype=_dtype_name(out_dtype),
+        lhs_quantized=recipe.static, framework="jax", platform=implementations.current_platform(),
+        device=implementations.current_device())
     return Plan(swap=swap, act_perm=(*ab, *a_free, *ac), weight_perm=weight_perm, batch_shape=batch_shape,
                 act_free_shape=tuple(act.shape[a] for a in a_free),
                 weight_free_shape=tuple(weight.shape[a] for a in w_free_axes), problem=problem)
@@ -189,6 +193,17 @@ def _forward(core: _Core, lhs: jax.Array, rhs: Any) -> jax.Array:
     batched = w.qvalue.ndim == 3
     problem = _problem(core, lhs, w.qvalue.shape[-2], batched)
     return sharding.run_partitioned(dispatch.bind(problem, core.backend), lhs, w)
+
+
+def _forward_static(core: _Core, lhs: jax.Array, rhs: Any, input_scale: Any) -> jax.Array:
+    """Canonical qmatmul of a static-range recipe: the activations quantized with the calibrated
+    per-tensor `input_scale` (`Recipe.quantize_lhs`), dispatched as pre-quantized codes."""
+    if core.check_finite:
+        _check_finite(lhs, "lhs (activations)")
+    w = _weight_operand(core, rhs)
+    x = core.recipe.quantize_lhs(JAX_OPS, lhs, jnp.asarray(input_scale, jnp.float32))
+    problem = _problem(core, x, w.qvalue.shape[-2], w.qvalue.ndim == 3, lhs_quantized=True)
+    return sharding.run_partitioned(dispatch.bind(problem, core.backend), x, w)
 
 
 def _dequantized(core: _Core, lhs: jax.Array, rhs: Any) -> tuple[jax.Array, jax.Array]:
@@ -238,12 +253,15 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any = None,
                 preferred_element_type: Any = None, *, recipe: Any = None, backend: str | None = None,
-                check_finite: bool = False, out_sharding: Any = None) -> jax.Array:
+                check_finite: bool = False, out_sharding: Any = None, input_scale: Any = None) -> jax.Array:
     """Quantized `jax.lax.dot_general`: same signature, output shape and dtype rules.
 
     Float operands are quantized on the fly with `recipe` (default W8A8; the rhs is the weight);
     a `QArray` on either side is used as is (its own recipe). `backend` (or
     `qkernels.use_backend`) forces an implementation; `check_finite` adds checkify NaN/Inf checks.
+    `input_scale`: a static-range recipe's calibrated per-tensor activation scale (f32 scalar,
+    `qkernels.calibration.static_scale`); required by those recipes, refused by the others. The
+    static path serves: it has no custom gradient (train with the dynamic recipe).
     """
     del precision  # integer dots are exact; weight-only recipes accumulate in f32 regardless
     p = plan(lhs, rhs, dimension_numbers, preferred_element_type, recipe=recipe)
@@ -258,7 +276,12 @@ def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any = Non
     core = _Core(recipe=prob.recipe, k=prob.k, out_dtype=jnp.dtype(prob.out_dtype),
                  backend=dispatch.requested_backend(backend), platform=prob.platform, device=prob.device,
                  check_finite=check_finite)
-    out = _core(core, a, w)  # [B?, M, N]
+    if prob.recipe.static or input_scale is not None:
+        if not prob.recipe.static:
+            prob.recipe.quantize_lhs(JAX_OPS, a, input_scale)  # raises: the recipe is dynamic
+        out = _forward_static(core, a, w, input_scale)  # [B?, M, N]
+    else:
+        out = _core(core, a, w)  # [B?, M, N]
     out = out.reshape(*p.batch_shape, *p.act_free_shape, *p.weight_free_shape)
     if p.swap:  # lax order is (batch, lhs free, rhs free) = (batch, weight free, activation free)
         nb, na, nw = len(p.batch_shape), len(p.act_free_shape), len(p.weight_free_shape)
@@ -277,13 +300,59 @@ def _constrain(out: jax.Array, out_sharding: Any) -> jax.Array:
     return lax.with_sharding_constraint(out, out_sharding)
 
 
+def _jnp_einsum_code() -> Any:
+    """The code object of jax.numpy's two-operand contraction (`jax._src.numpy.einsum._einsum`), or None."""
+    try:
+        from jax._src.numpy import einsum as jnp_einsum
+    except ImportError:
+        return None
+    return getattr(getattr(jnp_einsum, "_einsum", None), "__code__", None)
+
+
+_JNP_EINSUM_CODE = _jnp_einsum_code()
+
+
+def swapped_by_jnp_einsum(lhs: Any, rhs: Any, caller: Any) -> bool:
+    """Whether `caller` (a frame) is `jnp.einsum` passing the einsum's second operand, the weight, first.
+
+    `jnp.einsum(s, x, w, _dot_general=dg)` calls `dg` in whichever order needs no transpose of the
+    result (jax 0.10: `_einsum` tries `(rhs, lhs)` first, and its `lhs` / `rhs` are the operands in
+    the order of the contraction path, `operand_indices`), so the position of a float operand does not
+    say which one is the weight. With one two-operand contraction, `operand_indices` maps them back
+    to the einsum's own operands. Any other caller: False (the rhs is the weight, as for lax).
+    Raises a TypeError where jnp.einsum's call cannot be mapped back (an einsum with single-operand
+    steps, or a jax whose `_einsum` holds other names): use `make_einsum` there.
+    """
+    if _JNP_EINSUM_CODE is None or caller is None or caller.f_code is not _JNP_EINSUM_CODE:
+        return False
+    held = caller.f_locals
+    contractions, indices = held.get("contractions"), tuple(held.get("operand_indices") or ())
+    second = None
+    if isinstance(contractions, (list, tuple)) and len(contractions) == 1 and sorted(indices) == [0, 1]:
+        second = held.get("lhs") if indices[0] == 1 else held.get("rhs")
+    if second is not None and lhs is second:
+        return True
+    if second is not None and rhs is second:
+        return False
+    raise TypeError("qkernels: jnp.einsum called a quantized dot_general in a way that does not tell which operand "
+                    "is the weight (its second); use qkernels.make_einsum(recipe)(subscripts, x, w) instead of "
+                    "jnp.einsum(..., _dot_general=...)")
+
+
+def _lax_order(y: jax.Array, n_batch: int, n_first: int) -> jax.Array:
+    """(batch, A free, B free) -> (batch, B free, A free), A having `n_first` free axes."""
+    n = y.ndim
+    return jnp.transpose(y, (*range(n_batch), *range(n_batch + n_first, n), *range(n_batch, n_batch + n_first)))
+
+
 @dataclass(frozen=True)  # no slots: jax.jit(QDotGeneral(...)) needs a weak reference
 class QDotGeneral:
     """A hashable drop-in for `lax.dot_general` bound to a recipe (what `make_dot_general` returns).
 
     Frozen and compared by value, so it can be a Flax module attribute or a static argument of
-    `jax.jit`. For einsums use `make_einsum`: `jnp.einsum(..., _dot_general=QDotGeneral(...))` may
-    pass the kernel first (e.g. for 'bk,nk->nb'), and the activations would be quantized as the weight.
+    `jax.jit`. The weight is the `QArray` operand, else the rhs, except under
+    `jnp.einsum(s, x, w, _dot_general=...)`, which may call it as `(w, x)`: that call is recognized
+    (`swapped_by_jnp_einsum`) and `w`, the einsum's second operand, is quantized as the weight.
     """
 
     recipe: Recipe
@@ -292,8 +361,15 @@ class QDotGeneral:
 
     def __call__(self, lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any = None,
                  preferred_element_type: Any = None, **kwargs: Any) -> jax.Array:
-        return dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type, recipe=self.recipe,
-                           backend=self.backend, check_finite=self.check_finite, **kwargs)
+        call = functools.partial(dot_general, precision=precision, preferred_element_type=preferred_element_type,
+                                 recipe=self.recipe, backend=self.backend, check_finite=self.check_finite)
+        floats = not isinstance(lhs, QArray) and not isinstance(rhs, QArray)
+        if floats and swapped_by_jnp_einsum(lhs, rhs, sys._getframe(1)):
+            (lc, rc), (lb, rb) = dimension_numbers
+            out_sharding = kwargs.pop("out_sharding", None)
+            y = _lax_order(call(rhs, lhs, ((rc, lc), (rb, lb)), **kwargs), len(lb), rhs.ndim - len(rc) - len(rb))
+            return y if out_sharding is None else _constrain(y, out_sharding)
+        return call(lhs, rhs, dimension_numbers, **kwargs)
 
 
 def make_dot_general(recipe: Any = None, *, backend: str | None = None, check_finite: bool = False) -> QDotGeneral:

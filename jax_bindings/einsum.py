@@ -1,10 +1,11 @@
 """Two-operand einsum on one `dot_general` call, and `make_einsum`: a quantized `jnp.einsum` for Flax.
 
 `einsum(subscripts, x, w, dot_general=...)` always calls `dot_general(x, w, ...)`: the activations
-first, the weight (kernel) second, which is how `qkernels.dot_general` tells them apart. Plain
-`jnp.einsum(..., _dot_general=dg)` does not promise that order: its contraction path may put the
-kernel first (e.g. 'bk,nk->nb'), and a quantized dot_general would then quantize the activations
-with the weight's format.
+first, the weight (kernel) second, which is how `qkernels.dot_general` tells them apart. The weight
+is the `QArray` operand when there is one, whichever position it is given in (`einsum('nk,bk->bn',
+w_q, x)` is run as `einsum('bk,nk->bn', x, w_q)`), else the second operand. Plain
+`jnp.einsum(..., _dot_general=dg)` does not promise that order (its contraction may pass the kernel
+first, e.g. for 'bk,nk->nb'); `QDotGeneral` recognizes that call (`swapped_by_jnp_einsum`).
 
 Supported subscripts: explicit output ('->'), ellipses, batch indices (in both operands and the
 output), contracted indices (in both operands, not in the output), and indices of one operand that
@@ -31,7 +32,7 @@ from qkernels.formats import Recipe, resolve_recipe
 __all__ = ["einsum", "make_einsum", "QEinsum"]
 
 
-def _parse(subscripts: str, lhs: Any, rhs: Any) -> tuple[str, str, str]:
+def parse_subscripts(subscripts: str, lhs: Any, rhs: Any) -> tuple[str, str, str]:
     """(lhs indices, rhs indices, output indices), ellipses expanded to letters."""
     subscripts = subscripts.replace(" ", "")
     if "->" not in subscripts:
@@ -77,11 +78,14 @@ def _permuted_sharding(out_sharding: Any, order: str, out: str) -> Any:
 
 def einsum(subscripts: str, lhs: Any, rhs: Any, *, dot_general: Any = lax.dot_general, precision: Any = None,
            preferred_element_type: Any = None, out_sharding: Any = None) -> jax.Array:
-    """`jnp.einsum(subscripts, lhs, rhs)` as `dot_general(lhs, rhs, ...)` with `rhs` (the weight) second.
+    """`jnp.einsum(subscripts, lhs, rhs)` as `dot_general(x, w, ...)` with the weight `w` second.
 
-    `rhs` may be a `QArray` quantized with the contracting (and batch) axes this einsum uses.
+    The weight is the `QArray` operand (either position), else `rhs`; a `QArray` must be quantized
+    with the contracting (and batch) axes this einsum uses.
     """
-    a, b, out = _parse(subscripts, lhs, rhs)
+    a, b, out = parse_subscripts(subscripts, lhs, rhs)
+    if isinstance(lhs, QArray) and not isinstance(rhs, QArray):
+        lhs, rhs, a, b = rhs, lhs, b, a
     for c in out:
         if c not in a and c not in b:
             raise ValueError(f"einsum subscripts {subscripts!r}: output index {c!r} is in neither operand")
@@ -105,7 +109,8 @@ class QEinsum:
     returns, e.g. `flax.nnx.Einsum(..., einsum_op=qk.make_einsum(qk.W4A16(128)))`.
 
     Same call signature as `jnp.einsum` (`optimize` is accepted and ignored: one contraction has one
-    path); the second operand is the weight, quantized with `recipe` (or a `QArray`).
+    path); the weight is the `QArray` operand in either position, else the second operand, quantized
+    with `recipe`.
     """
 
     recipe: Recipe

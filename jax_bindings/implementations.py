@@ -28,7 +28,7 @@ import numpy as np
 
 from jax_bindings.arrays import DTYPES, JAX_OPS
 from qkernels import dispatch, hardware, reference
-from qkernels.formats import Accumulation, QOperand
+from qkernels.formats import ACCUMULATIONS, QOperand
 
 __all__ = ["platform_of", "current_platform", "current_device", "run_host", "accumulate_host", "accumulators",
            "Execution", "execution_of", "register", "SERVES"]
@@ -155,9 +155,9 @@ def _serves_everything(problem: dispatch.Problem) -> None:
     return None
 
 
-SERVES = dispatch.Serves.accumulating(Accumulation.INT32.name, Accumulation.INT32_PER_GROUP.name,
-                                      Accumulation.FLOAT.name)
-"""The accumulations `Recipe.matmul` knows with `JAX_OPS`: any recipe built on them is served."""
+SERVES = dispatch.Serves.accumulating(*(a.name for a in ACCUMULATIONS))
+"""The shipped accumulations (`formats.ACCUMULATIONS`), which `Recipe.matmul` executes with `JAX_OPS`:
+any recipe built on them is served."""
 
 
 def register() -> None:

@@ -87,6 +87,47 @@ class QArray:
     def operand(self) -> QOperand:
         return QOperand(self.qvalue, self.scale, self.zero_point)
 
+    def __getitem__(self, key: Any) -> QArray:
+        """`q[...]` is `q` (how `flax.nnx` reads a variable's value); any other index is refused."""
+        if key is Ellipsis:
+            return self
+        raise TypeError(f"a QArray cannot be indexed with {key!r} (its storage is packed); index "
+                        f"q.dequantize() instead, or quantize the slice you need")
+
+    def storage_specs(self, spec: Any) -> QArray:
+        """This array with `PartitionSpec` leaves: where each storage leaf goes when the float weight
+        was sharded as `spec` (a PartitionSpec or tuple over the logical axes; None: replicated).
+
+        Column-parallel (free axes sharded): the rows of `qvalue`, `scale` and `zero_point` follow.
+        Row-parallel (contracting axes sharded): `qvalue`'s packed K axis follows, and a grouped
+        `scale`'s group axis; a per-channel scale is replicated. A flattened N or K axis keeps the
+        mesh axes of its parts in order when that is the row-major split (no unsharded part of size
+        > 1 before a sharded one); otherwise it is replicated (the partitioner gathers it).
+        """
+        from jax.sharding import PartitionSpec as P
+
+        spec = tuple(spec or ()) + (None,) * (self.ndim - len(tuple(spec or ())))
+
+        def merged(axes: tuple[int, ...]) -> Any:
+            names: list[str] = []
+            for a in axes:
+                entry = spec[a]
+                if entry is None:
+                    if names or self.shape[a] == 1:
+                        continue
+                    if any(spec[b] is not None for b in axes[axes.index(a) + 1:]):
+                        return None  # a sharded part after an unsharded one: not a row-major split
+                    continue
+                names.extend(entry if isinstance(entry, tuple) else (entry,))
+            return None if not names else names[0] if len(names) == 1 else tuple(names)
+
+        lead = (merged(self.batch_axes),) if self.batch_axes else ()
+        n, k = merged(self.free_axes), merged(self.contracting_axes)
+        per_group = self.scale.ndim == self.qvalue.ndim
+        scale = P(*lead, n, k) if per_group else P(*lead, n)
+        return dataclasses.replace(self, qvalue=P(*lead, n, k), scale=scale,
+                                   zero_point=None if self.zero_point is None else scale)
+
     def canonical_permutation(self) -> tuple[int, ...]:
         """Axes order (batch, free, contracting) that maps the logical array onto the storage."""
         return (*self.batch_axes, *self.free_axes, *self.contracting_axes)

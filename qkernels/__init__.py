@@ -1,8 +1,9 @@
 """qkernels: hand-written quantized matmul kernels (Triton, Pallas) behind drop-in JAX/PyTorch APIs.
 
 `import qkernels` needs neither JAX nor PyTorch: the framework entry points (`dot_general`,
-`make_dot_general`, `make_einsum`, `linear`, `quantize_`, `QLinear`, `QTensor`, `QArray`) are
-loaded on first use from `jax_bindings` / `torch_bindings`. `quantize` and `explain` route by the
+`make_dot_general`, `make_einsum`, `linear`, `quantize_`, `QLinear`, `QTensor`, `QArray`, and the Flax
+model-level `Rule`, `quantize_model`, `quantize_params`, `quantization_summary`) are loaded on first
+use from `jax_bindings` / `torch_bindings`. `quantize` and `explain` route by the
 type of their first argument.
 """
 
@@ -13,18 +14,22 @@ from typing import Any
 
 from qkernels.dispatch import BackendUnavailable, Problem, use_backend
 from qkernels.formats import (
-    RECIPES, W4A8, W4A16, W8A8, W8A16, Accumulation, Calibration, OperandFormat, Recipe, parse_recipe, recipe_named,
-    resolve_recipe,
+    FP8, FP8A16, RECIPES, W4A8, W4A16, W8A8, W8A16, Accumulation, Calibration, OperandFormat, Recipe, parse_recipe,
+    recipe_named, resolve_recipe,
 )
 from qkernels.numerics import Granularity, QType, int_type
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "W8A8", "W8A16", "W4A16", "W4A8", "Recipe", "RECIPES", "parse_recipe", "recipe_named", "resolve_recipe",
+    "W8A8", "W8A16", "W4A16", "W4A8", "FP8", "FP8A16", "Recipe", "RECIPES", "parse_recipe", "recipe_named",
+    "resolve_recipe",
     "OperandFormat", "Accumulation", "Calibration", "Granularity", "QType", "int_type",
     "Problem", "BackendUnavailable", "use_backend", "explain", "quantize",
     "dot_general", "make_dot_general", "make_einsum", "QArray", "linear", "quantize_", "QLinear", "QTensor",
+    "QATLinear", "prepare_qat", "convert", "LoRALinear", "add_lora", "lora_state_dict", "load_lora",
+    "calibrate", "smoothquant_",
+    "Rule", "quantize_model", "quantize_params", "quantization_summary",
 ]
 
 _LAZY = {
@@ -32,10 +37,23 @@ _LAZY = {
     "make_dot_general": "jax_bindings",
     "make_einsum": "jax_bindings",
     "QArray": "jax_bindings",
+    "Rule": "jax_bindings.rules",
+    "quantize_model": "jax_bindings.model",
+    "quantize_params": "jax_bindings.model",
+    "quantization_summary": "jax_bindings.model",
     "linear": "torch_bindings",
     "quantize_": "torch_bindings",
     "QLinear": "torch_bindings",
     "QTensor": "torch_bindings",
+    "QATLinear": "torch_bindings",
+    "prepare_qat": "torch_bindings",
+    "convert": "torch_bindings",
+    "LoRALinear": "torch_bindings",
+    "add_lora": "torch_bindings",
+    "lora_state_dict": "torch_bindings",
+    "load_lora": "torch_bindings",
+    "calibrate": "torch_bindings",
+    "smoothquant_": "torch_bindings",
 }
 
 

@@ -44,7 +44,7 @@ BACKENDS: tuple[Backend, ...] = (
     Backend(name="torch-cpu", module="torch_bindings.cpu", framework="torch", requires=("torch",),
             description="torch on CPU: executes any recipe's definition (torch._int_mm for integer dots)"),
     Backend(name="triton", module="qkernels.kernels.triton", framework="torch", requires=("torch", "triton"),
-            tunable="triton", aot_targets=("sm_80", "sm_90", "gfx942"),
+            tunable="triton", aot_targets=("sm_80", "sm_89", "sm_90", "gfx942"),
             description="Triton kernels on CUDA sm_80+ / ROCm gfx942 (interpreter variants for tests)"),
     Backend(name="xla", module="jax_bindings.implementations", framework="jax", requires=("jax",),
             description="XLA ops: executes any recipe's definition on every JAX platform"),

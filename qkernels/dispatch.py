@@ -75,7 +75,8 @@ class Problem:
     `platform`: 'cpu', 'cuda:sm_80', 'cuda:sm_90', 'rocm:gfx942', 'tpu:v5e', ...
     `device`: the device kind tuned configs are keyed by ('h100', 'a100', 'tpu-v5e', 'cpu'; see
     `qkernels.hardware.device_kind`), '' when unknown. It never changes which implementations serve.
-    Construction refuses a K that would overflow the recipe's int32 accumulator.
+    Construction refuses a K that would overflow the recipe's int32 accumulator, and a static-range
+    recipe whose activations are not already quantized with their calibrated scale.
     """
 
     op: Op = Op.QMATMUL
@@ -98,6 +99,13 @@ class Problem:
                 raise ValueError(f"{name}={getattr(self, name)} is negative")
         if self.op is Op.QMATMUL:
             self.recipe.check_k(self.k)
+            if self.recipe.static and not self.lhs_quantized:
+                raise ValueError(
+                    f"{self.recipe.name} quantizes activations with a calibrated scale: quantize them first with "
+                    f"recipe.quantize_lhs(ops, x, input_scale) and pass the codes (lhs_quantized=True)")
+        elif self.recipe.static:  # Op.QUANTIZE kernels calibrate per token; the static rule is quantize_lhs
+            raise ValueError(f"{self.recipe.name}: static activations are quantized by recipe.quantize_lhs with the "
+                             f"calibrated scale, not by a dynamic quantize kernel")
 
     @property
     def lhs_format(self) -> OperandFormat | None:
@@ -168,6 +176,8 @@ class Implementation:
     and where it came from) that `run` will use (as `call.config.config`); `explain` shows it.
     `accumulate(call, lhs, rhs)`, where the kernel can stop before its rescale, returns the raw
     integer accumulators (see the module docstring); None where it cannot.
+    `note(problem)`, pure and cheap like `supports`: how it serves a problem it supports when that is
+    worth knowing (e.g. an operand type it emulates by upcasting), else None; `explain` prints it.
     """
 
     name: str
@@ -181,6 +191,7 @@ class Implementation:
     description: str = ""
     configure: Callable[[Problem], Any] | None = field(default=None, compare=False)
     accumulate: Callable[..., Any] | None = field(default=None, compare=False)
+    note: Callable[[Problem], str | None] | None = field(default=None, compare=False)
 
     def matches(self, backend: str) -> bool:
         return self.name == backend or self.name.startswith(backend + ".")
@@ -219,7 +230,8 @@ class Explanation:
         for v in self.verdicts:
             impl = v.implementation
             mark = "->" if impl is self.chosen else "  "
-            verdict = "ok" if v.ok else f"no: {v.reason}"
+            note = impl.note(self.problem) if v.ok and impl.note is not None else None
+            verdict = ("ok" + (f" ({note})" if note else "")) if v.ok else f"no: {v.reason}"
             lines.append(f"{mark} {impl.name:<24} prio {impl.priority:>4}  {verdict}")
         if self.hidden:
             lines.append(f"   ({self.hidden} more that do not serve {self.problem.recipe.name} or are test-only: "

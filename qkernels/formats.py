@@ -22,10 +22,11 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, ClassVar, NamedTuple
 
 from qkernels import numerics
-from qkernels.numerics import GROUP_SIZES, INT4, INT8, NUMPY_OPS, UINT4, ArrayOps, Granularity, QType
+from qkernels.numerics import FP8_E4M3, GROUP_SIZES, INT4, INT8, NUMPY_OPS, UINT4, ArrayOps, Granularity, QType
 
 __all__ = [
-    "Calibration", "OperandFormat", "Accumulation", "Recipe", "W8A8", "W8A16", "W4A16", "W4A8", "RECIPES",
+    "Calibration", "OperandFormat", "Accumulation", "ACCUMULATIONS", "Recipe", "W8A8", "W8A16", "W4A16", "W4A8",
+    "FP8", "FP8A16", "RECIPES",
     "QOperand", "resolve_recipe", "parse_recipe", "recipe_named",
 ]
 
@@ -43,6 +44,7 @@ class Calibration(enum.Enum):
 
     ABSMAX = "absmax"  # symmetric: scale = max|x| / qmax
     MINMAX = "minmax"  # asymmetric: scale = (max - min) / qmax, integer zero point (unsigned types)
+    STATIC = "static"  # symmetric, one scale per tensor fixed ahead of time (calibrated), given at quantize
 
 
 def _integer(value: Any, name: str, example: str) -> int:
@@ -66,6 +68,11 @@ class OperandFormat:
     codes per byte when `qtype.packed`. `scale` is f32 of shape `(...,)` per row,
     `(..., K_padded // group_size)` per group, `()` per tensor; `zero_point` (MINMAX calibration,
     unsigned types) is int8 of the scale's shape.
+
+    STATIC calibration (activations with a calibrated range, per tensor): `quantize(x, scale=s)` uses the
+    given scale and saturates values beyond the calibrated range at +-qmax. Its operands carry `s`
+    repeated per row (shape `(...,)`, as a per-row format's), so every kernel that takes per-token
+    activations serves them unchanged: with equal row scales the per-row rescale is the per-tensor one.
     """
 
     qtype: QType
@@ -94,6 +101,19 @@ class OperandFormat:
             raise ValueError(f"calibration {calibration.value} {'needs' if self.zero_point else 'has no'} zero "
                              f"point; use {'MINMAX' if self.zero_point else 'ABSMAX'} for {self.qtype.name}")
         object.__setattr__(self, "calibration", calibration)
+        if calibration is Calibration.STATIC and (self.granularity is not Granularity.TENSOR or not self.qtype.signed):
+            raise ValueError(f"static calibration is one symmetric scale per tensor: use Granularity.TENSOR "
+                             f"with a signed type, not {self.granularity.value} {self.qtype.name}")
+
+    @property
+    def static(self) -> bool:
+        """The scale is calibrated ahead of time and given at quantize (`Calibration.STATIC`)."""
+        return self.calibration is Calibration.STATIC
+
+    @property
+    def _rowwise(self) -> bool:
+        """Stored with one scale per row: per-row formats, and static ones (their scale repeated per row)."""
+        return self.granularity is Granularity.ROW or self.static
 
     @property
     def packed(self) -> bool:
@@ -110,9 +130,9 @@ class OperandFormat:
 
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of `scale` (and `zero_point`) for a logical operand shape (..., K)."""
-        if self.granularity is Granularity.TENSOR:
+        if self.granularity is Granularity.TENSOR and not self.static:
             return ()
-        if self.granularity is Granularity.ROW:
+        if self.granularity is not Granularity.GROUP:  # per row, or a static scale repeated per row
             return tuple(shape[:-1])
         return (*shape[:-1], self.padded_k(shape[-1]) // self.group_size)
 
@@ -122,6 +142,8 @@ class OperandFormat:
             parts.append(f"g{self.group_size}")
         if self.zero_point:
             parts.append("zero-point")
+        if self.static:
+            parts.append("static")
         return " ".join(parts)
 
     # --- numerics, for any ArrayOps --------------------------------------------------------------
@@ -130,7 +152,7 @@ class OperandFormat:
         """(..., K_padded) -> (..., n_blocks, block): one scale per block."""
         if self.granularity is Granularity.GROUP:
             return x.reshape(*x.shape[:-1], x.shape[-1] // self.group_size, self.group_size)
-        if self.granularity is Granularity.ROW:
+        if self._rowwise:
             return x[..., None, :]
         return x.reshape(*([1] * (x.ndim - 1)), 1, -1)
 
@@ -139,7 +161,7 @@ class OperandFormat:
         s = s[..., 0]
         if self.granularity is Granularity.GROUP:
             return s
-        if self.granularity is Granularity.ROW:
+        if self._rowwise:
             return s[..., 0]
         return s.reshape(())
 
@@ -147,11 +169,11 @@ class OperandFormat:
         """Stored scale / zero point -> broadcastable against `blocks(x)`."""
         if self.granularity is Granularity.GROUP:
             return s[..., None]
-        if self.granularity is Granularity.ROW:
+        if self._rowwise:
             return s[..., None, None]
         return s
 
-    def quantize(self, x: Any, ops: ArrayOps = NUMPY_OPS, *, amax: Any = None) -> QOperand:
+    def quantize(self, x: Any, ops: ArrayOps = NUMPY_OPS, *, amax: Any = None, scale: Any = None) -> QOperand:
         """Quantize float `x` (..., K) along its last axis, calibrated on `x` itself.
 
         Subnormal inputs are read as 0 (`numerics.flush_subnormals`: flush-to-zero hardware does), then
@@ -160,7 +182,11 @@ class OperandFormat:
         (that needs a host sync): callers check with `numerics.check_finite` where they can.
         `amax` (ABSMAX, per-row formats): each row's absolute maximum (...,) to calibrate with
         instead of `x`'s own, e.g. the all-reduced maximum when `x` is one K-shard of longer rows.
+        `scale` (STATIC formats, required there): the calibrated f32 scale (a scalar), e.g. from
+        `qkernels.calibration.static_scale`.
         """
+        if self.static or scale is not None:
+            return self._quantize_static(x, ops, scale)
         if amax is not None and (self.calibration is not Calibration.ABSMAX or self.granularity is not Granularity.ROW):
             raise ValueError(f"amax= calibrates symmetric per-row formats only, not {self.describe()}; "
                              f"drop amax to calibrate on x itself")
@@ -180,6 +206,21 @@ class OperandFormat:
             q = numerics.pack_int4(q, ops)
         return QOperand(q, self._stored(scale), zero)
 
+    def _quantize_static(self, x: Any, ops: ArrayOps, scale: Any) -> QOperand:
+        if not self.static:
+            raise ValueError(f"scale= is for static formats, not {self.describe()}; drop it to calibrate on x")
+        if scale is None:
+            raise ValueError(f"{self.describe()} quantizes with a calibrated scale: pass scale= (qk.calibrate "
+                             f"records one per layer; qkernels.calibration.static_scale computes one)")
+        scale = ops.cast(ops.asarray(scale), "float32")
+        if tuple(scale.shape) not in ((), (1,)):
+            raise ValueError(f"a static scale is one value per tensor, got shape {tuple(scale.shape)}")
+        scale = scale.reshape(())
+        if ops.host_checks and not (ops.all_finite(scale) and bool(scale > 0)):
+            raise ValueError(f"static scale {float(scale)} must be finite and > 0; recalibrate the layer")
+        q = numerics.quantize_symmetric(numerics.flush_subnormals(ops.cast(x, "float32"), ops), scale, self.qtype, ops)
+        return QOperand(q, ops.broadcast_to(scale, tuple(x.shape[:-1])))
+
     def check_scale(self, scale: Any, ops: ArrayOps = NUMPY_OPS, *, what: str = "the tensor", fix: str = "") -> None:
         """Raise where a block's scale is not finite: a NaN/Inf value in the block, or a range
         (max - min, MINMAX) beyond f32 that would give NaN outputs silently. A host check: a no-op where
@@ -190,9 +231,15 @@ class OperandFormat:
                 f"overflows f32 (max - min > 3.4e38), and cannot be quantized to {self.describe()}; fix the values "
                 f"(e.g. nan_to_num) or scale them down (fold a power of two into the next layer){fix}")
 
-    def quantize_activations(self, x: Any, ops: ArrayOps = NUMPY_OPS) -> QOperand:
+    def quantize_activations(self, x: Any, ops: ArrayOps = NUMPY_OPS, *, scale: Any = None) -> QOperand:
         """`quantize` for activations on the fly: where the framework can check on the host
-        (`ops.host_checks`), a row with NaN/Inf (a non-finite scale) raises instead of giving garbage."""
+        (`ops.host_checks`), a row with NaN/Inf (a non-finite scale) raises instead of giving garbage.
+        `scale`: the calibrated scale of a STATIC format."""
+        if self.static:  # the scale is given: check the values themselves (a calibrated range hides no NaN)
+            if ops.host_checks and not ops.all_finite(x):
+                raise ValueError(f"activations: {ops.count_nonfinite(x)} NaN/Inf value(s) cannot be quantized to "
+                                 f"{self.describe()}; fix the values (e.g. nan_to_num) or use a weight-only recipe")
+            return self.quantize(x, ops, scale=scale)
         q = self.quantize(x, ops)
         self.check_scale(q.scale, ops, what="activations", fix=", or use a weight-only recipe")
         return q
@@ -233,6 +280,7 @@ class Accumulation:
     INT32: ClassVar[Accumulation]
     INT32_PER_GROUP: ClassVar[Accumulation]
     FLOAT: ClassVar[Accumulation]
+    FLOAT_CODES: ClassVar[Accumulation]
 
     def __repr__(self) -> str:
         return f"Accumulation.{self.name}"
@@ -289,6 +337,14 @@ class Accumulation:
             y = y + ops.cast(bias, "float32")
         return ops.cast(y, out_dtype)
 
+    @classmethod
+    def _row_rescale(cls, ops: ArrayOps, part: Any, lhs: QOperand, rhs: QOperand, bias: Any, out_dtype: str) -> Any:
+        """`y = (f32(acc) * s_rhs[n]) * s_lhs[m]`, then `+ bias[n]`, one cast (per-row scales on both sides):
+        weight scale first, so only the last multiply can overflow (`_IntegerDot`, `rescale_bound`)."""
+        y = (ops.cast(part, "float32") * ops.cast(rhs.scale, "float32")[..., None, :]) \
+            * ops.cast(lhs.scale, "float32")[..., :, None]
+        return cls._epilogue(ops, y, bias, out_dtype)
+
     @staticmethod
     def _int_codes(recipe: Recipe, ops: ArrayOps, lhs: QOperand, rhs: QOperand, k: int) -> tuple[Any, Any]:
         """Activation codes zero-padded to the weight's padded K, and the weight's codes."""
@@ -333,9 +389,7 @@ class _IntegerDot(Accumulation):
         return _first_scale_bound(recipe, k)
 
     def finish(self, recipe, ops, part, lhs, rhs, bias, out_dtype):
-        y = (ops.cast(part, "float32") * ops.cast(rhs.scale, "float32")[..., None, :]) \
-            * ops.cast(lhs.scale, "float32")[..., :, None]
-        return self._epilogue(ops, y, bias, out_dtype)
+        return self._row_rescale(ops, part, lhs, rhs, bias, out_dtype)
 
 
 class _GroupedIntegerDot(Accumulation):
@@ -381,9 +435,42 @@ class _FloatDot(Accumulation):
         return ops.float_linear(lhs, w, bias, out_dtype, batched)
 
 
+class _FloatCodesDot(Accumulation):
+    """One f32 dot of float codes (fp8 x fp8), then `y = (acc * s_rhs[n]) * s_lhs[m] + bias[n]`, one cast.
+
+    Every product of two e4m3 codes is exact in f32 (4 x 4 significant bits; magnitudes 2**-18 to
+    448**2), so backends differ only in the order of the f32 sum (`qkernels.testing.tolerances`'
+    accumulation term), not in the products: the reference sums in f64 and rounds once, torch on CPU
+    upcasts the codes to f32 (emulated), XLA multiplies the float8 operands with an f32 preferred type,
+    the Triton kernels run fp8 tensor-core MMAs accumulating in f32. The rescale is W8A8's (DESIGN.md
+    section 4), in the same order. Unbounded K (no integer accumulator to overflow).
+    """
+
+    name = "FLOAT_CODES"
+    description = "f32 dot of the float codes (exact products), f32 rescale"
+
+    def partial(self, recipe, ops, lhs, rhs, *, k, batched, act_dtype):
+        a, w = self._int_codes(recipe, ops, lhs, rhs, k)  # the padding rule is the integer codes'
+        return ops.float_linear(a, w, None, "float32", batched)
+
+    def rescale_bound(self, recipe, k):
+        return _first_scale_bound(recipe, k)  # |acc| <= K * 448 * 448, as an integer accumulator's bound
+
+    def finish(self, recipe, ops, part, lhs, rhs, bias, out_dtype):
+        return self._row_rescale(ops, part, lhs, rhs, bias, out_dtype)
+
+
 Accumulation.INT32 = _IntegerDot()
 Accumulation.INT32_PER_GROUP = _GroupedIntegerDot()
 Accumulation.FLOAT = _FloatDot()
+Accumulation.FLOAT_CODES = _FloatCodesDot()
+
+ACCUMULATIONS: tuple[Accumulation, ...] = (Accumulation.INT32, Accumulation.INT32_PER_GROUP, Accumulation.FLOAT,
+                                           Accumulation.FLOAT_CODES)
+"""The shipped accumulations: written in `ArrayOps` primitives alone, so every generic backend (the
+reference, `torch-cpu`, `xla`) executes them and declares exactly these; a shipped accumulation added
+here is served there with no change in a binding. A user-defined one is not listed: generic backends
+refuse it by name (only the reference runs it)."""
 
 
 def _derive_accumulation(lhs: OperandFormat | None, rhs: OperandFormat) -> Accumulation:
@@ -391,6 +478,9 @@ def _derive_accumulation(lhs: OperandFormat | None, rhs: OperandFormat) -> Accum
         return Accumulation.FLOAT
     if lhs.qtype.integer and rhs.qtype.integer and lhs.granularity is not Granularity.GROUP:
         return Accumulation.INT32_PER_GROUP if rhs.granularity is Granularity.GROUP else Accumulation.INT32
+    ungrouped = Granularity.GROUP not in (lhs.granularity, rhs.granularity)
+    if not lhs.qtype.integer and not rhs.qtype.integer and ungrouped and not lhs.zero_point and not rhs.zero_point:
+        return Accumulation.FLOAT_CODES
     raise ValueError(f"no accumulation is derived for activations {lhs.describe()} x weights {rhs.describe()}; "
                      f"pass accumulation= explicitly")
 
@@ -489,6 +579,8 @@ class Recipe:
             parts.append(f"g{self.group_size}")
         if self.rhs.zero_point:
             parts.append("zp")
+        if self.lhs is not None and self.lhs.static:
+            parts.append("static")
         if self.quantized_backward:
             parts.append("qbwd")
         return "-".join(parts)
@@ -496,6 +588,25 @@ class Recipe:
     def describe(self) -> str:
         lhs = self.lhs.describe() if self.lhs else "float"
         return f"{self.name}: lhs {lhs}, rhs {self.rhs.describe()}, accumulate {self.accumulation.description}"
+
+    @property
+    def static(self) -> bool:
+        """Activations are quantized with a calibrated per-tensor scale (`quantize_lhs(..., input_scale)`)."""
+        return self.lhs is not None and self.lhs.static
+
+    def quantize_lhs(self, ops: ArrayOps, x: Any, input_scale: Any = None) -> QOperand:
+        """The activations as this recipe quantizes them: per token on the fly, or, for a static recipe,
+        with the layer's calibrated `input_scale`. Bindings serving a static recipe call this and hand the
+        result to dispatch as pre-quantized activations (`Problem(lhs_quantized=True)`)."""
+        if self.lhs is None:
+            raise ValueError(f"{self.name} is weight-only: its activations stay float")
+        if self.static and input_scale is None:
+            raise ValueError(f"{self.name} quantizes activations with a calibrated scale, and this layer has none; "
+                             f"calibrate it first (qk.calibrate) or use the dynamic recipe (static=False)")
+        if not self.static and input_scale is not None:
+            raise ValueError(f"input_scale given, but {self.name} quantizes activations per token on the fly; "
+                             f"use {self.name}-static (static=True) to serve with calibrated scales")
+        return self.lhs.quantize_activations(x, ops, scale=input_scale)
 
     def matmul(self, ops: ArrayOps, lhs: Any, rhs: QOperand, bias: Any = None, *, k: int, batched: bool,
                act_dtype: str, out_dtype: str) -> Any:
@@ -509,16 +620,29 @@ def _rebuild_recipe(cls: type[Recipe], init: dict[str, Any]) -> Recipe:
 
 
 _INT8_ROW = OperandFormat(qtype=INT8, granularity=Granularity.ROW)
+_INT8_STATIC = OperandFormat(qtype=INT8, granularity=Granularity.TENSOR, calibration=Calibration.STATIC)
+
+
+def _int8_activations(static: bool) -> OperandFormat:
+    _flag(static, "static")
+    return _INT8_STATIC if static else _INT8_ROW
 
 
 @dataclass(frozen=True, slots=True, repr=False)
 class W8A8Recipe(Recipe):
     """int8 activations (per token, quantized on the fly) x int8 weights (per output channel).
-    `qk.W8A8` is its value."""
+    `qk.W8A8` is its value; `qk.W8A8(static=True)` ('w8a8-static') quantizes activations with one
+    calibrated scale per layer instead (torchao's static int8, SmoothQuant's W8A8-O1)."""
 
+    _: KW_ONLY
+    static: bool = False
     tag: str = field(default="w8a8", init=False)
     lhs: OperandFormat | None = field(default=_INT8_ROW, init=False)
     rhs: OperandFormat = field(default=_INT8_ROW, init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lhs", _int8_activations(self.static))
+        Recipe.__post_init__(self)
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -557,27 +681,68 @@ class W4A16(Recipe):
 
 @dataclass(frozen=True, slots=True, repr=False)
 class W4A8(Recipe):
-    """int8 activations (per token) x int4 weights (per group along K), int32 per group."""
+    """int8 activations (per token; `static=True`: one calibrated scale) x int4 weights (per group along
+    K), int32 per group."""
 
     group_size: int = 128
+    _: KW_ONLY
+    static: bool = False
     tag: str = field(default="w4a8", init=False)
     lhs: OperandFormat | None = field(default=_INT8_ROW, init=False)
     rhs: OperandFormat = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "group_size", _integer(self.group_size, "group_size", "128"))
+        object.__setattr__(self, "lhs", _int8_activations(self.static))
         object.__setattr__(self, "rhs", OperandFormat(qtype=INT4, granularity=Granularity.GROUP,
                                                       group_size=self.group_size))
         Recipe.__post_init__(self)
 
 
+_FP8_ROW = OperandFormat(qtype=FP8_E4M3, granularity=Granularity.ROW)
+_FP8_STATIC = OperandFormat(qtype=FP8_E4M3, granularity=Granularity.TENSOR, calibration=Calibration.STATIC)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class FP8Recipe(Recipe):
+    """float8_e4m3fn activations (per token, quantized on the fly) x float8_e4m3fn weights (per output
+    channel), f32 accumulation (`Accumulation.FLOAT_CODES`): what torch `_scaled_mm` with row-wise scales,
+    torchao float8 and vLLM's dynamic fp8 compute. Codes saturate at +-448. `qk.FP8` is its value;
+    `qk.FP8(static=True)` ('fp8-static') quantizes activations with one calibrated scale per layer
+    (vLLM's and torchao's static fp8; calibrate with `qkernels.calibration.static_scale(..., qtype=FP8_E4M3)`)."""
+
+    _: KW_ONLY
+    static: bool = False
+    tag: str = field(default="fp8", init=False)
+    lhs: OperandFormat | None = field(default=_FP8_ROW, init=False)
+    rhs: OperandFormat = field(default=_FP8_ROW, init=False)
+
+    def __post_init__(self) -> None:
+        _flag(self.static, "static")
+        object.__setattr__(self, "lhs", _FP8_STATIC if self.static else _FP8_ROW)
+        Recipe.__post_init__(self)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class FP8A16Recipe(Recipe):
+    """Float activations x float8_e4m3fn weights (per output channel): weight-only fp8 (accumulation
+    FLOAT: weights dequantized to the activation dtype). `qk.FP8A16` is its value."""
+
+    tag: str = field(default="fp8a16", init=False)
+    lhs: OperandFormat | None = field(default=None, init=False)
+    rhs: OperandFormat = field(default=_FP8_ROW, init=False)
+
+
 W8A8 = W8A8Recipe()
 W8A16 = W8A16Recipe()
+FP8 = FP8Recipe()
+FP8A16 = FP8A16Recipe()
 
-RECIPES: tuple[Recipe, ...] = (W8A8, W8A16, W4A16(), W4A8())
+RECIPES: tuple[Recipe, ...] = (W8A8, W8A16, W4A16(), W4A8(), FP8, FP8A16)
 """One value of each shipped recipe family (W4A16 and W4A8 at their default group size 128)."""
 
-_TYPES: dict[str, type[Recipe]] = {"w8a8": W8A8Recipe, "w8a16": W8A16Recipe, "w4a16": W4A16, "w4a8": W4A8}
+_TYPES: dict[str, type[Recipe]] = {"w8a8": W8A8Recipe, "w8a16": W8A16Recipe, "w4a16": W4A16, "w4a8": W4A8,
+                                   "fp8": FP8Recipe, "fp8a16": FP8A16Recipe}
 
 
 def resolve_recipe(recipe: Recipe | type[Recipe] | str | None, default: Recipe = W8A8) -> Recipe:
@@ -591,7 +756,7 @@ def resolve_recipe(recipe: Recipe | type[Recipe] | str | None, default: Recipe =
     if isinstance(recipe, str):
         return recipe_named(recipe)
     raise TypeError(f"recipe={recipe!r} is not a recipe; pass one of qk.W8A8, qk.W8A16, qk.W4A16(group_size), "
-                    f"qk.W4A8(group_size), another qkernels.Recipe, or a name like 'w4a16-g128'")
+                    f"qk.W4A8(group_size), qk.FP8, qk.FP8A16, another qkernels.Recipe, or a name like 'w4a16-g128'")
 
 
 def recipe_named(name: str) -> Recipe:
@@ -601,15 +766,16 @@ def recipe_named(name: str) -> Recipe:
     return recipe if recipe is not None else parse_recipe(name)
 
 
-_NAME = re.compile(r"^(?P<tag>[a-z0-9]+)(?:-g(?P<g>\d+))?(?P<zp>-zp)?(?P<qb>-qbwd)?$")
+_NAME = re.compile(r"^(?P<tag>[a-z0-9]+)(?:-g(?P<g>\d+))?(?P<zp>-zp)?(?P<st>-static)?(?P<qb>-qbwd)?$")
 
 
 def parse_recipe(name: str) -> Recipe:
-    """Inverse of `Recipe.name` for the shipped families: 'w8a8', 'w4a16-g64-zp', 'w4a8-g128', 'w8a8-qbwd'."""
+    """Inverse of `Recipe.name` for the shipped families: 'w8a8', 'w4a16-g64-zp', 'w4a8-g128', 'w8a8-qbwd',
+    'w8a8-static'."""
     m = _NAME.match(name.strip().lower())
     if not m or m["tag"] not in _TYPES:
         raise ValueError(f"unknown recipe name {name!r}; expected one of {sorted(_TYPES)} "
-                         f"optionally followed by -g<group size>, -zp, -qbwd (e.g. 'w4a16-g128-zp')")
+                         f"optionally followed by -g<group size>, -zp, -static, -qbwd (e.g. 'w4a16-g128-zp')")
     cls = _TYPES[m["tag"]]
     kwargs: dict[str, Any] = {"quantized_backward": bool(m["qb"])}
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
@@ -621,4 +787,8 @@ def parse_recipe(name: str) -> Recipe:
         if "zero_point" not in fields:
             raise ValueError(f"recipe {m['tag']} has no zero-point variant (got {name!r})")
         kwargs["zero_point"] = True
+    if m["st"]:
+        if "static" not in fields:
+            raise ValueError(f"recipe {m['tag']} has no static-activation variant (got {name!r})")
+        kwargs["static"] = True
     return cls(**kwargs)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "Peak", "DeviceKind", "DEVICES", "ARCHES", "Arch", "AotTarget", "AOT_TARGETS", "MMA_PATTERNS", "TPU_GENERATIONS", "TPU_NO_INT8_MXU",
+    "FP8_MMA_MIN_SM", "FP8_MMA_ROCM", "TPU_FP8_MXU", "fp8_mma_reason", "aot_sm",
     "device_kind", "device", "units", "cuda_platform", "rocm_platform", "tpu_platform", "arch_platform",
     "table_arch",
 ]
@@ -36,9 +37,10 @@ class Peak:
     int8: float | None
     mem_gbps: float
     source: str
+    fp8: float | None = None  # float8 (e4m3) MMA; None: no fp8 tensor cores
 
     def compute(self, mma: str) -> float | None:
-        return {"f32": self.f32, "bf16": self.bf16, "int8": self.int8}[mma]
+        return {"f32": self.f32, "bf16": self.bf16, "int8": self.int8, "fp8": self.fp8}[mma]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -65,6 +67,31 @@ TPU_GENERATIONS = ("v5e", "v6e", "v5p")
 """TPU generations with an int8 MXU path and Pallas config tables."""
 TPU_NO_INT8_MXU = ("v2", "v3", "v4")
 """TPU generations whose compiler (Mosaic) rejects int8 matmuls (measured for v4 through libtpu)."""
+TPU_FP8_MXU: tuple[str, ...] = ()
+"""TPU generations with Pallas tables whose MXU multiplies fp8: none. v5e, v6e and v5p multiply bf16 and
+int8 (Google's docs list no fp8 MXU before Ironwood, v7, which has no table here), so fp8 recipes are
+refused there rather than converted to bf16 behind the caller's back."""
+FP8_MMA_MIN_SM = 89
+"""CUDA compute capability from which tensor cores multiply float8_e4m3fn (Ada sm_89: `mma.sync ... e4m3`;
+Hopper sm_90: `wgmma ... e4m3`); Triton refuses the fp8e4nv type itself below it."""
+FP8_MMA_ROCM: dict[str, str] = {"gfx942": "float8_e4m3fnuz"}
+"""ROCm archs with an fp8 MFMA, and the encoding it multiplies: MI300 (gfx942) takes e4m3fnuz only (OCP
+e4m3fn is emulated there), so the Triton fp8 kernels reinterpret e4m3fn codes as fnuz (`triton/_common.as_fnuz`)."""
+
+
+def fp8_mma_reason(platform: str) -> str | None:
+    """None where the GPU's tensor cores multiply fp8 (sm_89+, gfx942), else why not."""
+    kind, _, arch = platform.partition(":")
+    if kind == "cuda":
+        m = re.fullmatch(r"sm_(\d+)[a-z]?", arch)
+        if m and int(m[1]) >= FP8_MMA_MIN_SM:
+            return None
+        return f"{arch} has no fp8 tensor cores (float8_e4m3fn needs sm_{FP8_MMA_MIN_SM}+: Ada, Hopper)"
+    if kind == "rocm":
+        return None if arch in FP8_MMA_ROCM else f"{arch} has no fp8 MFMA (gfx942 / MI300 has)"
+    if kind == "tpu":
+        return None if arch in TPU_FP8_MXU else f"TPU {arch} has no fp8 MXU (none of {', '.join(TPU_GENERATIONS)} has)"
+    return f"platform {platform} has no fp8 matrix unit"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -79,12 +106,12 @@ class DeviceKind:
 
 
 _A100 = Peak(f32=19.5, bf16=312.0, int8=624.0, mem_gbps=2039.0, source="NVIDIA A100 SXM 80GB datasheet")
-_H100 = Peak(f32=67.0, bf16=989.4, int8=1978.9, mem_gbps=3350.0, source="NVIDIA H100 SXM5 datasheet")
+_H100 = Peak(f32=67.0, bf16=989.4, int8=1978.9, fp8=1978.9, mem_gbps=3350.0, source="NVIDIA H100 SXM5 datasheet")
 
 # Most specific first ('H100' before 'H10'; 'L40' is not an 'L4').
 DEVICES: tuple[DeviceKind, ...] = (
     DeviceKind(name="h200", pattern=r"H200", arch="sm_90", units=132, peak=Peak(
-        f32=67.0, bf16=989.4, int8=1978.9, mem_gbps=4800.0, source="NVIDIA H200 SXM datasheet")),
+        f32=67.0, bf16=989.4, int8=1978.9, fp8=1978.9, mem_gbps=4800.0, source="NVIDIA H200 SXM datasheet")),
     DeviceKind(name="h100", pattern=r"H100", arch="sm_90", units=132, peak=_H100),
     DeviceKind(name="h800", pattern=r"H800", arch="sm_90", units=132),
     DeviceKind(name="a100", pattern=r"A100", arch="sm_80", units=108, peak=_A100),
@@ -94,9 +121,9 @@ DEVICES: tuple[DeviceKind, ...] = (
     DeviceKind(name="l40s", pattern=r"L40S", arch="sm_80", units=142),
     DeviceKind(name="l40", pattern=r"\bL40\b", arch="sm_80", units=142),
     DeviceKind(name="l4", pattern=r"\bL4\b", arch="sm_80", units=58, peak=Peak(
-        f32=30.3, bf16=121.0, int8=242.5, mem_gbps=300.0, source="NVIDIA L4 datasheet")),
+        f32=30.3, bf16=121.0, int8=242.5, fp8=242.5, mem_gbps=300.0, source="NVIDIA L4 datasheet")),
     DeviceKind(name="mi300x", pattern=r"MI300X", arch="gfx942", units=304, peak=Peak(
-        f32=163.4, bf16=1307.4, int8=2614.9, mem_gbps=5300.0, source="AMD Instinct MI300X datasheet")),
+        f32=163.4, bf16=1307.4, int8=2614.9, fp8=2614.9, mem_gbps=5300.0, source="AMD Instinct MI300X datasheet")),
     DeviceKind(name="mi325x", pattern=r"MI325X", arch="gfx942", units=304),
     DeviceKind(name="mi250", pattern=r"MI250", arch=None, units=104),
     DeviceKind(name="tpu-v5e", pattern=r"TPU v5 ?lite|TPU v5e", arch="v5e", peak=Peak(
@@ -169,6 +196,12 @@ def arch_platform(arch: str) -> str:
     return f"{'rocm' if arch.startswith('gfx') else 'cuda'}:{arch}"
 
 
+def aot_sm(target: AotTarget) -> str:
+    """The platform string a GPU AOT target compiles for: 'cuda:sm_89', 'rocm:gfx942'."""
+    backend, arch, _ = target.gpu
+    return f"cuda:sm_{arch}" if backend == "cuda" else f"rocm:{arch}"
+
+
 def table_arch(platform: str) -> str | None:
     """Config-table arch of a platform: sm_80 for sm_80..sm_89, sm_90 for sm_90 and newer, gfx942,
     a TPU generation; None where no table applies (CPU, pre-Ampere GPUs, other ROCm parts)."""
@@ -190,6 +223,8 @@ MMA_PATTERNS: dict[tuple[str, str], str] = {
     ("cuda", "16bit"): r"\b(?:HMMA|HGMMA)\.\S+",
     ("hip", "int8"): r"\bv_mfma_i32_\w+_i8\b",
     ("hip", "16bit"): r"\bv_mfma_f32_\w+_(?:bf16|f16)\w*\b",
+    ("cuda", "fp8"): r"\b(?:QGMMA|QMMA|HGMMA|HMMA)\.\S*E4M3\S*",  # sm_90: QGMMA...E4M3, sm_89: QMMA...E4M3
+    ("hip", "fp8"): r"\bv_mfma_f32_\w+_fp8_fp8\b",
 }
 """Matrix instructions the machine code must show per (GPU backend, MMA input kind)."""
 
@@ -209,10 +244,14 @@ class AotTarget:
     gpu: tuple[str, int | str, int] | None = None
     topology: str | None = None
     devices: tuple[str, ...] = ()
+    shared_bytes: int | None = None  # GPU: where the target's parts have less than its arch's table assumes
 
 
 AOT_TARGETS: dict[str, AotTarget] = {t.name: t for t in (
     AotTarget(name="sm_80", backend="triton", arch="sm_80", gpu=("cuda", 80, 32), devices=("a100",)),
+    # Ada runs the sm_80 tables (same mma.sync), plus the fp8 kernels the sm_80 target cannot compile
+    AotTarget(name="sm_89", backend="triton", arch="sm_80", gpu=("cuda", 89, 32), devices=("l4", "l40s"),
+              shared_bytes=99 * 1024),  # Ada: 99 KB shared memory per block (A100: 163 KB)
     AotTarget(name="sm_90", backend="triton", arch="sm_90", gpu=("cuda", 90, 32), devices=("h100", "h200")),
     AotTarget(name="gfx942", backend="triton", arch="gfx942", gpu=("hip", "gfx942", 64), devices=("mi300x",)),
     AotTarget(name="tpu-v5e", backend="pallas", arch="v5e", topology="v5e:2x2"),

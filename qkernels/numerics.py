@@ -149,6 +149,8 @@ class ArrayOps(Protocol):
     def grouped_int_dot(self, a: Any, w: Any, group_size: int, batched: bool) -> Any: ...  # -> int32 (..., M, N, G)
     def grouped_scaled_sum(self, a: Any, w: Any, scale: Any, group_size: int, batched: bool) -> Any: ...
     def float_linear(self, x: Any, w: Any, bias: Any, out_dtype: str, batched: bool) -> Any: ...
+    def quantile(self, x: Any, q: float) -> Any: ...  # f32 (N, K) -> (K,) along axis 0, NumPy's linear rule
+    def broadcast_to(self, x: Any, shape: tuple[int, ...]) -> Any: ...
 
 
 def round_half_even(x: np.ndarray) -> np.ndarray:
@@ -249,6 +251,15 @@ class NumpyOps:
             y = y + np.asarray(bias).astype(np.float32)
         return y.astype(_NP_DTYPES[out_dtype])
 
+    def quantile(self, x: Any, q: float) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        if x.shape[0] == 0:
+            return np.zeros(x.shape[1:], np.float32)
+        return np.quantile(x, q, axis=0).astype(np.float32)
+
+    def broadcast_to(self, x: Any, shape: tuple[int, ...]) -> np.ndarray:
+        return np.broadcast_to(np.asarray(x), shape)
+
 
 NUMPY_OPS = NumpyOps()
 
@@ -312,10 +323,19 @@ def to_codes(y: Any, qtype: QType, ops: ArrayOps = NUMPY_OPS) -> Any:
 
 
 def quantize_symmetric(x: Any, scale: Any, qtype: QType, ops: ArrayOps = NUMPY_OPS) -> Any:
-    """Codes `clip(round_half_even(x / scale), -qmax, qmax)` (integer types; see `to_codes`).
+    """Codes of `x / scale` saturated at +-qmax (`to_codes`): integer types `clip(round_half_even(.))`,
+    float types (fp8) `clip(.)` then one round-to-nearest-even cast to the storage type.
 
     `x / scale` is an IEEE f32 division (not a multiply by a reciprocal), so every backend that
-    divides correctly rounded gets the same codes. Values beyond the range saturate at +-qmax.
+    divides correctly rounded gets the same codes. Values beyond the range saturate at +-qmax (448
+    for float8_e4m3fn: the cast itself would give NaN, e4m3fn has no infinity).
+
+    | x / scale (float8_e4m3fn)  | code                          |
+    |----------------------------|-------------------------------|
+    | 1.0625 (tie), 17 (tie)     | 1.0, 16 (ties to even)        |
+    | 500, -1e30                 | 448, -448 (saturated)         |
+    | 3 * 2**-10 (subnormal tie) | 2**-8 (subnormal codes kept)  |
+    | |y| <= 2**-10              | 0 (sign kept: -0 for y < 0)   |
     """
     return to_codes(ops.div(ops.cast(x, "float32"), scale), qtype, ops)
 

@@ -8,6 +8,10 @@ may differ from the reference by
      doubled to cover the reference's own rounding);
   3. the order of the rescale multiplies, for backends that do not honour DESIGN.md's order (FMA
      contraction, reassociation): a few f32 ulps, `4 * eps(f32) * |ref|`.
+For fp8 x fp8 (`Accumulation.FLOAT_CODES`) the products of two codes are exact in f32, so only 1.
+and 2. apply (3. where the backend contracts the epilogue), with the dequantized codes as the operands
+(`float_operands`); the accumulation term dominates: for K=4096 it is ~1e-3 of |lhs| @ |rhs|^T, while
+one fp8 code step is 1/16 of a value, so a wrong code or scale is far outside it.
 Integer accumulators have no tolerance: they are compared with ==. Outputs of integer recipes are
 compared with == where the backend honours DESIGN.md section 4's rescale order, and within
 `fma_bound` where it contracts the epilogue's multiply-adds into FMAs (XLA, `jax_bindings.arrays`).
@@ -24,7 +28,8 @@ from qkernels import reference
 from qkernels.formats import QOperand, Recipe
 from qkernels.reference import np_dtype
 
-__all__ = ["tolerances", "assert_close", "epilogue_terms", "fma_bound", "assert_within", "snr_db", "subnormal_rows",
+__all__ = ["tolerances", "float_operands",
+           "assert_close", "epilogue_terms", "fma_bound", "assert_within", "snr_db", "subnormal_rows",
            "activations", "weights"]
 
 
@@ -45,6 +50,24 @@ def tolerances(lhs: Any, rhs: Any, out_dtype: Any, bias: Any = None) -> np.ndarr
     tiny = float(info.smallest_normal)
     size = mag + (0 if bias is None else np.abs(np.asarray(bias, np.float64)))
     return (eps_out + 4 * eps32) * size + 2 * k * eps32 * mag + tiny
+
+
+def float_operands(x: Any, rhs: Any, recipe: Recipe, act_dtype: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """The float operands a backend multiplies for `x @ rhs^T`, as `tolerances` takes them.
+
+    Weight-only recipes: the activations as they are and the weight dequantized to the activation
+    dtype. Recipes that quantize activations (integer and fp8): both sides dequantized from their codes
+    (what the exact integer / fp8-product dot multiplies, up to the per-row scales).
+    `x`: float activations (..., M, K), or already quantized ones; `rhs`: the quantized weight
+    (`reference.RefQuantized`).
+    """
+    if isinstance(x, (reference.RefQuantized, QOperand)):  # activations quantized by the caller
+        op = x.operand() if isinstance(x, reference.RefQuantized) else x
+        return reference.dequantize(op, recipe.lhs, np.asarray(op.qvalue).shape[-1]), rhs.dequantize()
+    x = np.asarray(x)
+    if recipe.lhs is None:
+        return x, rhs.dequantize(x.dtype if act_dtype is None else act_dtype)
+    return reference.quantize(x, recipe.lhs).dequantize(), rhs.dequantize()
 
 
 def assert_close(actual: Any, expected: Any, lhs: Any, rhs: Any, out_dtype: Any, bias: Any = None,

@@ -1,7 +1,9 @@
 """`python -m qkernels.aot --target sm_80 --target sm_90`: every shipped Triton config compiles with no
 GPU, in both specializations the JIT compiles (integers divisible by 16, and not), uses int8 tensor
-cores for integer recipes and 16-bit ones for weight-only recipes, does not exceed shared memory, and
-does not spill in the divisible form model shapes run."""
+cores for integer recipes, fp8 (E4M3) ones for FP8 on sm_90, 16-bit ones for weight-only recipes, does
+not exceed shared memory, and does not spill in the divisible form model shapes run. (sm_89 and gfx942,
+which compile the fp8 kernels too, take minutes more: `python -m qkernels.aot --target sm_89 --target
+gfx942`.)"""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ pytestmark = pytest.mark.slow
 
 INT8_MMA = ("IMMA.", "IGMMA.")
 FLOAT_MMA = ("HMMA.", "HGMMA.")
+FP8_MMA = ("QGMMA.", "QMMA.")  # with E4M3 operands (checked below): the sm_90 / sm_89 fp8 MMAs
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,9 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 def test_every_family_and_target_is_checked(reports: list[dict]) -> None:
     seen = {(r["target"], r["kernel"]) for r in reports}
     kernels = ("quantize_rows", "w8a8", "w4a8", "w4a16", "w8a16", "gemv-w8a8", "gemv-w8a16", "gemv-w4a16",
-               "gemv-w4a16-zp", "splitk_reduce-i32", "splitk_reduce-fp32")
-    assert seen == {(t, k) for t in ("sm_80", "sm_90") for k in kernels}
+               "gemv-w4a16-zp", "splitk_reduce-i32", "splitk_reduce-fp32", "splitk_reduce-fp32-rescale")
+    fp8 = ("quantize_rows-fp8", "fp8", "fp8a16", "gemv-fp8", "gemv-fp8a16")  # sm_89+ only: no fp8 on sm_80
+    assert seen == {(t, k) for t in ("sm_80", "sm_90") for k in kernels} | {("sm_90", k) for k in fp8}
 
 
 def test_both_specializations_of_every_config_are_compiled(reports: list[dict]) -> None:
@@ -68,10 +72,15 @@ def test_decode_picks_and_split_variants_are_compiled(reports: list[dict]) -> No
 
 @pytest.mark.parametrize("kernel,expected", [
     pytest.param("w8a8", INT8_MMA, id="w8a8-int8-mma"), pytest.param("w4a8", INT8_MMA, id="w4a8-int8-mma"),
-    pytest.param("w4a16", FLOAT_MMA, id="w4a16-bf16-mma"), pytest.param("w8a16", FLOAT_MMA, id="w8a16-bf16-mma")])
+    pytest.param("w4a16", FLOAT_MMA, id="w4a16-bf16-mma"), pytest.param("w8a16", FLOAT_MMA, id="w8a16-bf16-mma"),
+    pytest.param("fp8", FP8_MMA, id="fp8-e4m3-mma"), pytest.param("fp8a16", FLOAT_MMA, id="fp8a16-bf16-mma")])
 def test_tensor_core_instruction(reports: list[dict], kernel: str, expected: tuple[str, ...]) -> None:
-    for r in (r for r in reports if r["kernel"] == kernel):
+    checked = [r for r in reports if r["kernel"] == kernel]
+    assert checked
+    for r in checked:
         assert (r["mma_instruction"] or "").startswith(expected), r
+        if kernel == "fp8":
+            assert "E4M3" in r["mma_instruction"], r
         assert r["registers"] <= 255 and (r["spill_bytes"] == 0 or r["variant"] == "any"), r
 
 
@@ -81,16 +90,17 @@ def test_gemv_and_reduce_need_no_tensor_cores_and_do_not_spill(reports: list[dic
 
 
 def test_sm90_large_tiles_use_warpgroup_mma(reports: list[dict]) -> None:
-    """Hopper's prefill configs (BLOCK_M >= 64) must reach wgmma, not the Ampere mma.sync path."""
+    """Hopper's prefill configs (BLOCK_M >= 64) must reach wgmma (IGMMA int8, HGMMA bf16, QGMMA fp8), not the
+    Ampere mma.sync path."""
     large = [r for r in reports if r["target"] == "sm_90" and r["kernel"] != "quantize_rows"
              and r["config"].startswith("m128")]
-    assert large and all(r["mma_instruction"].startswith(("IGMMA.", "HGMMA.")) for r in large), large
+    assert large and all(r["mma_instruction"].startswith(("IGMMA.", "HGMMA.", "QGMMA.")) for r in large), large
 
 
 def test_unknown_target_is_refused() -> None:
     from qkernels.kernels.triton import aot as triton_aot
 
-    with pytest.raises(ValueError, match="choose from sm_80, sm_90, gfx942"):
+    with pytest.raises(ValueError, match="choose from sm_80, sm_89, sm_90, gfx942"):
         triton_aot.check("sm_75")
 
 

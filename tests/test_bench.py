@@ -25,7 +25,7 @@ from qkernels import testing
 from qkernels.shapes import SETS, Shape
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ("w8a8", "w8a16", "w4a16-g128", "w4a8-g128")
+RECIPES = ("w8a8", "w8a16", "w4a16-g128", "w4a8-g128", "fp8", "fp8a16")
 CPU = Device(kind="cpu", name="test cpu", platform="cpu", peak_key=None,
              peak=Peak(f32=1.0, bf16=2.0, int8=4.0, mem_gbps=10.0, source="test"), threads=2)
 
@@ -55,6 +55,7 @@ def test_smoke_has_every_row_side_by_side(smoke: dict) -> None:
             assert got == shapes, f"{fw} {method} {recipe}: rows for {sorted(got)}, expected {sorted(shapes)}"
     for fw, method, recipe in (("torch", "F.linear", "f32"), ("torch", "F.linear", "bf16"),
                                ("torch", "torchao.int8-dynamic", "w8a8"), ("torch", "torch._int_mm+rescale", "w8a8"),
+                               ("torch", "torch._scaled_mm", "fp8"),
                                ("jax", "lax.dot_general", "f32"), ("jax", "aqt.int8", "w8a8"),
                                ("jax", "xla.int8-dot+rescale", "w8a8")):
         assert sum(1 for r in rows if (r["framework"], r["method"], r["recipe"]) == (fw, method, recipe)) == len(shapes)

@@ -13,7 +13,7 @@ on torch, batched weights, pre-quantized activations):
   rescale order; backends compiled by XLA (framework 'jax', not a host callback) contract the
   epilogue's multiply-adds into FMAs (`jax_bindings.arrays`), so theirs are within
   `testing.fma_bound` wherever a multiply feeds an add (a bias, W4A8's group sum) and == otherwise;
-  weight-only recipes within `testing.assert_close`;
+  float-accumulating recipes (weight-only, and fp8 x fp8) within `testing.assert_close`;
 - awkward shapes (M=1, odd K, K=1, not block multiples), zero-size dims, every group size, bias
   on/off, every (activation, output) dtype pair the backend accepts, batched (3-D) weights, and a
   backend that refuses a case says why through dispatch.
@@ -25,6 +25,7 @@ Interpreter backends (not chosen automatically) get fewer and smaller cases: the
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -38,7 +39,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import qkernels as qk
-from qkernels import dispatch, numerics, reference, testing
+from qkernels import calibration, dispatch, numerics, reference, testing
 from qkernels.dispatch import Implementation, Problem
 from qkernels.formats import Accumulation, OperandFormat, QOperand, Recipe
 from qkernels.numerics import GROUP_SIZES, INT8, Granularity
@@ -61,9 +62,9 @@ W6A8 = Recipe(tag="w6a8", lhs=INT8_ROW, rhs=OperandFormat(qtype=INT6, granularit
 CUSTOM = (W6A16, W3A16, W6A8)
 
 SHIPPED = (qk.W8A8, qk.W8A16, *(qk.W4A16(g) for g in GROUP_SIZES), *(qk.W4A16(g, zero_point=True) for g in GROUP_SIZES),
-           *(qk.W4A8(g) for g in GROUP_SIZES))
+           *(qk.W4A8(g) for g in GROUP_SIZES), qk.FP8, qk.FP8A16)
 CATALOGUE = (*SHIPPED, *CUSTOM)
-FAMILIES = (qk.W8A8, qk.W8A16, qk.W4A16(32), qk.W4A16(64, zero_point=True), qk.W4A8(32))
+FAMILIES = (qk.W8A8, qk.W8A16, qk.W4A16(32), qk.W4A16(64, zero_point=True), qk.W4A8(32), qk.FP8, qk.FP8A16)
 """One shipped recipe per family (small groups), for the fixed cases; the recipes defined here have
 tests of their own below and are drawn by the hypothesis tests."""
 
@@ -224,7 +225,8 @@ def expect_output(backend: Backend, case: Case, data: Data, y: np.ndarray, dtype
     what = f"{backend.id} {case.id}"
     contractible = recipe.accumulation.grouped or data.bias is not None  # a multiply feeding an add
     if not recipe.accumulation.integer:
-        testing.assert_close(y, expected, data.x, data.rq.dequantize(case.act), case.out, data.bias, what=what)
+        testing.assert_close(y, expected, *testing.float_operands(lhs, data.rq, recipe, case.act), case.out,
+                             data.bias, what=what)
     elif backend.fused_epilogue and contractible:
         bound = testing.fma_bound(testing.epilogue_terms(lhs, data.rq, recipe, data.bias), case.out)
         testing.assert_within(y, expected, bound, what=what)
@@ -274,7 +276,7 @@ def native(backend: Backend, x: Any) -> Any:
         from torch_bindings.arrays import DTYPES
 
         name = "bfloat16" if x.dtype == np_dtype("bfloat16") else x.dtype.name
-        wide = x.astype(np.float32) if name == "bfloat16" else x  # exact: bf16 values are f32 values
+        wide = x.astype(np.float32) if x.dtype.kind == "V" else x  # ml_dtypes' bf16 / fp8: exact as f32
         return torch.from_numpy(np.ascontiguousarray(wide)).to(device=backend.device, dtype=DTYPES[name])
     if backend.framework == "jax":
         import jax.numpy as jnp
@@ -397,7 +399,7 @@ def test_every_runnable_backend_is_discovered() -> None:
         if importlib.util.find_spec("triton") is not None:
             import torch
 
-            kernels = ("w8a8", "w4a8", "w4a16", "w8a16")
+            kernels = ("w8a8", "w4a8", "w4a16", "w8a16", "fp8", "fp8a16")
             if os.environ.get("TRITON_INTERPRET") == "1":
                 assert {f"torch:triton.interpret.{f}" for f in kernels} <= names
             elif torch.cuda.is_available():
@@ -491,7 +493,8 @@ def test_batched_weights(backend: Backend) -> None:
 
 @pytest.mark.parametrize("backend", backends(lambda b: any(r.lhs is not None for r in b.recipes)))
 def test_prequantized_activations(backend: Backend) -> None:
-    """Integer recipes with activations the caller quantized (a QOperand lhs), through `bind`:
+    """Recipes that quantize activations (integer, fp8) with activations the caller quantized (a QOperand
+    lhs), through `bind`:
     the same outputs and accumulators as quantizing on the fly."""
     for recipe in families(backend):
         if recipe.lhs is None:
@@ -501,8 +504,28 @@ def test_prequantized_activations(backend: Backend) -> None:
         lhs = reference.quantize(data.x, recipe.lhs)
         y = run_bound(backend, case, lhs, data.rq, data.bias, lhs_quantized=True)
         expect_output(backend, case, data, to_numpy(y), dtype_of(y), lhs=lhs)
-        if backend.impl.accumulate is not None:
+        if recipe.accumulation.integer and backend.impl.accumulate is not None:
             expect_accumulators(backend, case, data, lhs, lhs_quantized=True)
+
+
+@pytest.mark.parametrize("backend", backends(lambda b: any(r.lhs is not None for r in b.recipes)))
+def test_static_range_activations(backend: Backend) -> None:
+    """Static-range recipes (`static=True`) run the dynamic family's kernels on activations quantized
+    with one calibrated scale (`Recipe.quantize_lhs`): a scale below the range saturates codes at
+    +-qmax (127, 448 for fp8), and the outputs still equal the reference's for those codes exactly."""
+    for recipe in families(backend):
+        if recipe.lhs is None:
+            continue
+        static = recipe(static=True)
+        case = dataclasses.replace(fixed(backend, recipe, m=6, n=11, k=90, bias=True, seed=4), recipe=static)
+        data = Data.of(case)
+        qtype = static.lhs.qtype
+        scale = calibration.static_scale(calibration.batch_range(data.x.astype(np.float32)) / 4, qtype=qtype)
+        lhs = static.quantize_lhs(numerics.NUMPY_OPS, data.x, scale)
+        saturated = np.abs(lhs.qvalue.astype(np.float32)) == qtype.qmax
+        assert saturated.any() and np.all(lhs.scale == scale), "some codes saturate"
+        y = run_bound(backend, case, lhs, data.rq, data.bias, lhs_quantized=True)
+        expect_output(backend, case, data, to_numpy(y), dtype_of(y), lhs=lhs)
 
 
 @pytest.mark.parametrize("backend", backends())

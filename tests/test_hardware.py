@@ -103,12 +103,29 @@ def test_aot_cli_targets_come_from_the_table_and_the_backends() -> None:
     pytest.param(("hip", "int8"), "v_mfma_i32_32x32x16_i8", id="gfx942-mfma-i8"),
     pytest.param(("cuda", "16bit"), "HMMA.16816.F32.BF16", id="sm80-hmma"),
     pytest.param(("cuda", "16bit"), "HGMMA.64x128x16.F32.BF16", id="sm90-hgmma"),
-    pytest.param(("hip", "16bit"), "v_mfma_f32_32x32x8_bf16", id="gfx942-mfma-bf16")])
+    pytest.param(("hip", "16bit"), "v_mfma_f32_32x32x8_bf16", id="gfx942-mfma-bf16"),
+    pytest.param(("cuda", "fp8"), "QGMMA.64x128x32.F32.E4M3.E4M3", id="sm90-qgmma-e4m3"),
+    pytest.param(("cuda", "fp8"), "QMMA.16832.F32.E4M3.E4M3", id="sm89-qmma-e4m3"),
+    pytest.param(("hip", "fp8"), "v_mfma_f32_32x32x16_fp8_fp8", id="gfx942-mfma-fp8")])
 def test_mma_patterns(kind: tuple[str, str], text: str) -> None:
     assert re.search(hardware.MMA_PATTERNS[kind], f"  /*0120*/ {text} R4, R8, R12, R4 ;")
     other = ("cuda", "16bit" if kind[1] == "int8" else "int8") if kind[0] == "cuda" else None
     if other:
         assert not re.search(hardware.MMA_PATTERNS[other], text)
+    if kind[1] != "fp8":  # no 16-bit or integer MMA passes for an fp8 one
+        assert not re.search(hardware.MMA_PATTERNS[(kind[0], "fp8")], text)
+
+
+def test_fp8_matrix_units() -> None:
+    """Which platforms multiply fp8 natively: CUDA sm_89+ and gfx942 (fnuz); no TPU generation with tables."""
+    for platform in ("cuda:sm_89", "cuda:sm_90", "cuda:sm_90a", "cuda:sm_100", "rocm:gfx942"):
+        assert hardware.fp8_mma_reason(platform) is None, platform
+    for platform in ("cuda:sm_80", "cuda:sm_86", "rocm:gfx90a", "cpu", *(f"tpu:{g}" for g in hardware.TPU_GENERATIONS)):
+        assert "fp8" in hardware.fp8_mma_reason(platform), platform
+    assert hardware.aot_sm(hardware.AOT_TARGETS["sm_89"]) == "cuda:sm_89"
+    assert hardware.AOT_TARGETS["sm_89"].shared_bytes < hardware.ARCHES["sm_80"].shared_bytes
+    assert hardware.device("h100").peak.compute("fp8") == hardware.device("h100").peak.int8
+    assert hardware.device("a100").peak.compute("fp8") is None
 
 
 def test_backend_list() -> None:

@@ -180,3 +180,50 @@ def test_restore_of_another_shape_or_recipe_is_refused_at_restore():
             serialization.from_bytes({"kernel": target}, blob)
     restored = serialization.from_bytes({"kernel": saved}, blob)["kernel"]
     np.testing.assert_array_equal(np.asarray(restored.qvalue), np.asarray(saved.qvalue))
+
+
+# --- which operand is the weight (jnp.einsum may pass the kernel first) ----------------------------------------
+ORDER_RECIPES = [pytest.param(qk.W4A16(32), id="w4a16-g32"), pytest.param(qk.W4A8(32), id="w4a8-g32")]
+
+
+@pytest.mark.parametrize("recipe", ORDER_RECIPES)
+def test_jnp_einsum_passing_the_kernel_first_still_quantizes_the_kernel(recipe):
+    rng = np.random.default_rng(9)
+    x, w = jnp.asarray(activations(rng, (8, 64))), jnp.asarray(weights(rng, (16, 64)))
+    firsts = []
+    jnp.einsum("bk,nk->nb", x, w, _dot_general=lambda a, b, *args, **kw: firsts.append(a.shape) or jax.lax.dot_general(
+        a, b, *args, **kw))
+    assert firsts == [(16, 64)], "jnp.einsum no longer swaps here: pick subscripts where it does"
+    dg = qk.make_dot_general(recipe)
+    op = qk.make_einsum(recipe)  # the weight second, by contract
+    for subscripts in ("bk,nk->nb", "bk,nk->bn"):  # swapped and in order
+        out = jax.jit(lambda x, w: jnp.einsum(subscripts, x, w, _dot_general=dg))(x, w)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(jax.jit(lambda x, w: op(subscripts, x, w))(x, w)))
+    wrong = qk.dot_general(w, x, (((1,), (1,)), ((), ())), recipe=recipe)  # x quantized as if it were the weight
+    assert not np.allclose(np.asarray(wrong), np.asarray(op("bk,nk->nb", x, w)), rtol=1e-3, atol=1e-3)
+    # A single-operand step first (an explicit path) reorders jnp.einsum's operands: refused, not guessed.
+    with pytest.raises(TypeError, match="does not tell which operand is the weight.*make_einsum"):
+        jnp.einsum("bkj,nk->bn", jnp.ones((8, 64, 3)), w, optimize=[(0,), (0, 1)], _dot_general=dg)
+
+
+@pytest.mark.parametrize("recipe", ORDER_RECIPES)
+def test_make_einsum_takes_the_qarray_in_either_position(recipe):
+    rng = np.random.default_rng(10)
+    x, w = jnp.asarray(activations(rng, (8, 64))), jnp.asarray(weights(rng, (16, 64)))
+    w_q = qk.quantize(w, recipe, contracting_axes=(1,))
+    op = qk.make_einsum(recipe)
+    expected = qk.dot_general(x, w_q, (((1,), (1,)), ((), ())))
+    for subscripts, operands in (("bk,nk->bn", (x, w_q)), ("nk,bk->bn", (w_q, x))):
+        np.testing.assert_array_equal(np.asarray(op(subscripts, *operands)), np.asarray(expected))
+    np.testing.assert_array_equal(np.asarray(op("nk,bk->nb", w_q, x)), np.asarray(expected).T)
+    with pytest.raises(TypeError, match="QArray on both sides"):
+        op("bk,nk->bn", w_q, w_q)
+
+
+def test_linen_einsum_helper_with_the_kernel_first_in_jnp_einsum_order():
+    recipe = qk.W4A16(32)
+    x = jnp.asarray(activations(np.random.default_rng(11), (8, 64)))
+    module = qflax.Einsum((16, 64), "bk,nk->nb", dot_general=qk.make_dot_general(recipe), use_bias=False)
+    params = module.init(jax.random.key(0), x)
+    expected = qk.make_einsum(recipe)("bk,nk->nb", x, params["params"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(module.apply(params, x)), np.asarray(expected))

@@ -28,7 +28,7 @@ def test_shipped_recipes_are_values_with_names():
     assert qk.W8A8(quantized_backward=True).name == "w8a8-qbwd"
     assert qk.resolve_recipe(qk.W4A16) == qk.W4A16(128)  # a class stands for its default value
     assert qk.resolve_recipe("w4a8-g64") == qk.W4A8(64)
-    assert [r.name for r in qk.RECIPES] == ["w8a8", "w8a16", "w4a16-g128", "w4a8-g128"]
+    assert [r.name for r in qk.RECIPES] == ["w8a8", "w8a16", "w4a16-g128", "w4a8-g128", "fp8", "fp8a16"]
 
 
 def test_accumulations_are_derived_from_the_formats():
@@ -67,8 +67,9 @@ def test_user_recipe_is_known_by_name_and_a_clashing_name_is_refused():
 
 def test_a_recipe_without_a_derivable_accumulation_must_name_one():
     fp8 = qk.OperandFormat(qtype=formats.numerics.FP8_E4M3, granularity=qk.Granularity.ROW)
+    int8 = qk.OperandFormat(qtype=formats.numerics.INT8, granularity=qk.Granularity.ROW)
     with pytest.raises(ValueError, match="pass accumulation= explicitly"):
-        qk.Recipe(tag="fp8test", lhs=fp8, rhs=fp8)
+        qk.Recipe(tag="fp8int8test", lhs=fp8, rhs=int8)  # mixed float x integer codes
 
 
 def test_fp8_weight_only_format_runs_on_the_reference():

@@ -43,7 +43,7 @@ def test_opcheck(recipe, with_bias):
 
 @pytest.mark.parametrize("recipe", [pytest.param(qk.W8A8, id="w8a8"), pytest.param(qk.W4A16(32), id="w4a16-g32")])
 def test_compile_fullgraph_matches_eager(recipe):
-    model = qk.quantize_(_mlp(), recipe)
+    model = qk.quantize_(_mlp(), recipe).model
     x = _x((2, 3, 100))
     with torch.no_grad():
         eager = model(x)
@@ -67,7 +67,7 @@ def test_quantize_awkward_model_stays_close(recipe, record_property):
 
 
 def test_quantize_filter_fn_and_repr():
-    model = qk.quantize_(_mlp(), qk.W4A8(32), filter_fn=lambda m, fqn: fqn == "0")
+    model = qk.quantize_(_mlp(), qk.W4A8(32), filter_fn=lambda m, fqn: fqn == "0").model
     assert isinstance(model[0], qk.QLinear) and type(model[2]) is nn.Linear
     text = repr(model[0])
     assert "recipe=w4a8-g32" in text and "backend=torch-cpu" in text
@@ -88,7 +88,7 @@ def test_input_grad_is_straight_through(recipe):
 def test_frozen_base_with_adapter_trains():
     """An adapter beside a frozen quantized base: the adapter gets its float gradient, the input the
     straight-through one, `grad_y @ dequantize(W) + grad_y @ A`, and the quantized weight none."""
-    model = qk.quantize_(nn.Sequential(nn.Linear(64, 32, bias=False)), qk.W8A8)
+    model = qk.quantize_(nn.Sequential(nn.Linear(64, 32, bias=False)), qk.W8A8).model
     adapter = nn.Linear(64, 32, bias=False)
     nn.init.normal_(adapter.weight, std=0.02)
     x = _x((4, 64)).requires_grad_(True)
@@ -113,13 +113,13 @@ def test_qtensor_save_load_roundtrip(tmp_path):
 @pytest.mark.parametrize("recipe", [pytest.param(qk.W8A8, id="w8a8"),
                                     pytest.param(qk.W4A16(32, zero_point=True), id="w4a16-g32-zp")])
 def test_qlinear_state_dict_roundtrips_through_safetensors_and_torch_save(recipe, tmp_path):
-    model = qk.quantize_(_mlp(0), recipe)
+    model = qk.quantize_(_mlp(0), recipe).model
     x = _x((3, 100))
     expected = model(x)
     save_file(model.state_dict(), tmp_path / "m.safetensors")
     torch.save(model.state_dict(), tmp_path / "m.pt")
     for state in (load_file(tmp_path / "m.safetensors"), torch.load(tmp_path / "m.pt")):
-        fresh = qk.quantize_(_mlp(7), recipe)
+        fresh = qk.quantize_(_mlp(7), recipe).model
         fresh.load_state_dict(state)
         assert torch.equal(fresh(x), expected)
 
@@ -173,9 +173,9 @@ def test_bad_inputs_raise_clear_errors():
 def test_checkpoint_of_another_shape_or_recipe_is_refused_before_anything_is_overwritten():
     """Packed shapes coincide (in_features 100 and 128 both store 64 bytes per row at int4 g32; W4A16 and
     W4A8 store the same tensors): the layer's identity in the state dict tells them apart."""
-    src = qk.quantize_(nn.Sequential(nn.Linear(100, 8)), qk.W4A16(32))
-    for target in (qk.quantize_(nn.Sequential(nn.Linear(128, 8)), qk.W4A16(32)),
-                   qk.quantize_(nn.Sequential(nn.Linear(100, 8)), qk.W4A8(32))):
+    src = qk.quantize_(nn.Sequential(nn.Linear(100, 8)), qk.W4A16(32)).model
+    for target in (qk.quantize_(nn.Sequential(nn.Linear(128, 8)), qk.W4A16(32)).model,
+                   qk.quantize_(nn.Sequential(nn.Linear(100, 8)), qk.W4A8(32)).model):
         before = {k: v.clone() for k, v in target.state_dict().items()}
         assert before["0.qvalue"].shape == src.state_dict()["0.qvalue"].shape
         with pytest.raises(ValueError, match=r"checkpoint holds a QLinear with recipe 'w4a16-g32' and \(out, in\) "
@@ -186,7 +186,7 @@ def test_checkpoint_of_another_shape_or_recipe_is_refused_before_anything_is_ove
 
 
 def test_quantized_model_built_on_meta_loads_a_quantized_checkpoint():
-    src = qk.quantize_(_mlp(), qk.W4A16(32))
+    src = qk.quantize_(_mlp(), qk.W4A16(32)).model
     with torch.device("meta"):
         model = _mlp()
     qk.quantize_(model, qk.W4A16(32))

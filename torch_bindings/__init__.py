@@ -6,17 +6,27 @@ are registered by `qkernels.backends` on the first dispatch of a torch call.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import Any
 
 from torch_bindings import ops
+from torch_bindings.calibrate import calibrate, smoothquant_
 from torch_bindings.functional import explain, linear
-from torch_bindings.modules import QLinear, quantize_
+from torch_bindings.lora import LoRALinear, add_lora, load_lora, lora_state_dict
+from torch_bindings.modules import LayerSummary, QLinear, Summary, quantize_
+from torch_bindings.qat import QATLinear, convert, prepare_qat
 from torch_bindings.qtensor import QTensor
 from torch_bindings.qtensor import quantize as _quantize
 
-__all__ = ["linear", "explain", "quantize", "quantize_", "QLinear", "QTensor", "LINEAR"]
+__all__ = ["linear", "explain", "quantize", "quantize_", "QLinear", "QTensor", "LINEAR", "Summary", "LayerSummary",
+           "QATLinear", "prepare_qat", "convert", "LoRALinear", "add_lora", "lora_state_dict", "load_lora",
+           "calibrate", "smoothquant_"]
 
 LINEAR = ops.LINEAR
+
+if "transformers" in sys.modules:  # register the "qkernels" quant_method (importing transformers takes seconds)
+    importlib.import_module("torch_bindings.hf")
 
 
 def quantize(x: Any, recipe: Any = None, **kwargs: Any) -> QTensor:

@@ -136,5 +136,20 @@ class TorchOps:
             y = y + bias.to(torch.float32)
         return y.to(out)
 
+    def quantile(self, x: torch.Tensor, q: float) -> torch.Tensor:
+        """NumPy's linear rule through a sort (`torch.quantile` refuses inputs over 2**24 elements)."""
+        x = x.to(torch.float32)
+        n = x.shape[0]
+        if n == 0:
+            return x.new_zeros(x.shape[1:])
+        s = torch.sort(x, dim=0).values
+        pos = q * (n - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, n - 1)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    def broadcast_to(self, x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.broadcast_to(torch.as_tensor(x), shape)
+
 
 TORCH_OPS = TorchOps()

@@ -8,6 +8,8 @@ a new format needs nothing here. What that gives for the shipped recipes:
   `(f32(acc) * s_rhs[n]) * s_lhs[m] + bias[n]`: outputs equal the reference's.
 - W4A8: the same activations, one `_int_mm` per group of K (exact int32 partials), then
   `y = y + f32(acc_g) * s_rhs[n, g]` group by group, `y * s_lhs[m] + bias[n]`: equal to the reference.
+- Operand codes torch has no CPU GEMM for (float8 x float8) are upcast to f32 and multiplied there:
+  exact products, emulated; `explain` says so (`_note`).
 - W4A16 / W8A16 (and any weight-only format): weights dequantized as the reference does
   (`(f32(q) - zero) * scale`, cast to the activation dtype), then a float matmul with f32
   accumulation (oneDNN for bf16; f32 for f32; fp16 is upcast to f32 because the CPU fp16 GEMM is
@@ -26,14 +28,14 @@ import torch
 
 from qkernels import dispatch
 from qkernels.dispatch import Bound, Problem
-from qkernels.formats import Accumulation, QOperand
+from qkernels.formats import ACCUMULATIONS, QOperand
 from torch_bindings.arrays import DTYPES, TORCH_OPS
 
 __all__ = ["register", "SERVES"]
 
-SERVES = dispatch.Serves.accumulating(Accumulation.INT32.name, Accumulation.INT32_PER_GROUP.name,
-                                      Accumulation.FLOAT.name)
-"""The accumulations `Recipe.matmul` knows with `TORCH_OPS`: any recipe built on them is served."""
+SERVES = dispatch.Serves.accumulating(*(a.name for a in ACCUMULATIONS))
+"""The shipped accumulations (`formats.ACCUMULATIONS`), which `Recipe.matmul` executes with `TORCH_OPS`:
+any recipe built on them is served."""
 
 _FLOATS = ("float32", "bfloat16", "float16")
 
@@ -81,8 +83,23 @@ def _supports(problem: Problem) -> str | None:
     return None
 
 
+_NATIVE_DOTS = ("int8", *_FLOATS)  # operand dtypes torch multiplies natively on CPU (_int_mm, oneDNN / f32 GEMM)
+
+
+def _note(problem: Problem) -> str | None:
+    """Says when the dot is emulated: codes of a storage dtype torch has no CPU GEMM for (float8, ...) are
+    upcast to f32 and multiplied there (`TorchOps.float_linear`); exact products, not a native fp8 GEMM."""
+    recipe = problem.recipe
+    if recipe.lhs is None:
+        return None  # weight-only: the weight is dequantized to the activation dtype first
+    emulated = sorted({recipe.lhs.qtype.storage, recipe.rhs.qtype.storage} - set(_NATIVE_DOTS))
+    if not emulated:
+        return None
+    return f"emulated: {', '.join(emulated)} codes upcast to float32 for the dot (torch has no CPU GEMM for them)"
+
+
 def register() -> None:
     dispatch.register(dispatch.Implementation(
         name="torch-cpu", framework="torch", priority=50, supports=_supports, run=_run, serves=SERVES,
-        accumulate=_accumulate,
+        accumulate=_accumulate, note=_note,
         description="torch on CPU: torch._int_mm for integer dots (exact), dequantize + GEMM for weight-only"))

@@ -6,8 +6,9 @@ import math
 
 import torch
 
-from qkernels import dispatch
+from qkernels import calibration, dispatch
 from qkernels.formats import W8A8
+from torch_bindings.arrays import TORCH_OPS
 from torch_bindings.ops import LINEAR, make_problem
 from torch_bindings.qtensor import FLOAT_DTYPES, QTensor, quantize
 
@@ -69,8 +70,13 @@ def linear(input: torch.Tensor, weight: torch.Tensor | QTensor, bias: torch.Tens
             "autograd formula (torch.library.register_autograd, torch 2.13) has no functorch rule; differentiate "
             "with loss.backward() / torch.autograd.grad instead")
     x, w = _prepare(input, weight, bias)
-    y = LINEAR(x, w.qvalue, w.scale, w.zero_point, bias, w.recipe.name)
-    return y.reshape(*input.shape[:-1], w.out_features)
+    if w.smooth is not None:
+        # x / s in f32; kept in f32 where the recipe quantizes it (the int8 codes, and so the output after its
+        # one cast, are those of the f32 quotient), cast back for float activations (weight-only recipes)
+        x = calibration.smooth_activations(x, w.smooth, TORCH_OPS)
+        x = x if w.recipe.lhs is not None else x.to(input.dtype)
+    y = LINEAR(x, w.qvalue, w.scale, w.zero_point, bias, w.recipe.name, w.input_scale)
+    return y.reshape(*input.shape[:-1], w.out_features).to(input.dtype)
 
 
 def explain(input: torch.Tensor, weight: torch.Tensor | QTensor, bias: torch.Tensor | None = None,

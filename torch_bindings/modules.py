@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,9 +17,11 @@ from torch_bindings.functional import linear
 from torch_bindings.ops import device_of, platform_of
 from torch_bindings.qtensor import QTensor, quantize
 
-__all__ = ["QLinear", "quantize_"]
+__all__ = ["QLinear", "quantize_", "Summary", "LayerSummary", "swap_modules", "unsafe_reason", "parameter_owners",
+           "record_hf"]
 
 _STATE_FORMAT = "qkernels.QLinear/1"
+_F32_BUFFERS = ("scale", "input_scale", "smooth")  # quantization parameters: f32 whatever the model's dtype
 
 
 class QLinear(nn.Module):
@@ -50,11 +53,14 @@ class QLinear(nn.Module):
         self.register_buffer("zero_point", torch.zeros(scale_shape, dtype=torch.int8, device=device)
                              if fmt.zero_point else None)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        # set by qk.calibrate (static recipes) and qk.smoothquant_; None until then, absent from the state dict
+        self.register_buffer("input_scale", None)
+        self.register_buffer("smooth", None)
 
     @property
     def weight(self) -> QTensor:
         return QTensor(qvalue=self.qvalue, scale=self.scale, zero_point=self.zero_point, recipe=self.recipe,
-                       shape=(self.out_features, self.in_features))
+                       shape=(self.out_features, self.in_features), input_scale=self.input_scale, smooth=self.smooth)
 
     def get_extra_state(self) -> torch.Tensor:
         meta = {"format": _STATE_FORMAT, "recipe": self.recipe.name, "shape": [self.out_features, self.in_features]}
@@ -77,22 +83,48 @@ class QLinear(nn.Module):
         key = prefix + "_extra_state"
         if key in state_dict:
             self.set_extra_state(state_dict[key])
+        # a calibrated / smoothed checkpoint into a layer that is not yet: make the buffers it fills
+        shapes = {"input_scale": (), "smooth": (self.in_features,)}
+        for name, shape in shapes.items():
+            if prefix + name in state_dict and self._buffers[name] is None:
+                self._buffers[name] = torch.ones(shape, dtype=torch.float32, device=self.qvalue.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
-    def from_float(cls, linear_module: nn.Linear, recipe: Any = W8A8) -> QLinear:
-        """A QLinear holding `linear_module`'s weight quantized with `recipe`, sharing its bias
-        (empty buffers of the right shapes when the weight is on the meta device)."""
+    def from_qtensor(cls, weight: QTensor, bias: nn.Parameter | None = None) -> QLinear:
+        """A QLinear holding `weight` (its tensors become the buffers, its input scale and smoothing too)."""
+        q = cls(weight.in_features, weight.out_features, bias=False, recipe=weight.recipe, device="meta")
+        for name in ("qvalue", "scale", "zero_point", "input_scale", "smooth"):
+            q._buffers[name] = getattr(weight, name)
+        q.bias = bias
+        return q
+
+    @classmethod
+    def from_float(cls, linear_module: nn.Linear, recipe: Any = W8A8, *, method: str = "rtn") -> QLinear:
+        """A QLinear holding `linear_module`'s weight quantized with `recipe` (data-free `method`, see
+        `quantize`), sharing its bias (empty buffers of the right shapes when the weight is on meta)."""
         w = linear_module.weight
         q = cls(linear_module.in_features, linear_module.out_features, bias=False, recipe=recipe, device=w.device)
         q.bias = linear_module.bias
         if w.is_meta:
             return q
-        qt = quantize(w.detach(), q.recipe, name=f"weight of {linear_module!r}")
+        qt = quantize(w.detach(), q.recipe, name=f"weight of {linear_module!r}", method=method)
         q.qvalue, q.scale = qt.qvalue, qt.scale
         if qt.zero_point is not None:
             q.zero_point = qt.zero_point
         return q
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QLinear:
+        """`.to(device)` moves every buffer; `.half()`, `.bfloat16()`, `.to(dtype)` change only the bias (and
+        so, as for `nn.Linear`, the activation dtype the layer is called with): the codes are integers and
+        stay so, and the f32 scales are moved, never cast (a cast would change what the codes mean)."""
+        keep = {name: t for name in _F32_BUFFERS if (t := self._buffers.get(name)) is not None}
+        super()._apply(fn, recurse)
+        for name, t in keep.items():
+            moved = self._buffers[name]
+            if moved.dtype != t.dtype:  # fn cast it: move the original instead
+                self._buffers[name] = t.to(moved.device)
+        return self
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return linear(input, self.weight, self.bias)
@@ -111,18 +143,153 @@ class QLinear(nn.Module):
                 f"recipe={self.recipe.name}, backend={self.backend()}")
 
 
-def quantize_(model: nn.Module, recipe: Any = W8A8,
-              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
-    """Replace every `nn.Linear` in `model` (for which `filter_fn(module, fqn)` is true) by a QLinear.
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LayerSummary:
+    """One linear layer `quantize_` (or `prepare_qat`, `convert`, `add_lora`) looked at.
 
-    In place; returns `model` (or a new QLinear when `model` itself is an `nn.Linear`).
+    `name`: its fully qualified name; `shape`: (out_features, in_features); `recipe`: the recipe name it
+    now runs, None when skipped; `reason`: why it was skipped, None when swapped."""
+
+    name: str
+    shape: tuple[int, int]
+    recipe: str | None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Summary:
+    """What a model-level swap did: one `LayerSummary` per candidate layer, in module order.
+
+    `model` is the model (swapped in place), or the new layer when the model itself was swapped."""
+
+    model: nn.Module
+    layers: tuple[LayerSummary, ...]
+
+    @property
+    def swapped(self) -> tuple[LayerSummary, ...]:
+        return tuple(row for row in self.layers if row.reason is None)
+
+    @property
+    def skipped(self) -> tuple[LayerSummary, ...]:
+        return tuple(row for row in self.layers if row.reason is not None)
+
+    def __iter__(self) -> Iterator[LayerSummary]:
+        return iter(self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __str__(self) -> str:
+        rows = [f"{r.name or '<model>'}  {r.shape[0]}x{r.shape[1]}  {r.recipe or 'skipped: ' + str(r.reason)}"
+                for r in self.layers]
+        return "\n".join([f"{len(self.swapped)} of {len(self.layers)} layers swapped", *rows])
+
+
+def unsafe_reason(parent: nn.Module | None, child: nn.Module, owners: dict[int, list[str]]) -> str | None:
+    """Why swapping `child` (a child of `parent`) for another module would break the model, or None.
+    `owners`: the model's parameter names by `id` of the tensor (`parameter_owners`).
+
+    - a child of `nn.MultiheadAttention` (its `out_proj`): the attention passes `out_proj.weight` to
+      `F.multi_head_attention_forward` as a float tensor instead of calling the layer;
+    - a weight shared with another module (tied embeddings / lm_head): that module reads the float
+      tensor, and swapping would untie the two.
     """
-    recipe = resolve_recipe(recipe)
-    if isinstance(model, nn.Linear):
-        return QLinear.from_float(model, recipe) if filter_fn is None or filter_fn(model, "") else model
+    if isinstance(parent, nn.MultiheadAttention):
+        return ("nn.MultiheadAttention reads out_proj.weight directly (F.multi_head_attention_forward), "
+                "so a swapped out_proj would break its forward")
+    weight = getattr(child, "weight", None)
+    sharers = owners.get(id(weight), []) if isinstance(weight, torch.Tensor) else []
+    if len(sharers) > 1:
+        return f"its weight is shared (tied) with {', '.join(sharers)}, which would be untied"
+    return None
+
+
+def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
+    """Every name each parameter of `model` has (a tied parameter has several), by the tensor's `id`."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    return owners
+
+
+def swap_modules(model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module, str], nn.Module],
+                 recipe_of: Callable[[nn.Module], str | None], filter_fn: Callable[[nn.Module, str], bool] | None,
+                 check_unsafe: bool = True, skip: Callable[[nn.Module, str], str | None] | None = None) -> Summary:
+    """Replace every module of `model` for which `match(module)` by `make(module, fqn)`, in place, and summarize.
+
+    With `filter_fn=None` the layers `unsafe_reason` names are skipped (when `check_unsafe`); a
+    `filter_fn(module, fqn)` decides alone (it can force an unsafe swap, or skip a safe one). `skip(module,
+    fqn)` gives the caller's own reasons to skip, checked first.
+    """
+    owners = parameter_owners(model) if check_unsafe and filter_fn is None else {}
+
+    def decide(parent: nn.Module | None, fqn: str, child: nn.Module) -> str | None:
+        if skip is not None and (reason := skip(child, fqn)) is not None:
+            return reason
+        if filter_fn is not None:
+            return None if filter_fn(child, fqn) else "filter_fn returned False"
+        return unsafe_reason(parent, child, owners) if check_unsafe else None
+
+    def row(fqn: str, child: nn.Module, new: nn.Module | None, reason: str | None) -> LayerSummary:
+        return LayerSummary(name=fqn, shape=(child.out_features, child.in_features),
+                            recipe=None if new is None else recipe_of(new), reason=reason)
+
+    if match(model):
+        reason = decide(None, "", model)
+        new = make(model, "") if reason is None else None
+        return Summary(model=model if new is None else new, layers=(row("", model, new, reason),))
+    rows = []
     for fqn, module in list(model.named_modules()):
         for name, child in list(module.named_children()):
+            if not match(child):
+                continue
             child_fqn = f"{fqn}.{name}" if fqn else name
-            if isinstance(child, nn.Linear) and (filter_fn is None or filter_fn(child, child_fqn)):
-                setattr(module, name, QLinear.from_float(child, recipe))
-    return model
+            reason = decide(module, child_fqn, child)
+            new = None
+            if reason is None:
+                new = make(child, child_fqn)
+                setattr(module, name, new)
+            rows.append(row(child_fqn, child, new, reason))
+    return Summary(model=model, layers=tuple(rows))
+
+
+def quantize_(model: nn.Module, recipe: Any = W8A8,
+              filter_fn: Callable[[nn.Module, str], bool] | None = None, *, method: str = "rtn",
+              calibration: Iterable[Any] | None = None, act_order: bool = False, progress: bool = True) -> Summary:
+    """Replace the `nn.Linear` layers of `model` by QLinear, in place; returns a `Summary`
+    (name, shape, recipe or reason skipped of every `nn.Linear`; `.model` is the model, or the new
+    QLinear when `model` itself is an `nn.Linear`).
+
+    By default the layers a swap would break are skipped (`unsafe_reason`: `nn.MultiheadAttention`'s
+    `out_proj`, tied weights); `filter_fn(module, fqn) -> bool` replaces that rule.
+    `method` chooses the codes: "rtn" (round to nearest) and "mse" (per-block clip search) are
+    data-free; "gptq" (`act_order` optional) and "awq" need `calibration`, an iterable of model
+    inputs, run once through the float model (`torch_bindings.ptq`; a progress bar per layer).
+    """
+    recipe = resolve_recipe(recipe)
+    if method in ("gptq", "awq"):
+        if calibration is None:
+            raise ValueError(f"method={method!r} needs calibration batches: qk.quantize_(model, recipe, "
+                             f"calibration=[inputs, ...], method={method!r})")
+        from torch_bindings.ptq import quantize_calibrated
+
+        summary = quantize_calibrated(model, recipe, calibration, method, filter_fn, act_order=act_order,
+                                      progress=progress)
+        record_hf(model)
+        return summary
+    if calibration is not None:
+        raise ValueError(f"calibration batches are used by method='gptq' or 'awq', not {method!r}; "
+                         f"for static activation scales use qk.calibrate(model, batches)")
+    summary = swap_modules(model, lambda m: isinstance(m, nn.Linear),
+                           lambda m, _: QLinear.from_float(m, recipe, method=method), lambda m: m.recipe.name, filter_fn)
+    record_hf(model)
+    return summary
+
+
+def record_hf(model: nn.Module) -> None:
+    """For a transformers PreTrainedModel: record its QLinear layers so save_pretrained / from_pretrained keep
+    them (`torch_bindings.hf`); nothing for other models (transformers is not imported for them)."""
+    if any(c.__module__.startswith("transformers.") for c in type(model).__mro__):
+        from torch_bindings import hf
+
+        hf.record(model)

@@ -1,7 +1,9 @@
 """The `torch.library` custom op `qkernels::linear`: one op for every recipe, and the bound calls it runs.
 
 `torch.ops.qkernels.linear(x (M, K), qvalue (N, K_stored), scale f32, zero_point?, bias (N,)?,
-recipe: str) -> (M, N)` in x's dtype. It has a CPU kernel, a CUDA kernel (the same dispatch, which
+recipe: str, input_scale f32 ()?) -> (M, N)` in x's dtype. `input_scale` is a static recipe's calibrated
+activation scale: the op quantizes x with it (`Recipe.quantize_lhs`) and dispatches the codes
+(`lhs_quantized`), so every backend's per-token kernel serves static recipes unchanged. It has a CPU kernel, a CUDA kernel (the same dispatch, which
 selects Triton there), a fake (meta) implementation and an autograd formula (straight-through the
 dequantized weight), so `torch.compile(fullgraph=True)` sees one opaque op and `use_backend` /
 `$QKERNELS_BACKEND` still apply at run time.
@@ -26,8 +28,8 @@ import torch
 from qkernels import dispatch, hardware
 from qkernels.dispatch import Bound, Problem
 from qkernels.formats import QOperand, Recipe, recipe_named
-from torch_bindings.arrays import DTYPES, dtype_name
-from torch_bindings.qtensor import dequantize_operand
+from torch_bindings.arrays import TORCH_OPS, dtype_name
+from torch_bindings.qtensor import check_operands, dequantize_operand
 
 __all__ = ["LINEAR", "platform_of", "device_of", "make_problem", "dtype_name", "bind"]
 
@@ -59,12 +61,14 @@ def make_problem(x: torch.Tensor, n: int, recipe: Recipe, has_bias: bool) -> Pro
 
 def _problem(m: int, k: int, dtype: torch.dtype, device: torch.device, n: int, has_bias: bool,
              recipe: Recipe) -> Problem:
+    # static recipes: the op quantizes x with the layer's input_scale (Recipe.quantize_lhs) and hands the codes on
     return Problem(recipe=recipe, m=m, n=n, k=k, act_dtype=dtype_name(dtype), out_dtype=dtype_name(dtype),
-                   has_bias=has_bias, framework="torch", platform=platform_of(device), device=device_of(device))
+                   has_bias=has_bias, framework="torch", platform=platform_of(device), device=device_of(device),
+                   lhs_quantized=recipe.static)
 
 
 def _check(x: tuple[int, ...], qvalue: tuple[Any, ...], scale: tuple[Any, ...], zero: tuple[Any, ...] | None,
-           bias: tuple[int, ...] | None, recipe: Recipe) -> None:
+           bias: tuple[int, ...] | None, input_scale: tuple[Any, ...] | None, recipe: Recipe) -> None:
     """The op's operand checks: shapes (symbolic under torch.compile's fake tensors) and storage dtypes.
 
     `qvalue`, `scale`, `zero` are (shape, dtype) pairs; a QTensor satisfies all of this by construction,
@@ -72,29 +76,18 @@ def _check(x: tuple[int, ...], qvalue: tuple[Any, ...], scale: tuple[Any, ...], 
     """
     if len(x) != 2:
         raise ValueError(f"qkernels::linear takes a 2-D (M, K) input, got shape {x}")
-    fmt = recipe.rhs
-    (q_shape, q_dtype), (s_shape, s_dtype) = qvalue, scale
-    stored = fmt.stored_k(x[1])
-    if len(q_shape) != 2 or q_shape[1] != stored:
-        raise ValueError(f"qvalue has shape {q_shape} but an input with K={x[1]} in {recipe.name} "
-                         f"needs (N, {stored}); the weight's in_features does not match the input")
-    if q_dtype != DTYPES[fmt.qtype.storage]:
-        raise TypeError(f"qvalue has dtype {q_dtype}; {fmt.describe()} codes are stored as {fmt.qtype.storage}")
-    want = fmt.scale_shape((q_shape[0], x[1]))
-    if s_shape != want or s_dtype != torch.float32:
-        raise ValueError(f"scale is {s_shape} {s_dtype}; {recipe.name} needs {want} torch.float32")
-    if (zero is not None) != fmt.zero_point or (zero is not None and (zero[0] != want or zero[1] != torch.int8)):
-        need = f"{want} torch.int8" if fmt.zero_point else "None"
-        raise ValueError(f"zero_point is {zero}; {recipe.name} needs {need}")
-    if bias is not None and bias != (q_shape[0],):
-        raise ValueError(f"bias has shape {bias}; expected ({q_shape[0]},)")
+    check_operands(recipe, x[1], qvalue, scale, zero, input_scale=input_scale)
+    if bias is not None and bias != (qvalue[0][0],):
+        raise ValueError(f"bias has shape {bias}; expected ({qvalue[0][0]},)")
 
 
 def _operand_key(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-                 bias: torch.Tensor | None) -> tuple[Any, ...]:
-    zero = None if zero_point is None else (tuple(zero_point.shape), zero_point.dtype)
-    return (tuple(x.shape), (tuple(qvalue.shape), qvalue.dtype), (tuple(scale.shape), scale.dtype), zero,
-            None if bias is None else tuple(bias.shape))
+                 bias: torch.Tensor | None, input_scale: torch.Tensor | None) -> tuple[Any, ...]:
+    def sig(t: torch.Tensor | None) -> tuple[Any, ...] | None:
+        return None if t is None else (tuple(t.shape), t.dtype)
+
+    return (tuple(x.shape), sig(qvalue), sig(scale), sig(zero_point), None if bias is None else tuple(bias.shape),
+            sig(input_scale))
 
 
 _checked = functools.lru_cache(maxsize=4096)(_check)  # a call's shapes are checked once (errors are not cached)
@@ -107,40 +100,49 @@ def _bind(m: int, k: int, dtype: torch.dtype, device: torch.device, n: int, has_
 
 
 def bind(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-         bias: torch.Tensor | None, recipe: str) -> Bound:
+         bias: torch.Tensor | None, recipe: str, input_scale: torch.Tensor | None = None) -> Bound:
     """The bound call of one `qkernels::linear`: validated and selected once per distinct call."""
     r = recipe_named(recipe)
-    _checked(*_operand_key(x, qvalue, scale, zero_point, bias), r)
+    _checked(*_operand_key(x, qvalue, scale, zero_point, bias, input_scale), r)
     if not (qvalue.device == scale.device == x.device):
         raise ValueError(f"qvalue/scale are on {qvalue.device}/{scale.device} but x is on {x.device}; move them")
     return _bind(x.shape[0], x.shape[1], x.dtype, x.device, qvalue.shape[0], bias is not None, r,
                  dispatch.requested_backend(), dispatch.registry_version("torch"))
 
 
+_BITS = {1: (np.uint8, torch.uint8), 2: (np.uint16, torch.uint16)}
+
+
 def _to_numpy(t: torch.Tensor | None) -> np.ndarray | None:
+    """A tensor as NumPy; dtypes NumPy lacks (bfloat16, float8_*) cross as the same bytes in ml_dtypes' dtype."""
     if t is None:
         return None
     t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    name = dtype_name(t.dtype)
+    if hasattr(ml_dtypes, name):
+        return t.view(_BITS[t.element_size()][1]).numpy().view(getattr(ml_dtypes, name))
     return t.numpy()
 
 
 def _from_numpy(a: np.ndarray, device: torch.device) -> torch.Tensor:
     a = np.ascontiguousarray(a)
-    if a.dtype == ml_dtypes.bfloat16:
-        return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16).to(device)
+    if hasattr(ml_dtypes, a.dtype.name) and a.dtype.name in DTYPES:
+        return torch.from_numpy(a.view(_BITS[a.itemsize][0])).view(DTYPES[a.dtype.name]).to(device)
     return torch.from_numpy(a).to(device)
 
 
 def _kernel(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-            bias: torch.Tensor | None, recipe: str) -> torch.Tensor:
-    call = bind(x, qvalue, scale, zero_point, bias, recipe)
+            bias: torch.Tensor | None, recipe: str, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    call = bind(x, qvalue, scale, zero_point, bias, recipe, input_scale)
     rhs = QOperand(qvalue, scale, zero_point)
+    lhs: torch.Tensor | QOperand = x
+    if call.problem.lhs_quantized:  # a static recipe: its calibrated scale, saturating (raises when uncalibrated)
+        lhs = call.problem.recipe.quantize_lhs(TORCH_OPS, x, input_scale)
     if call.implementation.framework == dispatch.ANY_FRAMEWORK:
-        out = call.run(_to_numpy(x), QOperand(*map(_to_numpy, rhs)), _to_numpy(bias))
+        np_lhs = QOperand(*map(_to_numpy, lhs)) if isinstance(lhs, QOperand) else _to_numpy(lhs)
+        out = call.run(np_lhs, QOperand(*map(_to_numpy, rhs)), _to_numpy(bias))
         return _from_numpy(out, x.device)
-    return call.run(x, rhs, bias).contiguous()
+    return call.run(lhs, rhs, bias).contiguous()
 
 
 _linear = torch.library.custom_op("qkernels::linear", _kernel, mutates_args=(), device_types="cpu")
@@ -150,20 +152,21 @@ _linear.register_kernel("cuda")(_kernel)
 
 @_linear.register_fake
 def _fake(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
-          bias: torch.Tensor | None, recipe: str) -> torch.Tensor:
-    _check(*_operand_key(x, qvalue, scale, zero_point, bias), recipe_named(recipe))
+          bias: torch.Tensor | None, recipe: str, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    _check(*_operand_key(x, qvalue, scale, zero_point, bias, input_scale), recipe_named(recipe))
     return x.new_empty((x.shape[0], qvalue.shape[0]))
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-    x, qvalue, scale, zero_point, bias, recipe = inputs
+    x, qvalue, scale, zero_point, bias, recipe, _ = inputs
     ctx.save_for_backward(qvalue, scale, zero_point)
     ctx.recipe, ctx.k, ctx.x_dtype = recipe_named(recipe), x.shape[1], x.dtype
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-    """Straight-through: d(input) = grad @ dequantize(W) in f32; the weight itself gets no grad."""
+    """Straight-through: d(input) = grad @ dequantize(W) in f32 (through the activations' quantization, dynamic
+    or static, as through the weight's); the weight and the input scale get no grad."""
     qvalue, scale, zero_point = ctx.saved_tensors
     recipe = ctx.recipe
     grad_x = grad_bias = None
@@ -176,7 +179,7 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_x = (grad.to(torch.float32) @ w).to(ctx.x_dtype)
     if ctx.needs_input_grad[4]:
         grad_bias = grad.to(torch.float32).sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, grad_bias, None
+    return grad_x, None, None, None, grad_bias, None, None
 
 
 _linear.register_autograd(_backward, setup_context=_setup_context)

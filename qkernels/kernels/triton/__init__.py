@@ -1,7 +1,8 @@
 """Triton kernels (CUDA sm_80+, ROCm gfx942) for the quantized matmul recipes, registered with dispatch.
 
-One module per family: `w8a8`, `w4a8`, `w4a16`, `w8a16` (matmuls with the rescale fused) and
-`quantize` (activations -> int8 + per-row scale). `register()` (called by `qkernels.backends`; needs
+One module per family: `w8a8`, `w4a8`, `w4a16`, `w8a16`, `fp8`, `fp8a16` (matmuls with the rescale
+fused) and `quantize` (activations -> int8 or float8_e4m3fn codes + per-row scale). The fp8 families
+serve CUDA sm_89+ and gfx942 only (`hardware.fp8_mma_reason`). `register()` (called by `qkernels.backends`; needs
 torch and triton) registers, for framework 'torch', each family declared for its recipe tag:
 
 | name                       | op       | priority | serves                                         |
@@ -37,8 +38,10 @@ from typing import Any
 import torch
 
 from qkernels import dispatch, hardware, tuning
-from qkernels.formats import W8A8, OperandFormat, QOperand
+from qkernels.formats import FP8, W8A8, OperandFormat, QOperand
 from qkernels.kernels.triton._common import ARCHS, MatmulConfig, QuantizeConfig
+from qkernels.kernels.triton.fp8 import fp8_matmul, launch_fp8
+from qkernels.kernels.triton.fp8a16 import fp8a16_matmul, launch_fp8a16
 from qkernels.kernels.triton.quantize import quantize_rows
 from qkernels.kernels.triton.tunable import BACKEND as _TUNED
 from qkernels.kernels.triton.w4a8 import launch_w4a8, w4a8_matmul
@@ -49,10 +52,15 @@ from qkernels.numerics import INT4, UINT4, Granularity
 
 __all__ = [
     "MatmulConfig", "QuantizeConfig", "quantize_rows", "w8a8_matmul", "w4a8_matmul", "w4a16_matmul",
-    "w8a16_matmul", "FAMILIES", "register",
+    "w8a16_matmul", "fp8_matmul", "fp8a16_matmul", "FAMILIES", "register",
 ]
 
 _INT8_ROW = W8A8.lhs  # int8 per row: W8A8's activations and weights, W4A8's activations, W8A16's weights
+# activations the int8 kernels take: per row, or static (always pre-quantized, its scale repeated per row)
+_INT8_ACTS = (_INT8_ROW, W8A8(static=True).lhs)
+_FP8_ROW = FP8.lhs  # float8_e4m3fn per row: FP8's activations and weights, FP8A16's weights
+_FP8_ACTS = (_FP8_ROW, FP8(static=True).lhs)  # per row, or static (pre-quantized, its scale repeated per row)
+_QUANTIZED_ACTS = (_INT8_ROW, _FP8_ROW)  # what the fused activation-quantize kernel writes
 _OUT_DTYPES = ("bfloat16", "float16", "float32")
 _FLOAT_ACTS = ("bfloat16", "float16")  # weight-only recipes multiply in the activation dtype
 _ANY_FLOAT_ACTS = ("bfloat16", "float16", "float32")  # integer recipes quantize them in the kernel
@@ -65,21 +73,27 @@ class Family:
     name: str
     accepts_rhs: Callable[[OperandFormat], bool]
     rhs_description: str
-    lhs_int8: bool  # activations quantized to int8 per row (in the kernel, or by the caller)
+    lhs: tuple[OperandFormat, ...]  # activation formats it takes (quantized in the kernel or by the caller); (): float
     run: Callable[..., Any]
     accumulate: Callable[..., Any] | None = None  # the raw int32 accumulators (integer families)
+    fp8: bool = False  # fp8 operands: only GPUs with fp8 tensor cores (`hardware.fp8_mma_reason`)
 
     def reason(self, problem: dispatch.Problem) -> str | None:
         recipe = problem.recipe
         if not self.accepts_rhs(recipe.rhs):
             return f"weights {recipe.rhs.describe()} are not {self.rhs_description}"
-        if self.lhs_int8 != (recipe.lhs is not None):
-            return "activations stay float in this recipe" if self.lhs_int8 else "activations are quantized"
-        if self.lhs_int8 and recipe.lhs != _INT8_ROW:
-            return f"activations {recipe.lhs.describe()} are not int8 per-row"
-        if problem.lhs_quantized and not self.lhs_int8:
-            return "pre-quantized activations need an integer recipe"
-        acts = _ANY_FLOAT_ACTS if self.lhs_int8 else _FLOAT_ACTS
+        quantized = bool(self.lhs)
+        if quantized != (recipe.lhs is not None):
+            return "activations stay float in this recipe" if quantized else "activations are quantized"
+        if quantized and recipe.lhs not in self.lhs:
+            return f"activations {recipe.lhs.describe()} are not {self.lhs[0].describe()}"
+        if problem.lhs_quantized and not quantized:
+            return "pre-quantized activations need a recipe that quantizes them"
+        if self.fp8 and problem.device_kind != "cpu":
+            why = hardware.fp8_mma_reason(problem.platform)
+            if why:
+                return why
+        acts = _ANY_FLOAT_ACTS if quantized else _FLOAT_ACTS
         if not problem.lhs_quantized and problem.act_dtype not in acts:
             return (f"activation dtype {problem.act_dtype} is not one of {acts}; cast the activations "
                     f"(x.to(torch.bfloat16))")
@@ -93,10 +107,10 @@ def _flat(x: Any, k: int) -> Any:
 
 
 def _lhs_codes(problem: dispatch.Problem, lhs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes and per-row f32 scales of the activations, quantized in the fused kernel if float."""
+    """Codes (int8 / fp8) and per-row f32 scales of the activations, quantized in the fused kernel if float."""
     if problem.lhs_quantized:
         return lhs.qvalue, lhs.scale
-    return quantize_rows(lhs)
+    return quantize_rows(lhs, qtype=problem.recipe.lhs.qtype)
 
 
 def _bound_run(launch: Callable[..., torch.Tensor]) -> Callable[..., Any]:
@@ -148,8 +162,17 @@ def _w8a16(problem: dispatch.Problem, config: MatmulConfig, x: Any, w: QOperand,
     return launch_w8a16(x, w.qvalue, w.scale, b, out_dtype=problem.out_dtype, config=config)
 
 
+def _fp8(problem: dispatch.Problem, config: MatmulConfig, x: Any, w: QOperand, b: Any) -> torch.Tensor:
+    q, s = _lhs_codes(problem, x)
+    return launch_fp8(q, s, w.qvalue, w.scale, b, out_dtype=problem.out_dtype, config=config)
+
+
+def _fp8a16(problem: dispatch.Problem, config: MatmulConfig, x: Any, w: QOperand, b: Any) -> torch.Tensor:
+    return launch_fp8a16(x, w.qvalue, w.scale, b, out_dtype=problem.out_dtype, config=config)
+
+
 def _run_quantize(call: dispatch.Bound, x: torch.Tensor) -> QOperand:
-    q, s = quantize_rows(x)
+    q, s = quantize_rows(x, qtype=call.problem.recipe.lhs.qtype)
     return QOperand(q, s, None)
 
 
@@ -159,13 +182,17 @@ def _grouped(qtype: Any) -> Callable[[OperandFormat], bool]:
 
 FAMILIES: tuple[Family, ...] = (
     Family(name="w8a8", accepts_rhs=lambda f: f == _INT8_ROW, rhs_description="int8 per-channel",
-           lhs_int8=True, run=_bound_run(_w8a8), accumulate=_bound_run(_acc_w8a8)),
-    Family(name="w4a8", accepts_rhs=_grouped(INT4), rhs_description="int4 per-group", lhs_int8=True,
+           lhs=_INT8_ACTS, run=_bound_run(_w8a8), accumulate=_bound_run(_acc_w8a8)),
+    Family(name="w4a8", accepts_rhs=_grouped(INT4), rhs_description="int4 per-group", lhs=_INT8_ACTS,
            run=_bound_run(_w4a8), accumulate=_bound_run(_acc_w4a8)),
     Family(name="w4a16", accepts_rhs=lambda f: _grouped(INT4)(f) or _grouped(UINT4)(f),
-           rhs_description="int4 or uint4+zero-point per-group", lhs_int8=False, run=_bound_run(_w4a16)),
+           rhs_description="int4 or uint4+zero-point per-group", lhs=(), run=_bound_run(_w4a16)),
     Family(name="w8a16", accepts_rhs=lambda f: f == _INT8_ROW, rhs_description="int8 per-channel",
-           lhs_int8=False, run=_bound_run(_w8a16)),
+           lhs=(), run=_bound_run(_w8a16)),
+    Family(name="fp8", accepts_rhs=lambda f: f == _FP8_ROW, rhs_description="float8_e4m3fn per-channel",
+           lhs=_FP8_ACTS, run=_bound_run(_fp8), fp8=True),
+    Family(name="fp8a16", accepts_rhs=lambda f: f == _FP8_ROW, rhs_description="float8_e4m3fn per-channel",
+           lhs=(), run=_bound_run(_fp8a16), fp8=True),
 )
 
 
@@ -196,8 +223,12 @@ def _supports(platform_reason: Callable[[dispatch.Problem], str | None],
 
 
 def _quantize_reason(problem: dispatch.Problem) -> str | None:
-    if problem.recipe.lhs != _INT8_ROW:
-        return f"activation format {problem.recipe.lhs.describe() if problem.recipe.lhs else 'float'} is not int8 per-row"
+    lhs = problem.recipe.lhs
+    if lhs not in _QUANTIZED_ACTS:
+        return (f"activation format {lhs.describe() if lhs else 'float'} is not one of "
+                f"{', '.join(f.describe() for f in _QUANTIZED_ACTS)}")
+    if lhs == _FP8_ROW and problem.device_kind != "cpu" and hardware.fp8_mma_reason(problem.platform):
+        return hardware.fp8_mma_reason(problem.platform)
     if problem.act_dtype not in _ANY_FLOAT_ACTS:
         return f"activation dtype {problem.act_dtype} is not one of {_ANY_FLOAT_ACTS}"
     return None
@@ -219,4 +250,4 @@ def register() -> None:
         dispatch.register(dispatch.Implementation(
             name=f"{prefix}.quantize", framework="torch", op=dispatch.Op.QUANTIZE, priority=priority,
             supports=_supports(platform_reason, _quantize_reason), run=_run_quantize, automatic=automatic,
-            description=f"Triton fused activation quantization (int8 per row){where}"))
+            description=f"Triton fused activation quantization (int8 / float8_e4m3fn per row){where}"))

@@ -33,9 +33,9 @@ from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
-from qkernels import hardware, tuning
+from qkernels import hardware, numerics, tuning
 from qkernels.aot import ConfigReport
-from qkernels.kernels.triton import gemv, heuristics, quantize, splitk, tunable, w4a8, w4a16, w8a8, w8a16
+from qkernels.kernels.triton import fp8, gemv, heuristics, quantize, splitk, tunable, w4a8, w4a16, w8a8, w8a16
 from qkernels.kernels.triton._common import Kernel, MatmulConfig, interpreting
 from qkernels.shapes import shape_set
 
@@ -44,7 +44,7 @@ __all__ = ["check", "GPU_TARGETS"]
 
 GPU_TARGETS: dict[str, hardware.AotTarget] = {
     name: t for name, t in hardware.AOT_TARGETS.items() if t.backend == tunable.BACKEND}
-"""The `qkernels.hardware` AOT targets this module compiles for ('sm_80', 'sm_90', 'gfx942')."""
+"""The `qkernels.hardware` AOT targets this module compiles for ('sm_80', 'sm_89', 'sm_90', 'gfx942')."""
 
 # Strides of the contiguous (K, or N for outputs) axis: the JIT specializes a stride of 1 to a constant.
 _UNIT_STRIDES = {"stride_ak", "stride_wk", "stride_on", "stride_xk", "stride_qk"}
@@ -98,7 +98,7 @@ class KernelSpec:
     pointers: Callable[[Any], dict[str, str]]
     constexprs: Callable[[Any], dict[str, Any]]
     configs: Callable[[str], tuple[Any, ...]]  # of a target name
-    mma: str | None  # 'int8', '16bit' or None (no matmul)
+    mma: str | None  # 'int8', '16bit', 'fp8' or None (no matmul)
 
 
 def _shipped(family: str, arch: str) -> list[MatmulConfig]:
@@ -145,24 +145,39 @@ def _out(v: Variant, partial: str, final: str = "*bf16") -> dict[str, str]:
     return dict(out_ptr=partial if v.partial else final)
 
 
+def _fp8_only(configs: Callable[[str], tuple[Any, ...]],
+              backend: str | None = None) -> Callable[[str], tuple[Any, ...]]:
+    """`configs` on the targets whose GPU multiplies fp8 (`hardware.fp8_mma_reason`; of `backend` only, if
+    given), none elsewhere: Triton refuses the fp8e4nv type below sm_89."""
+    def on(target: str) -> tuple[Any, ...]:
+        gpu = GPU_TARGETS[target]
+        ok = hardware.fp8_mma_reason(hardware.aot_sm(gpu)) is None and backend in (None, gpu.gpu[0])
+        return configs(target) if ok else ()
+    return on
+
+
 def _gemv_spec(family: str, weight: gemv.GemvWeight, act: str, group_size: int | None) -> KernelSpec:
-    int_act = family == "w8a8"
-    acc = "*i32" if int_act else "*fp32"
+    int_act = family in ("w8a8", "fp8")  # activations arrive as codes with per-row scales
+    float_codes = family == "fp8"
+    codes = "*fp8e4nv" if family.startswith("fp8") else "*i8"
+    acc = "*i32" if int_act and not float_codes else "*fp32"
     suffix = "-zp" if weight.zero_point else ""
+    configs = _runs(Kernel.GEMV, family, group_size)
     return KernelSpec(
         name=f"gemv-{family}{suffix}", fn=gemv.gemv_kernel,
-        pointers=lambda v: dict(a_ptr=act, a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32", w_zero_ptr="*i8",
+        pointers=lambda v: dict(a_ptr=act, a_scale_ptr="*fp32", w_ptr=codes, w_scale_ptr="*fp32", w_zero_ptr="*i8",
                                 bias_ptr="*fp32" if int_act else "*bf16", **_out(v, acc)),
-        constexprs=lambda v: dict(**weight.constexprs(), INT_ACT=int_act, PARTIAL=v.partial, HAS_BIAS=True,
+        constexprs=lambda v: dict(**weight.constexprs(), INT_ACT=int_act, FLOAT_CODES=float_codes, PARTIAL=v.partial,
+                                  HAS_BIAS=True,
                                   ROUND_BF16=False, GROUP_SIZE=group_size or 1, BLOCK_M=v.cfg.block_m,
                                   BLOCK_N=v.cfg.block_n, BLOCK_K=v.cfg.block_k),
-        configs=_runs(Kernel.GEMV, family, group_size), mma=None)
+        configs=_fp8_only(configs) if family.startswith("fp8") else configs, mma=None)
 
 
-def _reduce_spec(acc: str) -> KernelSpec:
-    rescale = acc == "*i32"
+def _reduce_spec(acc: str, rescale: bool) -> KernelSpec:
     return KernelSpec(
-        name=f"splitk_reduce-{acc[1:]}", fn=splitk.splitk_reduce_kernel,
+        name=f"splitk_reduce-{acc[1:]}{'-rescale' if rescale and acc != '*i32' else ''}",
+        fn=splitk.splitk_reduce_kernel,
         pointers=lambda v: dict(part_ptr=acc, a_scale_ptr="*fp32", w_scale_ptr="*fp32",
                                 bias_ptr="*fp32" if rescale else "*bf16", out_ptr="*bf16"),
         constexprs=lambda v: dict(RESCALE=rescale, HAS_BIAS=True, BLOCK_M=v.block_m, BLOCK_N=splitk.REDUCE_BLOCK_N),
@@ -170,11 +185,29 @@ def _reduce_spec(acc: str) -> KernelSpec:
         mma=None)
 
 
+def _quantize_spec(qtype: Any) -> KernelSpec:
+    fp = not qtype.integer
+    return KernelSpec(
+        name=f"quantize_rows{'-fp8' if fp else ''}", fn=quantize.quantize_rows_kernel,
+        pointers=lambda c: dict(x_ptr="*bf16", q_ptr="*fp8e4nv" if fp else "*i8", scale_ptr="*fp32"),
+        constexprs=lambda c: dict(QMAX=float(qtype.qmax), FLOAT8=fp, BLOCK_R=c.block_rows, BLOCK_K=c.block_k),
+        configs=(_fp8_only if fp else (lambda f: f))(lambda target: (quantize.CONFIGS[GPU_TARGETS[target].arch],)),
+        mma=None)
+
+
+def _fp8_spec(fnuz: bool) -> KernelSpec:
+    """The fp8 tile kernel: e4m3fn codes on CUDA, the same bytes read as e4m3fnuz on ROCm (`fp8.py`)."""
+    return KernelSpec(
+        name="fp8-fnuz" if fnuz else "fp8", fn=fp8.fp8_kernel,
+        pointers=lambda v: dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale_ptr="*fp32",
+                                bias_ptr="*fp32", **_out(v, "*fp32")),
+        constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, PARTIAL=v.partial, FNUZ=fnuz),
+        configs=_fp8_only(_runs(Kernel.TILE, "fp8"), "hip" if fnuz else "cuda"), mma="fp8")
+
+
 SPECS: tuple[KernelSpec, ...] = (
-    KernelSpec(name="quantize_rows", fn=quantize.quantize_rows_kernel,
-               pointers=lambda c: dict(x_ptr="*bf16", q_ptr="*i8", scale_ptr="*fp32"),
-               constexprs=lambda c: dict(BLOCK_R=c.block_rows, BLOCK_K=c.block_k),
-               configs=lambda target: (quantize.CONFIGS[GPU_TARGETS[target].arch],), mma=None),
+    _quantize_spec(numerics.INT8),
+    _quantize_spec(numerics.FP8_E4M3),
     KernelSpec(name="w8a8", fn=w8a8.w8a8_kernel,
                pointers=lambda v: dict(a_ptr="*i8", a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32",
                                        bias_ptr="*fp32", **_out(v, "*i32")),
@@ -196,12 +229,22 @@ SPECS: tuple[KernelSpec, ...] = (
                                        **_out(v, "*fp32")),
                constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, PARTIAL=v.partial, DOT_F32=False),
                configs=_runs(Kernel.TILE, "w8a16"), mma="16bit"),
+    _fp8_spec(fnuz=False),
+    _fp8_spec(fnuz=True),
+    KernelSpec(name="fp8a16", fn=w8a16.w8a16_kernel,
+               pointers=lambda v: dict(a_ptr="*bf16", w_ptr="*fp8e4nv", w_scale_ptr="*fp32", bias_ptr="*bf16",
+                                       **_out(v, "*fp32")),
+               constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, PARTIAL=v.partial, DOT_F32=False),
+               configs=_fp8_only(_runs(Kernel.TILE, "fp8a16")), mma="16bit"),
     _gemv_spec("w8a8", gemv.INT8, "*i8", None),
     _gemv_spec("w8a16", gemv.INT8, "*bf16", None),
     _gemv_spec("w4a16", gemv.INT4, "*bf16", _GROUP),
     _gemv_spec("w4a16", gemv.UINT4_ZP, "*bf16", _GROUP),
-    _reduce_spec("*i32"),
-    _reduce_spec("*fp32"),
+    _gemv_spec("fp8", gemv.E4M3, "*fp8e4nv", None),
+    _gemv_spec("fp8a16", gemv.E4M3, "*bf16", None),
+    _reduce_spec("*i32", rescale=True),
+    _reduce_spec("*fp32", rescale=False),
+    _reduce_spec("*fp32", rescale=True),  # fp8's f32 partials, rescaled like W8A8's
 )
 
 
@@ -315,7 +358,7 @@ def _inspect_hip(kernel: Any, report: ConfigReport, mma: str | None) -> None:
 def _check_one(spec: KernelSpec, cfg: Any, target: str, specialization: Specialization) -> ConfigReport:
     gpu = GPU_TARGETS[target]
     backend = gpu.gpu[0]
-    shared_limit = hardware.ARCHES[gpu.arch].shared_bytes
+    shared_limit = gpu.shared_bytes or hardware.ARCHES[gpu.arch].shared_bytes
     report = ConfigReport(kernel=spec.name, config=cfg.name, target=target, variant=specialization.name)
     options = dict(num_warps=cfg.num_warps, num_stages=getattr(cfg, "num_stages", 1), enable_fp_fusion=False)
     try:

@@ -1,4 +1,4 @@
-"""GEMV-style kernel for decode (a few rows): W8A8, W8A16 and W4A16 weights streamed once, no tensor cores.
+"""GEMV-style kernel for decode (a few rows): W8A8, W8A16, W4A16 and fp8 weights streamed once, no tensor cores.
 
 At M <= 4 a tensor-core tile is at least 16 rows, so 75-94% of every MMA is padding and the
 kernel's speed is set by how fast the weight streams from memory. Here each program owns BLOCK_N
@@ -10,7 +10,9 @@ weight is re-read per row block, so the heuristic only picks GEMV for M <= 4).
 Numerics are the tile kernels' (DESIGN.md section 4), only the summation order differs:
 - W8A8: int8 x int8 products summed in int32: exact, identical to the tile kernel and the reference;
   the epilogue `(f32(acc) * s_rhs[n]) * s_lhs[m] + bias[n]` then one cast.
-- W8A16 / W4A16: the weight is dequantized in f32 (`f32(q) * scale[n]`, or `(f32(q) - zero) *
+- FP8: float8_e4m3fn codes x codes, each product exact in f32, summed in f32 (the tile kernel's MMA
+  sums in another order: within `testing.tolerances`), then W8A8's epilogue.
+- W8A16 / W4A16 / FP8A16: the weight is dequantized in f32 (`f32(q) * scale[n]`, or `(f32(q) - zero) *
   scale[g, n]` per group) and rounded to the activation dtype, exactly as the tile kernel feeds its
   MMA; the products of two 16-bit floats are exact in f32 and summed in f32, like the MMA.
 """
@@ -28,15 +30,15 @@ from qkernels.kernels.triton._common import (
 )
 from qkernels.kernels.triton.splitk import SplitPlan
 
-__all__ = ["gemv_kernel", "launch_gemv", "GemvWeight", "INT8", "INT4", "UINT4_ZP"]
+__all__ = ["gemv_kernel", "launch_gemv", "GemvWeight", "INT8", "E4M3", "INT4", "UINT4_ZP"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GemvWeight:
     """How `gemv_kernel` reads a weight; its fields are the kernel's PACKED / SIGNED / ZERO_POINT constexprs.
 
-    packed: int4 codes two per byte along K (N, K/2) with a scale per group (N, G); else int8 codes
-            (N, K) with a scale per output channel (N,).
+    packed: int4 codes two per byte along K (N, K/2) with a scale per group (N, G); else int8 or fp8
+            codes (N, K) with a scale per output channel (N,) (the pointer's dtype says which).
     signed: two's complement nibbles (int4), else unsigned (uint4).
     zero_point: an int8 zero point per group (N, G), subtracted before the scale.
     """
@@ -56,6 +58,7 @@ class GemvWeight:
 
 
 INT8 = GemvWeight(name="int8", packed=False)
+E4M3 = GemvWeight(name="float8_e4m3fn", packed=False)  # read as INT8 is: one code per element, per-channel scale
 INT4 = GemvWeight(name="int4", packed=True)
 UINT4_ZP = GemvWeight(name="uint4-zp", packed=True, signed=False, zero_point=True)
 
@@ -75,7 +78,8 @@ def gemv_kernel(
     stride_os, stride_ob, stride_om, stride_on,
     # meta-parameters
     PACKED: tl.constexpr, SIGNED: tl.constexpr, ZERO_POINT: tl.constexpr,  # the weight (`GemvWeight`)
-    INT_ACT: tl.constexpr, PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    INT_ACT: tl.constexpr, FLOAT_CODES: tl.constexpr,  # activations as codes + scales; fp8 codes (f32 sum)
+    PARTIAL: tl.constexpr, HAS_BIAS: tl.constexpr,
     ROUND_BF16: tl.constexpr, GROUP_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -94,22 +98,27 @@ def gemv_kernel(
     if not PACKED and not INT_ACT:  # per-channel scale of the dequantized weight
         scale_n = tl.load(w_scale_ptr + pid_b * stride_wsb + offs_n * stride_wsn, mask=n_ok, other=1.0)  # [BLOCK_N]
 
-    if INT_ACT:
+    if INT_ACT and not FLOAT_CODES:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # [BLOCK_M, BLOCK_N]
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         k_ok = offs_k < K
-        a = tl.load(a_row + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0)  # [BLOCK_M, BLOCK_K]
+        a = tl.load(a_row + offs_k[None, :] * stride_ak, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # [BLOCK_M, BLOCK_K] (0.0: converts to any code type, fp8 included)
         if not PACKED:
-            q = tl.load(w_row + offs_k[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0)  # [BLOCK_N, BLOCK_K] int8
+            q = tl.load(w_row + offs_k[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # [BLOCK_N, BLOCK_K] int8 / fp8
         else:
             offs_kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BLOCK_K // 2] packed bytes
             packed = tl.load(w_row + offs_kb[None, :] * stride_wk, mask=n_ok[:, None] & (offs_kb < K_STORED)[None, :],
                              other=0)  # [BLOCK_N, BLOCK_K // 2]
             q = unpack_int4_tile(packed, SIGNED)  # [BLOCK_N, BLOCK_K] int8 codes
-        if INT_ACT:
+        if INT_ACT and FLOAT_CODES:
+            prod = a.to(tl.float32)[:, None, :] * q.to(tl.float32)[None, :, :]  # [BLOCK_M, BLOCK_N, BLOCK_K] f32, exact
+            acc += tl.sum(prod, axis=2)
+        elif INT_ACT:
             prod = a.to(tl.int32)[:, None, :] * q.to(tl.int32)[None, :, :]  # [BLOCK_M, BLOCK_N, BLOCK_K] int32
             acc += tl.sum(prod, axis=2)
         else:
@@ -146,10 +155,12 @@ def launch_gemv(
     cfg: MatmulConfig, plan: SplitPlan, a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, *,
     weight: GemvWeight, a_scale: torch.Tensor | None = None, w_zero: torch.Tensor | None = None,
     bias: torch.Tensor | None = None, group_size: int = 0, return_acc: bool = False, round_bf16: bool = False,
+    float_codes: bool = False,
 ) -> None:
     """Run `gemv_kernel` for a validated problem: `a` is 3-D (B, M, K) (int8 codes with `a_scale`
-    (B, M) for W8A8, else float); `w` (B?, N, K or K/2); `plan` says where it writes (the output or
-    the split-K partials, which the caller then finishes with `plan.finish`)."""
+    (B, M) for W8A8, fp8 codes with `float_codes` for FP8, else float); `w` (B?, N, K or K/2); `plan`
+    says where it writes (the output or the split-K partials, which the caller then finishes with
+    `plan.finish`)."""
     nb, m, k = a.shape
     n = w.shape[-2]
     int_act = a_scale is not None
@@ -168,7 +179,8 @@ def launch_gemv(
         batch_stride(z, 3) if w_zero is not None else 0, z.stride(-2) if w_zero is not None else 0,
         z.stride(-1) if w_zero is not None else 0,
         *plan.target_strides(),
-        **weight.constexprs(), INT_ACT=int_act, PARTIAL=plan.partial or return_acc, HAS_BIAS=bias is not None,
+        **weight.constexprs(), INT_ACT=int_act, FLOAT_CODES=float_codes, PARTIAL=plan.partial or return_acc,
+        HAS_BIAS=bias is not None,
         ROUND_BF16=round_bf16, GROUP_SIZE=group_size or 1,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=False)

@@ -24,7 +24,7 @@ from qkernels.kernels.triton._common import ARCHS, Kernel, MatmulConfig, pick_co
 
 __all__ = ["FAMILIES", "GEMV_MAX_M", "SPLIT_MAX_M", "heuristic", "candidates", "check", "resolve"]
 
-FAMILIES = ("w8a8", "w4a8", "w4a16", "w8a16")
+FAMILIES = ("w8a8", "w4a8", "w4a16", "w8a16", "fp8", "fp8a16")
 GEMV_MAX_M = 4
 """Rows up to which the heuristic picks GEMV (a GEMV config itself may hold up to 16)."""
 SPLIT_MAX_M = 16

@@ -23,6 +23,8 @@ from qkernels import dispatch, hardware, tuning
 from qkernels.formats import QOperand
 from qkernels.kernels.triton import heuristics
 from qkernels.kernels.triton._common import ARCHS, MatmulConfig, device_kind_of, interpreting, platform_of
+from qkernels.kernels.triton.fp8 import fp8_matmul
+from qkernels.kernels.triton.fp8a16 import fp8a16_matmul
 from qkernels.kernels.triton.w4a8 import w4a8_matmul
 from qkernels.kernels.triton.w4a16 import w4a16_matmul
 from qkernels.kernels.triton.w8a8 import w8a8_matmul
@@ -81,6 +83,8 @@ _LAUNCHERS: dict[str, Callable[..., torch.Tensor]] = {
     "w4a16": lambda x, w, b, g, out, cfg: w4a16_matmul(x, w.qvalue, w.scale, w.zero_point, b, group_size=g,
                                                        out_dtype=out, config=cfg),
     "w8a16": lambda x, w, b, g, out, cfg: w8a16_matmul(x, w.qvalue, w.scale, b, out_dtype=out, config=cfg),
+    "fp8": lambda x, w, b, g, out, cfg: fp8_matmul(x.qvalue, x.scale, w.qvalue, w.scale, b, out_dtype=out, config=cfg),
+    "fp8a16": lambda x, w, b, g, out, cfg: fp8a16_matmul(x, w.qvalue, w.scale, b, out_dtype=out, config=cfg),
 }
 
 
@@ -105,7 +109,7 @@ def _inputs(problem: dispatch.Problem) -> dict[str, Any]:
     w = quantize(torch.randn(problem.n, problem.k, generator=gen) * 0.02, problem.recipe)
     w = w.to(device)
     if problem.recipe.lhs is not None:
-        q, s = quantize_rows(x)
+        q, s = quantize_rows(x, qtype=problem.recipe.lhs.qtype)
         x = QOperand(q, s)
     bias = torch.randn(problem.n, generator=gen).to(device, act) if problem.has_bias else None
     return {"x": x, "w": w, "bias": bias}

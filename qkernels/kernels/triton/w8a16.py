@@ -70,7 +70,7 @@ def w8a16_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         k_ok = offs_k < K - k0
         a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        q = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0)  # [BLOCK_K, BLOCK_N] int8
+        q = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] int8 / fp8 codes
         w = q.to(tl.float32) * scale[None, :]  # [BLOCK_K, BLOCK_N] f32
         if DOT_F32:  # interpreter only: its bf16 dot and bf16 cast are wrong; f32 holds bf16 values exactly
             acc = tl.dot(a.to(tl.float32), round_to_bf16(w), acc, input_precision="ieee")

@@ -1,0 +1,240 @@
+"""Choosing codes that keep the model: MSE-optimal clipping (data-free), written once for every framework.
+
+Round-to-nearest with an absmax scale spends the whole code range on each block's largest value;
+for 4-bit weights most values then land on a handful of codes. Shrinking the block's range (and
+saturating the few values beyond it) lowers the reconstruction error; this module searches the
+shrink factor per block, as AWQ's clip search and HQQ do, without calibration data:
+
+    for alpha in grid (1.0 down to min_shrink):
+        err[block] = sum over the block of (dequantize(quantize(clip(x, alpha * range))) - x)**2
+    codes = quantize(clip(x, best alpha * range))        # the format's own quantizer, nothing new
+
+Clipping the values to `alpha * range` and then quantizing with the format's own rule gives exactly
+the scale `alpha * amax / qmax` (the clipped maximum is an element of the block) and saturated codes
+for the clipped values, so the stored form, the kernels and every backend are unchanged: only the
+choice of scale differs. Asymmetric (zero-point) formats shrink min and max by the same factor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qkernels.formats import Calibration, OperandFormat, QOperand
+from qkernels.numerics import NUMPY_OPS, ArrayOps, flush_subnormals
+
+__all__ = ["METHODS", "clip_search", "quantize_weight"]
+
+METHODS = ("rtn", "mse")
+"""Data-free weight quantization methods: round to nearest on the full range, or MSE-optimal clipping."""
+
+
+def _clip_blocks(xb: Any, lo: Any, hi: Any, ops: ArrayOps) -> Any:
+    return ops.where(xb < lo, lo, ops.where(xb > hi, hi, xb))
+
+
+def clip_search(x: Any, fmt: OperandFormat, ops: ArrayOps = NUMPY_OPS, *, grid: int = 20,
+                min_shrink: float = 0.5, importance: Any = None) -> QOperand:
+    """`fmt.quantize(x)` with each block's range shrunk by the factor in `linspace(1, min_shrink, grid)`
+    that minimizes the block's squared reconstruction error (ties keep the larger factor; 1.0 is in
+    the grid, so the result is never worse than round-to-nearest on the full range).
+
+    `importance` (K,): weights the error of each input channel, e.g. the mean squared activation of
+    that channel, so the search minimizes the layer's expected output error instead (AWQ's clip)."""
+    if fmt.static:
+        raise ValueError("clip search chooses per-block scales; a static format's scale is calibrated instead")
+    if not (isinstance(grid, int) and grid >= 1) or not 0 < min_shrink <= 1:
+        raise ValueError(f"grid={grid!r} must be an integer >= 1 and min_shrink={min_shrink!r} in (0, 1]")
+    k = x.shape[-1]
+    xf = ops.pad_last(flush_subnormals(ops.cast(x, "float32"), ops), fmt.padded_k(k))
+    xb = fmt.blocks(xf)
+    asym = fmt.calibration is Calibration.MINMAX
+    lo0 = ops.min(xb) if asym else -ops.absmax(xb)
+    hi0 = ops.max(xb) if asym else ops.absmax(xb)
+    wt = None
+    if importance is not None:
+        wt = fmt.blocks(ops.pad_last(ops.cast(ops.asarray(importance), "float32")[None, :], fmt.padded_k(k)))[0]
+    best_alpha, best_err = None, None
+    for i in range(grid):
+        alpha = 1.0 - (1.0 - min_shrink) * i / max(grid - 1, 1)
+        xc = _clip_blocks(xb, lo0 * alpha, hi0 * alpha, ops).reshape(*xf.shape)
+        dq = fmt.blocks(ops.pad_last(fmt.dequantize(fmt.quantize(xc, ops), fmt.padded_k(k), ops), fmt.padded_k(k)))
+        sq = (dq - xb) * (dq - xb)
+        err = (sq if wt is None else sq * wt).sum(-1)[..., None]
+        if best_err is None:
+            best_alpha, best_err = ops.where(err >= 0, alpha, alpha), err
+        else:
+            better = err < best_err
+            best_alpha, best_err = ops.where(better, alpha, best_alpha), ops.where(better, err, best_err)
+    xc = _clip_blocks(xb, lo0 * best_alpha, hi0 * best_alpha, ops).reshape(*xf.shape)
+    return fmt.quantize(xc, ops)
+
+
+def quantize_weight(w: Any, fmt: OperandFormat, ops: ArrayOps = NUMPY_OPS, *, method: str = "rtn") -> QOperand:
+    """A weight (..., N, K) quantized to `fmt` by a data-free `method` ('rtn' or 'mse')."""
+    if method == "rtn":
+        return fmt.quantize(w, ops)
+    if method == "mse":
+        return clip_search(w, fmt, ops)
+    raise ValueError(f"method={method!r} is not a data-free method; choose one of {METHODS} "
+                     f"(GPTQ and AWQ need calibration batches)")
+
+
+# --------------------------------------------------------------------------------------------- GPTQ
+
+
+def hessian_update(h: Any, x: Any, count: int) -> tuple[Any, int]:
+    """Running GPTQ Hessian `H = 2/n * sum_batches X^T X` (K, K) in f64 from one batch `x` (..., K).
+
+    `h` None starts one. Returns (H, rows seen). The mean is kept incrementally, so H stays on the
+    scale of one row whatever the number of batches (memory: K*K per layer, never the activations)."""
+    import numpy as np
+
+    x2 = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
+    n = x2.shape[0]
+    if n == 0:
+        return h, count
+    if h is None:
+        h = np.zeros((x2.shape[1], x2.shape[1]), np.float64)
+    total = count + n
+    h = h * (count / total) + (2.0 / total) * (x2.T @ x2)
+    return h, total
+
+
+def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int = 128,
+         act_order: bool = False) -> QOperand:
+    """GPTQ (Frantar et al. 2022): quantize the weight (N, K) column by column, each column's rounding
+    error spread over the columns not yet quantized through the inverse Hessian of the layer's
+    inputs (`hessian_update`), so that `X @ W^T` rather than `W` itself is preserved.
+
+    The result is in `fmt`'s stored form (NumPy), servable by every backend unchanged:
+    - group formats: each group's scale (and zero point) is chosen by `fmt`'s own rule from the
+      group's weights as updated when the group is reached (GPTQ's default);
+    - `act_order=True` visits columns by decreasing Hessian diagonal; the groups are then fixed
+      ahead, from the original weights, in K's own order ("static groups"), so codes stay in
+      canonical order and no permutation is needed at run time (the order is only a visit order);
+    - per-row formats take each row's scale from the whole original row first.
+    `damp` (fraction of the mean diagonal added to it) keeps H invertible; dead inputs (a zero
+    diagonal: never active) get a zero weight column, as in the reference implementation.
+    """
+    import numpy as np
+
+    from qkernels.formats import Granularity
+    from qkernels.numerics import pack_int4, quantize_asymmetric, quantize_symmetric
+
+    if fmt.static or fmt.granularity is Granularity.TENSOR:
+        raise ValueError(f"GPTQ quantizes weights per row or per group, not {fmt.describe()}")
+    if not fmt.qtype.integer:
+        raise ValueError(f"GPTQ here rounds to integer codes; {fmt.qtype.name} weights are quantized by RTN")
+    w = np.asarray(w, np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"GPTQ takes one layer's weight (N, K), got shape {w.shape}; quantize experts one by one")
+    n, k = w.shape
+    h = np.asarray(h, np.float64)
+    if h.shape != (k, k):
+        raise ValueError(f"Hessian of shape {h.shape} does not match the weight's K={k}: collect it from this "
+                         f"layer's inputs (hessian_update)")
+    kp = fmt.padded_k(k)
+    W = np.zeros((n, kp), np.float64)
+    W[:, :k] = w
+    H = np.zeros((kp, kp), np.float64)
+    H[:k, :k] = h
+    dead = np.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H[np.diag_indices(kp)] += damp * np.mean(np.diag(H))
+    grouped = fmt.granularity is Granularity.GROUP
+    g = fmt.group_size if grouped else kp
+    # per-block parameters fixed ahead (per-row formats; act-order's static groups)
+    fixed = None
+    if not grouped or act_order:
+        ref = fmt.quantize(W.astype(np.float32))
+        fixed = (np.asarray(ref.scale, np.float32).reshape(n, -1),
+                 None if ref.zero_point is None else np.asarray(ref.zero_point).reshape(n, -1))
+    perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(kp)
+    W, H = W[:, perm], H[np.ix_(perm, perm)]
+    try:
+        U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper: H^-1 = U^T U
+    except np.linalg.LinAlgError as e:
+        raise ValueError(f"the layer's Hessian is not positive definite even with damp={damp}; raise damp "
+                         f"(e.g. 0.1) or calibrate on more batches") from e
+    if grouped:  # blocks hold whole groups, so a group's weights are all current when it is reached
+        block = max(block // g, 1) * g
+    codes = np.zeros((n, kp), np.int8)
+    scale = np.zeros((n, kp // g), np.float32)
+    zero = np.zeros((n, kp // g), np.int8) if fmt.zero_point else None
+    if fixed is not None:
+        scale[:], zero = fixed[0], fixed[1]
+    for i1 in range(0, kp, block):
+        i2 = min(i1 + block, kp)
+        W1 = W[:, i1:i2].copy()
+        E = np.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col = perm[i1 + j]
+            gi = col // g
+            if fixed is None and j % g == 0:  # the group's current (updated) weights, by the format's rule
+                qg = fmt.quantize(W1[:, j:j + g].astype(np.float32))
+                scale[:, gi] = np.asarray(qg.scale, np.float32).reshape(n)
+                if zero is not None:
+                    zero[:, gi] = np.asarray(qg.zero_point).reshape(n)
+            s = scale[:, gi]
+            wcol = W1[:, j].astype(np.float32)
+            if zero is None:
+                c = quantize_symmetric(wcol, s, fmt.qtype)
+                dq = c.astype(np.float64) * s
+            else:
+                c = quantize_asymmetric(wcol, s, zero[:, gi], fmt.qtype)
+                dq = (c.astype(np.float64) - zero[:, gi]) * s
+            codes[:, col] = c
+            err = (W1[:, j] - dq) / U1[j, j]
+            W1[:, j:] -= np.outer(err, U1[j, j:])
+            E[:, j] = err
+        W[:, i2:] -= E @ U[i1:i2, i2:]
+    q = pack_int4(codes) if fmt.packed else codes
+    if not grouped:
+        return QOperand(q, scale[:, 0], None if zero is None else zero[:, 0])
+    return QOperand(q, scale, zero)
+
+
+# --------------------------------------------------------------------------------------------- AWQ
+
+
+def awq(w: Any, x: Any, fmt: OperandFormat, *, grid: int = 20, clip: bool = True) -> tuple[QOperand, Any]:
+    """AWQ (Lin et al. 2023): per-input-channel factors `s = mean|x_k|**alpha` that protect the weights
+    of salient channels, alpha searched on `grid` points of [0, 1) for the lowest output error
+    `|| x @ w.T - (x / s) @ dequantize(quantize(w * s)).T ||` on the calibration rows `x` (R, K).
+
+    Returns (the smoothed weight `w * s` in `fmt`'s stored form, s (K,) f32): the layer divides its
+    activations by s (as for SmoothQuant, `calibration.smooth_activations`) or folds 1/s into the op
+    before it. alpha = 0 (s = 1) is in the grid, so the output error never exceeds plain rounding's.
+    `clip=True` then runs the MSE clip search (`clip_search`) on the smoothed weight.
+    """
+    import numpy as np
+
+    from qkernels import calibration
+
+    w = np.asarray(w, np.float32)
+    x = np.asarray(x, np.float32).reshape(-1, w.shape[-1])
+    if x.shape[0] == 0:
+        raise ValueError("AWQ needs calibration rows of the layer's inputs; none were given")
+    k = w.shape[-1]
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)
+    mean = np.abs(x).mean(0).astype(np.float32)
+    mean = np.where(mean > 0, mean, np.float32(1))
+    best = (np.inf, None)
+    for i in range(grid):
+        alpha = i / grid
+        s = (mean ** alpha).astype(np.float32)
+        s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)  # centred around 1: scales stay moderate
+        s = np.clip(s, *calibration.SMOOTHING_CLIP).astype(np.float32)
+        q = fmt.quantize(calibration.smooth_weight(w, s))
+        approx = calibration.smooth_activations(x, s) @ fmt.dequantize(q, k).T
+        err = float(np.mean((approx - exact) ** 2))
+        if err < best[0]:
+            best = (err, s)
+    s = best[1]
+    ws = calibration.smooth_weight(w, s)
+    if not clip:
+        return fmt.quantize(ws), s
+    importance = (np.mean(x.astype(np.float64) ** 2, 0) / s.astype(np.float64) ** 2).astype(np.float32)
+    return clip_search(ws, fmt, importance=importance), s
