@@ -28,7 +28,7 @@ import torch
 from qkernels import dispatch, hardware
 from qkernels.dispatch import Bound, Problem
 from qkernels.formats import QOperand, Recipe, recipe_named
-from torch_bindings.arrays import TORCH_OPS, dtype_name
+from torch_bindings.arrays import DTYPES, TORCH_OPS, dtype_name
 from torch_bindings.qtensor import check_operands, dequantize_operand
 
 __all__ = ["LINEAR", "platform_of", "device_of", "make_problem", "dtype_name", "bind"]
