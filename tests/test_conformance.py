@@ -801,7 +801,7 @@ def test_unknown_accumulation_is_refused_with_a_reason(entry: str) -> None:
 
 # ---------------------------------------------------------------- the rescale's range
 
-INTEGER_FAMILIES = (qk.W8A8, qk.W4A8(32))
+BOUNDED_RECIPES = (qk.W8A8, qk.W4A8(32), qk.FP8)  # the recipes whose rescale has a bound
 
 
 def _range_data(recipe: Recipe, x_scale: float, w_scale: float, *, k: int = 64) -> Data:
@@ -811,12 +811,12 @@ def _range_data(recipe: Recipe, x_scale: float, w_scale: float, *, k: int = 64) 
     return Data(x, w, None, reference.quantize(w, recipe.rhs))
 
 
-@pytest.mark.parametrize("backend", backends(lambda b: any(b.impl.serves.reason(r) is None for r in INTEGER_FAMILIES)))
+@pytest.mark.parametrize("backend", backends(lambda b: any(b.impl.serves.reason(r) is None for r in BOUNDED_RECIPES)))
 def test_extreme_finite_operands_rescale_without_overflow(backend: Backend) -> None:
     """Activations near 1e36 against ordinary weights, and weights at half the rescale bound against
     small activations: the exact results fit in f32 (~1e35), and every backend returns them (finite,
     equal to the reference as usual). The old W8A8 order `(acc * s_lhs) * s_rhs` gave inf for the first."""
-    for recipe in (r for r in INTEGER_FAMILIES if backend.impl.serves.reason(r) is None):
+    for recipe in (r for r in BOUNDED_RECIPES if backend.impl.serves.reason(r) is None):
         k = 64
         w_max = 0.5 * recipe.accumulation.rescale_bound(recipe, k) * recipe.rhs.qtype.qmax
         for x_scale, w_scale in ((1e36, 1.0), (1e-3, w_max / 0.1)):  # testing.weights: |w| <~ 0.1
@@ -828,7 +828,7 @@ def test_extreme_finite_operands_rescale_without_overflow(backend: Backend) -> N
             expect_output(backend, case, data, y, dtype)
 
 
-@pytest.mark.parametrize("recipe", INTEGER_FAMILIES, ids=lambda r: r.name)
+@pytest.mark.parametrize("recipe", BOUNDED_RECIPES, ids=lambda r: r.name)
 @pytest.mark.parametrize("entry", ["reference", "torch", "jax"])
 def test_weights_beyond_the_rescale_bound_are_refused_at_quantize_time(entry: str, recipe: Recipe) -> None:
     """A weight whose scale times the largest accumulator would overflow f32 (values ~1e36 at K=64) is
