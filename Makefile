@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 PYTEST_ARGS ?= -n 2
 
-.PHONY: test bench aot tune gpu-session clean
+.PHONY: test bench aot tune device-check clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +29,14 @@ bench: $(VENV)/.test
 tune: $(VENV)/.test
 	$(PY) -m qkernels.tune $(or $(ARGS),--recipes w4a16-g128,w8a16,w8a8 --shapes decode-sweep)
 
-# On a CUDA GPU (e.g. a lent H100): the kernel tests compiled, the package's tuned decode table for
-# this device kind (qkernels/tuned/triton-<device>.json, to commit), then the benchmark suite saved.
-gpu-session: $(VENV)/.test
-	$(PY) -m pytest -q tests/test_triton_decode.py tests/test_triton_kernels.py
-	$(PY) -m qkernels.tune --recipes w4a16-g128,w8a16,w8a8 --shapes decode-sweep --ship
-	$(PY) -m bench --save
+# On a lent GPU (the H200): the machine's own python3, no venv and no installs, <= 8 minutes, every
+# result under $(OUT) (versions, the Triton tests compiled, compute-sanitizer, key bench cases, a decode
+# tune table; see bench/device_check.py). DRY=1 rehearses it on a CPU (tests/test_device_check.py).
+# Committing the tuned table (qkernels/tuned/triton-<device>.json) is a separate step.
+DEVICE_PYTHON ?= python3
+OUT ?= device-check-out
+device-check:
+	$(DEVICE_PYTHON) -m bench.device_check --out "$(OUT)" $(if $(filter-out 0,$(DRY)),--dry)
 
 aot: $(VENV)/.test
 	$(PY) -m qkernels.aot --target sm_80

@@ -1,6 +1,6 @@
 """python -m bench: detect the hardware, run every recipe and baseline, print a markdown table.
 
-    python -m bench [--recipes w8a8,w4a16-g128] [--shapes cpu|model|llama3-8b|square|...]
+    python -m bench [--recipes w8a8,w4a16-g128] [--shapes cpu|model|llama3-8b|square|14336x4096,...] [--m 1,16]
                     [--framework jax|torch|both] [--smoke | --quick] [--json FILE] [--plot FILE.png]
                     [--markdown FILE] [--save] [--budget SECONDS]
     python -m bench model [--smoke] [--recipes w8a8,w4a16-g128] [--json FILE]   (bench/jax_model.py)
@@ -50,8 +50,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipes", default=DEFAULT_RECIPES, help=f"comma-separated recipe names (default {DEFAULT_RECIPES})")
     p.add_argument("--shapes", default=None,
-                   help="named shape set(s) from qkernels.shapes, joined with '+' (default: 'cpu' on a CPU, "
-                        "'model+square+decode-sweep' on an accelerator; 'smoke' with --smoke)")
+                   help="comma-separated named shape sets of qkernels.shapes (joined with '+'), MxNxK, or NxK "
+                        "(out x in features, one shape per --m); default: 'cpu' on a CPU, "
+                        "'model+square+decode-sweep' on an accelerator, 'smoke' with --smoke")
+    p.add_argument("--m", default=None, metavar="M,M,...",
+                   help="row counts: keep only these M of the named sets, and the M of NxK shapes "
+                        "(default: every M of the sets; 1,16,64,256,1024,4096 for NxK)")
     p.add_argument("--framework", choices=("jax", "torch", "both"), default="both")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--smoke", action="store_true", help="tiny shapes, few samples: checks the harness (CI)")
@@ -69,13 +73,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def _select(args: argparse.Namespace, dev: Any) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     from qkernels.formats import parse_recipe
-    from qkernels.shapes import shape_set
+    from qkernels.shapes import parse_shapes
 
     recipes = tuple(parse_recipe(r) for r in args.recipes.split(",") if r.strip())
     if not recipes:
         raise SystemExit("--recipes is empty; pass e.g. --recipes w8a8,w4a16-g128")
     name = args.shapes or ("smoke" if args.smoke else "model+square+decode-sweep" if dev.accelerated else "cpu")
-    shapes = shape_set(name)
+    try:
+        ms = tuple(int(m) for m in args.m.split(",") if m.strip()) if args.m else None
+        if ms is not None and (not ms or min(ms) <= 0):
+            raise ValueError(f"--m {args.m!r} must list positive row counts, e.g. --m 1,16")
+        shapes = parse_shapes(name, ms)
+    except ValueError as e:
+        raise SystemExit(f"python -m bench: {e}") from None
+    if not shapes:
+        raise SystemExit(f"python -m bench: no shape of {name!r} has M in {args.m}; choose other --m or --shapes")
     if args.quick:
         shapes = tuple(s for s in shapes if s.m in (1, 16, 256) or "model" not in s.tags and s.m <= 1024)
     return recipes, shapes
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": dev.to_json(),
         "versions": _versions(),
-        "options": {"shapes": args.shapes or "default", "shape_ids": [s.id for s in shapes],
+        "options": {"shapes": args.shapes or "default", "m": args.m, "shape_ids": [s.id for s in shapes],
                     "recipes": [r.name for r in recipes], "frameworks": args.framework,
                     "smoke": args.smoke, "quick": args.quick},
         "timing": {"budget_s": budget.total_s, "per_case_s": budget.per_case_s, "min_reps": budget.min_reps,

@@ -30,18 +30,18 @@ class Target:
                 and (not self.kn or (row["k"], row["n"]) in self.kn))
 
 
-_GPU = ("a100", "h100")
+_GPU = ("a100", "h100", "h200")
 _L8B = ((4096, 4096), (4096, 14336))
 
 TARGETS: tuple[Target, ...] = (
-    Target(text="A100/H100: W8A8 at M>=2048 on 4096x4096 and 4096x14336 >= 1.7x cuBLAS bf16", devices=_GPU,
+    Target(text="A100/H100/H200: W8A8 at M>=2048 on 4096x4096 and 4096x14336 >= 1.7x cuBLAS bf16", devices=_GPU,
            framework="torch", method="qkernels.linear", recipe="w8a8", min_speedup=1.7, m_min=2048, kn=_L8B),
-    Target(text="A100/H100: W8A8 at M<=16 >= 1.6x cuBLAS bf16", devices=_GPU,
+    Target(text="A100/H100/H200: W8A8 at M<=16 >= 1.6x cuBLAS bf16", devices=_GPU,
            framework="torch", method="qkernels.linear", recipe="w8a8", min_speedup=1.6, m_max=16),
-    Target(text="A100/H100: W4A16 g128 at M<=16 on 8192x8192 >= 2.5x cuBLAS bf16", devices=_GPU,
+    Target(text="A100/H100/H200: W4A16 g128 at M<=16 on 8192x8192 >= 2.5x cuBLAS bf16", devices=_GPU,
            framework="torch", method="qkernels.linear", recipe="w4a16-g128", min_speedup=2.5, m_max=16,
            kn=((8192, 8192),)),
-    Target(text="A100/H100: W8A16 at M<=16 >= 1.7x cuBLAS bf16", devices=_GPU,
+    Target(text="A100/H100/H200: W8A16 at M<=16 >= 1.7x cuBLAS bf16", devices=_GPU,
            framework="torch", method="qkernels.linear", recipe="w8a16", min_speedup=1.7, m_max=16),
     Target(text="TPU v5e: W8A8 at large M (>=2048) >= 1.7x XLA bf16", devices=("tpu-v5e",),
            framework="jax", method="qkernels.dot_general", recipe="w8a8", min_speedup=1.7, m_min=2048),

@@ -16,7 +16,8 @@ operands int8 per row along their contraction, as AQT does). A `QArray` gets zer
 NaN/Inf: quantizing them gives garbage silently, and checking values needs a host sync. `quantize`
 checks concrete weights eagerly. Inside `jit`, pass `check_finite=True` (or
 `make_dot_general(..., check_finite=True)`) and wrap the computation in
-`jax.experimental.checkify.checkify`; the returned error names the operand:
+`jax.experimental.checkify.checkify`; the returned error names the operand (a float weight whose scale
+exceeds the integer recipes' rescale bound, `Recipe.check_weight_scale`, is reported the same way):
 
     err, y = checkify.checkify(jax.jit(f))(x)
     err.throw()   # ValueError-like JaxRuntimeError: "qkernels.dot_general: lhs contains NaN/Inf ..."
@@ -173,7 +174,15 @@ def _weight_operand(core: _Core, rhs: Any) -> QOperand:
         return rhs
     if core.check_finite:
         _check_finite(rhs, "the weight")
-    return quant.quantize_operand(rhs, core.recipe.rhs)
+    op = quant.quantize_operand(rhs, core.recipe.rhs)
+    bound = core.recipe.accumulation.rescale_bound(core.recipe, core.k)
+    if core.check_finite and bound is not None:  # concrete weights: qk.quantize refuses (Recipe.check_weight_scale)
+        checkify.check(jnp.max(op.scale, initial=0.0) <= bound,
+                       f"qkernels.dot_general: the weight's largest scale {{s}} exceeds {bound:.4g}, the largest "
+                       f"{core.recipe.name} rescales without overflowing f32 at K={core.k}; scale the weight down by "
+                       f"a power of two (fold it into the output) or use a weight-only recipe",
+                       s=jnp.max(op.scale, initial=0.0))
+    return op
 
 
 def _forward(core: _Core, lhs: jax.Array, rhs: Any) -> jax.Array:

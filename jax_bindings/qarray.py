@@ -185,7 +185,7 @@ def quantize(w: Any, recipe: Any = None, *, contracting_axes: Sequence[int] | in
     else:
         op = quality.quantize_weight(canon, recipe.rhs, JAX_OPS, method=method)
     if _is_concrete(w):
-        recipe.rhs.check_scale(np.asarray(op.scale), what=name)
+        recipe.check_weight_scale(np.asarray(op.scale), skeleton.k, what=name)
     return dataclasses.replace(skeleton, qvalue=op.qvalue, scale=op.scale, zero_point=op.zero_point)
 
 

@@ -263,7 +263,7 @@ def _per_shard(call: _Call, layout: Layout, *args: jax.Array) -> jax.Array:
         lhs_scale = lhs_op.scale.astype(f32)[..., :, None]
         if not recipe.accumulation.grouped:
             acc = lax.psum(_accumulate(impl, part, lhs_op, rhs), layout.k)  # exact: |sum| < 2**31 (check_k)
-            y = (acc.astype(f32) * lhs_scale) * rhs.scale.astype(f32)[..., None, :]
+            y = (acc.astype(f32) * rhs.scale.astype(f32)[..., None, :]) * lhs_scale  # formats' INT32 order
         else:  # each shard's groups in order, unit activation scale; the activation scale once at the end
             ones = QOperand(lhs_op.qvalue, jnp.ones_like(lhs_op.scale))
             y = lax.psum(run(impl, part, ones, rhs).astype(f32), layout.k) * lhs_scale

@@ -2,7 +2,8 @@
 
     python -m qkernels.aot --target sm_80|sm_90|gfx942|tpu-v5e|tpu-v6e|tpu-v5p|pallas-sm_80|pallas-sm_90 [--json FILE]
 
-Reports per config the matrix instruction found in the machine code, registers, spills and shared
+Reports per config (and, for Triton, per specialization the JIT compiles: `div16` and `any` integer
+arguments) the matrix instruction found in the machine code, registers, spills and shared
 memory (GPU) or VMEM and `memory_analysis()` (TPU); exits 1 if any config fails to compile, lacks the
 expected tensor-core/MXU instruction, spills, or exceeds the target's on-chip memory. Useful to
 check a deployment target from a CPU box and to warm a compilation cache.
@@ -37,6 +38,7 @@ class ConfigReport:
     kernel: str
     config: str
     target: str
+    variant: str = ""  # the specialization compiled (Triton: 'div16' or 'any' integer arguments)
     mma_instruction: str | None = None
     registers: int | None = None
     spill_bytes: int | None = None
@@ -44,6 +46,7 @@ class ConfigReport:
     vmem_bytes: int | None = None
     memory_analysis: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # findings that do not fail the config
 
     @property
     def ok(self) -> bool:
@@ -54,7 +57,9 @@ class ConfigReport:
                else f"vmem {self.vmem_bytes}" if self.vmem_bytes is not None else "")
         regs = f"regs {self.registers} spill {self.spill_bytes}" if self.registers is not None else ""
         status = "ok" if self.ok else "FAIL: " + "; ".join(self.problems)
-        return f"{self.kernel:<22} {self.config:<40} {self.mma_instruction or '-':<26} {regs:<20} {mem:<14} {status}"
+        if self.notes:
+            status += " (note: " + "; ".join(self.notes) + ")"
+        return f"{self.kernel:<22} {self.config:<40} {self.variant:<6} {self.mma_instruction or '-':<26} {regs:<20} {mem:<14} {status}"
 
 
 def run_checks(target: str) -> list[ConfigReport]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import numbers
 import re
 from dataclasses import KW_ONLY, dataclass, field
@@ -293,6 +294,19 @@ class Accumulation:
         """Largest contraction served exactly, None if unbounded."""
         return None
 
+    def rescale_bound(self, recipe: Recipe, k: int) -> float | None:
+        """Largest weight scale the rescale takes for a contraction of length `k` without an
+        intermediate overflow, None if any finite scale is safe (the result then overflows only where
+        the exact result is beyond f32, up to quantization error).
+
+        The integer accumulations apply the weight scale first: `|f32(acc) * s_rhs|` (W8A8), and
+        every partial sum of `f32(acc_g) * s_rhs[n, g]` (W4A8), are at most `K * qmax_l * qmax_r *
+        max(s_rhs)`; the bound is FLT_MAX / (2 * K * qmax_l * qmax_r), the factor 2 covering the
+        roundings of the int32 -> f32 cast, the scale and the sums (each within 2**-24, fewer than
+        2**24 groups). A weight within it has |w| <= ~FLT_MAX / (2 * K * qmax_l), 3.3e32 at K=4096.
+        """
+        return None
+
     def lhs_operand(self, recipe: Recipe, ops: ArrayOps, lhs: Any) -> Any:
         """The activations as the accumulation takes them: quantized (integer kinds) or float as is."""
         if recipe.lhs is None or isinstance(lhs, QOperand):
@@ -325,9 +339,10 @@ class Accumulation:
 
     @classmethod
     def _row_rescale(cls, ops: ArrayOps, part: Any, lhs: QOperand, rhs: QOperand, bias: Any, out_dtype: str) -> Any:
-        """`y = (f32(acc) * s_lhs[m]) * s_rhs[n]`, then `+ bias[n]`, one cast (per-row scales on both sides)."""
-        y = (ops.cast(part, "float32") * ops.cast(lhs.scale, "float32")[..., :, None]) \
-            * ops.cast(rhs.scale, "float32")[..., None, :]
+        """`y = (f32(acc) * s_rhs[n]) * s_lhs[m]`, then `+ bias[n]`, one cast (per-row scales on both sides):
+        weight scale first, so only the last multiply can overflow (`_IntegerDot`, `rescale_bound`)."""
+        y = (ops.cast(part, "float32") * ops.cast(rhs.scale, "float32")[..., None, :]) \
+            * ops.cast(lhs.scale, "float32")[..., :, None]
         return cls._epilogue(ops, y, bias, out_dtype)
 
     @staticmethod
@@ -338,8 +353,23 @@ class Accumulation:
         return a, recipe.rhs.codes(rhs, k, ops)
 
 
+def _first_scale_bound(recipe: Recipe, k: int) -> float:
+    """Largest first-applied (weight) scale whose products with the accumulators stay finite."""
+    return numerics.FLT_MAX / (2.0 * max(k, 1) * recipe.lhs.qtype.qmax * recipe.rhs.qtype.qmax)
+
+
 class _IntegerDot(Accumulation):
-    """One exact int32 dot of the codes; `y = (f32(acc) * s_lhs[m]) * s_rhs[n] + bias[n]`."""
+    """One exact int32 dot of the codes; `y = (f32(acc) * s_rhs[n]) * s_lhs[m] + bias[n]`.
+
+    Weight scale first, activation scale last (as W4A8 does), so the one multiply that can overflow
+    is the last: the weight scale is bounded once, at quantize time (`rescale_bound`), and
+    activations of any finite size give inf only where the result itself is beyond f32. The other
+    fixed orders each fail somewhere: `(acc * s_lhs) * s_rhs` overflows in the middle for activations
+    near 1e33 although the result fits (and activations, quantized on the fly on the device, cannot be
+    checked without a host sync); `acc * (s_lhs * s_rhs)` gives inf * 0 = NaN for a zero accumulator
+    and a subnormal, imprecise product for small scales. (A departure from DESIGN.md section 4, which
+    wrote `(f32(acc) * s_lhs[m]) * s_rhs[n]`: every backend changed with it, so outputs stay identical.)
+    """
 
     name = "INT32"
     description = "int32"
@@ -354,6 +384,9 @@ class _IntegerDot(Accumulation):
 
     def partial(self, recipe, ops, lhs, rhs, *, k, batched, act_dtype):
         return self.accumulators(recipe, ops, lhs, rhs, k=k, batched=batched)
+
+    def rescale_bound(self, recipe, k):
+        return _first_scale_bound(recipe, k)
 
     def finish(self, recipe, ops, part, lhs, rhs, bias, out_dtype):
         return self._row_rescale(ops, part, lhs, rhs, bias, out_dtype)
@@ -371,6 +404,9 @@ class _GroupedIntegerDot(Accumulation):
     def accumulators(self, recipe, ops, lhs, rhs, *, k, batched):
         a, w = self._int_codes(recipe, ops, lhs, rhs, k)
         return ops.grouped_int_dot(a, w, recipe.rhs.group_size, batched)
+
+    def rescale_bound(self, recipe, k):
+        return _first_scale_bound(recipe, k)
 
     def partial(self, recipe, ops, lhs, rhs, *, k, batched, act_dtype):
         a, w = self._int_codes(recipe, ops, lhs, rhs, k)
@@ -400,7 +436,7 @@ class _FloatDot(Accumulation):
 
 
 class _FloatCodesDot(Accumulation):
-    """One f32 dot of float codes (fp8 x fp8), then `y = (acc * s_lhs[m]) * s_rhs[n] + bias[n]`, one cast.
+    """One f32 dot of float codes (fp8 x fp8), then `y = (acc * s_rhs[n]) * s_lhs[m] + bias[n]`, one cast.
 
     Every product of two e4m3 codes is exact in f32 (4 x 4 significant bits; magnitudes 2**-18 to
     448**2), so backends differ only in the order of the f32 sum (`qkernels.testing.tolerances`'
@@ -416,6 +452,9 @@ class _FloatCodesDot(Accumulation):
     def partial(self, recipe, ops, lhs, rhs, *, k, batched, act_dtype):
         a, w = self._int_codes(recipe, ops, lhs, rhs, k)  # the padding rule is the integer codes'
         return ops.float_linear(a, w, None, "float32", batched)
+
+    def rescale_bound(self, recipe, k):
+        return _first_scale_bound(recipe, k)  # |acc| <= K * 448 * 448, as an integer accumulator's bound
 
     def finish(self, recipe, ops, part, lhs, rhs, bias, out_dtype):
         return self._row_rescale(ops, part, lhs, rhs, bias, out_dtype)
@@ -504,6 +543,23 @@ class Recipe:
     def max_k(self) -> int | None:
         """Largest contraction length served exactly (int32 accumulator bound), None if unbounded."""
         return self.accumulation.max_k(self)
+
+    def check_weight_scale(self, scale: Any, k: int, ops: ArrayOps = NUMPY_OPS, *, what: str = "the weight") -> None:
+        """Refuse a quantized weight whose scales are not finite (`OperandFormat.check_scale`) or beyond
+        the accumulation's `rescale_bound` for a contraction of length `k`: its rescale would give inf
+        where the exact result fits in f32. A host check (no-op where `ops.host_checks` is False)."""
+        self.rhs.check_scale(scale, ops, what=what)
+        bound = self.accumulation.rescale_bound(self, k)
+        if bound is None or not ops.host_checks:
+            return
+        worst = float(ops.absmax(ops.cast(scale, "float32").reshape(1, -1)).max()) if math.prod(scale.shape) else 0.0
+        if worst > bound:
+            qr, ql = self.rhs.qtype.qmax, self.lhs.qtype.qmax
+            raise ValueError(
+                f"{what}: a scale of {worst:.4g} (|values| up to ~{worst * qr:.4g}) exceeds {bound:.4g}, the largest "
+                f"{self.name} rescales without overflowing f32 at K={k} (weight scale * K * {ql} * {qr} <= "
+                f"FLT_MAX / 2, |values| up to ~{bound * qr:.4g}); scale the weight down by a power of two and fold "
+                f"it into the layer's output (or the next layer), or use a weight-only recipe (W8A16/W4A16)")
 
     def check_k(self, k: int) -> None:
         """Refuse a contraction that would overflow the int32 accumulator (never wrap silently)."""

@@ -26,7 +26,7 @@ __all__ = [
     "Kind", "QType", "INT8", "INT4", "UINT4", "FP8_E4M3", "FP8_E5M2", "int_type", "Granularity", "GROUP_SIZES",
     "ArrayOps", "NumpyOps", "NUMPY_OPS", "round_half_even", "check_finite", "symmetric_scale",
     "quantize_symmetric", "asymmetric_params", "quantize_asymmetric", "padded_k", "pad_k", "pack_int4",
-    "unpack_int4", "max_exact_k", "INT32_LIMIT", "FLT_MIN", "flush_subnormals",
+    "unpack_int4", "max_exact_k", "INT32_LIMIT", "FLT_MIN", "FLT_MAX", "flush_subnormals",
 ]
 
 INT32_LIMIT = 2**31
@@ -293,6 +293,9 @@ def symmetric_scale(amax: Any, qtype: QType, ops: ArrayOps = NUMPY_OPS) -> Any:
 
 FLT_MIN = float(np.finfo(np.float32).tiny)
 """2**-126, the smallest normal f32: scales below it are replaced by 1, inputs below it in magnitude by 0."""
+
+FLT_MAX = float(np.finfo(np.float32).max)
+"""The largest finite f32 (3.4e38): the rescale's intermediate products must stay below it (`Recipe.check_weight_scale`)."""
 
 
 def flush_subnormals(x: Any, ops: ArrayOps = NUMPY_OPS) -> Any:

@@ -141,6 +141,7 @@ def qmatmul(lhs: Any, rhs: Any, recipe: Recipe, *, bias: Any = None, out_dtype: 
     recipe.check_k(k)
     rhs = _numpy(rhs)
     codes(rhs, recipe.rhs, k)
+    recipe.check_weight_scale(rhs.scale, k, what="rhs (weights)")
     return recipe.matmul(NUMPY_OPS, lhs, rhs, None if bias is None else np.asarray(bias), k=k,
                          batched=rhs.qvalue.ndim == 3, act_dtype=_dtype_name(act), out_dtype=_dtype_name(out))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Shape", "LAYERS", "M_VALUES", "DECODE_M", "SETS", "shape_set", "tagged"]
+__all__ = ["Shape", "LAYERS", "M_VALUES", "DECODE_M", "SETS", "shape_set", "parse_shapes", "tagged"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -94,6 +94,43 @@ def shape_set(name: str) -> tuple[Shape, ...]:
             raise ValueError(f"unknown shape set {part!r}; choose from {', '.join(sorted(SETS))}")
         out.extend(s for s in SETS[part] if s not in out)
     return tuple(out)
+
+
+def parse_shapes(spec: str, ms: tuple[int, ...] | None = None, *, default_ms: tuple[int, ...] = M_VALUES,
+                 ) -> tuple[Shape, ...]:
+    """Shapes from a comma-separated spec of named sets ('llama3-8b+awkward'), `MxNxK` and `NxK`
+    (N output features by K input features, a torch weight's `(out, in)` shape; one shape per M).
+
+    `ms`: the row counts of `NxK` entries (default `default_ms`) and, when given, a filter on the
+    named sets' shapes (M in `ms`). `NxK` shapes of a catalogued layer carry its name and tags.
+
+    | spec                 | ms      | shapes                                            |
+    |----------------------|---------|---------------------------------------------------|
+    | '14336x4096'         | (1, 16) | M=1, 16 on N=14336, K=4096 (llama3-8b.mlp_up)     |
+    | '4096x4096x4096'     | any     | M=N=K=4096                                        |
+    | 'decode-sweep'       | (1,)    | the set's M=1 shapes                              |
+    """
+    layers = {(n, k): name for name, k, n in LAYERS}
+    out: list[Shape] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if part.split("+")[0] in SETS:
+            out.extend(s for s in shape_set(part) if ms is None or s.m in ms)
+            continue
+        try:
+            dims = tuple(int(d) for d in part.lower().split("x"))
+        except ValueError:
+            dims = ()
+        if len(dims) not in (2, 3) or min(dims) <= 0:
+            raise ValueError(f"shape {part!r} is neither MxNxK, NxK (out x in features, with M from --m) nor a "
+                             f"shape set ({', '.join(sorted(SETS))})")
+        for m in dims[:1] if len(dims) == 3 else (ms or default_ms):
+            n, k = dims[-2:]
+            layer = layers.get((n, k), "")
+            tags = _tags_for_m(m) | ({"model"} if layer.startswith("llama") else set())
+            out.append(Shape(m=m, n=n, k=k, layer=layer, tags=frozenset(tags)))
+    return tuple(dict.fromkeys(out))
 
 
 def tagged(tag: str) -> tuple[Shape, ...]:

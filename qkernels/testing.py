@@ -80,7 +80,7 @@ def epilogue_terms(lhs: Any, rhs: Any, recipe: Recipe, bias: Any = None) -> np.n
     """|every addend| the f32 epilogue of an integer recipe sums for each output, in order: (..., M, N, T).
 
     `lhs`: float activations (..., M, K) (quantized here, as the kernels do) or a quantized operand;
-    `rhs`: the quantized weight. INT32: `f32(acc) * s_lhs[m] * s_rhs[n]` then the bias (T = 2);
+    `rhs`: the quantized weight. INT32: `f32(acc) * s_rhs[n] * s_lhs[m]` then the bias (T = 2);
     INT32_PER_GROUP: `f32(acc_g) * s_rhs[n, g] * s_lhs[m]` for each group g, then the bias (T = G + 1).
     Computed in float64 from the reference's exact accumulators (magnitudes only, for `fma_bound`).
     """

@@ -2,7 +2,7 @@
 
     python -m qkernels.tune --recipes w4a16-g128,w8a16,w8a8 --shapes decode
     python -m qkernels.tune --recipes w4a16-g128 --shapes 1x8192x8192,16x8192x8192 --backend triton
-    python -m qkernels.tune --recipes w8a8 --shapes 4096x4096 --m 1,2,4,8,16 --list
+    python -m qkernels.tune --recipes w8a8 --shapes 4096x4096 --m 1,2,4,8,16 --list   # no GPU: the default kinds
     python -m qkernels.tune --recipes w4a16-g128 --shapes decode-sweep --list --device h100   # no GPU needed
 
 For each recipe and shape (a named set of `qkernels.shapes`, or `MxNxK`, or `NxK` with `--m`), every
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qkernels import backends, dispatch, tuning
+from qkernels import backends, dispatch, hardware, tuning
 from qkernels.formats import Recipe, parse_recipe
-from qkernels.shapes import DECODE_M, SETS, shape_set
+from qkernels.shapes import DECODE_M, parse_shapes
 
 __all__ = ["main", "Job", "jobs", "tune"]
 
@@ -47,33 +47,12 @@ class Job:
     k: int
 
 
-def _parse_shapes(specs: Sequence[str], ms: Sequence[int]) -> list[tuple[int, int, int]]:
-    out: list[tuple[int, int, int]] = []
-    for spec in specs:
-        for part in spec.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            if part.split("+")[0] in SETS:
-                out.extend((s.m, s.n, s.k) for s in shape_set(part) if s.batch is None)
-                continue
-            try:
-                dims = tuple(int(d) for d in part.lower().split("x"))
-            except ValueError:
-                dims = ()
-            if len(dims) == 3 and min(dims) > 0:
-                out.append(dims)  # type: ignore[arg-type]
-            elif len(dims) == 2 and min(dims) > 0:
-                out.extend((m, dims[0], dims[1]) for m in ms)
-            else:
-                raise ValueError(f"shape {part!r} is neither MxNxK, NxK (with --m) nor a shape set "
-                                 f"({', '.join(sorted(SETS))})")
-    return list(dict.fromkeys(out))
-
-
 def jobs(recipes: Sequence[str], shapes: Sequence[str], ms: Sequence[int] = DECODE_M) -> list[Job]:
+    """One job per recipe and unbatched shape (`qkernels.shapes.parse_shapes`: sets, MxNxK, NxK x `ms`)."""
     parsed = [parse_recipe(r) for spec in recipes for r in spec.split(",") if r.strip()]
-    return [Job(recipe=r, m=m, n=n, k=k) for r in parsed for m, n, k in _parse_shapes(shapes, ms)]
+    found = dict.fromkeys((s.m, s.n, s.k) for spec in shapes for s in parse_shapes(spec, None, default_ms=tuple(ms))
+                          if s.batch is None)
+    return [Job(recipe=r, m=m, n=n, k=k) for r in parsed for m, n, k in found]
 
 
 def _tunable(backend: backends.Backend) -> tuning.Tunable:
@@ -109,22 +88,20 @@ def tune(backend: str, todo: Sequence[Job], *, out: Path | None = None, list_onl
     try:
         here = tunable.device(device)
     except (ValueError, RuntimeError) as e:
-        raise SystemExit(f"qkernels.tune: {e}") from None
+        defaults = default_devices(backend, tunable) if list_only and device is None else []
+        if not defaults:
+            raise SystemExit(f"qkernels.tune: {e}") from None
+        print(f"qkernels.tune: {e}\nqkernels.tune: listing for the default device kinds of {backend}: "
+              f"{', '.join(d.kind for d in defaults)} (--device to choose one)", file=sys.stderr)
+        return [row for d in defaults for row in _list(entry, tunable, d, todo, max_configs)]
     if here.note:
         print(f"qkernels.tune: {here.note}", file=sys.stderr)
+    if list_only:
+        return _list(entry, tunable, here, todo, max_configs)
     framework, platform, device = entry.framework, here.platform, here.kind
     rows, entries = [], {}
     for job in todo:
-        problem = _problem(job, framework, platform, device)
-        why = tunable.serves(problem)
-        if why:
-            raise SystemExit(f"qkernels.tune: {backend} cannot tune {problem.describe()}: {why}")
-        heuristic, _ = tunable.heuristic(problem)
-        configs = list(dict.fromkeys([heuristic, *tunable.candidates(problem)]))[:max_configs]
-        configs = [c for c in configs if tunable.check(c, problem) is None]
-        if list_only:
-            rows.append({"problem": problem.describe(), "configs": [_name(c) for c in configs]})
-            continue
+        problem, heuristic, configs = _candidates(tunable, _problem(job, framework, platform, device), max_configs)
         timed = sorted((tunable.measure(problem, c), i, c) for i, c in enumerate(configs))
         best_s, _, best = timed[0]
         heuristic_s = next(s for s, _, c in timed if c == heuristic)
@@ -141,6 +118,43 @@ def tune(backend: str, todo: Sequence[Job], *, out: Path | None = None, list_onl
             "tool": "python -m qkernels.tune", "device_name": here.name, "platform": platform,
             "date": datetime.date.today().isoformat(), "versions": _versions(entry.requires)})
         print(f"qkernels.tune: wrote {len(entries)} entries ({len(kept)} kept) to {path}")
+    return rows
+
+
+def default_devices(backend: str, tunable: tuning.Tunable) -> list[tuning.TuningDevice]:
+    """The device kinds `--list` shows when this machine has none of the backend's devices: the
+    parts its AOT targets are deployed on (`hardware.AOT_TARGETS`: h100, h200, a100, mi300x for
+    Triton; the TPU generations for Pallas), each only if the backend's tunable knows the kind."""
+    kinds = dict.fromkeys(k for t in hardware.AOT_TARGETS.values() if t.backend == backend
+                          for k in (t.devices or ((t.name,) if hardware.device(t.name) else ())))
+    out = []
+    for kind in kinds:
+        try:
+            out.append(tunable.device(kind))
+        except (ValueError, RuntimeError):
+            continue
+    return out
+
+
+def _candidates(tunable: tuning.Tunable, problem: dispatch.Problem,
+                max_configs: int | None) -> tuple[dispatch.Problem, Any, list[Any]]:
+    """The problem checked, its heuristic config and the candidates to time (heuristic first)."""
+    why = tunable.serves(problem)
+    if why:
+        raise SystemExit(f"qkernels.tune: {problem.describe()} cannot be tuned: {why}")
+    heuristic, _ = tunable.heuristic(problem)
+    configs = list(dict.fromkeys([heuristic, *tunable.candidates(problem)]))[:max_configs]
+    return problem, heuristic, [c for c in configs if tunable.check(c, problem) is None]
+
+
+def _list(entry: backends.Backend, tunable: tuning.Tunable, where: tuning.TuningDevice, todo: Sequence[Job],
+          max_configs: int | None) -> list[dict[str, Any]]:
+    """One row per job: the candidates `tune` would time on `where`, heuristic first."""
+    rows = []
+    for job in todo:
+        problem, _, configs = _candidates(tunable, _problem(job, entry.framework, where.platform, where.kind),
+                                          max_configs)
+        rows.append({"device": where.kind, "problem": problem.describe(), "configs": [_name(c) for c in configs]})
     return rows
 
 
@@ -183,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 device=args.device, ship=args.ship)
     for r in rows:
         if args.list:
-            print(f"{r['problem']}\n  " + "\n  ".join(r["configs"]))
+            print(f"{r['device']}: {r['problem']}\n  " + "\n  ".join(r["configs"]))
         else:
             print(f"{r['problem']:<70} best {r['best']:<34} {r['us']:9.1f} us   heuristic {r['heuristic']:<34} "
                   f"{r['heuristic_us']:9.1f} us  ({r['configs']} timed)")

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from qkernels import aot
+from qkernels import aot, hardware
 from qkernels.kernels.pallas import aot as aot_pallas
 from qkernels.kernels.pallas import configs
 
@@ -48,10 +48,19 @@ def test_cli_exit_status():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton wheel not installed")
-def test_pallas_gpu_triton_ir_compiles_to_int8_tensor_cores():
-    """Export for cuda, extract the Triton IR, compile to sm_80: IMMA for the integer recipes."""
-    reports = aot.run_checks("pallas-sm_80")
+@pytest.mark.parametrize("target,int8", [("pallas-sm_80", "IMMA"), ("pallas-sm_90", "IGMMA")])
+def test_pallas_gpu_triton_ir_compiles_to_int8_tensor_cores(target, int8):
+    """Export for cuda under an abstract GPU (jax 0.11 refuses without one), extract the Triton IR,
+    compile for the target: IMMA (sm_80) / IGMMA (sm_90) for the integer recipes."""
+    reports = aot.run_checks(target)
     failed = [r.row() for r in reports if not r.ok]
     assert not failed, "\n".join(failed)
     by_kernel = {r.kernel: r.mma_instruction or "" for r in reports}
-    assert by_kernel["pallas.gpu.w8a8"].startswith("IMMA") and by_kernel["pallas.gpu.w4a8"].startswith("IMMA")
+    assert by_kernel["pallas.gpu.w8a8"].startswith(int8) and by_kernel["pallas.gpu.w4a8"].startswith(int8)
+    assert all(not n or "deprecates the Pallas Triton backend" in n[0] for n in (r.notes for r in reports))
+
+
+def test_abstract_gpu_names_the_targets_part():
+    for arch, kind in (("sm_80", "NVIDIA A100"), ("sm_90", "NVIDIA H100")):
+        device = aot_pallas.abstract_gpu(arch).abstract_device
+        assert (device.device_kind, device.platform, device.num_cores) == (kind, "gpu", hardware.ARCHES[arch].units)

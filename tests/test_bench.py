@@ -214,3 +214,37 @@ def test_peak_table_covers_the_issue_devices() -> None:
     for key, p in PEAKS.items():
         assert p.int8 == pytest.approx(2 * p.bf16, rel=0.01), f"{key}: dense int8 peak is twice bf16"
         assert p.mem_gbps > 0
+
+
+def test_gpu_targets_hold_on_the_h200_too() -> None:
+    gpu = {t.text for t in targets.TARGETS if "h100" in t.devices}
+    assert gpu and {t.text for t in targets.TARGETS if "h200" in t.devices} == gpu
+    assert {t["target"] for t in targets.evaluate([], "h200")} == gpu
+
+
+def test_shape_filter_selects_named_sets_by_m_and_builds_nxk_shapes() -> None:
+    from bench.__main__ import _parse, _select
+
+    recipes, shapes = _select(_parse(["--recipes", "w8a8", "--shapes", "4096x4096,14336x4096", "--m", "1,16"]), CPU)
+    assert [r.name for r in recipes] == ["w8a8"]
+    assert [(s.m, s.n, s.k) for s in shapes] == [(1, 4096, 4096), (16, 4096, 4096), (1, 14336, 4096), (16, 14336, 4096)]
+    assert {s.layer for s in shapes} == {"llama3-8b.attn_o", "llama3-8b.mlp_up"}
+    _, sweep = _select(_parse(["--shapes", "decode-sweep", "--m", "1,16"]), CPU)
+    assert sweep and {s.m for s in sweep} == {1, 16} and set(sweep) < set(SETS["decode-sweep"])
+    _, square = _select(_parse(["--shapes", "64x32x48"]), CPU)
+    assert [(s.m, s.n, s.k) for s in square] == [(64, 32, 48)]
+    for argv, message in ((["--shapes", "4096"], "neither MxNxK"), (["--shapes", "smoke", "--m", "2"], "no shape"),
+                          (["--shapes", "smoke", "--m", "0"], "positive row counts")):
+        with pytest.raises(SystemExit, match=message):
+            _select(_parse(argv), CPU)
+
+
+def test_bench_is_a_package_of_the_distribution() -> None:
+    """`pip install .` installs bench beside qkernels, so `python -m bench` runs from any directory."""
+    import tomllib
+
+    from setuptools import find_packages
+
+    find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    found = set(find_packages(where=ROOT, include=find["include"]))
+    assert {"bench", "qkernels", "torch_bindings", "jax_bindings"} <= found and "tests" not in found

@@ -736,20 +736,20 @@ def test_kernel_backends_refuse_new_formats_by_tag() -> None:
                                                   f"not {recipe.name}"), impl.name
 
 
-class RhsFirstIntegerDot(type(Accumulation.INT32)):
-    """An accumulation no backend declares: INT32's exact dot of the codes, rescaled weight scale
-    first, `(f32(acc) * s_rhs[n]) * s_lhs[m] + bias[n]`. The reference executes it; nothing else knows it."""
+class LhsFirstIntegerDot(type(Accumulation.INT32)):
+    """An accumulation no backend declares: INT32's exact dot of the codes, rescaled activation scale
+    first, `(f32(acc) * s_lhs[m]) * s_rhs[n] + bias[n]`. The reference executes it; nothing else knows it."""
 
-    name = "INT32_RHS_FIRST"
-    description = "int32, weight scale first"
+    name = "INT32_LHS_FIRST"
+    description = "int32, activation scale first"
 
     def finish(self, recipe, ops, part, lhs, rhs, bias, out_dtype):
-        y = (ops.cast(part, "float32") * ops.cast(rhs.scale, "float32")[..., None, :]) \
-            * ops.cast(lhs.scale, "float32")[..., :, None]
+        y = (ops.cast(part, "float32") * ops.cast(lhs.scale, "float32")[..., :, None]) \
+            * ops.cast(rhs.scale, "float32")[..., None, :]
         return self._epilogue(ops, y, bias, out_dtype)
 
 
-W8A8_RHS_FIRST = Recipe(tag="w8a8rhs", lhs=INT8_ROW, rhs=INT8_ROW, accumulation=RhsFirstIntegerDot())
+W8A8_LHS_FIRST = Recipe(tag="w8a8lhs", lhs=INT8_ROW, rhs=INT8_ROW, accumulation=LhsFirstIntegerDot())
 
 
 def _refusals(explanation: dispatch.Explanation) -> dict[str, str | None]:
@@ -762,7 +762,7 @@ def test_unknown_accumulation_is_refused_with_a_reason(entry: str) -> None:
     tag; only the reference serves it (chosen automatically, exact); forcing another one raises."""
     rng = np.random.default_rng(8)
     x, w = testing.activations(rng, (4, 96)), testing.weights(rng, (10, 96))
-    recipe = W8A8_RHS_FIRST
+    recipe = W8A8_LHS_FIRST
     expected = reference.qmatmul(x, reference.quantize(w, recipe.rhs), recipe)
     if entry == "torch":
         torch = pytest.importorskip("torch")
@@ -784,16 +784,86 @@ def test_unknown_accumulation_is_refused_with_a_reason(entry: str) -> None:
     verbose = qk.explain(*args, verbose=True)
     reasons = _refusals(verbose)
     for name in generic_names:
-        assert "INT32_RHS_FIRST" in reasons[name] and "does not know" in reasons[name], reasons[name]
+        assert "INT32_LHS_FIRST" in reasons[name] and "does not know" in reasons[name], reasons[name]
     kernels = [v for v in verbose.verdicts if v.implementation.serves.recipes is not None]
     assert kernels and {v.implementation.name for v in kernels} | set(generic_names) | host == set(reasons)
     for v in kernels:
-        assert v.reason == f"serves recipes {', '.join(sorted(v.implementation.serves.recipes))}, not w8a8rhs"
+        assert v.reason == f"serves recipes {', '.join(sorted(v.implementation.serves.recipes))}, not w8a8lhs"
     assert {n for n, r in reasons.items() if r is None} == host
     assert verbose.chosen.name == chosen
     default = qk.explain(*args)
     assert {v.implementation.name for v in default.verdicts} == host and default.hidden == len(reasons) - len(host)
     np.testing.assert_array_equal(to_numpy(call()), expected)
     for name in generic_names:
-        with pytest.raises(qk.BackendUnavailable, match=f"{name}: .*INT32_RHS_FIRST"):
+        with pytest.raises(qk.BackendUnavailable, match=f"{name}: .*INT32_LHS_FIRST"):
             call(name)
+
+
+# ---------------------------------------------------------------- the rescale's range
+
+BOUNDED_RECIPES = (qk.W8A8, qk.W4A8(32), qk.FP8)  # the recipes whose rescale has a bound
+
+
+def _range_data(recipe: Recipe, x_scale: float, w_scale: float, *, k: int = 64) -> Data:
+    rng = np.random.default_rng(11)
+    x = (testing.activations(rng, (3, k)) * np.float32(x_scale)).astype(np.float32)
+    w = (testing.weights(rng, (5, k)) * np.float32(w_scale)).astype(np.float32)
+    return Data(x, w, None, reference.quantize(w, recipe.rhs))
+
+
+@pytest.mark.parametrize("backend", backends(lambda b: any(b.impl.serves.reason(r) is None for r in BOUNDED_RECIPES)))
+def test_extreme_finite_operands_rescale_without_overflow(backend: Backend) -> None:
+    """Activations near 1e36 against ordinary weights, and weights at half the rescale bound against
+    small activations: the exact results fit in f32 (~1e35), and every backend returns them (finite,
+    equal to the reference as usual). The old W8A8 order `(acc * s_lhs) * s_rhs` gave inf for the first."""
+    for recipe in (r for r in BOUNDED_RECIPES if backend.impl.serves.reason(r) is None):
+        k = 64
+        w_max = 0.5 * recipe.accumulation.rescale_bound(recipe, k) * recipe.rhs.qtype.qmax
+        for x_scale, w_scale in ((1e36, 1.0), (1e-3, w_max / 0.1)):  # testing.weights: |w| <~ 0.1
+            data = _range_data(recipe, x_scale, w_scale, k=k)
+            case = Case(recipe=recipe, m=3, n=5, k=k)
+            y, dtype = run(backend, case, data)
+            exact = data.x.astype(np.float64) @ data.w.astype(np.float64).T
+            assert np.isfinite(y).all() and np.abs(exact).max() < numerics.FLT_MAX / 100, (backend.id, x_scale)
+            expect_output(backend, case, data, y, dtype)
+
+
+@pytest.mark.parametrize("recipe", BOUNDED_RECIPES, ids=lambda r: r.name)
+@pytest.mark.parametrize("entry", ["reference", "torch", "jax"])
+def test_weights_beyond_the_rescale_bound_are_refused_at_quantize_time(entry: str, recipe: Recipe) -> None:
+    """A weight whose scale times the largest accumulator would overflow f32 (values ~1e36 at K=64) is
+    refused where it is quantized, naming the tensor, its scale and the bound; weight-only recipes
+    take it (their dequantized weights stay within the values' own range)."""
+    k = 64
+    data = _range_data(recipe, 1.0, 1e37, k=k)
+    bound = recipe.accumulation.rescale_bound(recipe, k)
+    assert float(np.max(data.rq.scale)) > bound
+    pattern = (rf"weights?\)?: a scale of .* exceeds {re.escape(f'{bound:.4g}')}, the largest {recipe.name} "
+               rf"rescales .* at K={k}")
+    with pytest.raises(ValueError, match=pattern):
+        if entry == "reference":
+            reference.qmatmul(data.x, QOperand(data.rq.qvalue, data.rq.scale), recipe)
+        elif entry == "torch":
+            torch = pytest.importorskip("torch")
+            qk.quantize(torch.from_numpy(data.w), recipe)
+        else:
+            jnp = pytest.importorskip("jax.numpy")
+            qk.quantize(jnp.asarray(data.w.T), recipe)
+    for weight_only in (qk.W8A16, qk.W4A16(32)):
+        assert weight_only.accumulation.rescale_bound(weight_only, k) is None
+        np.testing.assert_array_less(np.abs(reference.quantize(data.w, weight_only.rhs).dequantize()),
+                                     numerics.FLT_MAX)
+
+
+def test_traced_weights_beyond_the_rescale_bound_are_reported_by_checkify() -> None:
+    """Under jit a float weight is quantized on the fly: check_finite=True reports the bound through checkify."""
+    jax = pytest.importorskip("jax")
+    from jax.experimental import checkify
+
+    data = _range_data(qk.W8A8, 1.0, 1e37)
+    dims = (((1,), (1,)), ((), ()))
+    f = checkify.checkify(jax.jit(lambda x, w: qk.dot_general(x, w, dims, check_finite=True)))
+    err, _ = f(data.x, data.w)
+    assert err.get() is not None and "exceeds" in err.get() and "rescales without overflowing f32 at K=64" in err.get()
+    err, y = f(data.x, data.w * np.float32(1e-36))
+    assert err.get() is None and np.isfinite(np.asarray(y)).all()

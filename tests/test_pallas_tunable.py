@@ -182,3 +182,15 @@ def test_tune_list_for_a_named_tpu_without_one(capsys):
     assert "on jax/tpu:v5e" in out and "bm32-" in out
     with pytest.raises(SystemExit, match="not a TPU kind"):
         tune.main(["--recipes", "w8a8", "--shapes", "1x64x64", "--backend", "pallas", "--list", "--device", "h100"])
+
+
+def test_tune_list_without_a_device_lists_the_default_kinds(capsys):
+    """No TPU here and no --device: --list shows the candidates for each TPU generation instead of exiting."""
+    from qkernels import tune
+
+    assert tune.main(["--recipes", "w8a8", "--shapes", "1x8192x8192", "--backend", "pallas", "--list"]) == 0
+    captured = capsys.readouterr()
+    assert "listing for the default device kinds of pallas: tpu-v5e, tpu-v6e, tpu-v5p" in captured.err
+    for generation in ("v5e", "v6e", "v5p"):
+        assert f"tpu-{generation}: qmatmul w8a8 M=1 N=8192 K=8192" in captured.out
+        assert f"jax/tpu:{generation}" in captured.out

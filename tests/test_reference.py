@@ -83,18 +83,18 @@ def test_qmatmul_equals_float64_on_dequantized_operands(recipe, out_dtype, p, wi
     testing.assert_close(y, expected, lhs, rhs, out_dtype, bias)
 
 
-def test_w8a8_rescale_order_is_lhs_then_rhs_then_bias() -> None:
+def test_w8a8_rescale_order_is_rhs_then_lhs_then_bias() -> None:
     rng = np.random.default_rng(0)
     x, w = testing.activations(rng, (5, 64)), testing.weights(rng, (7, 64))
     bias = rng.standard_normal(7).astype(np.float32)
     recipe = qk.W8A8
     xq, wq = reference.quantize(x, recipe.lhs), reference.quantize(w, recipe.rhs)
     acc = reference.accumulators(x, wq, recipe).astype(np.float32)
-    expected = ((acc * xq.scale[:, None]) * wq.scale[None, :]) + bias
+    expected = ((acc * wq.scale[None, :]) * xq.scale[:, None]) + bias
     np.testing.assert_array_equal(reference.qmatmul(x, wq, recipe, bias=bias), expected)
-    # the other association rounds differently somewhere on realistic data: the order matters
-    other = (acc * (xq.scale[:, None] * wq.scale[None, :])) + bias
-    assert not np.array_equal(other, expected)
+    # the other associations round differently somewhere on realistic data: the order matters
+    for other in ((acc * xq.scale[:, None]) * wq.scale[None, :], acc * (xq.scale[:, None] * wq.scale[None, :])):
+        assert not np.array_equal(other + bias, expected)
 
 
 def test_prequantized_lhs_matches_dynamic() -> None:

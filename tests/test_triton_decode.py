@@ -21,7 +21,7 @@ from _triton_target import DEVICE, t, torch  # skips the module without a GPU or
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from qkernels import dispatch, formats, reference, testing, tune, tuning  # noqa: E402
+from qkernels import dispatch, formats, hardware, reference, testing, tune, tuning  # noqa: E402
 from qkernels.kernels.triton import heuristics, quantize_rows  # noqa: E402
 from qkernels.kernels.triton import w4a8_matmul, w4a16_matmul, w8a8_matmul, w8a16_matmul  # noqa: E402
 from qkernels.kernels.triton._common import Kernel, MatmulConfig  # noqa: E402
@@ -254,6 +254,10 @@ def test_tune_list_for_a_named_gpu_without_one(capsys) -> None:
         tune.main(["--recipes", "w8a8", "--shapes", "1x64x64", "--device", "h100"])
     with pytest.raises(SystemExit, match="not a known GPU kind"):
         tune.main(["--recipes", "w8a8", "--shapes", "1x64x64", "--list", "--device", "tpu-v5e"])
+
+    defaults = [d.kind for d in tune.default_devices("triton", tuning.tunables()["triton"])]
+    assert {"a100", "h100", "h200", "mi300x"} <= set(defaults) and len(set(defaults)) == len(defaults)
+    assert all(hardware.device(k).arch for k in defaults)  # GPU kinds with a config table
 
 
 def test_tune_ship_writes_the_package_table(dirs: tuple[Path, Path], tmp_path: Path) -> None:

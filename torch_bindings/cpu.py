@@ -5,7 +5,7 @@ a new format needs nothing here. What that gives for the shipped recipes:
 
 - W8A8: dynamic per-row int8 activations (bit-exact to numerics), one `torch._int_mm` (exact int32;
   on CPU it takes any M, K, N, M=1 and odd K included), rescale in f32 in DESIGN.md's order,
-  `(f32(acc) * s_lhs[m]) * s_rhs[n] + bias[n]`: outputs equal the reference's.
+  `(f32(acc) * s_rhs[n]) * s_lhs[m] + bias[n]`: outputs equal the reference's.
 - W4A8: the same activations, one `_int_mm` per group of K (exact int32 partials), then
   `y = y + f32(acc_g) * s_rhs[n, g]` group by group, `y * s_lhs[m] + bias[n]`: equal to the reference.
 - Operand codes torch has no CPU GEMM for (float8 x float8) are upcast to f32 and multiplied there:

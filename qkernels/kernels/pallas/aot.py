@@ -14,8 +14,9 @@ reported, not bounded: on v5p XLA prefetches the operands (packed weight include
 memory space S(1) with copy-start/copy-done and `memory_analysis()` counts those staging buffers,
 the even/odd-k activation reordering and the per-group scale relayouts as temp (v5e and v6e report 0
 for the same program), so a temp bound flagged those, not a weight copy.
-GPU targets ('pallas-sm_80', 'pallas-sm_90'): export for cuda, take the Triton IR out of the
-custom call, compile it with the triton wheel, and require int8 tensor-core instructions.
+GPU targets ('pallas-sm_80', 'pallas-sm_90'): export for cuda under an abstract GPU of the target's
+arch (`abstract_gpu`; jax 0.11 needs it, 0.10 ignores it), take the Triton IR out of the custom call,
+compile it with the triton wheel, and require int8 tensor-core instructions.
 Targets (topologies, GPU archs) and instruction patterns are `qkernels.hardware`'s.
 """
 
@@ -27,6 +28,7 @@ import os
 import re
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import jax
@@ -161,14 +163,48 @@ def _check_tpu(target: str) -> list[ConfigReport]:
     return reports
 
 
-def _triton_ir(fn, args) -> str:
-    """Text of the Triton module inside the exported `__gpu$xla.gpu.triton` custom call."""
+PALLAS_TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
+"""The start of jax's DeprecationWarning (id 'jax-pallas-triton', jax >= 0.11) on lowering these kernels."""
+
+
+def _gpu_device_kind(arch: str) -> str:
+    """The name JAX reports for the first part the Triton target of `arch` deploys on ('NVIDIA H100')."""
+    kinds = [k for t in hardware.AOT_TARGETS.values() if t.backend == "triton" and t.arch == arch for k in t.devices]
+    if not kinds:
+        raise ValueError(f"no Triton AOT target of arch {arch!r} names a device kind to lower the Pallas kernels for")
+    return f"NVIDIA {kinds[0].upper()}"
+
+
+def abstract_gpu(arch: str) -> jax.sharding.AbstractMesh:
+    """A one-device abstract mesh of a GPU of `arch`, for lowering Pallas GPU kernels with no GPU here.
+
+    jax >= 0.11 lowers a Pallas Triton call for the GPU its `gpu_info` finds: the abstract mesh's
+    `AbstractDevice` when one is in context, else the local GPU, else it raises "No supported GPU
+    devices found" (jax 0.10 fell back to compute capability 9.0 by itself). The device kind is the
+    name a real device reports ('NVIDIA H100' -> 9.0, 'NVIDIA A100' -> 8.0); jax 0.10 ignores it.
+    """
+    device = jax.sharding.AbstractDevice(device_kind=_gpu_device_kind(arch), num_cores=hardware.ARCHES[arch].units,
+                                         platform="gpu")
+    return jax.sharding.AbstractMesh((1,), ("_aot",), abstract_device=device)
+
+
+def _triton_ir(fn, args, arch: str) -> tuple[str, bool]:
+    """Text of the Triton module inside the exported `__gpu$xla.gpu.triton` custom call, lowered for a
+    GPU of `arch` (`abstract_gpu`: no GPU needed), and whether jax warned that the backend is deprecated."""
     from jax import export
     from jax._src.interpreters import mlir as jmlir
     from jax._src.lib.mlir import ir as jir
 
-    exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
-        export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    with jax.sharding.use_abstract_mesh(abstract_gpu(arch)), warnings.catch_warnings(record=True) as seen:
+        # jax >= 0.11 warns on each lowering that the Pallas Triton backend is deprecated: recorded here
+        # and reported as a note on the config (the move to Mosaic GPU / jax_triton: `pallas.gpu`)
+        warnings.filterwarnings("always", message=PALLAS_TRITON_DEPRECATION, category=DeprecationWarning)
+        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+    for w in seen:
+        if not str(w.message).startswith(PALLAS_TRITON_DEPRECATION):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # not ours to swallow
+    deprecated = any(str(w.message).startswith(PALLAS_TRITON_DEPRECATION) for w in seen)
     from jax._src.lib import triton as jax_triton_lib
 
     ctx = jmlir.make_ir_context()
@@ -191,7 +227,7 @@ def _triton_ir(fn, args) -> str:
             raise RuntimeError("no __gpu$xla.gpu.triton custom call in the exported module")
         blob = jir.StringAttr(found[0].attributes["mhlo.backend_config"]["ir"]).value_bytes
         # the bytecode of jax's MLIR does not load in triton's; its text form does
-        return jir.Module.parse(blob).operation.get_asm(enable_debug_info=False)
+        return jir.Module.parse(blob).operation.get_asm(enable_debug_info=False), deprecated
 
 
 def _check_gpu(target: str) -> list[ConfigReport]:
@@ -209,9 +245,13 @@ def _check_gpu(target: str) -> list[ConfigReport]:
             fn, args = _fn_and_args(family, cfg, m, n, k, gpu)
             with tempfile.TemporaryDirectory() as tmp:
                 src = Path(tmp) / "kernel.ttir"
-                src.write_text(_triton_ir(fn, args))
+                text, deprecated = _triton_ir(fn, args, _TARGETS[target].arch)
+                src.write_text(text)
+                # fp fusion stated (triton 3.9 warns when it is left to its changing default): on, as
+                # XLA's Triton pipeline compiles these kernels (`gpu.py`: not controllable from Pallas)
                 compiled = triton.compile(str(src), target=GPUTarget(*_TARGETS[target].gpu),
-                                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+                                          options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                                       enable_fp_fusion=True))
                 cubin = Path(tmp) / "kernel.cubin"
                 cubin.write_bytes(compiled.asm["cubin"])
                 sass = subprocess.run([str(cuobjdump), "-sass", str(cubin)], capture_output=True, text=True).stdout
@@ -220,6 +260,8 @@ def _check_gpu(target: str) -> list[ConfigReport]:
             r.spill_bytes = getattr(compiled, "n_spills", None)
             mma = sorted(set(re.findall(r"\b(I?G?MMA\.[\w.]+|HMMA\.[\w.]+|HGMMA\.[\w.]+)", sass)))
             r.mma_instruction = ", ".join(mma)[:26] or None
+            if deprecated:
+                r.notes.append("jax deprecates the Pallas Triton backend (see qkernels.kernels.pallas.gpu)")
             if family is not Family.W4A16 and not int8_mma.search(sass):
                 r.problems.append(f"no int8 tensor-core instruction (IMMA/IGMMA) in SASS; found {mma or 'none'}")
         except Exception as e:  # report the blocker for this config instead of crashing the whole check

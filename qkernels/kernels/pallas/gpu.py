@@ -3,9 +3,27 @@
 The Triton grid is parallel, so each program owns one (M, N) tile and loops over K inside the
 kernel (`fori_loop`); int4 kernels step one group at a time so a scale covers the whole step.
 Same arguments as `tpu.py`; `compiler_params=plgpu.CompilerParams(...)` selects the Triton
-lowering (jax 0.10 otherwise picks Mosaic GPU, which cannot lower these dots). Upstream has
-deprecated this lowering, so it stays thin and behind dispatch. FMA contraction inside Triton is
-not controllable from Pallas: f32 outputs are compared within tolerance, accumulators exactly.
+lowering (jax 0.10 otherwise picks Mosaic GPU, which cannot lower these dots). FMA contraction
+inside Triton is not controllable from Pallas: f32 outputs are compared within tolerance,
+accumulators exactly.
+
+The move off this lowering. jax 0.11 deprecates the Pallas Triton backend (DeprecationWarning id
+'jax-pallas-triton' on every lowering: "migrate to the Mosaic GPU backend ... or the official
+Triton bindings and jax_triton"), so this module stays thin and behind dispatch, and the GPU path
+for JAX moves in three steps, each one a registered implementation that dispatch chooses by
+priority, so callers and `qk.explain` see no change of API:
+1. JAX on CUDA runs the package's own Triton kernels (`qkernels/kernels/triton/`) through
+   `jax_triton.triton_call`: the kernels, configs, tuned tables and AOT check the torch binding
+   uses, with W8A8's bit-exact epilogue (`enable_fp_fusion=False`, which Pallas cannot set). It
+   serves sm_80 too, which Mosaic GPU does not target.
+2. Mosaic GPU kernels (`jax.experimental.pallas.mosaic_gpu`, `plgpu.CompilerParams()` of that
+   module) for sm_90 and newer: TMA copies into shared memory with barriers
+   (`plgpu.copy_gmem_to_smem`, `plgpu.emit_pipeline`), warpgroup MMA (`plgpu.wgmma`) for the bf16
+   and int8 tiles, the same (M, N) grid and the rescale order of DESIGN.md section 4; checked
+   without a GPU by exporting for 'cuda' under `aot.abstract_gpu`, as this lowering is.
+3. This module is deleted once jax removes the Triton backend, or earlier when 1. and 2. cover
+   every recipe here; until then `supports()` keeps serving and the AOT check (`python -m
+   qkernels.aot --target pallas-sm_90`) records jax's deprecation as a note on each config.
 """
 
 from __future__ import annotations
@@ -45,7 +63,7 @@ def _w8a8_kernel(a_ref, w_ref, sa_ref, sw_ref, *rest, block_k: int, has_bias: bo
     if raw:
         o_ref[...] = acc
         return
-    y = (acc.astype(jnp.float32) * sa_ref[...][:, None]) * sw_ref[...][None, :]
+    y = (acc.astype(jnp.float32) * sw_ref[...][None, :]) * sa_ref[...][:, None]  # weight scale first
     if has_bias:
         y = y + b_ref[...][None, :]
     o_ref[...] = y.astype(o_ref.dtype)

@@ -56,8 +56,8 @@ def _w8a8_kernel(a_ref, w_ref, sa_ref, sw_ref, *rest, has_bias: bool, raw: bool)
         if raw:
             o_ref[...] = acc_ref[...]
             return
-        # int32 accumulator -> f32, lhs scale then rhs scale, then bias: the contract's order
-        y = (acc_ref[...].astype(jnp.float32) * sa_ref[...]) * sw_ref[...]  # [bm, bn]
+        # int32 accumulator -> f32, rhs (weight) scale then lhs scale, then bias: the contract's order
+        y = (acc_ref[...].astype(jnp.float32) * sw_ref[...]) * sa_ref[...]  # [bm, bn]
         if has_bias:
             y = y + b_ref[...]
         o_ref[...] = y.astype(o_ref.dtype)

@@ -244,13 +244,13 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 def store_rescaled(acc, out_ptrs, mask, a_scale_ptrs, w_scale_ptrs, bias_ptrs, m_ok, n_ok,
                    RESCALE: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Store a whole-K accumulator [BLOCK_M, BLOCK_N] through DESIGN.md section 4's epilogue:
-    W8A8 (RESCALE) `(f32(acc) * s_lhs[m]) * s_rhs[n]`, then `+ bias[n]`, then one cast to the
-    output dtype. The tile, GEMV and split-K reduce kernels all end here, so they round alike."""
+    W8A8 (RESCALE) `(f32(acc) * s_rhs[n]) * s_lhs[m]` (weight scale first: only the last multiply can
+    overflow, `Recipe.check_weight_scale`), then `+ bias[n]`, then one cast to the output dtype. The tile, GEMV and split-K reduce kernels all end here, so they round alike."""
     y = acc
     if RESCALE:
         s_a = tl.load(a_scale_ptrs, mask=m_ok, other=1.0)  # [BLOCK_M]
         s_w = tl.load(w_scale_ptrs, mask=n_ok, other=1.0)  # [BLOCK_N]
-        y = (acc.to(tl.float32) * s_a[:, None]) * s_w[None, :]  # [BLOCK_M, BLOCK_N] f32
+        y = (acc.to(tl.float32) * s_w[None, :]) * s_a[:, None]  # [BLOCK_M, BLOCK_N] f32
     if HAS_BIAS:
         y = y.to(tl.float32) + tl.load(bias_ptrs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=mask)

@@ -5,7 +5,7 @@
 `v_mfma_f32_*_fp8_fp8` on MI300 (gfx942); `python -m qkernels.aot` checks each config for it. Every
 product of two e4m3 codes is exact in f32, so the kernel differs from the reference (`Accumulation.FLOAT_CODES`) only in the order of the f32
 sum, within `qkernels.testing.tolerances`. The rescale is fused as W8A8's, in DESIGN.md section 4's
-order: `y = (acc * s_lhs[m]) * s_rhs[n]`, then `y = y + bias[n]`, then one cast (`enable_fp_fusion=False`).
+order: `y = (acc * s_rhs[n]) * s_lhs[m]`, then `y = y + bias[n]`, then one cast (`enable_fp_fusion=False`).
 
 - Hopper: its fp8 MMA keeps fewer bits than f32 in its own running sum (DeepSeek-V3 reports ~14), so the
   dot promotes into the f32 accumulator after every BLOCK_K products (`max_num_imprecise_acc=BLOCK_K`,
@@ -113,7 +113,7 @@ def fp8_matmul(
     bias: torch.Tensor | None = None, *, out_dtype: str | torch.dtype = "bfloat16",
     config: MatmulConfig | None = None,
 ) -> torch.Tensor:
-    """`out[b, m, n] = (sum_k lhs[b,m,k] * rhs[b,n,k] (f32) * lhs_scale[b,m]) * rhs_scale[b,n] + bias[n]`.
+    """`out[b, m, n] = (sum_k lhs[b,m,k] * rhs[b,n,k] (f32) * rhs_scale[b,n]) * lhs_scale[b,m] + bias[n]`.
 
     lhs: float8_e4m3fn codes (M, K) or (B, M, K) (`quantize_rows(x, qtype=FP8_E4M3)`); lhs_scale f32
     (M,) / (B, M). rhs: float8_e4m3fn (N, K) shared by every batch, or (B, N, K); rhs_scale f32 (N,) /

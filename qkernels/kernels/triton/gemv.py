@@ -9,7 +9,7 @@ weight is re-read per row block, so the heuristic only picks GEMV for M <= 4).
 
 Numerics are the tile kernels' (DESIGN.md section 4), only the summation order differs:
 - W8A8: int8 x int8 products summed in int32: exact, identical to the tile kernel and the reference;
-  the epilogue `(f32(acc) * s_lhs[m]) * s_rhs[n] + bias[n]` then one cast.
+  the epilogue `(f32(acc) * s_rhs[n]) * s_lhs[m] + bias[n]` then one cast.
 - FP8: float8_e4m3fn codes x codes, each product exact in f32, summed in f32 (the tile kernel's MMA
   sums in another order: within `testing.tolerances`), then W8A8's epilogue.
 - W8A16 / W4A16 / FP8A16: the weight is dequantized in f32 (`f32(q) * scale[n]`, or `(f32(q) - zero) *

@@ -4,7 +4,7 @@ With `split_k > 1` a matmul kernel (tile or GEMV) computes each K range in its o
 writes the raw accumulator to a workspace `[SPLIT, B, M, N]` (int32 for integer recipes, f32 for
 float ones); `splitk_reduce_kernel` then sums the partials in fixed split order (deterministic;
 int32 sums are exact, so W8A8 stays bit-identical to the unsplit kernel and the reference) and
-applies DESIGN.md section 4's epilogue once: W8A8 `(f32(acc) * s_lhs[m]) * s_rhs[n]`, then
+applies DESIGN.md section 4's epilogue once: W8A8 `(f32(acc) * s_rhs[n]) * s_lhs[m]`, then
 `+ bias[n]` (float recipes: `+ bias[n]` only), then one cast. Atomics would save the second launch
 but make the f32 sum order, hence the float output, depend on scheduling.
 """

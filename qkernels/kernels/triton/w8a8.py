@@ -1,7 +1,7 @@
 """W8A8: int8 activations (per token) x int8 weights (per output channel), int32 tensor-core MMA.
 
 The rescale is fused while the accumulator is in registers, in DESIGN.md section 4's order:
-`y = (f32(acc) * s_lhs[m]) * s_rhs[n]`, then `y = y + bias[n]`, then one cast to the output dtype
+`y = (f32(acc) * s_rhs[n]) * s_lhs[m]`, then `y = y + bias[n]`, then one cast to the output dtype
 (kernels compile with `enable_fp_fusion=False`, so no multiply-add is contracted into an FMA).
 
 For decode the config may instead run the GEMV kernel (`gemv.py`) or split K (`splitk.py`): each
@@ -92,7 +92,7 @@ def w8a8_matmul(
     bias: torch.Tensor | None = None, *, out_dtype: str | torch.dtype = "bfloat16",
     config: MatmulConfig | None = None, return_acc: bool = False,
 ) -> torch.Tensor:
-    """`out[b, m, n] = (f32(sum_k lhs[b,m,k] * rhs[b,n,k]) * lhs_scale[b,m]) * rhs_scale[b,n] + bias[n]`.
+    """`out[b, m, n] = (f32(sum_k lhs[b,m,k] * rhs[b,n,k]) * rhs_scale[b,n]) * lhs_scale[b,m] + bias[n]`.
 
     lhs: int8 codes (M, K) or (B, M, K); lhs_scale f32 (M,) / (B, M). rhs: int8 (N, K) shared by
     every batch, or (B, N, K); rhs_scale f32 (N,) / (B, N). Any strides (nothing is copied).
