@@ -74,14 +74,18 @@ def _nbytes(tree: Any) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(tree))
 
 
-def _qkernels(model: Any, recipe: Any, params: Any, x: Any) -> tuple[Any, Any]:
+def _qkernels(model: Any, recipe: Any, params: Any, x: Any, method: str = "rtn") -> tuple[Any, Any]:
     import jax
 
     import qkernels as qk
 
-    qmodel = qk.quantize_model(model, [qk.Rule(r".*", recipe)])
-    qparams = qk.quantize_params(params, jax.eval_shape(qmodel.init, jax.random.key(0), x)["params"])
+    qmodel = qk.quantize_model(model, [qk.Rule(r".*", recipe, weight_method=method)])
+    qparams = qk.quantize_params(params, jax.eval_shape(qmodel.init, jax.random.key(0), x)["params"], method=method)
     return jax.jit(qmodel.apply), {"params": qparams}
+
+
+def _qkernels_mse(model: Any, recipe: Any, params: Any, x: Any) -> tuple[Any, Any]:
+    return _qkernels(model, recipe, params, x, method="mse")
 
 
 def _qwix(model: Any, recipe: Any, params: Any, x: Any) -> tuple[Any, Any]:
@@ -116,7 +120,7 @@ def run(size: str = "cpu", recipes: tuple[str, ...] = ("w8a8", "w4a16-g128")) ->
     calls = [(f_float, ({"params": params}, x))]
     for name in recipes:
         recipe = parse_recipe(name)
-        for impl, build in (("qkernels", _qkernels), ("qwix", _qwix)):
+        for impl, build in (("qkernels", _qkernels), ("qkernels mse", _qkernels_mse), ("qwix", _qwix)):
             try:
                 f, variables = build(model, recipe, params, x)
                 out = f(variables, x)
