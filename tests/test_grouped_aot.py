@@ -31,15 +31,16 @@ def reports() -> list[dict]:
 
 
 def test_every_grouped_config_compiles_with_tensor_cores_and_no_spills(reports: list[dict]) -> None:
+    from qkernels.kernels.triton.aot import SPECIALIZATIONS
     from qkernels.kernels.triton.grouped import CONFIGS
 
     for target in ("sm_80", "sm_90", "gfx942"):
         arch = "sm_90" if target == "sm_90" else target
         for kernel, mma in (("grouped-w8a8", "int8"), ("grouped-w4a16", "16bit")):
             rows = [r for r in reports if r["target"] == target and r["kernel"] == kernel]
-            assert len(rows) == len(CONFIGS[arch]), (target, kernel)
-            for r in rows:
-                assert not r["problems"] and r["spill_bytes"] == 0, r
+            assert len(rows) == len(CONFIGS[arch]) * len(SPECIALIZATIONS), (target, kernel)
+            for r in rows:  # a spill of the unspecialized variant is a note (triton/aot.py), not a problem
+                assert not r["problems"] and (r["variant"] != "div16" or r["spill_bytes"] == 0), r
                 assert (r["mma_instruction"] or "").startswith(MMA[(target, mma)]), r
 
 

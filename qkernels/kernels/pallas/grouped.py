@@ -94,8 +94,8 @@ def _w8a8_kernel(group_ref, block_ref, start_ref, end_ref, a_ref, w_ref, sa_ref,
 
     @pl.when(k == pl.num_programs(2) - 1)
     def _epilogue():
-        # int32 accumulator -> f32, lhs scale then rhs scale: the contract's order
-        y = acc_ref[...] if raw else (acc_ref[...].astype(jnp.float32) * sa_ref[...]) * sw_ref[...]
+        # int32 accumulator -> f32, weight scale then activation scale: the contract's order (formats._IntegerDot)
+        y = acc_ref[...] if raw else (acc_ref[...].astype(jnp.float32) * sw_ref[...]) * sa_ref[...]
         _store(t, group_ref, block_ref, start_ref, end_ref, o_ref, y, experts=experts)
 
 

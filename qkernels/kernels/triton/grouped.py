@@ -307,4 +307,5 @@ def aot_reports(target: str) -> list[Any]:
                        constexprs=lambda c: blocks(c, ZERO_POINT=False, DOT_F32=False, GROUP_SIZE=128),
                        configs=lambda t: tuple(c.for_group(128) for c in CONFIGS[arch])),
     )
-    return [aot._check_one(spec, cfg, target) for spec in specs for cfg in spec.configs(target)]
+    return [aot._check_one(spec, cfg, target, sp) for spec in specs for cfg in spec.configs(target)
+            for sp in aot.SPECIALIZATIONS]
