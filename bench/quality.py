@@ -102,7 +102,8 @@ def _qkernels(model: Any, recipe: str, method: str, cal: list[dict[str, Any]]) -
 _TORCHAO = {"w8a16": "Int8WeightOnlyConfig", "w8a8": "Int8DynamicActivationInt8WeightConfig"}
 
 
-def _torchao(model: Any, recipe: str) -> Any:
+def _torchao(model: Any, recipe: str, method: str, cal: list[dict[str, Any]]) -> Any:
+    """torchao's config for `recipe` (round to nearest: `method` and `cal` are qkernels' options only)."""
     import torchao.quantization as tq
 
     if recipe not in _TORCHAO:
@@ -124,8 +125,7 @@ def run(recipes: list[str], methods: list[str], count: int) -> dict[str, Any]:
             row = {"recipe": recipe, "library": lib, "method": method}
             start = time.perf_counter()
             try:
-                q = (_qkernels if lib == "qkernels" else lambda m, r, _, __: _torchao(m, r))(
-                    copy.deepcopy(model), recipe, method, cal)
+                q = (_qkernels if lib == "qkernels" else _torchao)(copy.deepcopy(model), recipe, method, cal)
                 row["quantize_s"] = round(time.perf_counter() - start, 2)
                 cos = (embed(q, evaluated) * ref).sum(-1).numpy()
                 row.update(mean_cosine=round(float(cos.mean()), 5), min_cosine=round(float(cos.min()), 5))

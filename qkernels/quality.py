@@ -19,8 +19,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from qkernels.formats import Calibration, OperandFormat, QOperand
-from qkernels.numerics import NUMPY_OPS, ArrayOps, flush_subnormals
+import numpy as np
+
+from qkernels import calibration
+from qkernels.formats import Calibration, Granularity, OperandFormat, QOperand
+from qkernels.numerics import (
+    NUMPY_OPS, ArrayOps, flush_subnormals, pack_int4, quantize_asymmetric, quantize_symmetric,
+)
 
 __all__ = ["METHODS", "clip_search", "quantize_weight"]
 
@@ -87,8 +92,6 @@ def hessian_update(h: Any, x: Any, count: int) -> tuple[Any, int]:
 
     `h` None starts one. Returns (H, rows seen). The mean is kept incrementally, so H stays on the
     scale of one row whatever the number of batches (memory: K*K per layer, never the activations)."""
-    import numpy as np
-
     x2 = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
     n = x2.shape[0]
     if n == 0:
@@ -116,11 +119,6 @@ def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int =
     `damp` (fraction of the mean diagonal added to it) keeps H invertible; dead inputs (a zero
     diagonal: never active) get a zero weight column, as in the reference implementation.
     """
-    import numpy as np
-
-    from qkernels.formats import Granularity
-    from qkernels.numerics import pack_int4, quantize_asymmetric, quantize_symmetric
-
     if fmt.static or fmt.granularity is Granularity.TENSOR:
         raise ValueError(f"GPTQ quantizes weights per row or per group, not {fmt.describe()}")
     if not fmt.qtype.integer:
@@ -209,10 +207,6 @@ def awq(w: Any, x: Any, fmt: OperandFormat, *, grid: int = 20, clip: bool = True
     before it. alpha = 0 (s = 1) is in the grid, so the output error never exceeds plain rounding's.
     `clip=True` then runs the MSE clip search (`clip_search`) on the smoothed weight.
     """
-    import numpy as np
-
-    from qkernels import calibration
-
     w = np.asarray(w, np.float32)
     x = np.asarray(x, np.float32).reshape(-1, w.shape[-1])
     if x.shape[0] == 0:
