@@ -28,6 +28,7 @@ weight-only recipes accumulate in f32).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
@@ -424,5 +425,29 @@ def explain(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any = None, p
             *, recipe: Any = None, backend: str | None = None, verbose: bool = False) -> dispatch.Explanation:
     """`qkernels.dispatch.explain` for the problem this `dot_general` call would run (`verbose=True`:
     every registered JAX implementation, other recipes' too)."""
-    problem = plan(lhs, rhs, dimension_numbers, preferred_element_type, recipe=recipe).problem
-    return dispatch.explain(problem, backend, verbose=verbose)
+    p = plan(lhs, rhs, dimension_numbers, preferred_element_type, recipe=recipe)
+    ex = dispatch.explain(p.problem, backend, verbose=verbose)
+    weight = lhs if p.swap else rhs
+    layout = _layout(ex, weight) if isinstance(weight, QArray) else None
+    return ex if layout is None else dataclasses.replace(ex, layout=layout)
+
+
+def _layout(ex: dispatch.Explanation, weight: QArray) -> str | None:
+    """Which scale layout the chosen Pallas TPU (or interpreted) kernel reads: the prepacked one on
+    `weight` (`prepack`), or a relayout per call; None for implementations that read canonical scales."""
+    chosen = ex.chosen
+    if chosen is None or not (chosen.name.startswith("pallas.tpu.") or chosen.name == "pallas.interpret"):
+        return None
+    from qkernels.kernels.pallas import layout as pallas_layout
+    from qkernels.kernels.pallas import ops
+
+    prob = ex.problem
+    target = ops.Target.INTERPRET if chosen.name == "pallas.interpret" else ops.Target(prob.arch)
+    config = ex.config.config if ex.config is not None else None
+    layout = ops.scale_layout(prob.recipe, target, config, m=prob.m, n=prob.n, k=prob.k)
+    if layout is None:
+        return "scales canonical (the kernel reads them as stored)"
+    if pallas_layout.Prepacked.find(weight.packed, layout) is not None:
+        return f"scales prepacked {layout.name}"
+    return (f"scales relaid out per call to {layout.name} (qk.prepack(params, 'pallas') makes it once: "
+            f"{'no prepacked form' if not weight.packed else 'the prepacked forms are for other configs'})")

@@ -59,7 +59,7 @@ class Path(enum.Enum):
 
 def path_of(problem: dispatch.Problem) -> Path:
     """The path `run` takes for `problem` (pure, cheap: the rule of this module's docstring)."""
-    if problem.platform != "cpu":
+    if problem.platform != "cpu" or 0 in (problem.m, problem.n, problem.k):
         return Path.DEFINITION
     recipe = problem.recipe
     if recipe.accumulation.integer:

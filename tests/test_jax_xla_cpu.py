@@ -42,6 +42,7 @@ def test_rule_keeps_the_definition_off_cpu_and_for_narrow_activations():
     assert xla_cpu.path_of(_problem(qk.W8A8, 1, platform="cuda:sm_90")) is xla_cpu.Path.DEFINITION
     assert xla_cpu.path_of(_problem(qk.W8A16, 1, platform="tpu:v5e")) is xla_cpu.Path.DEFINITION
     assert xla_cpu.path_of(_problem(qk.W8A16, 1, act="bfloat16")) is xla_cpu.Path.DEFINITION
+    assert xla_cpu.path_of(_problem(qk.W4A16(64), 0)) is xla_cpu.Path.DEFINITION  # zero-size: nothing to split
 
 
 def test_explain_names_the_cpu_path():
