@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import qkernels as qk
@@ -134,3 +136,27 @@ def test_prepack_errors_say_what_to_pass():
         qk.prepack(w, target="v4")
     with pytest.raises(ValueError, match="canonical scales"):
         qk.prepack(w, target="gpu")
+
+
+def _placed(w: qk.QArray, spec: Any, mesh: Any) -> qk.QArray:
+    specs = w.storage_specs(spec)
+    return jax.tree_util.tree_map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), w, specs,
+                                  is_leaf=lambda x: isinstance(x, P))
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Auto, AxisType.Explicit], ids=["auto", "explicit"])
+def test_prepacked_weight_on_a_mesh(axis_type):
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 (set by conftest)")
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(axis_type,))
+    recipe = qk.W4A8(128)
+    w, x = _weight(recipe, n=1024)
+    pre = qk.prepack(w, target="interpret")
+    f = jax.jit(lambda x, w: qk.dot_general(x, w, DN, backend=INTERPRET))
+    want = np.asarray(f(x, w))
+    x_rep = jax.device_put(x, NamedSharding(mesh, P()))
+    # replicated weight on the mesh: the partitioned op hands the prepacked leaves to the kernel
+    np.testing.assert_array_equal(np.asarray(f(x_rep, _placed(_poisoned(pre), None, mesh))), want)
+    # column-parallel weight: each shard's layout differs from the prepacked one; it relays its own scales
+    out = f(x_rep, _placed(pre, P("d", None), mesh))
+    np.testing.assert_array_equal(np.asarray(out), want)  # a config never changes numerics
