@@ -90,7 +90,9 @@ def accumulators(call: dispatch.Bound, lhs: Any, rhs: QOperand) -> jnp.ndarray:
 
 def _note_xla(problem: dispatch.Problem) -> str | None:
     path = xla_cpu.path_of(problem)
-    return None if path is xla_cpu.Path.DEFINITION else f"CPU path: {path.value}"
+    notes = [] if path is xla_cpu.Path.DEFINITION else [f"CPU path: {path.value}"]
+    slow = xla_cpu.slower_than_float(problem)
+    return "; ".join(notes + ([slow] if slow else [])) or None
 
 
 def _supports_xla(problem: dispatch.Problem) -> str | None:

@@ -24,14 +24,36 @@ the jit and dotting costs 30-40 ms at every small M: the f32 weight is materiali
   scale is not finite), as a float dot does.
 - `Path.DEFINITION` everywhere else (`Recipe.matmul` with `JAX_OPS`).
 
-`path_of(problem)` is the one rule; `explain` prints it (the implementation's `note`).
-Measured with `python -m bench --framework jax --shapes 4096x4096 --m 1,16,256` on the 2-core
-AMD EPYC CPU of bench/results (shared, so single samples vary by 2x): see `RULE_MEASUREMENTS`.
+`path_of(problem)` is the one rule; `explain` prints it (the implementation's `note`), and where
+the path is known to be slower than `lax.dot_general` f32 (`slower_than_float`, from the shipped
+bench results) explain says so and the first such call warns once, naming the faster recipe.
+
+Measured (speedup over jit'ed `lax.dot_general` f32, same run; `python -m bench --framework jax --shapes
+4096x4096 --m 1,16,256`, 2-core AMD EPYC shared with other jobs, load average ~14, so medians carry up
+to 2-3x noise; bench/results/cpu-amd-epyc-2-threads-2026-12-01-jax.md):
+
+| recipe     | M=1   | M=16  | M=256 | path (M=1 / 16 / 256)         | before (definition, M=1 / 16 / 256) |
+|------------|-------|-------|-------|-------------------------------|-------------------------------------|
+| w8a8       | 1.53x | 9.00x | 1.62x | padded rows / def. / def.     | 0.09x / 2.02x / 1.55x               |
+| w8a16      | 3.03x | 1.48x | 0.53x | digits / digits / def.        | 0.11x / 0.09x / 0.29x               |
+| w4a16-g128 | 0.26x | 0.17x | 0.52x | digits / digits / def.        | 0.10x / 0.12x / 0.15x               |
+| w4a8-g128  | 0.12x | 0.30x | 0.09x | padded rows / def. / def.     | 0.11x / 0.17x / 0.08x               |
+| fp8        | 0.05x | 0.20x | 0.50x | definition                    | 0.07x / 0.13x / 0.14x               |
+| fp8a16     | 0.06x | 0.23x | 0.73x | definition                    | 0.11x / 0.12x / 0.18x               |
+
+("before": every path the definition, measured earlier the same day under lighter load by a
+side-by-side script: jit'ed `qk.dot_general` vs jit'ed `lax.dot_general` f32, the same weights as
+a Flax kernel, median of 20 calls.) Not reached with XLA ops: int4 weights need a per-call unpack pass
+(~2-6 ms for 4096x4096 here, already at or above lax f32's GEMV) and XLA:CPU runs the per-group
+int32 dots as batched dots whose operand transposes cost tens of ms; fp8 codes are not integers (an
+e4m3 value needs 18 bits as a fixed-point integer), so neither trick applies. A CPU kernel (jax.ffi)
+would be the way there.
 """
 
 from __future__ import annotations
 
 import enum
+import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -40,7 +62,8 @@ from jax_bindings.arrays import DTYPES, JAX_OPS
 from qkernels import dispatch, numerics
 from qkernels.formats import Granularity, QOperand, Recipe
 
-__all__ = ["Path", "path_of", "run", "split_digits", "DIGITS", "BASE", "DIGIT_MAX_M"]
+__all__ = ["Path", "path_of", "run", "split_digits", "slower_than_float", "DIGITS", "BASE", "DIGIT_MAX_M",
+           "RESULTS"]
 
 DIGITS = 3
 BASE = 254
@@ -68,6 +91,28 @@ def path_of(problem: dispatch.Problem) -> Path:
             and problem.m <= DIGIT_MAX_M and problem.k <= numerics.max_exact_k(numerics.INT8, recipe.rhs.qtype)):
         return Path.DIGITS
     return Path.DEFINITION
+
+
+RESULTS = "bench/results/cpu-amd-epyc-2-threads-2026-12-01-jax.md"
+"""The shipped bench results the slow-path rule is read from."""
+
+
+def slower_than_float(problem: dispatch.Problem) -> str | None:
+    """Why `xla` is known to be slower than `lax.dot_general` f32 for `problem` on CPU (`RESULTS`), naming
+    the faster recipe, or None. Pure and cheap, like `path_of`."""
+    if problem.platform != "cpu" or 0 in (problem.m, problem.n, problem.k):
+        return None
+    recipe = problem.recipe
+    faster = "W8A8 or W8A16" if problem.m <= DIGIT_MAX_M else "W8A8"
+    if not recipe.rhs.qtype.integer:
+        why = "fp8 codes run as an f32 dot on codes converted per call (0.05-0.73x at 4096x4096)"
+    elif recipe.rhs.granularity is Granularity.GROUP:
+        why = "int4 weights are unpacked per call and grouped int dots are slow on XLA:CPU (0.09-0.52x at 4096x4096)"
+    elif recipe.lhs is None and path_of(problem) is Path.DEFINITION:
+        why = f"above M={DIGIT_MAX_M} the weight is dequantized per call (0.53x at M=256, 4096x4096)"
+    else:
+        return None
+    return f"slower than lax.dot_general f32 on CPU: {why}, {RESULTS}; {faster} is faster here"
 
 
 def split_digits(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -144,6 +189,9 @@ def run(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> jnp.ndarray
     act = p.act_dtype if not p.lhs_quantized else "float32"
     batched = p.batch is not None
     path = path_of(p)
+    slow = slower_than_float(p)
+    if slow is not None:  # at trace time; the warnings registry shows each distinct message once
+        warnings.warn(f"qkernels: {p.recipe.name} on 'xla' is {slow}", UserWarning, stacklevel=2)
     if path is Path.DIGITS:
         return _digit_matmul(p.recipe, lhs, rhs, bias, k=p.k, batched=batched, out_dtype=p.out_dtype)
     if path is Path.PADDED_ROWS:

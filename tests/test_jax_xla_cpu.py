@@ -139,3 +139,28 @@ def test_padded_rows_accept_a_quantized_operand_shape():
     padded = xla_cpu._pad_rows(q)
     assert padded.qvalue.shape == (2, 2, 8) and padded.scale.shape == (2, 2)
     assert float(padded.scale[0, 1]) == 1.0 and not np.asarray(padded.qvalue[:, 1]).any()
+
+
+@pytest.mark.parametrize("recipe, m, slow", [
+    pytest.param(qk.W8A8, 1, False, id="w8a8-M1"),
+    pytest.param(qk.W8A16, 16, False, id="w8a16-M16"),
+    pytest.param(qk.W8A16, 256, True, id="w8a16-M256"),
+    pytest.param(qk.W4A16(128), 1, True, id="w4a16-M1"),
+    pytest.param(qk.W4A8(128), 256, True, id="w4a8-M256"),
+    pytest.param(qk.FP8, 1, True, id="fp8-M1"),
+    pytest.param(qk.FP8A16, 16, True, id="fp8a16-M16"),
+])
+def test_known_slow_paths_are_named(recipe, m, slow):
+    note = xla_cpu.slower_than_float(_problem(recipe, m))
+    assert (note is not None) == slow
+    if slow:
+        assert "slower than lax.dot_general f32" in note and "faster here" in note and xla_cpu.RESULTS in note
+    assert xla_cpu.slower_than_float(_problem(recipe, m, platform="tpu:v5e")) is None
+
+
+def test_a_known_slow_call_warns_and_explain_says_so():
+    x = jnp.ones((3, 256), jnp.float32)
+    w = quantize(jnp.ones((64, 256), jnp.float32), qk.FP8A16, contracting_axes=(1,))
+    assert "slower than lax.dot_general f32" in str(qk.explain(x, w, DN))
+    with pytest.warns(UserWarning, match="fp8a16 on 'xla' is slower than lax.dot_general f32 on CPU"):
+        jax.jit(lambda x, w: qk.dot_general(x, w, DN)).lower(x, w)
