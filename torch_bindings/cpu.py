@@ -22,13 +22,14 @@ a new format needs nothing here. What that gives for the shipped recipes:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from qkernels import dispatch
 from qkernels.dispatch import Bound, Problem
-from qkernels.formats import ACCUMULATIONS, QOperand
+from qkernels.formats import ACCUMULATIONS, Accumulation, QOperand
 from torch_bindings.arrays import DTYPES, TORCH_OPS
 
 __all__ = ["register", "SERVES"]
@@ -98,10 +99,50 @@ def _note(problem: Problem) -> str | None:
     return f"emulated: {', '.join(emulated)} codes upcast to float32 for the dot (torch has no CPU GEMM for them)"
 
 
+def _slower(problem: Problem) -> str | None:
+    """Where this path is known to be slower than `F.linear` on the same activations, and what is faster.
+
+    Measured on this repo's 2-core CPU, 4096x4096 weight, one thread, ratios to `F.linear` f32 in one run
+    (`python -m bench cpu`, bench/results/): W8A8 5.8x / 3.3x / 3.6x at M = 1 / 16 / 256 (no warning);
+    W4A8 g128 0.28x / 0.31x / 1.5x (one int8 GEMM per group of K); fp8 and fp8a16 0.03x-0.3x (codes
+    upcast to f32). Weight-only recipes here dequantize the whole weight on every call and then run the
+    GEMM the float layer runs: slower than it at every M by construction (W8A16 f32 0.07x-0.5x).
+    """
+    recipe = problem.recipe
+    if recipe.lhs is None:
+        packed_reason = _packed_refusal(problem)
+        if packed_reason is not None:
+            fix = (f"the packed kernel (torch-cpu-packed) cannot take this call ({packed_reason}); W8A8 runs "
+                   f"int8 x int8 natively")
+        elif problem.act_dtype == "bfloat16":
+            fix = "torch-cpu-packed serves this call and is faster (drop the backend request)"
+        else:
+            fix = (f"bfloat16 activations run torch's packed {recipe.name} kernel (torch-cpu-packed), which is "
+                   f"faster than F.linear")
+        return (f"slower than the unquantized F.linear: it dequantizes the whole weight on every call before the "
+                f"same GEMM; {fix}")
+    if _note(problem) is not None:
+        return (f"slower than the unquantized F.linear ({_note(problem)}); W8A8 runs int8 x int8 natively, "
+                f"3-6x faster than F.linear f32")
+    if recipe.accumulation is Accumulation.INT32_PER_GROUP and problem.m < 256:
+        return (f"slower than the unquantized F.linear at M={problem.m} < 256 (one int8 GEMM per group of K, "
+                f"0.3x F.linear f32 at M=1-16 for 4096x4096); W8A8 (3-6x) or W4A16 with bf16 activations "
+                f"(torch-cpu-packed) are faster")
+    return None
+
+
+def _packed_refusal(problem: Problem) -> str | None:
+    """The packed backend's verdict on the same call in bfloat16 (None: it would serve it)."""
+    from torch_bindings import packed
+
+    bf16 = dataclasses.replace(problem, act_dtype="bfloat16", out_dtype="bfloat16")
+    return packed.SERVES.reason(problem.recipe) or packed.supports(bf16)
+
+
 def register() -> None:
     dispatch.register(dispatch.Implementation(
         name="torch-cpu", framework="torch", priority=50, supports=_supports, run=_run, serves=SERVES,
-        accumulate=_accumulate, note=_note,
+        accumulate=_accumulate, note=_note, slower=_slower,
         description="torch on CPU: torch._int_mm for integer dots (exact), dequantize + GEMM for weight-only"))
     from torch_bindings import grouped  # the grouped (MoE) op: same rules
 

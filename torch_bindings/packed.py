@@ -42,7 +42,7 @@ from qkernels import dispatch
 from qkernels.dispatch import Bound, Problem
 from qkernels.formats import QOperand, Recipe
 
-__all__ = ["register", "Layout", "LAYOUTS", "layout_of", "packed"]
+__all__ = ["register", "supports", "SERVES", "Layout", "LAYOUTS", "layout_of", "packed"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -160,7 +160,10 @@ def packed(layout: Layout, rhs: QOperand, recipe: Recipe, k: int) -> tuple[torch
     return value
 
 
-def _supports(problem: Problem) -> str | None:
+SERVES = dispatch.Serves.tags(*(layout.tag for layout in LAYOUTS))
+
+
+def supports(problem: Problem) -> str | None:
     if problem.platform != "cpu":
         return f"runs on CPU tensors only (platform is {problem.platform})"
     if problem.batch is not None:
@@ -190,6 +193,6 @@ def _run(call: Bound, lhs: torch.Tensor, rhs: QOperand, bias: torch.Tensor | Non
 
 def register() -> None:
     dispatch.register(dispatch.Implementation(
-        name="torch-cpu-packed", framework="torch", priority=60, supports=_supports, run=_run,
-        serves=dispatch.Serves.tags(*(layout.tag for layout in LAYOUTS)), note=_note,
+        name="torch-cpu-packed", framework="torch", priority=60, supports=supports, run=_run,
+        serves=SERVES, note=_note,
         description="torch on CPU, bf16 activations: packed int8 / int4 weight GEMMs (layout made once per weight)"))
