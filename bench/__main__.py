@@ -4,6 +4,7 @@
                     [--framework jax|torch|both] [--smoke | --quick] [--json FILE] [--plot FILE.png]
                     [--markdown FILE] [--save] [--budget SECONDS]
     python -m bench model [--smoke] [--recipes w8a8,w4a16-g128] [--json FILE]   (bench/jax_model.py)
+    python -m bench overhead [--smoke] [--save]   host microseconds per call at 64x64 (bench/overhead.py)
 
 `--save` writes JSON, markdown and PNG to bench/results/<device>-<date>.* (the committed results).
 """
@@ -112,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import jax_model
 
         return jax_model.main(argv[1:])
+    if argv[:1] == ["overhead"]:  # python -m bench overhead: microseconds per call at tiny shapes
+        from bench import overhead
+
+        return overhead.main(argv[1:])
     args = _parse(argv)
     if args.moe:
         return __import__("bench.moe_cases", fromlist=["main"]).main(args)

@@ -74,6 +74,9 @@ def _prepare(input: torch.Tensor, weight: torch.Tensor | QTensor,
     return rows(input), w
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter is a plain tensor to dispatch (no torch_function)
+
+
 def _direct(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether a call may run the op's kernel itself instead of going through `torch.ops.qkernels.linear`.
 
@@ -83,7 +86,7 @@ def _direct(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
     modes (DTensor, FakeTensor, ...), the profiler and jit tracing (which should see it by name). So the
     kernel runs directly only where none of those is in play; the result is the same computation.
     """
-    return (type(x) is torch.Tensor and (bias is None or type(bias) is torch.Tensor)
+    return (type(x) in _PLAIN and (bias is None or type(bias) in _PLAIN)
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))
             and not torch._C._len_torch_dispatch_stack() and not torch._C._is_torch_function_mode_enabled()
