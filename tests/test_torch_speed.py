@@ -132,3 +132,25 @@ def test_known_slow_paths_warn_once_and_explain_says_so(recipe, dtype, slow) -> 
     else:
         assert len(warned) == 1 and slow in str(warned[0].message) and "faster" in str(warned[0].message)
         assert f"slow: " in text and slow in text
+
+
+def test_compiled_model_is_one_graph_across_layer_shapes_and_recipes() -> None:
+    """torch.compile sees one opaque op per layer: layers of different shapes and recipes make one graph
+    (no graph break, no recompile per layer shape), and its output equals eager."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 48),
+                                torch.nn.ReLU(), torch.nn.Linear(48, 32))
+    qk.quantize_(model, qk.W8A8, filter_fn=lambda m, name: name == "0")
+    qk.quantize_(model, qk.W4A16(32), filter_fn=lambda m, name: name == "2")
+    qk.quantize_(model, qk.W8A16, filter_fn=lambda m, name: name == "4")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = compiled(x)
+        compiled(torch.randn(5, 64))
+        assert torch.equal(y, model(x))
+    assert counters["stats"]["unique_graphs"] == 1

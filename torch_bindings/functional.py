@@ -103,8 +103,8 @@ def run(input: torch.Tensor, x: torch.Tensor, qvalue: torch.Tensor, scale: torch
         x = calibration.smooth_activations(x, smooth, TORCH_OPS)
         x = x if recipe.lhs is not None else x.to(input.dtype)
     op = ops.kernel if _direct(x, bias) else LINEAR
-    y = op(x, qvalue, scale, zero_point, bias, recipe.name, input_scale)
-    return y.reshape(*input.shape[:-1], out_features).to(input.dtype)
+    y = op(x, qvalue, scale, zero_point, bias, recipe.name, input_scale).reshape(*input.shape[:-1], out_features)
+    return y if y.dtype == input.dtype else y.to(input.dtype)
 
 
 def linear(input: torch.Tensor, weight: torch.Tensor | QTensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -186,8 +186,8 @@ def _run(call: Bound, lhs: torch.Tensor, rhs: QOperand, bias: torch.Tensor | Non
     lead = lhs.shape[:-1]
     y = layout.matmul(lhs.reshape(-1, p.k) if p.k else lhs.reshape(math.prod(lead), 0),
                       packed(layout, rhs, p.recipe, p.k), p.recipe)
-    if bias is not None:
-        y = (y.to(torch.float32) + bias.to(torch.float32)).to(torch.bfloat16)
+    if bias is not None:  # bf16 + bf16 is computed in f32 and rounded once, as the f32 sum then cast
+        y = y + bias if bias.dtype == torch.bfloat16 else (y.to(torch.float32) + bias).to(torch.bfloat16)
     return y.reshape(*lead, p.n)
 
 
