@@ -491,7 +491,8 @@ def test_every_output_dtype(backend: Backend) -> None:
 
 REFUSES_BATCHED = {"torch-cpu": "batched (3-D) weights are not supported",
                    "torch-cpu-packed": "batched (3-D) weights are not supported",
-                   "torch-cpu-w8a8": "batched (3-D) weights are not supported"}
+                   "torch-cpu-w8a8": "batched (3-D) weights are not supported",
+                   "torch-cpu-w4a8": "batched (3-D) weights are not supported"}
 """Backends that refuse batched weights, with (the start of) their reason; every other one serves them."""
 
 
@@ -634,7 +635,7 @@ def test_fma_bound_holds_for_a_fused_epilogue_and_catches_wrong_results() -> Non
 # ---------------------------------------------------------------- bad inputs
 
 
-HOST_CHECKED = {"reference", "reference.callback", "torch-cpu", "torch-cpu-w8a8"}
+HOST_CHECKED = {"reference", "reference.callback", "torch-cpu", "torch-cpu-w8a8", "torch-cpu-w4a8"}
 """Backends that quantize activations with host-checked numerics (NumPy, eager torch): NaN/Inf raise.
 Every other one (kernels, XLA) cannot look at values: the rows holding them come out NaN."""
 

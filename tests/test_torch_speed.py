@@ -113,7 +113,6 @@ def test_packed_layouts_refuse_what_the_kernels_cannot_take() -> None:
 @pytest.mark.parametrize("recipe,dtype,slow", [
     (qk.W8A16, torch.float32, "dequantizes the whole weight"),
     (qk.W4A16(32), torch.float16, "dequantizes the whole weight"),
-    (qk.W4A8(32), torch.float32, "one int8 GEMM per group"),
     (qk.FP8, torch.float32, "emulated"),
     (qk.W8A8, torch.float32, None),
     (qk.W4A16(32), torch.bfloat16, None),
@@ -154,3 +153,17 @@ def test_compiled_model_is_one_graph_across_layer_shapes_and_recipes() -> None:
         compiled(torch.randn(5, 64))
         assert torch.equal(y, model(x))
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("m", [1, 7, 40], ids=lambda m: f"M{m}")
+def test_w4a8_on_unpacked_codes_equals_the_generic_path(m: int) -> None:
+    w_q = qk.quantize(torch.randn(48, 500), qk.W4A8(32))
+    x, bias = torch.randn(m, 500), torch.randn(48)
+    assert qk.explain(x, w_q, bias).chosen.name == "torch-cpu-w4a8"
+    with torch.no_grad():
+        fast = qk.linear(x, w_q, bias)
+        with qk.use_backend("torch-cpu"):
+            generic = qk.linear(x, w_q, bias)
+    assert torch.equal(fast, generic)
+    with qk.use_backend("torch-cpu"):
+        assert "slow: " in str(qk.explain(x, w_q, bias))

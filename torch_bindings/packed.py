@@ -48,14 +48,15 @@ __all__ = ["register", "supports", "SERVES", "Layout", "LAYOUTS", "layout_of", "
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Layout:
     """A backend-specific form of a quantized weight: `make(operand, recipe, k)` builds it (once per
-    weight), `matmul(x, packed, recipe)` multiplies bf16 `x (M, K_stored logical)` by it."""
+    weight, `packed`), `matmul(x, packed, recipe)` multiplies bf16 `x (M, K)` by it (None for a layout
+    whose implementation multiplies itself, e.g. 'torch-cpu-w4a8''s unpacked codes)."""
 
     name: str
     kernel: str
     tag: str
     supports: Callable[[Problem], str | None]
     make: Callable[[QOperand, Recipe, int], tuple[torch.Tensor, ...]]
-    matmul: Callable[[torch.Tensor, tuple[torch.Tensor, ...], Recipe], torch.Tensor]
+    matmul: Callable[[torch.Tensor, tuple[torch.Tensor, ...], Recipe], torch.Tensor] | None = None
 
 
 def _int8_rows_supports(problem: Problem) -> str | None:
