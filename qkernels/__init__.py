@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from qkernels.dispatch import BackendUnavailable, Problem, use_backend
+from qkernels.dispatch import BackendUnavailable, Problem, SlowPathWarning, use_backend
 from qkernels.formats import (
     FP8, FP8A16, RECIPES, W4A8, W4A16, W8A8, W8A16, Accumulation, Calibration, OperandFormat, Recipe, parse_recipe,
     recipe_named, resolve_recipe,
@@ -25,7 +25,7 @@ __all__ = [
     "W8A8", "W8A16", "W4A16", "W4A8", "FP8", "FP8A16", "Recipe", "RECIPES", "parse_recipe", "recipe_named",
     "resolve_recipe",
     "OperandFormat", "Accumulation", "Calibration", "Granularity", "QType", "int_type",
-    "Problem", "BackendUnavailable", "use_backend", "explain", "quantize",
+    "Problem", "BackendUnavailable", "SlowPathWarning", "use_backend", "explain", "quantize",
     "dot_general", "make_dot_general", "make_einsum", "QArray", "linear", "quantize_", "QLinear", "QTensor",
     "QATLinear", "prepare_qat", "convert", "LoRALinear", "add_lora", "lora_state_dict", "load_lora",
     "calibrate", "smoothquant_",

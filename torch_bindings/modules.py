@@ -13,7 +13,7 @@ from torch import nn
 from qkernels import dispatch
 from qkernels.formats import Recipe, W8A8, resolve_recipe
 from torch_bindings.arrays import DTYPES, dtype_name
-from torch_bindings.functional import linear
+from torch_bindings import functional
 from torch_bindings.ops import device_of, platform_of
 from torch_bindings.qtensor import QTensor, quantize
 
@@ -127,7 +127,14 @@ class QLinear(nn.Module):
         return self
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return linear(input, self.weight, self.bias)
+        """`qkernels.linear(input, self.weight, self.bias)`, without building the QTensor view per call: the
+        buffers are the weight's tensors (checked when they were made or loaded; the op checks them once
+        per distinct call shape)."""
+        functional.check_transforms(input)
+        qvalue, bias = self.qvalue, self.bias
+        functional.check_call(input, self.in_features, self.out_features, qvalue.device, bias)
+        return functional.run(input, functional.rows(input), qvalue, self.scale, self.zero_point, bias,
+                              self.recipe, self.input_scale, self.smooth, self.out_features)
 
     def backend(self, dtype: torch.dtype = torch.float32) -> str:
         """Name of the implementation a single-token call in `dtype` would run on this layer's device."""
