@@ -126,7 +126,13 @@ class QLinear(nn.Module):
                 self._buffers[name] = t.to(moved.device)
         return self
 
+    parallel: Any = None
+    """The layer's tensor-parallel split (`torch_bindings.distributed.TensorParallel`), set by
+    `qk.ColwiseParallel` / `qk.RowwiseParallel`; None for a layer on one device (FSDP2 included)."""
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.parallel is not None:  # buffers are DTensors: the split's own forward on the local shards
+            return self.parallel.forward(self, input)
         return linear(input, self.weight, self.bias)
 
     def backend(self, dtype: torch.dtype = torch.float32) -> str:
