@@ -70,6 +70,7 @@ def _scenario_colwise(rank: int, world: int, mesh, tmp: Path) -> None:
         x = _inputs()
         qk.parallelize(layer, mesh, {"": "colwise_rep"})  # output gathered: the whole (.., H) on every rank
         assert layer.qvalue.to_local().shape[0] == H // world and layer.bias.to_local().shape == (H // world,)
+        assert f"recipe={recipe.name}" in repr(layer) and layer.weight.shape == (H, K)  # the logical layer
         y, want = layer(x), ref(x)
         # every output column is that column's unsharded dot: integer recipes exactly, float ones within bound
         if recipe.accumulation.integer:
@@ -89,6 +90,11 @@ def _scenario_rowwise(rank: int, world: int, mesh, tmp: Path) -> None:
             local = x.chunk(world, dim=-1)[rank]
             assert layer.qvalue.to_local().shape[1] == layer.qvalue.shape[1] // world
             _check(layer(local), x, ref, ref(x), f"rowwise {recipe.name} {dtype}")
+            if recipe.tag in EXACT:  # the shard's accumulators from the backend dispatch picks: here the NumPy one
+                with qk.use_backend("reference"):
+                    assert torch.equal(layer(local), ref(x)), f"reference backend, {recipe.name} {dtype}"
+                whole_input = qk.parallelize(copy.deepcopy(ref), mesh, {"": "rowwise_rep"})  # takes its slice itself
+                assert torch.equal(whole_input(x), ref(x)), f"rowwise_rep {recipe.name} {dtype}"
 
 
 def _scenario_static_and_smooth(rank: int, world: int, mesh, tmp: Path) -> None:
@@ -257,6 +263,38 @@ def _scenario_fsdp_lora(rank: int, world: int, mesh, tmp: Path) -> None:
     dcp.load(state, checkpoint_id=path)
     restored.load_state_dict(state)
     assert torch.equal(restored(x), model(x))
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(K, H), nn.Linear(K, H), nn.Linear(H, K)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _scenario_tp_plan(rank: int, world: int, mesh, tmp: Path) -> None:
+    """HF's tp_plan form (`config.base_model_tp_plan`: `*` patterns, "colwise" / "rowwise") on a Llama-shaped
+    stack of SwiGLU MLPs quantized W8A8: every matched layer split, the unsharded output bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.layers = nn.ModuleList(nn.ModuleDict({"mlp": _SwiGLU()}) for _ in range(2))
+    qk.quantize_(model, qk.W8A8)
+    ref = copy.deepcopy(model)
+    plan = {"layers.*.mlp.gate_proj": "colwise", "layers.*.mlp.up_proj": "colwise", "layers.*.mlp.down_proj": "rowwise"}
+    qk.parallelize(model, mesh, plan)
+    styles = {fqn: m.parallel.style for fqn, m in model.named_modules() if isinstance(m, qk.QLinear)}
+    assert styles == {f"layers.{i}.mlp.{name}": "rowwise" if name == "down_proj" else "colwise"
+                      for i in range(2) for name in ("gate_proj", "up_proj", "down_proj")}, styles
+
+    def run(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        for layer in m.layers:
+            x = x + layer["mlp"](x)
+        return x
+
+    x = _inputs()
+    assert torch.equal(run(model, x), run(ref, x))
 
 
 def _all_gather(t: torch.Tensor, world: int) -> list[torch.Tensor]:

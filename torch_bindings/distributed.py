@@ -32,9 +32,11 @@ What each split computes, on the local shards (the QLinear's buffers are DTensor
   group, f32 across groups), fp8 and weight-only recipes (f32 partials): the f32 sum is reassociated across
   ranks, within `qkernels.testing.tolerances` of the unsharded layer (its f32-accumulation-order term), not
   bit-identical. A static recipe's calibrated scale is already global: no MAX reduce. Output `Replicate()`.
-  The rowwise shard runs the recipe's definition in torch ops (`torch_bindings.arrays.TORCH_OPS`, what the
-  'torch-cpu' backend runs) on the tensors' device rather than a dispatched kernel: implementations return
-  finished outputs (`run`) or integer accumulators only, not every accumulation's summable partial.
+  W8A8's int32 accumulators come from the implementation dispatch selects for the shard
+  (`Implementation.accumulate`: Triton on CUDA); the other accumulations' partials (f32) run the recipe's
+  definition in torch ops (`Accumulation.partial` with `torch_bindings.arrays.TORCH_OPS`, what the 'torch-cpu'
+  backend runs) on the tensors' device: implementations return finished outputs (`run`) or integer
+  accumulators, not every accumulation's summable partial (as `jax_bindings.sharding` for the same reason).
   Gradients: straight-through the dequantized local weight, as the unsharded op's (`torch_bindings.ops`).
 
 Layouts that do not split evenly are refused at `parallelize_module` time with the values (never silently
@@ -63,12 +65,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Placement, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor import parallel as tp
 
-from qkernels import numerics
-from qkernels.formats import Calibration, Recipe
+from qkernels import dispatch, numerics
+from qkernels.formats import Calibration, QOperand, Recipe
 from qkernels.numerics import Granularity
 from torch_bindings.arrays import TORCH_OPS, dtype_name
 from torch_bindings.functional import linear
 from torch_bindings.modules import QLinear
+from torch_bindings.ops import _from_numpy, _to_numpy, device_of, platform_of
 from torch_bindings.qtensor import QTensor, dequantize_operand
 
 __all__ = ["ColwiseParallel", "RowwiseParallel", "parallelize", "TP_STYLES", "TensorParallel", "split_refusal"]
@@ -177,6 +180,19 @@ def _global_lhs(recipe: Recipe, x: torch.Tensor, input_scale: torch.Tensor | Non
     return q
 
 
+def _accumulators(recipe: Recipe, lhs: QOperand, rhs: QOperand, n: int, k: int) -> torch.Tensor:
+    """The int32 accumulators (M, N) of one K shard from the implementation dispatch selects for it
+    (`Implementation.accumulate`: Triton on CUDA, `torch._int_mm` on CPU, NumPy under `use_backend("reference")`)."""
+    device = lhs.qvalue.device
+    problem = dispatch.Problem(recipe=recipe, m=lhs.qvalue.shape[0], n=n, k=k, act_dtype="float32",
+                               out_dtype="float32", has_bias=False, framework="torch", platform=platform_of(device),
+                               device=device_of(device), lhs_quantized=True)
+    call = dispatch.bind(problem, dispatch.requested_backend())
+    if call.implementation.framework == dispatch.ANY_FRAMEWORK:
+        return _from_numpy(call.accumulate(QOperand(*map(_to_numpy, lhs)), QOperand(*map(_to_numpy, rhs))), device)
+    return call.accumulate(lhs, rhs)
+
+
 class _RowParallelLinear(torch.autograd.Function):
     """`y = finish(all_reduce(partial(x_shard, w_shard)))` on (M, K_local) activations, and its straight-through
     backward: `dx_shard = dy @ dequantize(w_shard)`, `dbias = sum(dy)` (dy is replicated, so both are local)."""
@@ -185,7 +201,11 @@ class _RowParallelLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor | None, w: QTensor, mesh: DeviceMesh) -> torch.Tensor:
         recipe, rhs, acc = w.recipe, w.operand(), w.recipe.accumulation
         lhs = _global_lhs(recipe, x, w.input_scale, mesh)
-        part = acc.partial(recipe, TORCH_OPS, lhs, rhs, k=w.in_features, batched=False, act_dtype=dtype_name(x.dtype))
+        if acc.integer and not acc.grouped:  # the partial is the exact int32 accumulators: the dispatched kernel's
+            part = _accumulators(recipe, lhs, rhs, w.out_features, w.in_features)
+        else:
+            part = acc.partial(recipe, TORCH_OPS, lhs, rhs, k=w.in_features, batched=False,
+                               act_dtype=dtype_name(x.dtype))
         part = _all_reduce(part, "sum", mesh)  # int32 (W8A8): exact, |sum| < 2**31 (split_refusal checks max_k)
         ctx.w, ctx.x_dtype, ctx.bias_dtype = w, x.dtype, None if bias is None else bias.dtype
         return acc.finish(recipe, TORCH_OPS, part, lhs, rhs, bias, dtype_name(x.dtype))
