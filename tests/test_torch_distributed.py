@@ -196,6 +196,9 @@ def _scenario_refusals(rank: int, world: int, mesh, tmp: Path) -> None:
         assert layer.parallel is None and type(layer.qvalue) is torch.Tensor  # untouched
     with pytest.raises(NotImplementedError, match="only support nn.Linear"):  # why qk has its own styles
         tp.parallelize_module(qk.QLinear.from_float(nn.Linear(64, 64)), mesh, tp.ColwiseParallel())
+    layer = qk.parallelize(_mlp(qk.W8A8)[2], mesh, {"": "rowwise"})
+    with pytest.raises(ValueError, match=f"takes this rank's {H // world} of in_features={H}, got an input shard"):
+        layer(_inputs()[..., :H])  # the whole input where the layer expects its slice
     with pytest.raises(ValueError, match="unknown style 'sequence_parallel'"):
         qk.parallelize(_mlp(qk.W8A8), mesh, {"0": "sequence_parallel"})
 

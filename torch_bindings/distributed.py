@@ -72,7 +72,7 @@ from torch_bindings.arrays import TORCH_OPS, dtype_name
 from torch_bindings.functional import linear
 from torch_bindings.modules import QLinear
 from torch_bindings.ops import _from_numpy, _to_numpy, device_of, platform_of
-from torch_bindings.qtensor import QTensor, dequantize_operand
+from torch_bindings.qtensor import QTensor, check_float, dequantize_operand
 
 __all__ = ["ColwiseParallel", "RowwiseParallel", "parallelize", "TP_STYLES", "TensorParallel", "split_refusal"]
 
@@ -81,6 +81,8 @@ _WEIGHT = ("qvalue", "scale", "zero_point")
 
 def split_refusal(layer: QLinear, style: str, ranks: int) -> str | None:
     """Why `layer` cannot be split `style` ('colwise' / 'rowwise') over `ranks` ranks, or None. Pure."""
+    if style not in ("colwise", "rowwise"):
+        raise ValueError(f"style={style!r}: a QLinear is split 'colwise' (along N) or 'rowwise' (along K)")
     n, k, fmt, recipe = layer.out_features, layer.in_features, layer.recipe.rhs, layer.recipe
     if style == "colwise":
         if n % ranks:
@@ -150,6 +152,12 @@ class TensorParallel:
             return DTensor.from_local(y, self.mesh, [Shard(-1)], run_check=False)
         x = input.to_local()
         w = self.local_weight(layer, smooth=False)
+        check_float(x, "input")
+        if x.dim() < 1 or x.shape[-1] != w.in_features:
+            raise ValueError(f"a rowwise QLinear over {self.mesh.size()} ranks takes this rank's {w.in_features} of "
+                             f"in_features={layer.in_features}, got an input shard of shape {tuple(x.shape)}; pass "
+                             f"the local slice (input_layouts=Shard(-1)) or the whole input with input_layouts="
+                             f"Replicate() ('rowwise_rep')")
         x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
         if layer.smooth is not None:  # as qkernels.linear: x / s in f32, kept in f32 where it is quantized
             from qkernels import calibration
