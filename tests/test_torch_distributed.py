@@ -98,21 +98,31 @@ def _scenario_rowwise(rank: int, world: int, mesh, tmp: Path) -> None:
 
 
 def _scenario_static_and_smooth(rank: int, world: int, mesh, tmp: Path) -> None:
-    """A calibrated static W8A8 layer (no MAX reduce: its scale is global) and a SmoothQuant'ed one (factors
-    split along K with the weight), rowwise: bit-identical."""
+    """Calibrated static W8A8 (no MAX reduce: its scale is global already) and SmoothQuant'ed layers (factors
+    split along K with the weight rowwise, whole colwise), dynamic and static: bit-identical."""
     from torch.distributed.tensor.debug import CommDebugMode
 
-    for recipe, prepare in ((qk.W8A8(static=True), qk.calibrate), (qk.W8A8, qk.smoothquant_)):
-        model = _mlp(recipe)
-        batches = [_inputs(seed=s) for s in range(3)]
-        prepare(model, batches)
+    def float_mlp() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(K, H), nn.GELU(), nn.Linear(H, K))
+
+    batches = [_inputs(seed=s) for s in range(3)]
+    static = _mlp(qk.W8A8(static=True))
+    qk.calibrate(static, batches)
+    smoothed = {recipe.name: float_mlp() for recipe in (qk.W8A8, qk.W8A8(static=True))}
+    for recipe, model in zip((qk.W8A8, qk.W8A8(static=True)), smoothed.values()):
+        qk.smoothquant_(model, batches, recipe)
+        assert model[2].smooth is not None and model[2].recipe == recipe
+    for what, model in {"static": static, **{f"smoothed {n}": m for n, m in smoothed.items()}}.items():
         ref = copy.deepcopy(model)
         qk.parallelize(model, mesh, {"0": "colwise", "2": "rowwise"})
         x = _inputs(seed=7)
         with CommDebugMode() as comms:
             y = model(x)
-        assert torch.equal(y, ref(x)), recipe.name
-        assert comms.get_total_counts() == (1 if recipe.static else 2), comms.get_comm_counts()
+        assert torch.equal(y, ref(x)), what
+        assert comms.get_total_counts() == (1 if model[2].recipe.static else 2), (what, comms.get_comm_counts())
+        if model[2].smooth is not None:
+            assert model[2].smooth.to_local().shape == (H // world,)
 
 
 def _scenario_mlp_collectives(rank: int, world: int, mesh, tmp: Path) -> None:
