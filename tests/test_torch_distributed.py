@@ -90,9 +90,11 @@ def _scenario_rowwise(rank: int, world: int, mesh, tmp: Path) -> None:
             local = x.chunk(world, dim=-1)[rank]
             assert layer.qvalue.to_local().shape[1] == layer.qvalue.shape[1] // world
             _check(layer(local), x, ref, ref(x), f"rowwise {recipe.name} {dtype}")
-            if recipe.tag in EXACT:  # the shard's accumulators from the backend dispatch picks: here the NumPy one
-                with qk.use_backend("reference"):
-                    assert torch.equal(layer(local), ref(x)), f"reference backend, {recipe.name} {dtype}"
+            if recipe.tag in EXACT:  # the shard's accumulators come from the backend dispatch picks: the NumPy
+                # reference, and the Triton kernel's `accumulate` (what runs on CUDA) under its interpreter
+                for backend in ("reference", f"triton.interpret.{recipe.tag}")[:2 if dtype == torch.float32 else 1]:
+                    with qk.use_backend(backend):
+                        assert torch.equal(layer(local), ref(x)), f"{backend}, {recipe.name} {dtype}"
                 whole_input = qk.parallelize(copy.deepcopy(ref), mesh, {"": "rowwise_rep"})  # takes its slice itself
                 assert torch.equal(whole_input(x), ref(x)), f"rowwise_rep {recipe.name} {dtype}"
 

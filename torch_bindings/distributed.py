@@ -33,7 +33,7 @@ What each split computes, on the local shards (the QLinear's buffers are DTensor
   ranks, within `qkernels.testing.tolerances` of the unsharded layer (its f32-accumulation-order term), not
   bit-identical. A static recipe's calibrated scale is already global: no MAX reduce. Output `Replicate()`.
   W8A8's int32 accumulators come from the implementation dispatch selects for the shard
-  (`Implementation.accumulate`: Triton on CUDA); the other accumulations' partials (f32) run the recipe's
+  (`Implementation.accumulate`: Triton on CUDA, tested here through its interpreter); the other accumulations' partials (f32) run the recipe's
   definition in torch ops (`Accumulation.partial` with `torch_bindings.arrays.TORCH_OPS`, what the 'torch-cpu'
   backend runs) on the tensors' device: implementations return finished outputs (`run`) or integer
   accumulators, not every accumulation's summable partial (as `jax_bindings.sharding` for the same reason).
