@@ -31,6 +31,7 @@ __all__ = [
     "calibrate", "smoothquant_",
     "Rule", "quantize_model", "quantize_params", "quantization_summary",
     "ragged_dot", "grouped_linear", "quantize_experts",
+    "ColwiseParallel", "RowwiseParallel", "parallelize",
 ]
 
 _LAZY = {
@@ -57,6 +58,9 @@ _LAZY = {
     "smoothquant_": "torch_bindings",
     "ragged_dot": "jax_bindings",
     "grouped_linear": "torch_bindings",
+    "ColwiseParallel": "torch_bindings.distributed",
+    "RowwiseParallel": "torch_bindings.distributed",
+    "parallelize": "torch_bindings.distributed",
 }
 
 

@@ -22,12 +22,21 @@ from torch_bindings.qtensor import quantize as _quantize
 
 __all__ = ["linear", "explain", "quantize", "quantize_", "QLinear", "QTensor", "LINEAR", "Summary", "LayerSummary",
            "QATLinear", "prepare_qat", "convert", "LoRALinear", "add_lora", "lora_state_dict", "load_lora",
-           "calibrate", "smoothquant_", "grouped_linear", "quantize_experts"]
+           "calibrate", "smoothquant_", "grouped_linear", "quantize_experts",
+           "ColwiseParallel", "RowwiseParallel", "parallelize"]
+
+_DISTRIBUTED = ("ColwiseParallel", "RowwiseParallel", "parallelize")  # torch.distributed: imported on first use
 
 LINEAR = ops.LINEAR
 
 if "transformers" in sys.modules:  # register the "qkernels" quant_method (importing transformers takes seconds)
     importlib.import_module("torch_bindings.hf")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DISTRIBUTED:
+        return getattr(importlib.import_module("torch_bindings.distributed"), name)
+    raise AttributeError(f"module 'torch_bindings' has no attribute {name!r}")
 
 
 def quantize(x: Any, recipe: Any = None, **kwargs: Any) -> QTensor:

@@ -126,10 +126,16 @@ class QLinear(nn.Module):
                 self._buffers[name] = t.to(moved.device)
         return self
 
+    parallel: Any = None
+    """The layer's tensor-parallel split (`torch_bindings.distributed.TensorParallel`), set by
+    `qk.ColwiseParallel` / `qk.RowwiseParallel`; None for a layer on one device (FSDP2 included)."""
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """`qkernels.linear(input, self.weight, self.bias)`, without building the QTensor view per call: the
         buffers are the weight's tensors (checked when they were made or loaded; the op checks them once
         per distinct call shape)."""
+        if self.parallel is not None:  # buffers are DTensors: the split's own forward on the local shards
+            return self.parallel.forward(self, input)
         functional.check_transforms(input)
         qvalue, bias = self.qvalue, self.bias
         functional.check_call(input, self.in_features, self.out_features, qvalue.device, bias)
