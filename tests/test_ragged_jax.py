@@ -18,7 +18,8 @@ from qkernels import dispatch, grouped, reference, testing
 from qkernels.formats import QOperand
 
 RECIPES = [pytest.param(qk.W8A8, id="w8a8"), pytest.param(qk.W4A8(32), id="w4a8-g32"),
-           pytest.param(qk.W4A16(32), id="w4a16-g32"), pytest.param(qk.W4A16(32, zero_point=True), id="w4a16-g32-zp")]
+           pytest.param(qk.W4A16(32), id="w4a16-g32"), pytest.param(qk.W4A16(32, zero_point=True), id="w4a16-g32-zp"),
+           pytest.param(qk.W8A16, id="w8a16")]
 DIMS = (((1,), (0,)), ((), ()))
 
 
