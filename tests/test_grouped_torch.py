@@ -197,7 +197,8 @@ def test_qk_explain_routes_grouped_calls() -> None:
         assert got.problem.op is dispatch.Op.RAGGED_QMATMUL and got.problem.groups == 2
         assert str(got) == str(tg.explain(xt, weight, _offsets((1, 2)), verbose=True))
     assert qk.explain(xt, qk.quantize(wt[0], qk.W8A8)).problem.op is dispatch.Op.QMATMUL
-    assert "no implementation named 'nope' for torch ragged_qmatmul" in qk.explain(xt, wt, _offsets((1, 2)), "nope").error
+    unknown = qk.explain(xt, wt, _offsets((1, 2)), "nope")  # the backend argument reaches grouped explain
+    assert "no implementation named 'nope' for torch ragged_qmatmul" in unknown.error
 
 
 @pytest.mark.parametrize("offsets,match", [

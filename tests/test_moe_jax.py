@@ -72,7 +72,8 @@ def test_linen_ragged_dot_experts_become_qarrays(recipe) -> None:
         assert isinstance(q, qk.QArray) and q.batch_axes == (0,) and q.contracting_axes == (1,)
         assert q.shape == params[name].shape and q.recipe == recipe
     y = jax.jit(qmodel.apply)({"params": qparams}, x, gs)
-    expected = _by_hand(x, gs, qk.quantize_experts(params["wi"], recipe), qk.quantize_experts(params["wo"], recipe), recipe)
+    expected = _by_hand(x, gs, qk.quantize_experts(params["wi"], recipe), qk.quantize_experts(params["wo"], recipe),
+                        recipe)
     np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))
     assert not np.asarray(y[sum(SIZES):]).any()
     ref = float_model.apply({"params": params}, x, gs)

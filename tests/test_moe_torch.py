@@ -241,3 +241,30 @@ def test_hf_save_pretrained_and_from_pretrained(tmp_path) -> None:
     assert experts.down_proj.qvalue.shape == (E, H, I // 2)
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, logits)
+
+
+def test_gpt_oss_model_end_to_end_and_hf_round_trip(tmp_path) -> None:
+    """Transposed (E, in, out) experts with biases and GPT-OSS's own gate, through quantize_ and from_pretrained."""
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(transformers.GptOssConfig(
+        hidden_size=H, intermediate_size=I, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=128, max_position_embeddings=64, num_local_experts=E,
+        num_experts_per_tok=TOP_K)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".experts." in name:
+                p.normal_(0, 0.05)
+        ref = model(IDS).logits
+    summary = qk.quantize_(model, qk.W8A8)
+    rows = {r.name: r for r in summary}
+    assert rows["model.layers.0.mlp.experts.gate_up_proj"].shape == (E, 2 * I, H)  # F.linear's layout
+    assert rows["model.layers.0.mlp.experts.down_proj"].shape == (E, H, I)
+    with torch.no_grad():
+        out = model(IDS).logits
+    assert testing.snr_db(out.numpy(), ref.numpy()) > 25
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    experts = loaded.model.layers[0].mlp.experts
+    assert isinstance(experts, QMoEExperts) and experts.gate_up_proj.bias.shape == (E, 2 * I)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, out)

@@ -101,8 +101,8 @@ class QGroupedLinear(nn.Module):
                              f"it was not saved from a qkernels.QGroupedLinear") from None
         if meta != self._identity():
             raise ValueError(f"checkpoint holds experts with recipe {meta.get('recipe')!r} and (E, out, in) shape "
-                             f"{meta.get('shape')}, but this stack is {self.recipe.name!r} {list(self.shape)}; quantize "
-                             f"the model with the checkpoint's recipe and shapes before loading it")
+                             f"{meta.get('shape')}, but this stack is {self.recipe.name!r} {list(self.shape)}; "
+                             f"quantize the model with the checkpoint's recipe and shapes before loading it")
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
         if prefix + "_extra_state" in state_dict:  # the identity first: torch sets extra state last
@@ -117,7 +117,8 @@ class QGroupedLinear(nn.Module):
             self.scale = scale.to(self.scale.device)
         return self
 
-    def forward(self, input: torch.Tensor, offsets: torch.Tensor, expert_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, offsets: torch.Tensor,
+                expert_ids: torch.Tensor | None = None) -> torch.Tensor:
         """`input` (M, in_features) sorted by expert, `offsets` int32 (E,) cumulative end rows; `expert_ids`
         (M,), each row's expert, is needed only to add the bias."""
         out = grouped_linear(input, self.weight, offsets)
@@ -202,7 +203,8 @@ class QMoEExperts(nn.Module):
     def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self.float_class._apply_gate(self, gate_up)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
         e, (tokens, hidden), top_k = self.num_experts, hidden_states.shape, top_k_index.shape[-1]
         ids, order = torch.sort(top_k_index.reshape(-1), stable=True)  # EP sentinels (>= E) sort to the tail
         rows = hidden_states[order // top_k]
@@ -221,8 +223,9 @@ class QMoEExperts(nn.Module):
         return out.view(tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(hidden_states.dtype)
 
 
-def swap_experts(model: nn.Module, recipe_of: Callable[[str], Recipe], filter_fn: Callable[[nn.Module, str], bool] | None,
-                 *, method: str = "rtn", skip: str | None = None) -> Summary:
+def swap_experts(model: nn.Module, recipe_of: Callable[[str], Recipe],
+                 filter_fn: Callable[[nn.Module, str], bool] | None, *, method: str = "rtn",
+                 skip: str | None = None) -> Summary:
     """Replace every module of `model` holding 3-D expert weights (`expert_weights`) by a `QMoEExperts`, in place.
 
     `recipe_of(fqn of the weight)` gives each projection's recipe; `filter_fn(module, fqn)` (None: all)
@@ -244,8 +247,8 @@ def swap_experts(model: nn.Module, recipe_of: Callable[[str], Recipe], filter_fn
             else:
                 shapes = [tuple(w.shape) for w, _ in weights.values()]
                 new = QMoEExperts.from_float(module, method=method, recipes=dict(zip(names, map(recipe_of, full))))
-        rows = [LayerSummary(name=f, shape=s, recipe=None if new is None else getattr(new, n).recipe.name, reason=reason)
-                for f, n, s in zip(full, names, shapes)]
+        rows = [LayerSummary(name=f, shape=s, recipe=None if new is None else getattr(new, n).recipe.name,
+                             reason=reason) for f, n, s in zip(full, names, shapes)]
         return new, rows
 
     if projections(model):

@@ -132,5 +132,6 @@ def _without_converters(model: PreTrainedModel) -> list[Any]:
 
     transforms = getattr(model, "_weight_conversions", None)
     if transforms is None:  # as `revert_weight_conversion` builds them for a model not from from_pretrained
-        transforms = [t for t in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(t, PrefixChange)]
+        transforms = [t for t in get_model_conversion_mapping(model, add_legacy=False)
+                      if not isinstance(t, PrefixChange)]
     return [t for t in transforms if not isinstance(t, WeightConverter)]

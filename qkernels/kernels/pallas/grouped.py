@@ -311,7 +311,8 @@ def aot_reports(target: str) -> list[Any]:
             gs = sd((e,), jnp.int32)
             if family == "w8a8":
                 fn = lambda a, s, w, ws, g: gmm_w8a8(a, s, w, ws, g, out_dtype=jnp.bfloat16)  # noqa: E731
-                args = (sd((m, k), jnp.int8), sd((m,), jnp.float32), sd((e, n, k), jnp.int8), sd((e, n), jnp.float32), gs)
+                args = (sd((m, k), jnp.int8), sd((m,), jnp.float32), sd((e, n, k), jnp.int8),
+                        sd((e, n), jnp.float32), gs)
             else:
                 kp = -(-k // 128) * 128
                 fn = lambda a, w, s, g: gmm_w4a16(a, w, s, None, g, group=128, out_dtype=jnp.bfloat16)  # noqa: E731
