@@ -107,7 +107,9 @@ def explain(*args: Any, **kwargs: Any) -> Any:
     """Every implementation that could run a call, with its verdict and reason, and the one chosen.
 
     `explain(problem)` for a `Problem`; otherwise the arguments of the call to explain, e.g.
-    `explain(x, w_q, bias)` (PyTorch, like `linear`) or `explain(lhs, rhs, dimension_numbers)` (JAX).
+    `explain(x, w_q, bias)` (PyTorch, like `linear`) or `explain(lhs, rhs, dimension_numbers)` (JAX);
+    grouped (MoE) calls likewise: `explain(x, experts, offsets)` (like `grouped_linear`) or
+    `explain(lhs, experts, group_sizes)` (like `ragged_dot`).
     By default it lists the candidates of the call's framework declared for its recipe;
     `verbose=True` lists every registered one with its reason.
     """
