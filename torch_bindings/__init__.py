@@ -10,10 +10,10 @@ import importlib
 import sys
 from typing import Any
 
-from torch_bindings import ops
-from torch_bindings.calibrate import calibrate, smoothquant_
 import torch
 
+from torch_bindings import ops
+from torch_bindings.calibrate import calibrate, smoothquant_
 from torch_bindings.functional import explain as linear_explain
 from torch_bindings.functional import linear
 from torch_bindings.grouped import QExperts, grouped_linear, quantize_experts
