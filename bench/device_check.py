@@ -19,7 +19,7 @@ writes only under `--out` (default `$OUT`), at most 8 files:
 Steps, each a child process with its own time budget (a step that fails or runs out of time is
 recorded and the next one runs; the budgets sum to 7.5 minutes and no step starts past the total):
 versions; the Triton tests compiled on the GPU (`tests/test_triton_kernels.py`,
-`tests/test_triton_decode.py`); compute-sanitizer memcheck of small W8A8 / W8A16 / W4A16 / W4A8
+`tests/test_triton_decode.py`, `tests/test_torch_gpu.py`: launches per call, CUDA graphs); compute-sanitizer memcheck of small W8A8 / W8A16 / W4A16 / W4A8
 calls through `qk.linear`, checked against the reference, and racecheck of a split-K W8A8 call; the
 key bench cases; a short decode tune (per recipe, so a timeout keeps the recipes already tuned).
 
@@ -73,7 +73,7 @@ class Plan:
     """What the steps run: the GPU's cases, or the CPU rehearsal's tiny ones."""
 
     dry: bool
-    tests: tuple[str, ...] = ("tests/test_triton_kernels.py", "tests/test_triton_decode.py")
+    tests: tuple[str, ...] = ("tests/test_triton_kernels.py", "tests/test_triton_decode.py", "tests/test_torch_gpu.py")
     bench_shapes: str = "4096x4096x4096,4096x14336x4096,1x8192x8192,16x8192x8192"  # MxNxK
     bench_budget_s: float = 60.0
     tune_shapes: str = "decode-sweep"

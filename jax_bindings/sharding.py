@@ -14,7 +14,11 @@ into per-shard calls of the same implementation on local data:
   activation scale; each shard sums its groups in f32 in order (the kernel with a unit activation
   scale), the f32 partials are all-reduced, then multiplied by the activation scale: the group sum
   is reassociated across shards (within `qkernels.testing.tolerances`, not bit-identical).
-  W4A16 / W8A16 (f32 accumulation): f32 partials all-reduced before bias and output cast.
+  FP8 (f32 dot of the codes): the same global activation scale, so every shard multiplies the
+  codes the unsharded call does; each shard returns its f32 accumulators (the kernel with unit
+  scales on both sides: `(acc * 1) * 1` is exact), those are all-reduced and rescaled once in the
+  order of the formats: equal to the unsharded call up to the order of the f32 sum.
+  W4A16 / W8A16 / FP8A16 (f32 accumulation): f32 partials all-reduced before bias and output cast.
 - anything else (a dimension not divisible by its mesh axes, a padded or group-straddling K, an
   axis claimed by two dimensions, an implementation that cannot produce the partials) is
   replicated: the partitioner gathers that dimension first. Correct, slower; the reasons are logged
@@ -63,7 +67,7 @@ from jax.sharding import PartitionSpec as P
 from jax_bindings import implementations, quant
 from jax_bindings.implementations import Execution
 from qkernels import dispatch
-from qkernels.formats import QOperand
+from qkernels.formats import Accumulation, QOperand
 from qkernels.numerics import Granularity
 
 __all__ = ["Layout", "choose_layout", "run", "run_partitioned"]
@@ -143,7 +147,7 @@ def _k_split_refusal(impl: dispatch.Implementation, problem: dispatch.Problem, s
         return (f"K={k} in {shards} shards of {k_local} straddles the weight's {fmt.describe()} storage "
                 f"(padding, groups or packing)")
     local = dataclasses.replace(problem, k=k_local, out_dtype="float32")
-    if recipe.accumulation.integer:
+    if _global_scale(recipe):
         local = dataclasses.replace(local, lhs_quantized=True, act_dtype="int8")
     if recipe.accumulation.integer and not recipe.accumulation.grouped and impl.accumulate is None:
         return f"{impl.name} exposes no int32 accumulators to sum over K shards"
@@ -250,8 +254,14 @@ def _specs(call: _Call, layout: Layout, scale_ndim: int) -> tuple[tuple[P, ...],
     return tuple(specs) + (P(),) * len(call.packed_ranks), P(*b, m, n)
 
 
+def _global_scale(recipe: Any) -> bool:
+    """Whether K shards quantize the activations with the whole row's scale (see the module docstring):
+    the accumulations whose per-shard partials are sums of the codes' products."""
+    return recipe.accumulation.integer or recipe.accumulation is Accumulation.FLOAT_CODES
+
+
 def _quantize_global(x: jax.Array, call: _Call, axes: Axes) -> QOperand:
-    """Per-row int8 codes of a K shard with the scale of the whole row (absmax all-reduced over `axes`)."""
+    """Per-row codes (int8, float8) of a K shard with the scale of the whole row (absmax all-reduced over `axes`)."""
     amax = lax.pmax(jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1), axes)
     op = quant.quantize_operand(x, call.problem.recipe.lhs, amax=amax)
     return QOperand(op.qvalue, op.scale)
@@ -266,13 +276,18 @@ def _per_shard(call: _Call, layout: Layout, *args: jax.Array) -> jax.Array:
     f32 = jnp.float32
     recipe = local.recipe
     part = dataclasses.replace(local, out_dtype="float32", has_bias=False)  # a partial sum: f32, no bias
-    if not recipe.accumulation.integer:
+    if not _global_scale(recipe):
         y = lax.psum(run(impl, part, lhs, rhs).astype(f32), layout.k)
     else:
         lhs_op = lhs if isinstance(lhs, QOperand) else _quantize_global(lhs, call, layout.k)
         part = dataclasses.replace(part, lhs_quantized=True, act_dtype="int8")
         lhs_scale = lhs_op.scale.astype(f32)[..., :, None]
-        if not recipe.accumulation.grouped:
+        if not recipe.accumulation.integer:  # FLOAT_CODES: the f32 accumulators, read through unit scales
+            units = (QOperand(lhs_op.qvalue, jnp.ones_like(lhs_op.scale, f32)),
+                     QOperand(rhs.qvalue, jnp.ones_like(rhs.scale, f32)))
+            acc = lax.psum(run(impl, part, *units).astype(f32), layout.k)
+            y = (acc * rhs.scale.astype(f32)[..., None, :]) * lhs_scale  # the formats' row-rescale order
+        elif not recipe.accumulation.grouped:
             acc = lax.psum(_accumulate(impl, part, lhs_op, rhs), layout.k)  # exact: |sum| < 2**31 (check_k)
             y = (acc.astype(f32) * rhs.scale.astype(f32)[..., None, :]) * lhs_scale  # formats' INT32 order
         else:  # each shard's groups in order, unit activation scale; the activation scale once at the end
@@ -412,7 +427,7 @@ def _mesh_of(args: Sequence[jax.Array]) -> Any:
 def run_partitioned(bound: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any = None) -> jax.Array:
     """The bound call, split over the mesh the operands are sharded on (see the module docstring).
 
-    Takes canonical operands: lhs (B?, M, K) float, or a QOperand of int8 codes and per-row scales
+    Takes canonical operands: lhs (B?, M, K) float, or a QOperand of codes and per-row scales
     (its scales must be those of whole rows), rhs a QOperand (B?, N, K_stored), bias (N,) or None.
     """
     lhs_codes = lhs.qvalue if isinstance(lhs, QOperand) else lhs

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from qkernels.dispatch import BackendUnavailable, Problem, use_backend
+from qkernels.dispatch import BackendUnavailable, Problem, SlowPathWarning, use_backend
 from qkernels.formats import (
     FP8, FP8A16, RECIPES, W4A8, W4A16, W8A8, W8A16, Accumulation, Calibration, OperandFormat, Recipe, parse_recipe,
     recipe_named, resolve_recipe,
@@ -25,12 +25,13 @@ __all__ = [
     "W8A8", "W8A16", "W4A16", "W4A8", "FP8", "FP8A16", "Recipe", "RECIPES", "parse_recipe", "recipe_named",
     "resolve_recipe",
     "OperandFormat", "Accumulation", "Calibration", "Granularity", "QType", "int_type",
-    "Problem", "BackendUnavailable", "use_backend", "explain", "quantize",
+    "Problem", "BackendUnavailable", "SlowPathWarning", "use_backend", "explain", "quantize",
     "dot_general", "make_dot_general", "make_einsum", "QArray", "linear", "quantize_", "QLinear", "QTensor",
     "QATLinear", "prepare_qat", "convert", "LoRALinear", "add_lora", "lora_state_dict", "load_lora",
     "calibrate", "smoothquant_",
     "Rule", "quantize_model", "quantize_params", "quantization_summary",
     "ragged_dot", "grouped_linear", "quantize_experts", "prepack",
+    "ColwiseParallel", "RowwiseParallel", "parallelize",
 ]
 
 _LAZY = {
@@ -58,6 +59,9 @@ _LAZY = {
     "smoothquant_": "torch_bindings",
     "ragged_dot": "jax_bindings",
     "grouped_linear": "torch_bindings",
+    "ColwiseParallel": "torch_bindings.distributed",
+    "RowwiseParallel": "torch_bindings.distributed",
+    "parallelize": "torch_bindings.distributed",
 }
 
 
@@ -104,7 +108,9 @@ def explain(*args: Any, **kwargs: Any) -> Any:
     """Every implementation that could run a call, with its verdict and reason, and the one chosen.
 
     `explain(problem)` for a `Problem`; otherwise the arguments of the call to explain, e.g.
-    `explain(x, w_q, bias)` (PyTorch, like `linear`) or `explain(lhs, rhs, dimension_numbers)` (JAX).
+    `explain(x, w_q, bias)` (PyTorch, like `linear`) or `explain(lhs, rhs, dimension_numbers)` (JAX);
+    grouped (MoE) calls likewise: `explain(x, experts, offsets)` (like `grouped_linear`) or
+    `explain(lhs, experts, group_sizes)` (like `ragged_dot`).
     By default it lists the candidates of the call's framework declared for its recipe;
     `verbose=True` lists every registered one with its reason.
     """

@@ -9,7 +9,8 @@ expected tensor-core/MXU instruction, spills, or exceeds the target's on-chip me
 check a deployment target from a CPU box and to warm a compilation cache.
 
 The targets are `qkernels.hardware.AOT_TARGETS`; each names the `qkernels.backends` entry that
-compiles for it, whose `<module>.aot` provides `check(target) -> list[ConfigReport]` (`TARGETS`).
+compiles for it, whose `<module>.aot` provides `check(target) -> list[ConfigReport]` (`TARGETS`) for the
+dense kernels, and `<module>.grouped` `aot_reports(target)` for the grouped (MoE) ones (`GROUPED`).
 """
 
 from __future__ import annotations
@@ -24,11 +25,18 @@ from typing import Any
 
 from qkernels import backends, hardware
 
-__all__ = ["ConfigReport", "TARGETS", "run_checks", "main"]
+__all__ = ["ConfigReport", "TARGETS", "GROUPED", "run_checks", "main"]
 
 TARGETS: dict[str, str] = {
     name: f"{backends.by_name(t.backend).module}.aot" for name, t in hardware.AOT_TARGETS.items()}
 """Target name -> the module whose `check(target)` compiles for it."""
+
+GROUPED: dict[str, str] = {
+    name: f"{backends.by_name(t.backend).module}.grouped" for name, t in hardware.AOT_TARGETS.items()
+    if t.backend == "triton" or t.topology}
+"""Target name -> the module whose `aot_reports(target)` compiles the grouped (MoE) kernels for it: the
+Triton grouped kernels for GPU targets, the Pallas TPU grouped kernels for TPU targets (the Pallas
+grouped kernels have no GPU lowering, so 'pallas-sm_*' targets have none)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -65,7 +73,10 @@ class ConfigReport:
 def run_checks(target: str) -> list[ConfigReport]:
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
-    return importlib.import_module(TARGETS[target]).check(target)
+    reports = importlib.import_module(TARGETS[target]).check(target)
+    if target in GROUPED:
+        reports += importlib.import_module(GROUPED[target]).aot_reports(target)
+    return reports
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,7 @@ import enum
 import functools
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +58,7 @@ from qkernels.formats import OperandFormat, Recipe
 __all__ = [
     "Op", "Problem", "Serves", "Implementation", "Verdict", "Explanation", "Bound", "BackendUnavailable", "register",
     "registered", "registry_version", "invalidate", "candidates", "select", "bind", "explain", "use_backend", "requested_backend",
-    "ENV_VAR",
+    "ENV_VAR", "SlowPathWarning", "slow_reason",
 ]
 
 log = logging.getLogger("qkernels.dispatch")
@@ -190,6 +191,10 @@ class Implementation:
     integer accumulators (see the module docstring); None where it cannot.
     `note(problem)`, pure and cheap like `supports`: how it serves a problem it supports when that is
     worth knowing (e.g. an operand type it emulates by upcasting), else None; `explain` prints it.
+    `slower(problem)`, pure and cheap: where this implementation is known (measured; its docstring says
+    where and how) to be slower than the framework's unquantized matmul of the same shape, why and the
+    faster alternative, else None. `explain` prints it and the first `bind` of that problem warns with
+    it (`SlowPathWarning`): no silent slow path.
     """
 
     name: str
@@ -204,6 +209,7 @@ class Implementation:
     configure: Callable[[Problem], Any] | None = field(default=None, compare=False)
     accumulate: Callable[..., Any] | None = field(default=None, compare=False)
     note: Callable[[Problem], str | None] | None = field(default=None, compare=False)
+    slower: Callable[[Problem], str | None] | None = field(default=None, compare=False)
 
     def matches(self, backend: str) -> bool:
         return self.name == backend or self.name.startswith(backend + ".")
@@ -250,6 +256,8 @@ class Explanation:
             lines.append(f"   ({self.hidden} more that do not serve {self.problem.recipe.name} or are test-only: "
                          f"explain(..., verbose=True))")
         lines.append(f"chosen: {self.chosen.name}" if self.chosen else f"error: {self.error}")
+        if (slow := slow_reason(self.chosen, self.problem)) is not None:
+            lines.append(f"slow: {slow}")
         if self.config is not None:
             lines.append(f"config: {self.config}")
         if self.layout is not None:
@@ -294,6 +302,16 @@ class Bound:
 
     def _repr_pretty_(self, p: Any, cycle: bool) -> None:
         p.text(str(self))
+
+
+def slow_reason(impl: Implementation | None, problem: Problem) -> str | None:
+    """Why `impl` is known to be slower than the unquantized matmul on `problem`, or None."""
+    return impl.slower(problem) if impl is not None and impl.slower is not None else None
+
+
+class SlowPathWarning(UserWarning):
+    """A call runs an implementation known to be slower than the unquantized matmul (the message names
+    the faster alternative). Given once per distinct call; silence with `warnings.filterwarnings`."""
 
 
 class BackendUnavailable(ValueError):
@@ -410,6 +428,9 @@ def _bind_cached(problem: Problem, backend: str | None, version: int) -> Bound:
     choice = _select_cached(problem, backend, version)
     if choice.chosen is None:
         raise BackendUnavailable(choice.error)
+    if (slow := slow_reason(choice.chosen, problem)) is not None:
+        warnings.warn(f"qkernels: {problem.describe()} runs {choice.chosen.name}, which is {slow}", SlowPathWarning,
+                      stacklevel=2)
     return Bound(problem, choice.chosen, choice.config)
 
 

@@ -13,24 +13,37 @@ Clipping the values to `alpha * range` and then quantizing with the format's own
 the scale `alpha * amax / qmax` (the clipped maximum is an element of the block) and saturated codes
 for the clipped values, so the stored form, the kernels and every backend are unchanged: only the
 choice of scale differs. Asymmetric (zero-point) formats shrink min and max by the same factor.
+
+`refit` then alternates, per block, between the codes and a closed-form scale (and the best integer
+zero point near the current one): method "mse-refit" (least squares, from the clip search) and
+"hqq" (HQQ's sparse-error objective, from round to nearest).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import numpy as np
 
 from qkernels import calibration
 from qkernels.formats import Calibration, Granularity, OperandFormat, QOperand
 from qkernels.numerics import (
-    NUMPY_OPS, ArrayOps, flush_subnormals, pack_int4, quantize_asymmetric, quantize_symmetric,
+    FLT_MIN, NUMPY_OPS, ArrayOps, flush_subnormals, pack_int4, quantize_asymmetric, quantize_symmetric,
 )
 
-__all__ = ["METHODS", "clip_search", "quantize_weight"]
+__all__ = ["METHODS", "clip_search", "refit", "quantize_weight"]
 
-METHODS = ("rtn", "mse")
-"""Data-free weight quantization methods: round to nearest on the full range, or MSE-optimal clipping."""
+METHODS = ("rtn", "mse", "mse-refit", "hqq")
+"""Data-free weight quantization methods: round to nearest on the full range; MSE-optimal clipping;
+that clipping refined by alternating least squares (`refit`); HQQ's half-quadratic solver (`refit`)."""
+
+
+def _padded_blocks(x: Any, fmt: OperandFormat, ops: ArrayOps) -> tuple[Any, Any]:
+    """`x` as `fmt.quantize` reads it (subnormals flushed, K padded): (..., K_padded) and its blocks."""
+    xf = ops.pad_last(flush_subnormals(ops.cast(x, "float32"), ops), fmt.padded_k(x.shape[-1]))
+    return xf, fmt.blocks(xf)
 
 
 def _clip_blocks(xb: Any, lo: Any, hi: Any, ops: ArrayOps) -> Any:
@@ -50,8 +63,7 @@ def clip_search(x: Any, fmt: OperandFormat, ops: ArrayOps = NUMPY_OPS, *, grid: 
     if not (isinstance(grid, int) and grid >= 1) or not 0 < min_shrink <= 1:
         raise ValueError(f"grid={grid!r} must be an integer >= 1 and min_shrink={min_shrink!r} in (0, 1]")
     k = x.shape[-1]
-    xf = ops.pad_last(flush_subnormals(ops.cast(x, "float32"), ops), fmt.padded_k(k))
-    xb = fmt.blocks(xf)
+    xf, xb = _padded_blocks(x, fmt, ops)
     asym = fmt.calibration is Calibration.MINMAX
     lo0 = ops.min(xb) if asym else -ops.absmax(xb)
     hi0 = ops.max(xb) if asym else ops.absmax(xb)
@@ -74,12 +86,99 @@ def clip_search(x: Any, fmt: OperandFormat, ops: ArrayOps = NUMPY_OPS, *, grid: 
     return fmt.quantize(xc, ops)
 
 
+def _block_codes(xb: Any, scale: Any, zero: Any, fmt: OperandFormat, ops: ArrayOps) -> tuple[Any, Any]:
+    """(codes, dequantized values) of the blocks `xb` with per-block `scale` and `zero` (None: symmetric)."""
+    if zero is None:
+        c = quantize_symmetric(xb, scale, fmt.qtype, ops)
+        return c, ops.cast(c, "float32") * scale
+    c = quantize_asymmetric(xb, scale, zero, fmt.qtype, ops)
+    return c, (ops.cast(c, "float32") - ops.cast(zero, "float32")) * scale
+
+
+def _block_error(e: Any, lp_norm: float) -> Any:
+    """sum over each block of |e|**p, kept (..., n_blocks, 1)."""
+    a = abs(e)
+    return ((a * a) if lp_norm == 2 else a ** lp_norm).sum(-1)[..., None]
+
+
+def refit(x: Any, fmt: OperandFormat, ops: ArrayOps = NUMPY_OPS, *, start: QOperand | None = None,
+          iters: int = 10, lp_norm: float = 2.0, beta: float = 10.0, kappa: float = 1.01) -> QOperand:
+    """`x` (..., K) quantized to `fmt` with each block's scale (and integer zero point) refined by
+    alternating minimization of the block's error `sum |x - dequantize(codes)|**lp_norm`:
+
+        codes = quantize(x, scale, zero)                      # the format's rounding, nothing new
+        e     = shrink(x - dequantize(codes), beta)           # HQQ's sparse error; 0 for lp_norm = 2
+        scale = sum((x - e) * (codes - zero)) / sum((codes - zero)**2)   # closed form, per block
+        zero  = the best of zero - 1, zero, zero + 1          # zero-point formats; beta *= kappa
+
+    Each block keeps the iterate with its lowest error (the start included, so it never gets worse
+    than `start`: `fmt.quantize(x)` when None). lp_norm = 2 is least squares (method "mse-refit"
+    starts it from `clip_search`); lp_norm < 1 is HQQ's half-quadratic solver (Badri & Shaji 2023;
+    method "hqq": p = 0.7, beta = 10, kappa = 1.01, 20 iterations, HQQ's defaults, from round to nearest),
+    with one departure: HQQ solves for a float zero point with the scale fixed, while qkernels' zero
+    points are integers (the kernels subtract them from the codes in integers, DESIGN.md section 3),
+    so the closed-form step solves for the scale and the zero point moves by whole codes.
+
+    | block                      | result                                                    |
+    |----------------------------|-----------------------------------------------------------|
+    | all zeros                  | the start's (scale 1, codes 0): no step changes it        |
+    | codes all at the zero point| the scale is kept (the closed form divides by zero)       |
+    | a step gives scale < FLT_MIN | that step's scale is refused, the previous one kept     |
+    """
+    if fmt.static or not fmt.qtype.integer:
+        raise ValueError(f"refit chooses per-block scales of integer codes, not {fmt.describe()}")
+    if not (isinstance(iters, int) and iters >= 0) or not 0 < lp_norm <= 2 or beta <= 0 or kappa < 1:
+        raise ValueError(f"iters={iters!r} must be an integer >= 0, lp_norm={lp_norm!r} in (0, 2], "
+                         f"beta={beta!r} > 0 and kappa={kappa!r} >= 1")
+    xf, xb = _padded_blocks(x, fmt, ops)
+    op = fmt.quantize(x, ops) if start is None else start
+    scale = fmt._per_block(ops.cast(op.scale, "float32"))
+    zero = None if op.zero_point is None else fmt._per_block(ops.cast(op.zero_point, "float32"))
+    codes, dq = _block_codes(xb, scale, zero, fmt, ops)
+    best = (_block_error(xb - dq, lp_norm), scale, zero)
+    for _ in range(iters):
+        target = xb
+        if lp_norm != 2:  # HQQ's proximal step for |e|**p: e = r soft-thresholded by |r|**(p-1) / beta
+            r = xb - dq
+            mag = ops.clip(abs(r) - (abs(r) + 1e-8) ** (lp_norm - 1) / beta, 0.0, math.inf)
+            target = xb - ops.where(r < 0, -mag, mag)
+        d = ops.cast(codes, "float32") - (0.0 if zero is None else zero)
+        den = (d * d).sum(-1)[..., None]
+        new = (target * d).sum(-1)[..., None]
+        new = ops.div(new, ops.where(den > 0, den, 1.0))
+        scale = ops.where((den > 0) & (new >= FLT_MIN) & (new < math.inf), new, scale)
+        beta *= kappa
+        if zero is not None:
+            _, dq = _block_codes(xb, scale, zero, fmt, ops)
+            err, centre = _block_error(xb - dq, lp_norm), zero
+            for dz in (-1.0, 1.0):
+                z = ops.clip(centre + dz, 0.0, float(fmt.qtype.qmax))
+                e = _block_error(xb - _block_codes(xb, scale, z, fmt, ops)[1], lp_norm)
+                take = e < err
+                zero, err = ops.where(take, z, zero), ops.where(take, e, err)
+        codes, dq = _block_codes(xb, scale, zero, fmt, ops)
+        err = _block_error(xb - dq, lp_norm)
+        take = err < best[0]
+        best = (ops.where(take, err, best[0]), ops.where(take, scale, best[1]),
+                None if zero is None else ops.where(take, zero, best[2]))
+    _, scale, zero = best
+    codes, _ = _block_codes(xb, scale, zero, fmt, ops)
+    codes = codes.reshape(*xf.shape)
+    if fmt.packed:
+        codes = pack_int4(codes, ops)
+    return QOperand(codes, fmt._stored(scale), None if zero is None else fmt._stored(ops.cast(zero, "int8")))
+
+
 def quantize_weight(w: Any, fmt: OperandFormat, ops: ArrayOps = NUMPY_OPS, *, method: str = "rtn") -> QOperand:
-    """A weight (..., N, K) quantized to `fmt` by a data-free `method` ('rtn' or 'mse')."""
+    """A weight (..., N, K) quantized to `fmt` by a data-free `method` (one of `METHODS`)."""
     if method == "rtn":
         return fmt.quantize(w, ops)
     if method == "mse":
         return clip_search(w, fmt, ops)
+    if method == "mse-refit":
+        return refit(w, fmt, ops, start=clip_search(w, fmt, ops))
+    if method == "hqq":
+        return refit(w, fmt, ops, iters=20, lp_norm=0.7)
     raise ValueError(f"method={method!r} is not a data-free method; choose one of {METHODS} "
                      f"(GPTQ and AWQ need calibration batches)")
 

@@ -36,7 +36,8 @@ def reports(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 def test_every_family_and_target_is_checked(reports: list[dict]) -> None:
     seen = {(r["target"], r["kernel"]) for r in reports}
     kernels = ("quantize_rows", "w8a8", "w4a8", "w4a16", "w8a16", "gemv-w8a8", "gemv-w8a16", "gemv-w4a16",
-               "gemv-w4a16-zp", "splitk_reduce-i32", "splitk_reduce-fp32", "splitk_reduce-fp32-rescale")
+               "gemv-w4a16-zp", "splitk_reduce-i32", "splitk_reduce-fp32", "splitk_reduce-fp32-rescale",
+               "grouped-w8a8", "grouped-w4a16")  # the grouped (MoE) kernels: qkernels.aot.GROUPED
     fp8 = ("quantize_rows-fp8", "fp8", "fp8a16", "gemv-fp8", "gemv-fp8a16")  # sm_89+ only: no fp8 on sm_80
     assert seen == {(t, k) for t in ("sm_80", "sm_90") for k in kernels} | {("sm_90", k) for k in fp8}
 
@@ -73,7 +74,9 @@ def test_decode_picks_and_split_variants_are_compiled(reports: list[dict]) -> No
 @pytest.mark.parametrize("kernel,expected", [
     pytest.param("w8a8", INT8_MMA, id="w8a8-int8-mma"), pytest.param("w4a8", INT8_MMA, id="w4a8-int8-mma"),
     pytest.param("w4a16", FLOAT_MMA, id="w4a16-bf16-mma"), pytest.param("w8a16", FLOAT_MMA, id="w8a16-bf16-mma"),
-    pytest.param("fp8", FP8_MMA, id="fp8-e4m3-mma"), pytest.param("fp8a16", FLOAT_MMA, id="fp8a16-bf16-mma")])
+    pytest.param("fp8", FP8_MMA, id="fp8-e4m3-mma"), pytest.param("fp8a16", FLOAT_MMA, id="fp8a16-bf16-mma"),
+    pytest.param("grouped-w8a8", INT8_MMA, id="grouped-w8a8-int8-mma"),
+    pytest.param("grouped-w4a16", FLOAT_MMA, id="grouped-w4a16-bf16-mma")])
 def test_tensor_core_instruction(reports: list[dict], kernel: str, expected: tuple[str, ...]) -> None:
     checked = [r for r in reports if r["kernel"] == kernel]
     assert checked

@@ -248,3 +248,25 @@ def test_bench_is_a_package_of_the_distribution() -> None:
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     found = set(find_packages(where=ROOT, include=find["include"]))
     assert {"bench", "qkernels", "torch_bindings", "jax_bindings"} <= found and "tests" not in found
+
+
+def test_overhead_and_decode_smoke_runs(tmp_path: Path) -> None:
+    """`python -m bench overhead --smoke` and `python -m bench decode --smoke` (a tiny random Llama) run
+    and write their JSON: a row per recipe and dtype, and a decode row per variant with tokens/s."""
+    import json
+
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "overhead", "--smoke", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["recipe"], r["dtype"]) for r in rows} >= {("w8a8", "float32"), ("w4a16-g32", "bfloat16")}
+    assert all(r["qkernels_us"] > 0 and r["implementation"] for r in rows)
+    out = tmp_path / "decode.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "decode", "--smoke", "--recipes", "w8a8,w4a16-g128",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    variants = {(r["variant"], r["dtype"]) for r in rows}
+    assert {("float", "float32"), ("qkernels w8a8", "float32"), ("qkernels w4a16-g128", "bfloat16")} <= variants
+    assert rows[0]["vs_fp32"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows)

@@ -139,7 +139,7 @@ class Backend:
     def dtype_pairs(self, recipe: Recipe) -> tuple[tuple[str, str], ...]:
         """(activation, output) dtype pairs it accepts for `recipe` (dispatch's verdicts say)."""
         return tuple((a, o) for a in FLOATS for o in FLOATS
-                     if self.impl.verdict(self.problem(Case(recipe=recipe, m=4, n=8, k=64, act=a, out=o))) is None)
+                     if self.impl.verdict(self.problem(Case(recipe=recipe, m=4, n=16, k=64, act=a, out=o))) is None)
 
 
 def _platforms(framework: str) -> list[tuple[str, str]]:
@@ -349,8 +349,26 @@ def expect_accumulators(backend: Backend, case: Case, data: Data, lhs: Any = Non
                                   err_msg=f"{backend.id} {case.id}")
 
 
+# Backends with kernel shape rules (the packed torch CPU GEMMs: K a multiple of 16, N of 16, group sizes
+# 32-256): a case outside them is refused with a reason naming the size, never run wrong.
+SHAPE_LIMITED = {"torch-cpu-packed": ("K=", "N=", "group size")}
+# Backends that serve some (activation, output) dtype pairs only, and which.
+DTYPE_LIMITED = {"torch-cpu-packed": {("bfloat16", "bfloat16")}}
+
+
+def servable(backend: Backend, case: Case) -> Case:
+    """`case`, with N and K rounded up to what a shape-limited backend takes (16, and the group size)."""
+    if backend.name not in SHAPE_LIMITED or backend.impl.verdict(backend.problem(case)) is None:
+        return case
+    step = math.lcm(16, case.recipe.group_size or 1)
+    return dataclasses.replace(case, n=-(-case.n // 16) * 16, k=-(-case.k // step) * step)
+
+
 def check_case(backend: Backend, case: Case) -> None:
     """The output against the reference, and for integer recipes the accumulators where exposed."""
+    if backend.name in SHAPE_LIMITED and (reason := backend.impl.verdict(backend.problem(case))) is not None:
+        assert any(word in reason for word in SHAPE_LIMITED[backend.name]), (backend.id, case, reason)
+        return
     data = Data.of(case)
     y, dtype = run(backend, case, data)
     expect_output(backend, case, data, y, dtype)
@@ -415,11 +433,12 @@ def test_declared_recipes_and_dtypes(backend: Backend) -> None:
     assert backend.recipes
     for recipe in backend.recipes:
         pairs = backend.dtype_pairs(recipe)
-        assert {o for _, o in pairs} == set(FLOATS), (backend.id, recipe.name, pairs)
+        want = DTYPE_LIMITED.get(backend.name, {o for _, o in pairs} == set(FLOATS) and set(pairs))
+        assert want and set(pairs) == want, (backend.id, recipe.name, pairs)
         for act in FLOATS:
             for out in FLOATS:
                 if (act, out) not in pairs:
-                    reason = backend.impl.verdict(backend.problem(Case(recipe=recipe, m=4, n=8, k=64, act=act, out=out)))
+                    reason = backend.impl.verdict(backend.problem(Case(recipe=recipe, m=4, n=16, k=64, act=act, out=out)))
                     assert act in reason or out in reason, (backend.id, recipe.name, act, out, reason)
 
 
@@ -463,12 +482,17 @@ def test_every_output_dtype(backend: Backend) -> None:
         pairs = backend.dtype_pairs(recipe)
         for j, out in enumerate(FLOATS):
             acts = [a for a, o in pairs if o == out]
+            if not acts and backend.name in DTYPE_LIMITED:
+                continue
             case = Case(recipe=recipe, m=5, n=12, k=70, act=acts[(i + j) % len(acts)], out=out, bias=bool(j % 2),
                         seed=i)
             check_case(backend, case)
 
 
-REFUSES_BATCHED = {"torch-cpu": "batched (3-D) weights are not supported"}
+REFUSES_BATCHED = {"torch-cpu": "batched (3-D) weights are not supported",
+                   "torch-cpu-packed": "batched (3-D) weights are not supported",
+                   "torch-cpu-w8a8": "batched (3-D) weights are not supported",
+                   "torch-cpu-w4a8": "batched (3-D) weights are not supported"}
 """Backends that refuse batched weights, with (the start of) their reason; every other one serves them."""
 
 
@@ -533,7 +557,7 @@ def test_leading_axes_fold_into_m(backend: Backend) -> None:
     """Activations (2, 3, K) against a 2-D weight through the public entry points (`qk.linear`,
     `qk.dot_general`; `bind` for NumPy): output (2, 3, N)."""
     for i, recipe in enumerate(families(backend)):
-        case = fixed(backend, recipe, m=3, n=10, k=50, lead=(2,), bias=bool(i % 2), seed=i)
+        case = servable(backend, fixed(backend, recipe, m=3, n=10, k=50, lead=(2,), bias=bool(i % 2), seed=i))
         data = Data.of(case)
         y, dtype = run(backend, case, data)
         expect_output(backend, case, data, y, dtype)
@@ -543,7 +567,7 @@ def test_leading_axes_fold_into_m(backend: Backend) -> None:
                                             for b in BACKENDS for r in families(b)])
 def test_bound_calls_take_leading_axes(backend: Backend, recipe: Recipe) -> None:
     """dispatch's calling convention: a bound call takes activations (..., M, K) (M = all rows)."""
-    case = fixed(backend, recipe, m=3, n=10, k=50, lead=(2,), bias=True, seed=4)
+    case = servable(backend, fixed(backend, recipe, m=3, n=10, k=50, lead=(2,), bias=True, seed=4))
     data = Data.of(case)
     y, dtype = run(backend, case, data, public=False)
     expect_output(backend, case, data, y, dtype)
@@ -611,7 +635,7 @@ def test_fma_bound_holds_for_a_fused_epilogue_and_catches_wrong_results() -> Non
 # ---------------------------------------------------------------- bad inputs
 
 
-HOST_CHECKED = {"reference", "reference.callback", "torch-cpu"}
+HOST_CHECKED = {"reference", "reference.callback", "torch-cpu", "torch-cpu-w8a8", "torch-cpu-w4a8"}
 """Backends that quantize activations with host-checked numerics (NumPy, eager torch): NaN/Inf raise.
 Every other one (kernels, XLA) cannot look at values: the rows holding them come out NaN."""
 

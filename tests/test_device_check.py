@@ -72,7 +72,7 @@ def test_gpu_plan_has_the_issue_cases_and_picks_up_fp8() -> None:
     import qkernels
 
     assert (len(plan.bench_recipes()) > 2) == (getattr(qkernels, "FP8", None) is not None)
-    assert plan.tests == ("tests/test_triton_kernels.py", "tests/test_triton_decode.py")
+    assert plan.tests == ("tests/test_triton_kernels.py", "tests/test_triton_decode.py", "tests/test_torch_gpu.py")
 
 
 def test_a_failing_step_does_not_stop_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -192,8 +192,9 @@ def test_torch_and_jax_fp8_outputs_are_identical_where_the_sum_is_exact() -> Non
     np.testing.assert_array_equal(yj, expected)
 
 
+@pytest.mark.parametrize("recipe", [qk.FP8, qk.FP8A16], ids=lambda r: r.name)
 @pytest.mark.parametrize("out", ["float32", "bfloat16"])
-def test_torch_and_jax_fp8_outputs_agree_within_the_bound(out: str) -> None:
+def test_torch_and_jax_fp8_outputs_agree_within_the_bound(out: str, recipe: qk.Recipe) -> None:
     """Realistic data with bias: the f32 sums run in different orders (and XLA contracts the bias add),
     so torch and JAX differ by at most the sum of their two `testing.tolerances` to the reference."""
     torch = pytest.importorskip("torch")
@@ -202,13 +203,13 @@ def test_torch_and_jax_fp8_outputs_agree_within_the_bound(out: str) -> None:
     x, w = testing.activations(rng, (9, 1000)), testing.weights(rng, (33, 1000))
     b = rng.standard_normal(33).astype(np.float32)
     dt = getattr(torch, out)
-    wt = qk.quantize(torch.from_numpy(w), qk.FP8)
+    wt = qk.quantize(torch.from_numpy(w), recipe)
     yt = qk.linear(torch.from_numpy(x).to(dt), wt, torch.from_numpy(b).to(dt)).float().numpy()
-    wj = qk.quantize(jnp.asarray(w), qk.FP8, contracting_axes=(1,))
+    wj = qk.quantize(jnp.asarray(w), recipe, contracting_axes=(1,))
     yj = np.asarray(qk.dot_general(jnp.asarray(x).astype(out), wj, DIMS) + jnp.asarray(b).astype(out), np.float32)
-    wq = reference.quantize(w, qk.FP8.rhs)
+    wq = reference.quantize(w, recipe.rhs)
     xr = x.astype(reference.np_dtype(out))
-    bound = testing.tolerances(*testing.float_operands(xr, wq, qk.FP8), out, b)
+    bound = testing.tolerances(*testing.float_operands(xr, wq, recipe), out, b)
     testing.assert_within(yt, yj, 2 * bound, what="torch vs jax")
     # and not identical by construction: the fp8 result really differs from the float one
     assert testing.snr_db(yt, x.astype(np.float64) @ w.T.astype(np.float64) + b) < 60

@@ -188,6 +188,19 @@ def test_explain_lists_the_grouped_candidates() -> None:
     assert text.startswith("ragged_qmatmul w8a8 E=2 M=2") and "-> torch-cpu" in text
 
 
+def test_qk_explain_routes_grouped_calls() -> None:
+    """`qk.explain` with grouped_linear's arguments explains the grouped op, as with linear's the dense one."""
+    x, w = _data(3, (1, 2), 3, 16, 32)
+    xt, wt = torch.from_numpy(x), torch.from_numpy(w)
+    for weight in (qk.quantize_experts(wt, qk.W4A16(32)), wt):  # a float stack: grouped_linear's W8A8
+        got = qk.explain(xt, weight, _offsets((1, 2)), verbose=True)
+        assert got.problem.op is dispatch.Op.RAGGED_QMATMUL and got.problem.groups == 2
+        assert str(got) == str(tg.explain(xt, weight, _offsets((1, 2)), verbose=True))
+    assert qk.explain(xt, qk.quantize(wt[0], qk.W8A8)).problem.op is dispatch.Op.QMATMUL
+    unknown = qk.explain(xt, wt, _offsets((1, 2)), "nope")  # the backend argument reaches grouped explain
+    assert "no implementation named 'nope' for torch ragged_qmatmul" in unknown.error
+
+
 @pytest.mark.parametrize("offsets,match", [
     pytest.param([3, 2], "decrease", id="decreasing"), pytest.param([3, 9], "sum to 9 rows but lhs has M=4",
                                                                      id="past-M")])

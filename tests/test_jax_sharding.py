@@ -154,6 +154,39 @@ def test_row_parallel_w8a8_all_reduces_int32_accumulators(axis_type):
     assert not re.search(r"all-gather", hlo)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+def test_row_parallel_fp8_quantizes_with_the_global_row_scale(axis_type, backend):
+    """K split 8 ways: each shard's activations carry outlier channels or none (`testing.activations`),
+    so a per-shard row scale would change codes by whole fp8 steps, far outside the f32
+    summation-order bound this holds to."""
+    mesh = _mesh(axis_type)
+    recipe = qk.FP8
+    x, w_q = _case(recipe)
+    f = jax.jit(lambda x, w: qk.dot_general(x, w, DIMS))
+    with qk.use_backend(backend):
+        unsharded = f(jnp.asarray(x), w_q)
+        out = f(jax.device_put(jnp.asarray(x), NamedSharding(mesh, P(None, "d"))), _shard(w_q, P(None, "d"), mesh))
+        layout = sharding.choose_layout(dispatch.select(_problem(recipe), backend), _problem(recipe),
+                                        [(), ("d",)], [(), ("d",)], {"d": 8})
+    assert layout.k == ("d",), layout.notes
+    _assert_matches(out, unsharded, x, w_q, recipe)
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+def test_row_parallel_fp8_all_reduces_the_row_absmax_and_f32_accumulators(axis_type):
+    mesh = _mesh(axis_type)
+    x, w_q = _case(qk.FP8)
+    f = jax.jit(lambda x, w: qk.dot_general(x, w, DIMS))
+    with qk.use_backend("pallas.interpret"):
+        hlo = f.lower(jax.device_put(jnp.asarray(x), NamedSharding(mesh, P(None, "d"))),
+                      _shard(w_q, P(None, "d"), mesh)).compile().as_text()
+    reduces = re.findall(r"= (\w+)\[([\d,]*)\][^\n]* all-reduce(?:-start)?\(", hlo)
+    assert ("f32", "32,64") in reduces, reduces  # the f32 accumulators, once
+    assert ("f32", "32") in reduces, reduces  # the activations' row absmax (global scale)
+    assert not re.search(r"all-gather", hlo)
+
+
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
 @pytest.mark.parametrize("backend", ["xla", "pallas.interpret"])
 def test_out_sharding_is_honoured(backend, axis_type):

@@ -20,8 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from qkernels import dispatch, reference, testing
-from qkernels.formats import W4A8, W4A16, W8A8, W8A16, QOperand
+from qkernels import dispatch, hardware, reference, testing
+from qkernels.formats import FP8, FP8A16, W4A8, W4A16, W8A8, W8A16, QOperand
 from qkernels.kernels.pallas import configs, gpu, ops
 from qkernels.kernels.pallas.configs import Family, TileConfig
 from qkernels.numerics import GROUP_SIZES
@@ -76,14 +76,15 @@ def test_config_cannot_change_numerics():
         np.testing.assert_array_equal(outs[0], out)
 
 
+SMALL_M_RECIPES = {Family.W8A8: W8A8, Family.W4A16: W4A16(128, zero_point=True), Family.W4A8: W4A8(64)}
+"""A recipe per TPU family to run its decode entries with (FP8 runs W8A8's kernel and entries)."""
+
+
 def _small_m_configs():
     """Every distinct decode (max_m) table entry of every TPU generation, with its family."""
-    seen = {(family, c) for arch in configs.TPU_GENERATIONS for family in Family
+    seen = {(family, c) for arch in configs.TPU_GENERATIONS for family in SMALL_M_RECIPES
             for c in configs.tpu_configs(arch, family) if c.max_m is not None}
     return sorted(seen, key=lambda fc: (fc[0].value, fc[1].block_n, fc[1].block_k))
-
-
-SMALL_M_RECIPES = {Family.W8A8: W8A8, Family.W4A16: W4A16(128, zero_point=True), Family.W4A8: W4A8(64)}
 
 
 @pytest.mark.parametrize("m", [1, 3, 16], ids=lambda m: f"M{m}")
@@ -108,7 +109,7 @@ def test_small_m_table_configs_match_reference(family, config, m):
 
 
 def test_interpret_runs_the_decode_entry_for_small_m():
-    for family in Family:
+    for family in configs.TPU_FAMILIES:
         assert ops.Target.INTERPRET.tile_config(family, 16) == configs.tpu_config("v5e", family, m=16)
         assert ops.Target.INTERPRET.tile_config(family, 16).max_m == configs.SMALL_M
         assert ops.Target.INTERPRET.tile_config(family, 17).max_m is None
@@ -151,6 +152,41 @@ def test_gpu_kernels_interpreted(recipe):
                          np.float32)
 
 
+FP8_SHAPES = [pytest.param(m, n, k, id=f"M{m}-N{n}-K{k}") for m, n, k in ((1, 130, 200), (17, 150, 300), (64, 256, 384))]
+
+
+@pytest.mark.parametrize("m,n,k", FP8_SHAPES)
+@pytest.mark.parametrize("out", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("recipe", [FP8, FP8A16], ids=lambda r: r.name)
+def test_gpu_fp8_kernels_interpreted(recipe, out, m, n, k):
+    """The Triton-lowering FP8 (fp8 x fp8 -> f32, rescale fused) and FP8A16 kernels, interpreted, against
+    the reference: awkward shapes (padded M, N and K), M=1, bias, every output dtype."""
+    x, rq, bias = _data(m + n, m, n, k, recipe)
+    w = (jnp.asarray(rq.qvalue)[None], jnp.asarray(rq.scale)[None])
+    assert w[0].dtype == jnp.float8_e4m3fn
+    kw = dict(out_dtype=jnp.dtype(out), config=configs.gpu_config(ops.family_of(recipe)), interpret=True)
+    if recipe.lhs is None:
+        x = x.astype(jnp.bfloat16)
+        out_ = gpu.fp8a16(jnp.asarray(x)[None], *w, jnp.asarray(bias), **kw)
+    else:
+        lq = reference.quantize(x, recipe.lhs)
+        out_ = gpu.fp8(jnp.asarray(lq.qvalue)[None], jnp.asarray(lq.scale)[None], *w, jnp.asarray(bias), **kw)
+    assert out_.dtype == jnp.dtype(out) and out_.shape == (1, m, n)
+    testing.assert_close(out_[0], reference.qmatmul(x, rq, recipe, bias=bias, out_dtype=out),
+                         *_float_operands(x, rq, recipe), out, bias)
+
+
+def test_tpu_fp8_kernel_interpreted_with_batched_weights():
+    """The TPU FP8 kernel (W8A8's on float8 codes, f32 accumulator) through `ops.qmatmul`, per-batch weights."""
+    rng = np.random.default_rng(7)
+    x = testing.activations(rng, (3, 20, 300))
+    rq = reference.quantize(testing.weights(rng, (3, 140, 300)), FP8.rhs)
+    out = ops.qmatmul(jnp.asarray(x), _jax(rq), FP8, out_dtype=jnp.float32)
+    testing.assert_close(out, reference.qmatmul(x, rq, FP8), *_float_operands(x, rq, FP8), np.float32)
+    with pytest.raises(ValueError, match="no Pallas TPU kernel to run on interpret"):
+        ops.qmatmul(jnp.asarray(x), _jax(reference.quantize(testing.weights(rng, (3, 140, 300)), FP8A16.rhs)), FP8A16)
+
+
 def _problem(recipe, platform, **kw):
     return dispatch.Problem(recipe=recipe, m=4, n=64, k=128, act_dtype="bfloat16", out_dtype="bfloat16",
                             framework="jax", platform=platform, **kw)
@@ -166,6 +202,29 @@ def test_dispatch_registration(recipe):
     assert auto.name != "pallas.interpret"  # negative priority: never chosen automatically
     with pytest.raises(dispatch.BackendUnavailable, match="cuda:sm_75"):
         dispatch.select(_problem(recipe, "cuda:sm_75"), backend="pallas.gpu")
+
+
+@pytest.mark.parametrize("arch", ["v5e", "v6e", "v5p", "v4"])
+def test_tpu_generations_without_an_fp8_mxu_refuse_fp8_with_that_reason(arch):
+    """`qk.explain` (declared candidates only) shows the Pallas TPU FP8 kernel refusing with the
+    hardware table's reason; on the generations with tables XLA serves the call."""
+    explanation = dispatch.explain(_problem(FP8, f"tpu:{arch}"))
+    reasons = {v.implementation.name: v.reason for v in explanation.verdicts}
+    assert reasons["pallas.tpu.fp8"] == hardware.fp8_mma_reason(f"tpu:{arch}")
+    assert reasons["pallas.tpu.fp8"].startswith(f"TPU {arch} has no fp8 MXU"), reasons
+    if arch in configs.TPU_GENERATIONS:
+        assert dispatch.select(_problem(FP8, f"tpu:{arch}")).name == "xla"
+
+
+@pytest.mark.parametrize("recipe", [FP8, FP8A16], ids=lambda r: r.name)
+def test_gpu_fp8_kernels_serve_sm_89_and_newer_only(recipe):
+    for platform in ("cuda:sm_89", "cuda:sm_90"):
+        assert dispatch.select(_problem(recipe, platform)).name == f"pallas.gpu.{recipe.tag}"
+    for platform in ("cuda:sm_80", "cuda:sm_86"):
+        reasons = {v.implementation.name: v.reason for v in dispatch.candidates(_problem(recipe, platform))}
+        assert "has no fp8 tensor cores" in reasons[f"pallas.gpu.{recipe.tag}"], reasons
+    note = dispatch.select(_problem(FP8, "cuda:sm_90")).note
+    assert "f16 MMAs" in note(_problem(FP8, "cuda:sm_90")) and note(_problem(FP8, "cuda:sm_89")) is None
 
 
 def test_tpu_v4_refused_for_int8_mxu():
@@ -211,13 +270,13 @@ def test_tile_config_from_dict_is_strict(raw, message):
 def test_tpu_tables_ordered_by_max_m_and_within_scoped_vmem(arch):
     """Decode entry first, any-M entry last; every entry fits the generation's scoped VMEM at the
     largest M it serves for every group size, activation width and zero-point setting."""
-    for family in Family:
+    for family in configs.TPU_FAMILIES:
         table = configs.tpu_configs(arch, family)
         assert [c.max_m for c in table] == [configs.SMALL_M, None]
         assert configs.tpu_config(arch, family, m=1) is table[0]
         assert configs.tpu_config(arch, family, m=configs.SMALL_M) is table[0]
         assert configs.tpu_config(arch, family, m=configs.SMALL_M + 1) is table[1]
-        groups = (None,) if family is Family.W8A8 else GROUP_SIZES
+        groups = (None,) if family in (Family.W8A8, Family.FP8) else GROUP_SIZES
         for config in table:
             for group in groups:
                 assert group is None or config.block_k % group == 0
@@ -230,6 +289,9 @@ def test_tpu_tables_ordered_by_max_m_and_within_scoped_vmem(arch):
 def test_unknown_tpu_generation_is_refused():
     with pytest.raises(ValueError, match="known generations: v5e, v6e, v5p"):
         configs.tpu_config("v4", Family.W8A8, m=1)
+    with pytest.raises(ValueError, match="fp8a16 has no Pallas TPU kernel"):
+        configs.tpu_config("v5e", Family.FP8A16, m=1)
+    assert configs.tpu_configs("v6e", Family.FP8) == configs.tpu_configs("v6e", Family.W8A8)
 
 
 @pytest.mark.parametrize("target", [ops.Target.INTERPRET, ops.Target.GPU], ids=["kernel", "xla-gpu-path"])

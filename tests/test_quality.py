@@ -51,6 +51,45 @@ def test_data_free_method_names_are_checked():
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+@pytest.mark.parametrize("method", ["mse-refit", "hqq"])
+def test_refit_stores_the_formats_layout_and_never_loses_to_its_start(fmt, method):
+    w = (np.random.default_rng(6).standard_t(4, (64, 200)) * 0.02).astype(np.float32)
+    w[3] = 0.0  # an all-zero row: every block of it stays at scale 1, codes 0 (the start's)
+    rtn, mse, got = fmt.quantize(w), quality.clip_search(w, fmt), quality.quantize_weight(w, fmt, method=method)
+    for a, b in zip(rtn, got):
+        assert (a is None) == (b is None) and (a is None or (a.shape, a.dtype) == (b.shape, b.dtype))
+    codes = fmt.codes(got, 200)
+    assert codes.min() >= fmt.qtype.qmin and codes.max() <= fmt.qtype.qmax
+    assert np.all(codes[3] == (0 if got.zero_point is None else got.zero_point[3, ..., None]))
+    assert np.all(np.asarray(got.scale)[3] == 1) and np.all(np.asarray(got.scale) > 0)
+    pad = [(0, 0), (0, fmt.padded_k(200) - 200)]
+    blocks = lambda op, p: (np.abs(fmt.blocks(np.pad(fmt.dequantize(op, 200) - w, pad))) ** p).sum(-1)  # noqa: E731
+    if method == "mse-refit":  # least squares from the clip search: no block's squared error grows
+        assert np.all(blocks(got, 2) <= blocks(mse, 2))
+        assert blocks(got, 2).sum() < blocks(mse, 2).sum()
+    else:  # HQQ's objective, sum |e|**0.7, from round to nearest: no block's grows, and it drops overall
+        assert np.all(blocks(got, 0.7) <= blocks(rtn, 0.7) * (1 + 1e-6))
+        assert blocks(got, 0.7).sum() < (0.99 if fmt.qtype.bits == 4 else 1.0) * blocks(rtn, 0.7).sum()
+    zero_steps = quality.refit(w, fmt, start=mse, iters=0)
+    for a, b in zip(mse, zero_steps):
+        assert a is None or np.array_equal(a, b)
+
+
+def test_refit_reaches_the_least_squares_scale_of_its_codes():
+    """A block whose codes stop changing ends at the closed-form scale sum(x * q) / sum(q * q)."""
+    fmt = qk.W4A16(32).rhs
+    w = (np.random.default_rng(7).standard_normal((8, 64)) * 0.02).astype(np.float32)
+    op = quality.refit(w, fmt, iters=30)
+    q = fmt.blocks(fmt.codes(op, 64).astype(np.float64))
+    ls = (fmt.blocks(w.astype(np.float64)) * q).sum(-1) / (q * q).sum(-1)
+    np.testing.assert_allclose(op.scale, ls, rtol=1e-5)
+    with pytest.raises(ValueError, match="lp_norm=3"):
+        quality.refit(w, fmt, lp_norm=3)
+    with pytest.raises(ValueError, match="integer codes"):
+        quality.refit(w, qk.W8A8(static=True).lhs)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_preserves_the_layer_output_better_than_rtn(fmt, act_order):
     cal, held_out, w = _layer(1)
@@ -102,15 +141,16 @@ def test_awq_beats_rtn_on_outlier_channels(fmt):
         quality.awq(w, cal[:0], fmt)
 
 
-def test_mse_codes_are_the_same_in_torch_and_jax():
+@pytest.mark.parametrize("method", ["mse", "mse-refit", "hqq"])
+def test_data_free_codes_are_the_same_in_torch_and_jax(method):
     """Both bindings search concrete weights with the one NumPy definition: identical codes and scales."""
     torch = pytest.importorskip("torch")
     jnp = pytest.importorskip("jax.numpy")
     w = (np.random.default_rng(5).standard_t(4, (48, 130)) * 0.02).astype(np.float32)
     for recipe in (qk.W4A16(32), qk.W4A16(64, zero_point=True), qk.W8A16):
-        t = qk.quantize(torch.from_numpy(w), recipe, method="mse")
-        j = qk.quantize(jnp.asarray(w), recipe, contracting_axes=(1,), method="mse")
-        want = quality.clip_search(w, recipe.rhs)
+        t = qk.quantize(torch.from_numpy(w), recipe, method=method)
+        j = qk.quantize(jnp.asarray(w), recipe, contracting_axes=(1,), method=method)
+        want = quality.quantize_weight(w, recipe.rhs, method=method)
         for got in (t.operand(), j.operand()):
             for a, b in zip(got, want):
                 assert (a is None) == (b is None)
@@ -125,6 +165,9 @@ def test_mse_codes_are_the_same_in_torch_and_jax():
     err = lambda op: float(((_dq(op, fmt, 130) - w) ** 2).sum())  # noqa: E731
     ops = QOperand(*(None if a is None else np.asarray(a) for a in traced.operand()))
     assert err(ops) <= 1.01 * err(quality.clip_search(w, fmt)) < err(fmt.quantize(w))
+    traced = jax.jit(lambda x: qk.quantize(x, qk.W4A16(32), contracting_axes=(1,), method="mse-refit"))(jnp.asarray(w))
+    ops = QOperand(*(None if a is None else np.asarray(a) for a in traced.operand()))
+    assert err(ops) <= 1.01 * err(quality.quantize_weight(w, fmt, method="mse-refit")) < err(fmt.quantize(w))
 
 
 def test_rules_and_quantize_params_take_the_weight_method():

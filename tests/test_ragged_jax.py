@@ -18,7 +18,8 @@ from qkernels import dispatch, grouped, reference, testing
 from qkernels.formats import QOperand
 
 RECIPES = [pytest.param(qk.W8A8, id="w8a8"), pytest.param(qk.W4A8(32), id="w4a8-g32"),
-           pytest.param(qk.W4A16(32), id="w4a16-g32"), pytest.param(qk.W4A16(32, zero_point=True), id="w4a16-g32-zp")]
+           pytest.param(qk.W4A16(32), id="w4a16-g32"), pytest.param(qk.W4A16(32, zero_point=True), id="w4a16-g32-zp"),
+           pytest.param(qk.W8A16, id="w8a16")]
 DIMS = (((1,), (0,)), ((), ()))
 
 
@@ -147,6 +148,10 @@ def test_explain_and_errors() -> None:
     x, w, gs = _data(4, (1, 1), 2)
     text = str(ragged.explain(x, w, gs))
     assert text.startswith("ragged_qmatmul w8a8 E=2 M=2 N=24 K=64") and "-> xla" in text
+    routed = qk.explain(x, qk.quantize_experts(w, qk.W4A16(32)), gs, verbose=True)  # as ragged_dot's arguments
+    assert routed.problem.op is dispatch.Op.RAGGED_QMATMUL and routed.problem.recipe == qk.W4A16(32)
+    assert str(qk.explain(x, w, group_sizes=gs)) == text
+    assert qk.explain(x, w[0], DIMS).problem.op is dispatch.Op.QMATMUL
     with pytest.raises(TypeError, match=r"group_sizes must be an integer \(2,\)"):
         qk.ragged_dot(x, w, jnp.asarray([1, 1, 0], jnp.int32))
     with pytest.raises(TypeError, match="lhs contracts K=63"):

@@ -51,6 +51,19 @@ def test_mse_clipping_through_quantize_and_quantize_():
         qk.quantize(w, qk.W4A16(64), method="gptq")
 
 
+@pytest.mark.parametrize("method", ["mse-refit", "hqq"])
+def test_refit_methods_through_quantize_(method):
+    """The data-free refinements run through qk.quantize_ like 'mse': the codes the core chooses, served."""
+    from qkernels import quality
+
+    m = quantized(method, qk.W4A16(64, zero_point=True))
+    w = mlp()[0].weight.detach()
+    want = quality.quantize_weight(w.numpy(), qk.W4A16(64, zero_point=True).rhs, method=method)
+    assert np.array_equal(m[0].weight.qvalue.numpy(), want.qvalue)
+    x = data(1)
+    assert snr(m, mlp(), x) > snr(quantized("rtn", qk.W4A16(64, zero_point=True)), mlp(), x)
+
+
 @pytest.mark.parametrize("method,kw", [("gptq", {}), ("gptq", {"act_order": True}), ("awq", {})])
 @pytest.mark.parametrize("recipe", [qk.W4A16(64), qk.W4A16(32, zero_point=True), qk.W4A8(64)], ids=lambda r: r.name)
 def test_data_aware_methods_beat_rtn_on_held_out_inputs(method, kw, recipe):

@@ -49,7 +49,8 @@ class TorchOps:
         return torch.as_tensor(x)
 
     def cast(self, x: Any, dtype: str) -> torch.Tensor:
-        return x.to(DTYPES[dtype])
+        dt = DTYPES[dtype]
+        return x if x.dtype is dt else x.to(dt)  # a no-op .to() still costs a dispatch (~1 us) per call
 
     def div(self, a: torch.Tensor, b: Any) -> torch.Tensor:
         # an expanded tensor divisor: no backend takes a reciprocal-multiply scalar path

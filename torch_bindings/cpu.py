@@ -22,13 +22,17 @@ a new format needs nothing here. What that gives for the shipped recipes:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
+import numpy as np
 import torch
 
-from qkernels import dispatch
+from qkernels import dispatch, numerics
 from qkernels.dispatch import Bound, Problem
-from qkernels.formats import ACCUMULATIONS, QOperand
+from qkernels.formats import ACCUMULATIONS, Accumulation, QOperand
+from torch_bindings import packed
 from torch_bindings.arrays import DTYPES, TORCH_OPS
 
 __all__ = ["register", "SERVES"]
@@ -98,10 +102,134 @@ def _note(problem: Problem) -> str | None:
     return f"emulated: {', '.join(emulated)} codes upcast to float32 for the dot (torch has no CPU GEMM for them)"
 
 
+def _slower(problem: Problem) -> str | None:
+    """Where this path is known to be slower than `F.linear` on the same activations, and what is faster.
+
+    Measured on this repo's 2-core CPU, 4096x4096 weight, one thread, ratios to `F.linear` f32 in one run
+    (`python -m bench cpu`, bench/results/): W8A8 5.8x / 3.3x / 3.6x at M = 1 / 16 / 256 (no warning);
+    W4A8 g128 0.28x / 0.31x / 1.5x (one int8 GEMM per group of K); fp8 and fp8a16 0.03x-0.3x (codes
+    upcast to f32). Weight-only recipes here dequantize the whole weight on every call and then run the
+    GEMM the float layer runs: slower than it at every M by construction (W8A16 f32 0.07x-0.5x).
+    """
+    recipe = problem.recipe
+    if recipe.lhs is None:
+        packed_reason = _packed_refusal(problem)
+        if packed_reason is not None:
+            fix = (f"the packed kernel (torch-cpu-packed) cannot take this call ({packed_reason}); W8A8 runs "
+                   f"int8 x int8 natively")
+        elif problem.act_dtype == "bfloat16":
+            fix = "torch-cpu-packed serves this call and is faster (drop the backend request)"
+        else:
+            fix = (f"bfloat16 activations run torch's packed {recipe.name} kernel (torch-cpu-packed), which is "
+                   f"faster than F.linear")
+        return (f"slower than the unquantized F.linear: it dequantizes the whole weight on every call before the "
+                f"same GEMM; {fix}")
+    if _note(problem) is not None:
+        return (f"slower than the unquantized F.linear ({_note(problem)}); W8A8 runs int8 x int8 natively, "
+                f"3-6x faster than F.linear f32")
+    if recipe.accumulation is Accumulation.INT32_PER_GROUP and problem.m < 256:
+        return (f"slower than the unquantized F.linear at M={problem.m} < 256 (one int8 GEMM per group of K, "
+                f"0.3x F.linear f32 at M=1-16 for 4096x4096); W8A8 (3-6x) or W4A16 with bf16 activations "
+                f"(torch-cpu-packed) are faster")
+    return None
+
+
+def _packed_refusal(problem: Problem) -> str | None:
+    """The packed backend's verdict on the same call in bfloat16 (None: it would serve it)."""
+    bf16 = dataclasses.replace(problem, act_dtype="bfloat16", out_dtype="bfloat16")
+    return packed.SERVES.reason(problem.recipe) or packed.supports(bf16)
+
+
+# ---------------------------------------------------------------- 'torch-cpu-w8a8': the same numbers, fewer ops
+
+_LARGEST_SUBNORMAL = float(np.nextafter(np.float32(numerics.FLT_MIN), np.float32(0)))
+
+
+def _run_w8a8(call: Bound, lhs: torch.Tensor | QOperand, rhs: QOperand, bias: torch.Tensor | None) -> torch.Tensor:
+    """W8A8 (per-token int8 x per-channel int8) as `Recipe.matmul` computes it, in ~10 torch ops.
+
+    The generic path executes the format's definition through its layers (`OperandFormat.quantize`,
+    `numerics`, `Accumulation.finish`): ~20 torch ops and ~150 Python calls per call, ~3x this at
+    64x64 (measured, `python -m bench overhead`). The steps and their order are the definition's:
+    subnormals read as 0 (`F.hardshrink` at the largest subnormal is `where(|x| < FLT_MIN, 0, x)`, bit
+    for bit, NaN kept), `scale = f32(amax) / 127` by IEEE division (an expanded divisor, as
+    `TorchOps.div`), 1 where below FLT_MIN, NaN/Inf refused by the format's own check, codes
+    `clip(round_half_even(x / scale))`, one exact `_int_mm`, then `(f32(acc) * s_w[n]) * s_x[m] + bias[n]`
+    and one cast. The conformance suite holds it to the reference's outputs exactly.
+    """
+    p = call.problem
+    if p.m == 0 or p.n == 0 or p.k < 2:  # empty, and K < 2 (`_int_mm_nt`): the generic path, same numbers
+        return _run(call, lhs, rhs, bias)
+    fmt = p.recipe.lhs
+    lhs, lead = _rows(lhs)
+    if isinstance(lhs, QOperand):
+        codes, s_x = lhs.qvalue, lhs.scale.to(torch.float32)
+    else:
+        x = torch.nn.functional.hardshrink(lhs.to(torch.float32), _LARGEST_SUBNORMAL)
+        amax = torch.linalg.vector_norm(x, ord=math.inf, dim=-1, keepdim=True)
+        s_x = torch.div(amax, torch.full_like(amax, fmt.qtype.qmax))
+        s_x = torch.where(s_x < numerics.FLT_MIN, 1.0, s_x)
+        if not math.isfinite(s_x.max()):  # NaN propagates through max: the format's check says why
+            fmt.check_scale(s_x, TORCH_OPS, what="activations", fix=", or use a weight-only recipe")
+        codes = torch.div(x, s_x.expand_as(x)).round_().clamp_(fmt.qtype.qmin, fmt.qtype.qmax).to(torch.int8)
+        s_x = s_x[:, 0]
+    y = torch._int_mm(rhs.qvalue, codes.t()).t().to(torch.float32)
+    y = y.mul_(rhs.scale[None, :]).mul_(s_x[:, None])
+    if bias is not None:
+        y = y.add_(bias.to(torch.float32))
+    return y.to(DTYPES[p.out_dtype]).reshape(*lead, p.n)
+
+
+# ---------------------------------------------------------------- 'torch-cpu-w4a8': codes unpacked once, one GEMM
+
+def _int8_codes(rhs: QOperand, recipe: Any, k: int) -> tuple[torch.Tensor, ...]:
+    return (recipe.rhs.codes(rhs, k, TORCH_OPS).contiguous(),)
+
+
+def _run_w4a8(call: Bound, lhs: torch.Tensor | QOperand, rhs: QOperand, bias: torch.Tensor | None) -> torch.Tensor:
+    """W4A8 (per-token int8 x per-group int4) as `Recipe.matmul` computes it, on the weight's codes unpacked
+    to int8 once (layout `int8-codes`, cached like `torch_bindings.packed`'s: 1 byte per weight beside the
+    0.5 of the canonical packed codes) instead of on every call: the generic path unpacks the whole
+    weight per call, which at decode shapes costs more than the GEMMs (4096x4096 g128, one thread,
+    same run: 0.3x `F.linear` f32 at M=1 generic, 2-3.5x on the cached codes; noisy shared CPU).
+    Then the definition's steps: exact int32 GEMMs per group, `y = sum over g, in order, of
+    f32(acc_g) * s_w[n, g]` (`TorchOps.grouped_scaled_sum`), `y * s_x[m] + bias[n]`, one cast; the
+    conformance suite holds it to the reference's outputs bit for bit. (Tried and dropped: the
+    per-group accumulators from one GEMM against block-diagonal activations, G times the multiplies
+    in one pass over the weight: slower than the per-group GEMMs at every M measured, 1-8.)
+    """
+    p = call.problem
+    if p.m == 0 or p.n == 0 or p.k < 2:
+        return _run(call, lhs, rhs, bias)
+    recipe = p.recipe
+    lhs, lead = _rows(lhs)
+    lhs = recipe.accumulation.lhs_operand(recipe, TORCH_OPS, lhs)
+    (w,) = packed.packed(_INT8_CODES, rhs, recipe, p.k)
+    a = TORCH_OPS.pad_last(lhs.qvalue, w.shape[1])
+    y = TORCH_OPS.grouped_scaled_sum(a, w, rhs.scale, recipe.group_size, batched=False)
+    y = y.mul_(lhs.scale.to(torch.float32)[:, None])
+    if bias is not None:
+        y = y.add_(bias.to(torch.float32))
+    return y.to(DTYPES[p.out_dtype]).reshape(*lead, p.n)
+
+
+_INT8_CODES = packed.Layout(name="int8-codes", kernel="torch._int_mm", tag="w4a8", supports=lambda problem: None,
+                            make=_int8_codes)
+
+
 def register() -> None:
     dispatch.register(dispatch.Implementation(
+        name="torch-cpu-w4a8", framework="torch", priority=55, supports=_supports, run=_run_w4a8,
+        serves=dispatch.Serves.tags("w4a8"), accumulate=_accumulate,
+        note=lambda problem: "layout int8-codes: the weight's int4 codes unpacked once per weight",
+        description="torch on CPU, W4A8: the weight's codes unpacked once (cached), exact int32 GEMMs per group"))
+    dispatch.register(dispatch.Implementation(
+        name="torch-cpu-w8a8", framework="torch", priority=55, supports=_supports, run=_run_w8a8,
+        serves=dispatch.Serves.tags("w8a8"), accumulate=_accumulate,
+        description="torch on CPU, W8A8: the definition's steps in ~10 torch ops (torch._int_mm, exact)"))
+    dispatch.register(dispatch.Implementation(
         name="torch-cpu", framework="torch", priority=50, supports=_supports, run=_run, serves=SERVES,
-        accumulate=_accumulate, note=_note,
+        accumulate=_accumulate, note=_note, slower=_slower,
         description="torch on CPU: torch._int_mm for integer dots (exact), dequantize + GEMM for weight-only"))
     from torch_bindings import grouped  # the grouped (MoE) op: same rules
 

@@ -107,17 +107,18 @@ class QExperts:
         return f"QExperts(shape={self.shape}, recipe={self.recipe.name}, device={self.device})"
 
 
-def quantize_experts(w: torch.Tensor, recipe: Any = None, *, name: str = "experts") -> QExperts:
+def quantize_experts(w: torch.Tensor, recipe: Any = None, *, name: str = "experts", method: str = "rtn") -> QExperts:
     """Quantize an (E, out_features, in_features) stack of expert weights for `recipe` (default W8A8), each
     expert (each row of each expert, each group along K) with its own scales.
 
-    Codes and scales equal `qk.quantize(w[e], recipe)`'s for every expert e (`QExperts.expert(e)`)."""
+    Codes and scales equal `qk.quantize(w[e], recipe, method=method)`'s for every expert e
+    (`QExperts.expert(e)`): "rtn" or "mse" (per row / group, so per expert)."""
     recipe = resolve_recipe(recipe)
     check_float(w, name)
     if w.ndim != 3:
         raise ValueError(f"{name} has shape {tuple(w.shape)}; quantize_experts takes (E, out_features, in_features) "
                          f"(a 2-D weight: qk.quantize)")
-    flat = _quantize(w.reshape(w.shape[0] * w.shape[1], w.shape[2]), recipe, name=name)
+    flat = _quantize(w.reshape(w.shape[0] * w.shape[1], w.shape[2]), recipe, name=name, method=method)
     lead = tuple(w.shape[:2])
     zero = None if flat.zero_point is None else flat.zero_point.reshape(*lead, *flat.zero_point.shape[1:])
     return QExperts(qvalue=flat.qvalue.reshape(*lead, flat.qvalue.shape[-1]),

@@ -6,7 +6,9 @@
 `QkernelsHfQuantizer`. `save_pretrained` writes that config and the QLinear buffers (codes, scales, their
 `_extra_state` identity records); `from_pretrained` finds `quant_method: "qkernels"` (registered here with
 transformers' `register_quantization_config` / `register_quantizer`), swaps the named layers for empty
-QLinear on the meta device before any weight is read, and loads the stored buffers into them. Without
+QLinear on the meta device before any weight is read, and loads the stored buffers into them. Quantized
+expert weights (`torch_bindings.experts`) are recorded the same way, as `<experts module>.gate_up_proj` /
+`.down_proj`, and their experts modules become empty `QMoEExperts` before loading. Without
 this, transformers skips an unknown quantization method and rebuilds plain `nn.Linear` layers with random
 weights behind a warning. A saved quantized model always loads its quantized layers, or fails: a
 checkpoint whose tensors do not match the recorded layers raises (missing QLinear buffers are an error).
@@ -28,6 +30,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from qkernels.formats import recipe_named
+from torch_bindings.experts import QGroupedLinear, projections, swap_experts
 from torch_bindings.modules import QLinear, swap_modules
 
 __all__ = ["QUANT_METHOD", "QkernelsConfig", "QkernelsHfQuantizer", "record"]
@@ -72,11 +75,13 @@ class QkernelsHfQuantizer(HfQuantizer):
                     m.input_scale = torch.empty((), dtype=torch.float32, device=m.qvalue.device)
                 if fqn in smoothed:
                     m.smooth = torch.empty(m.in_features, dtype=torch.float32, device=m.qvalue.device)
-        missing = sorted(set(layers) - {row.name for row in found.swapped})
+        experts = swap_experts(model, lambda fqn: recipe_named(layers[fqn]),
+                               lambda m, fqn: all(f"{fqn}.{name}" in layers for name in projections(m)))
+        missing = sorted(set(layers) - {row.name for row in found.swapped + experts.swapped})
         if missing:
             raise ValueError(f"the checkpoint's quantization_config names quantized layers {missing} that this "
-                             f"{type(model).__name__} does not have as nn.Linear; load it with the model class it "
-                             f"was saved from")
+                             f"{type(model).__name__} does not have as nn.Linear or expert weights; load it with the "
+                             f"model class it was saved from")
 
     def param_needs_quantization(self, model: PreTrainedModel, param_name: str, **kwargs: Any) -> bool:
         return False  # stored codes and scales are loaded as they are
@@ -99,8 +104,8 @@ class QkernelsHfQuantizer(HfQuantizer):
 
 
 def layer_recipes(model: nn.Module) -> dict[str, str]:
-    """{fqn: recipe name} of every QLinear in `model`."""
-    return {name: m.recipe.name for name, m in model.named_modules() if isinstance(m, QLinear)}
+    """{fqn: recipe name} of every QLinear and quantized expert stack (`QGroupedLinear`) in `model`."""
+    return {name: m.recipe.name for name, m in model.named_modules() if isinstance(m, (QLinear, QGroupedLinear))}
 
 
 def record(model: nn.Module) -> None:
@@ -110,6 +115,23 @@ def record(model: nn.Module) -> None:
     config = QkernelsConfig(layers=layer_recipes(model), smoothed=[
         fqn for fqn, m in model.named_modules() if isinstance(m, QLinear) and m.smooth is not None])
     model.config.quantization_config = config
+    if any(isinstance(m, QGroupedLinear) for m in model.modules()):
+        model._weight_conversions = _without_converters(model)
     model.hf_quantizer = QkernelsHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
+
+
+def _without_converters(model: PreTrainedModel) -> list[Any]:
+    """The weight transforms `save_pretrained` reverts for `model`, less its `WeightConverter`s: those merge
+    per-expert checkpoint tensors into 3-D parameters (`experts.gate_up_proj`) and, reverted on save, would try
+    to split the quantized stacks (`experts.gate_up_proj.qvalue`) as float weights. The quantized experts are
+    saved under the model's own names, which `from_pretrained` loads without conversion."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import PrefixChange, WeightConverter
+
+    transforms = getattr(model, "_weight_conversions", None)
+    if transforms is None:  # as `revert_weight_conversion` builds them for a model not from from_pretrained
+        transforms = [t for t in get_model_conversion_mapping(model, add_legacy=False)
+                      if not isinstance(t, PrefixChange)]
+    return [t for t in transforms if not isinstance(t, WeightConverter)]

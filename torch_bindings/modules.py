@@ -13,7 +13,7 @@ from torch import nn
 from qkernels import dispatch
 from qkernels.formats import Recipe, W8A8, resolve_recipe
 from torch_bindings.arrays import DTYPES, dtype_name
-from torch_bindings.functional import linear
+from torch_bindings import functional
 from torch_bindings.ops import device_of, platform_of
 from torch_bindings.qtensor import QTensor, quantize
 
@@ -126,8 +126,21 @@ class QLinear(nn.Module):
                 self._buffers[name] = t.to(moved.device)
         return self
 
+    parallel: Any = None
+    """The layer's tensor-parallel split (`torch_bindings.distributed.TensorParallel`), set by
+    `qk.ColwiseParallel` / `qk.RowwiseParallel`; None for a layer on one device (FSDP2 included)."""
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return linear(input, self.weight, self.bias)
+        """`qkernels.linear(input, self.weight, self.bias)`, without building the QTensor view per call: the
+        buffers are the weight's tensors (checked when they were made or loaded; the op checks them once
+        per distinct call shape)."""
+        if self.parallel is not None:  # buffers are DTensors: the split's own forward on the local shards
+            return self.parallel.forward(self, input)
+        functional.check_transforms(input)
+        qvalue, bias = self.qvalue, self.bias
+        functional.check_call(input, self.in_features, self.out_features, qvalue.device, bias)
+        return functional.run(input, functional.rows(input), qvalue, self.scale, self.zero_point, bias,
+                              self.recipe, self.input_scale, self.smooth, self.out_features)
 
     def backend(self, dtype: torch.dtype = torch.float32) -> str:
         """Name of the implementation a single-token call in `dtype` would run on this layer's device."""
@@ -147,11 +160,12 @@ class QLinear(nn.Module):
 class LayerSummary:
     """One linear layer `quantize_` (or `prepare_qat`, `convert`, `add_lora`) looked at.
 
-    `name`: its fully qualified name; `shape`: (out_features, in_features); `recipe`: the recipe name it
-    now runs, None when skipped; `reason`: why it was skipped, None when swapped."""
+    `name`: its fully qualified name; `shape`: (out_features, in_features), or (experts, out_features,
+    in_features) for a stack of expert weights (`<experts module>.gate_up_proj`); `recipe`: the recipe
+    name it now runs, None when skipped; `reason`: why it was skipped, None when swapped."""
 
     name: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     recipe: str | None
     reason: str | None = None
 
@@ -180,7 +194,7 @@ class Summary:
         return len(self.layers)
 
     def __str__(self) -> str:
-        rows = [f"{r.name or '<model>'}  {r.shape[0]}x{r.shape[1]}  {r.recipe or 'skipped: ' + str(r.reason)}"
+        rows = [f"{r.name or '<model>'}  {'x'.join(map(str, r.shape))}  {r.recipe or 'skipped: ' + str(r.reason)}"
                 for r in self.layers]
         return "\n".join([f"{len(self.swapped)} of {len(self.layers)} layers swapped", *rows])
 
@@ -265,6 +279,9 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
     `method` chooses the codes: "rtn" (round to nearest) and "mse" (per-block clip search) are
     data-free; "gptq" (`act_order` optional) and "awq" need `calibration`, an iterable of model
     inputs, run once through the float model (`torch_bindings.ptq`; a progress bar per layer).
+    Mixture-of-experts modules holding 3-D expert weights (transformers 5.x `...Experts`) become
+    `torch_bindings.experts.QMoEExperts` running `qk.grouped_linear` (one Summary row per expert weight;
+    `filter_fn` sees the experts module; GPTQ / AWQ leave them float, saying so).
     """
     recipe = resolve_recipe(recipe)
     if method in ("gptq", "awq"):
@@ -275,15 +292,33 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
 
         summary = quantize_calibrated(model, recipe, calibration, method, filter_fn, act_order=act_order,
                                       progress=progress)
-        record_hf(model)
+        summary = _with_experts(summary, recipe, filter_fn, method,
+                                skip=f"method={method!r} calibrates nn.Linear layers only; quantize experts with "
+                                     f"method='rtn' or 'mse'")
+        record_hf(summary.model)
         return summary
     if calibration is not None:
         raise ValueError(f"calibration batches are used by method='gptq' or 'awq', not {method!r}; "
                          f"for static activation scales use qk.calibrate(model, batches)")
     summary = swap_modules(model, lambda m: isinstance(m, nn.Linear),
                            lambda m, _: QLinear.from_float(m, recipe, method=method), lambda m: m.recipe.name, filter_fn)
-    record_hf(model)
+    summary = _with_experts(summary, recipe, filter_fn, method)
+    record_hf(summary.model)
     return summary
+
+
+def _with_experts(summary: Summary, recipe: Recipe, filter_fn: Callable[[nn.Module, str], bool] | None, method: str,
+                  skip: str | None = None) -> Summary:
+    """`summary` with the model's expert weights quantized too (`torch_bindings.experts.swap_experts`), rows
+    in module order."""
+    from torch_bindings.experts import swap_experts
+
+    experts = swap_experts(summary.model, lambda _: recipe, filter_fn, method=method, skip=skip)
+    if not experts.layers:
+        return summary
+    order = {name: i for i, (name, _) in enumerate(experts.model.named_modules())}
+    rank = lambda row: order.get(row.name, order.get(row.name.rpartition(".")[0], len(order)))  # noqa: E731
+    return Summary(model=experts.model, layers=tuple(sorted(summary.layers + experts.layers, key=rank)))
 
 
 def record_hf(model: nn.Module) -> None:

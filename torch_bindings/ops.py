@@ -31,7 +31,7 @@ from qkernels.formats import QOperand, Recipe, recipe_named
 from torch_bindings.arrays import DTYPES, TORCH_OPS, dtype_name
 from torch_bindings.qtensor import check_operands, dequantize_operand
 
-__all__ = ["LINEAR", "platform_of", "device_of", "make_problem", "dtype_name", "bind"]
+__all__ = ["LINEAR", "kernel", "platform_of", "device_of", "make_problem", "dtype_name", "bind"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -68,7 +68,7 @@ def _problem(m: int, k: int, dtype: torch.dtype, device: torch.device, n: int, h
 
 
 def _check(x: tuple[int, ...], qvalue: tuple[Any, ...], scale: tuple[Any, ...], zero: tuple[Any, ...] | None,
-           bias: tuple[int, ...] | None, input_scale: tuple[Any, ...] | None, recipe: Recipe) -> None:
+           bias: tuple[int, ...] | None, input_scale: tuple[Any, ...] | None, recipe: str) -> None:
     """The op's operand checks: shapes (symbolic under torch.compile's fake tensors) and storage dtypes.
 
     `qvalue`, `scale`, `zero` are (shape, dtype) pairs; a QTensor satisfies all of this by construction,
@@ -76,7 +76,7 @@ def _check(x: tuple[int, ...], qvalue: tuple[Any, ...], scale: tuple[Any, ...], 
     """
     if len(x) != 2:
         raise ValueError(f"qkernels::linear takes a 2-D (M, K) input, got shape {x}")
-    check_operands(recipe, x[1], qvalue, scale, zero, input_scale=input_scale)
+    check_operands(recipe_named(recipe), x[1], qvalue, scale, zero, input_scale=input_scale)
     if bias is not None and bias != (qvalue[0][0],):
         raise ValueError(f"bias has shape {bias}; expected ({qvalue[0][0]},)")
 
@@ -90,23 +90,24 @@ def _operand_key(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zer
             sig(input_scale))
 
 
-_checked = functools.lru_cache(maxsize=4096)(_check)  # a call's shapes are checked once (errors are not cached)
+# Per-call caches, keyed by plain values (shapes, dtypes, the recipe's name: a str hashes once, a Recipe
+# dataclass rehashes its fields on every lookup). A call's operands are checked once (errors are not cached).
+_checked = functools.lru_cache(maxsize=4096)(_check)
 
 
 @functools.lru_cache(maxsize=4096)
-def _bind(m: int, k: int, dtype: torch.dtype, device: torch.device, n: int, has_bias: bool, recipe: Recipe,
+def _bind(m: int, k: int, dtype: torch.dtype, device: torch.device, n: int, has_bias: bool, recipe: str,
           backend: str | None, version: int) -> Bound:
-    return dispatch.bind(_problem(m, k, dtype, device, n, has_bias, recipe), backend)
+    return dispatch.bind(_problem(m, k, dtype, device, n, has_bias, recipe_named(recipe)), backend)
 
 
 def bind(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
          bias: torch.Tensor | None, recipe: str, input_scale: torch.Tensor | None = None) -> Bound:
     """The bound call of one `qkernels::linear`: validated and selected once per distinct call."""
-    r = recipe_named(recipe)
-    _checked(*_operand_key(x, qvalue, scale, zero_point, bias, input_scale), r)
+    _checked(*_operand_key(x, qvalue, scale, zero_point, bias, input_scale), recipe)
     if not (qvalue.device == scale.device == x.device):
         raise ValueError(f"qvalue/scale are on {qvalue.device}/{scale.device} but x is on {x.device}; move them")
-    return _bind(x.shape[0], x.shape[1], x.dtype, x.device, qvalue.shape[0], bias is not None, r,
+    return _bind(x.shape[0], x.shape[1], x.dtype, x.device, qvalue.shape[0], bias is not None, recipe,
                  dispatch.requested_backend(), dispatch.registry_version("torch"))
 
 
@@ -131,7 +132,7 @@ def _from_numpy(a: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(a).to(device)
 
 
-def _kernel(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+def kernel(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
             bias: torch.Tensor | None, recipe: str, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     call = bind(x, qvalue, scale, zero_point, bias, recipe, input_scale)
     rhs = QOperand(qvalue, scale, zero_point)
@@ -145,15 +146,15 @@ def _kernel(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_poi
     return call.run(lhs, rhs, bias).contiguous()
 
 
-_linear = torch.library.custom_op("qkernels::linear", _kernel, mutates_args=(), device_types="cpu")
+_linear = torch.library.custom_op("qkernels::linear", kernel, mutates_args=(), device_types="cpu")
 # The CUDA kernel runs the same dispatch: on a GPU it selects the Triton implementation.
-_linear.register_kernel("cuda")(_kernel)
+_linear.register_kernel("cuda")(kernel)
 
 
 @_linear.register_fake
 def _fake(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
           bias: torch.Tensor | None, recipe: str, input_scale: torch.Tensor | None = None) -> torch.Tensor:
-    _check(*_operand_key(x, qvalue, scale, zero_point, bias, input_scale), recipe_named(recipe))
+    _check(*_operand_key(x, qvalue, scale, zero_point, bias, input_scale), recipe)
     return x.new_empty((x.shape[0], qvalue.shape[0]))
 
 

@@ -16,7 +16,12 @@ the even/odd-k activation reordering and the per-group scale relayouts as temp (
 for the same program), so a temp bound flagged those, not a weight copy.
 GPU targets ('pallas-sm_80', 'pallas-sm_90'): export for cuda under an abstract GPU of the target's
 arch (`abstract_gpu`; jax 0.11 needs it, 0.10 ignores it), take the Triton IR out of the custom call,
-compile it with the triton wheel, and require int8 tensor-core instructions.
+compile it with the triton wheel, and require int8 tensor-core instructions (W8A8, W4A8), tensor-core
+MMAs for FP8 (the fp8 MMA, or on sm_90 the f16 MMA Triton runs the Pallas fp8 dot as: `gpu.py`; a note
+says which) and 16-bit MMAs for FP8A16. A family `pallas.gpu` refuses on the target (fp8 below
+sm_89) is not compiled: its row passes and carries the refusal as a note.
+The TPU tables' FP8 entries are not compiled: `pallas.tpu.fp8` refuses every generation with tables
+(no fp8 MXU), and a family refused there is skipped.
 Targets (topologies, GPU archs) and instruction patterns are `qkernels.hardware`'s.
 """
 
@@ -36,7 +41,7 @@ import jax.numpy as jnp
 
 from qkernels import dispatch, hardware
 from qkernels.aot import ConfigReport
-from qkernels.formats import W4A8, W4A16, W8A8, Recipe
+from qkernels.formats import FP8, FP8A16, W4A8, W4A16, W8A8, Recipe
 from qkernels.kernels.pallas import configs, gpu, tpu, tunable
 from qkernels.kernels.pallas.configs import Family
 
@@ -62,8 +67,8 @@ class _Variant:
         return f"{'f32' if self.act == 'float32' else 'bf16'}-g{self.group}{'-zp' if self.zero_point else ''}"
 
     def recipe(self, family: Family) -> Recipe:
-        if family is Family.W8A8:
-            return W8A8
+        if family in (Family.W8A8, Family.FP8, Family.FP8A16):
+            return {Family.W8A8: W8A8, Family.FP8: FP8, Family.FP8A16: FP8A16}[family]
         if family is Family.W4A16:
             return W4A16(self.group, zero_point=self.zero_point)
         return W4A8(self.group)
@@ -78,9 +83,14 @@ def _fn_and_args(family: Family, cfg, m: int, n: int, k: int, module, sharding=N
     sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
     group = variant.group
     kp = -(-k // group) * group
-    if family is Family.W8A8:
-        args = (sd((1, m, k), jnp.int8), sd((1, m), jnp.float32), sd((1, n, k), jnp.int8), sd((1, n), jnp.float32))
-        return lambda a, sa, w, sw: module.w8a8(a, sa, w, sw, None, out_dtype=jnp.bfloat16, config=cfg), args
+    if family in (Family.W8A8, Family.FP8):
+        codes = jnp.int8 if family is Family.W8A8 else jnp.float8_e4m3fn
+        kernel = module.w8a8 if family is Family.W8A8 else module.fp8
+        args = (sd((1, m, k), codes), sd((1, m), jnp.float32), sd((1, n, k), codes), sd((1, n), jnp.float32))
+        return lambda a, sa, w, sw: kernel(a, sa, w, sw, None, out_dtype=jnp.bfloat16, config=cfg), args
+    if family is Family.FP8A16:
+        args = (sd((1, m, k), jnp.bfloat16), sd((1, n, k), jnp.float8_e4m3fn), sd((1, n), jnp.float32))
+        return lambda a, w, sw: module.fp8a16(a, w, sw, None, out_dtype=jnp.bfloat16, config=cfg), args
     w = (sd((1, n, kp // 2), jnp.int8), sd((1, n, kp // group), jnp.float32))
     if family is Family.W4A16:
         out = jnp.dtype(variant.act)
@@ -93,15 +103,21 @@ def _fn_and_args(family: Family, cfg, m: int, n: int, k: int, module, sharding=N
                                              config=cfg), args
 
 
-def _problem(arch: str, family: Family, variant: _Variant, m: int, n: int, k: int) -> dispatch.Problem:
+def _problem(arch: str, family: Family, variant: _Variant, m: int, n: int, k: int,
+             platform: str | None = None) -> dispatch.Problem:
     return dispatch.Problem(recipe=variant.recipe(family), m=m, n=n, k=k, act_dtype=variant.act,
-                            out_dtype=variant.act, framework="jax", platform=f"tpu:{arch}", device=f"tpu-{arch}")
+                            out_dtype=variant.act, framework="jax", platform=platform or f"tpu:{arch}",
+                            device="" if platform else f"tpu-{arch}")
 
 
 def _jobs(arch: str) -> list[tuple[Family, configs.TileConfig, _Variant, tuple[int, int, int]]]:
     """(family, config, variant, shape) to compile: see the module docstring."""
+    from qkernels.kernels.pallas import supports_tpu
+
     jobs = []
-    for family in Family:
+    for family in configs.TPU_FAMILIES:
+        if supports_tpu(_problem(arch, family, _DEFAULT, *_ANY_M_SHAPES[0])):
+            continue  # refused on this generation (FP8: no fp8 MXU), so never run with these tables
         for cfg in configs.tpu_configs(arch, family):
             shapes = _ANY_M_SHAPES if cfg.max_m is None else _DECODE_SHAPES
             jobs.extend((family, cfg, _DEFAULT, shape) for shape in shapes)
@@ -230,17 +246,30 @@ def _triton_ir(fn, args, arch: str) -> tuple[str, bool]:
         return jir.Module.parse(blob).operation.get_asm(enable_debug_info=False), deprecated
 
 
+# The MMA kinds (`hardware.MMA_PATTERNS`) a family's SASS must show, any of them; the first is the one
+# that needs no note. FP8 on sm_90: Triton runs the Pallas fp8 dot as f16 MMAs (`gpu.py`).
+_GPU_MMA: dict[Family, tuple[str, ...]] = {Family.W8A8: ("int8",), Family.W4A8: ("int8",), Family.W4A16: (),
+                                           Family.FP8: ("fp8", "16bit"), Family.FP8A16: ("16bit",)}
+
+
 def _check_gpu(target: str) -> list[ConfigReport]:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    int8_mma = re.compile(hardware.MMA_PATTERNS[("cuda", "int8")])
+    from qkernels.kernels.pallas import supports_gpu
+
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     reports = []
     for family in Family:
         cfg = configs.gpu_config(family)
         m, n, k = 256, 512, 1024
         r = ConfigReport(kernel=f"pallas.gpu.{family.value}", config=f"{cfg.describe()} M{m}-N{n}-K{k}", target=target)
+        refused = supports_gpu(_problem(_TARGETS[target].arch, family, _DEFAULT, m, n, k,
+                                        platform=hardware.aot_sm(_TARGETS[target])), family)
+        if refused:
+            r.notes.append(f"not compiled: pallas.gpu.{family.value} refuses {target}: {refused}")
+            reports.append(r)
+            continue
         try:
             fn, args = _fn_and_args(family, cfg, m, n, k, gpu)
             with tempfile.TemporaryDirectory() as tmp:
@@ -262,8 +291,13 @@ def _check_gpu(target: str) -> list[ConfigReport]:
             r.mma_instruction = ", ".join(mma)[:26] or None
             if deprecated:
                 r.notes.append("jax deprecates the Pallas Triton backend (see qkernels.kernels.pallas.gpu)")
-            if family is not Family.W4A16 and not int8_mma.search(sass):
-                r.problems.append(f"no int8 tensor-core instruction (IMMA/IGMMA) in SASS; found {mma or 'none'}")
+            kinds = [kind for kind in _GPU_MMA[family] if re.search(hardware.MMA_PATTERNS[("cuda", kind)], sass)]
+            if _GPU_MMA[family] and not kinds:
+                r.problems.append(f"no {' or '.join(_GPU_MMA[family])} tensor-core instruction in SASS; "
+                                  f"found {mma or 'none'}")
+            elif kinds and kinds[0] != _GPU_MMA[family][0]:
+                r.notes.append(f"no {_GPU_MMA[family][0]} MMA: Triton runs this dot as {kinds[0]} MMAs "
+                               f"(see qkernels.kernels.pallas.gpu)")
         except Exception as e:  # report the blocker for this config instead of crashing the whole check
             r.problems.append(f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
         reports.append(r)

@@ -28,8 +28,8 @@ from typing import Any
 
 from qkernels import hardware
 
-__all__ = ["Family", "TileConfig", "GpuConfig", "TPU_CONFIGS", "GPU_CONFIGS", "TPU_GENERATIONS", "SCOPED_VMEM",
-           "SMALL_M", "tpu_config", "tpu_configs", "gpu_config", "vmem_estimate"]
+__all__ = ["Family", "TileConfig", "GpuConfig", "TPU_CONFIGS", "GPU_CONFIGS", "TPU_GENERATIONS", "TPU_FAMILIES",
+           "SCOPED_VMEM", "SMALL_M", "tpu_config", "tpu_configs", "gpu_config", "vmem_estimate"]
 
 
 class Family(enum.Enum):
@@ -38,6 +38,8 @@ class Family(enum.Enum):
     W8A8 = "w8a8"  # int8 x int8 -> int32, one rescale
     W4A16 = "w4a16"  # float x int4/uint4 -> f32, per-group scale
     W4A8 = "w4a8"  # int8 x int4 -> int32 per group -> f32 across groups
+    FP8 = "fp8"  # float8_e4m3fn x float8_e4m3fn -> f32 (exact products), one rescale
+    FP8A16 = "fp8a16"  # float x float8_e4m3fn (dequantized per channel in the kernel) -> f32; GPU only
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -160,6 +162,15 @@ TPU_CONFIGS: dict[str, dict[Family, tuple[TileConfig, ...]]] = {
 }
 
 
+# FP8 runs W8A8's kernel and blocks: its codes are one byte as int8 codes are, and its f32 accumulator
+# is the size of the int32 one.
+for _tables in TPU_CONFIGS.values():
+    _tables[Family.FP8] = _tables[Family.W8A8]
+
+TPU_FAMILIES: tuple[Family, ...] = tuple(f for f in Family if f in TPU_CONFIGS[TPU_GENERATIONS[0]])
+"""Families with a TPU kernel and tables (FP8A16 has none: its Pallas kernel is the GPU one)."""
+
+
 def _check_tables() -> None:
     """A table per TPU generation of `qkernels.hardware`; each: max_m strictly increasing, exactly one
     catch-all entry, last."""
@@ -167,6 +178,9 @@ def _check_tables() -> None:
         raise ValueError(f"TPU_CONFIGS covers {tuple(TPU_CONFIGS)} but qkernels.hardware.TPU_GENERATIONS is "
                          f"{TPU_GENERATIONS}; give every generation a table (and only those)")
     for arch, per_family in TPU_CONFIGS.items():
+        if tuple(per_family) != TPU_FAMILIES:
+            raise ValueError(f"TPU_CONFIGS[{arch!r}] covers {[f.value for f in per_family]}, the other generations "
+                             f"{[f.value for f in TPU_FAMILIES]}; give every generation the same families")
         for family, table in per_family.items():
             bounds = [c.max_m for c in table]
             finite = bounds[:-1]
@@ -182,6 +196,8 @@ GPU_CONFIGS: dict[Family, GpuConfig] = {
     Family.W8A8: GpuConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3),
     Family.W4A16: GpuConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3),
     Family.W4A8: GpuConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3),
+    Family.FP8: GpuConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3),
+    Family.FP8A16: GpuConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3),
 }
 
 
@@ -189,6 +205,9 @@ def tpu_configs(arch: str, family: Family) -> tuple[TileConfig, ...]:
     """The table of TPU generation `arch` ('v5e', 'v6e', 'v5p') for `family`, smallest max_m first."""
     if arch not in TPU_CONFIGS:
         raise ValueError(f"no Pallas TPU config for {arch!r}; known generations: {', '.join(TPU_CONFIGS)}")
+    if family not in TPU_CONFIGS[arch]:
+        raise ValueError(f"{family.value} has no Pallas TPU kernel (TPU families: "
+                         f"{', '.join(f.value for f in TPU_FAMILIES)}); its Pallas kernel runs on CUDA GPUs")
     return TPU_CONFIGS[arch][family]
 
 
@@ -224,7 +243,7 @@ def vmem_estimate(config: TileConfig, family: Family, *, m: int, act_bytes: int 
     """Estimate (bytes, 15% margin) of the scoped VMEM the TPU kernel of `family` uses with `config`
     for M rows (per batch), to keep configs under `SCOPED_VMEM`.
 
-    Weight-side: W8A8 its double-buffered int8 block; int4 kernels `_INT4_BYTES_PER_WEIGHT` per
+    Weight-side: W8A8 (and FP8) its double-buffered one-byte block; int4 kernels `_INT4_BYTES_PER_WEIGHT` per
     element. Row-side: double-buffered activation and output blocks (at most f32), the accumulator
     and the [bm, bn] dot results; plus 0.5 MiB of Mosaic's own scratch. Against 70 of Mosaic's
     reports on v5e (M=16 decode blocks 512..4096 wide, the any-M tables at M=1024) it is 19% to 3x
@@ -236,7 +255,7 @@ def vmem_estimate(config: TileConfig, family: Family, *, m: int, act_bytes: int 
     bn, bk = config.block_n, config.block_k
     f32 = 4
     rows = 2 * bm * bn * f32 + bm * bn * f32  # output blocks, accumulator
-    if family is Family.W8A8:
+    if family in (Family.W8A8, Family.FP8):
         weight = 2 * bn * bk + 2 * 8 * bn * f32  # int8 block, scales
         rows += 2 * bm * (bk + 128 * f32) + bm * bn * f32  # codes, per-row scales; one dot result
     else:

@@ -28,7 +28,8 @@ from jax.experimental.pallas import tpu as pltpu
 from qkernels.formats import QOperand, Recipe
 from qkernels.kernels.pallas.layout import even_odd, fit_block, pad_axis, unpack_nibbles
 
-__all__ = ["group_metadata", "gmm_w8a8", "gmm_w4a16", "grouped_qmatmul", "register"]
+__all__ = ["group_metadata", "gmm_w8a8", "gmm_w4a16", "grouped_qmatmul", "register", "AOT_SHAPES", "vmem_estimate",
+           "aot_reports"]
 
 _NT = (((1,), (1,)), ((), ()))  # [bm, bk] x [bn, bk] -> [bm, bn]
 _BLOCKS = dict(block_m=128, block_n=256, block_k=512)  # v5e/v6e MXU-sized tiles; cannot change numerics
@@ -258,3 +259,82 @@ def register(supports_tpu: Any, supports_interpret: Any, families: Any) -> None:
         supports=functools.partial(_supports, dense_reason=supports_interpret),
         run=functools.partial(run, interpret=True), accumulate=functools.partial(accumulate, interpret=True),
         description="the Pallas TPU grouped kernels run by the Pallas interpreter on CPU: exact, slow, for tests"))
+
+
+# --- compile without a TPU (`python -m qkernels.aot --target tpu-v5e`) ----------------------------------------
+
+AOT_SHAPES = ((8, 14336, 4096, 128), (128, 768, 2048, 2048), (3, 300, 4095, 17))
+"""(experts, N, K, M) compiled by `aot_reports`: Mixtral-8x7B gate/up at 16 tokens per expert, Qwen3-30B-A3B
+gate/up at 16 tokens per expert, and an awkward one (odd N and K, fewer rows than a block, 3 experts)."""
+
+
+def vmem_estimate(m: int, n: int, k: int, *, family: str, group: int = 128, zero_point: bool = False,
+                  act_bytes: int = 2) -> int:
+    """Bytes of VMEM the kernel's blocks take: double-buffered input blocks and output block, and the
+    accumulator scratch (Mosaic's own temporaries, such as the dequantized weight tile, come on top)."""
+    bm, bn = fit_block(m, _BLOCKS["block_m"], 32)[0], fit_block(n, _BLOCKS["block_n"], 128)[0]
+    if family == "w8a8":
+        bk = fit_block(k, _BLOCKS["block_k"], 128)[0]
+        inputs = bm * bk + bn * bk + 4 * bm + 4 * bn
+    else:
+        bk = fit_block(k, _BLOCKS["block_k"], max(256, group))[0]
+        inputs = act_bytes * bm * bk + bn * bk // 2 + (4 + (4 if zero_point else 0)) * bn * (bk // group)
+    return 2 * inputs + 2 * act_bytes * bm * bn + 4 * bm * bn
+
+
+def aot_reports(target: str) -> list[Any]:
+    """Compile the grouped W8A8 and W4A16 kernels for a TPU `target` ('tpu-v5e', 'tpu-v6e', 'tpu-v5p') with
+    the real TPU compiler (libtpu, no TPU present) at `AOT_SHAPES` (bf16 activations and outputs, g128);
+    one `qkernels.aot.ConfigReport` per (family, shape), failing on a compile error, a program without the
+    Mosaic custom call, blocks over the scoped VMEM, or (W4A16) an unpacked or dequantized copy of the
+    expert stack outside the kernel (`pallas.aot`'s HLO check: an array with an N axis and E*K or more
+    elements across its others). Non-TPU targets have no grouped Pallas kernel: []."""
+    import os
+
+    from jax.experimental import topologies
+
+    from qkernels import hardware
+    from qkernels.aot import ConfigReport
+    from qkernels.kernels.pallas import aot
+
+    spec = hardware.AOT_TARGETS[target]
+    if not spec.topology:
+        return []
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling needs no TPU (see pallas.aot)
+    device = topologies.get_topology_desc(topology_name=spec.topology, platform="tpu").devices[0]
+    on = jax.sharding.SingleDeviceSharding(device)
+    sd = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on)  # noqa: E731
+    limit = hardware.ARCHES[spec.arch].scoped_vmem_bytes
+    reports = []
+    for family in _FAMILIES:
+        for e, n, k, m in AOT_SHAPES:
+            gs = sd((e,), jnp.int32)
+            if family == "w8a8":
+                fn = lambda a, s, w, ws, g: gmm_w8a8(a, s, w, ws, g, out_dtype=jnp.bfloat16)  # noqa: E731
+                args = (sd((m, k), jnp.int8), sd((m,), jnp.float32), sd((e, n, k), jnp.int8),
+                        sd((e, n), jnp.float32), gs)
+            else:
+                kp = -(-k // 128) * 128
+                fn = lambda a, w, s, g: gmm_w4a16(a, w, s, None, g, group=128, out_dtype=jnp.bfloat16)  # noqa: E731
+                args = (sd((m, k), jnp.bfloat16), sd((e, n, kp // 2), jnp.int8), sd((e, n, kp // 128), jnp.float32), gs)
+            r = ConfigReport(kernel=f"pallas.tpu.grouped.{family}", config=f"bf16-g128 E{e}-M{m}-N{n}-K{k}",
+                             target=target, mma_instruction="MXU int8" if family == "w8a8" else "MXU bf16",
+                             vmem_bytes=vmem_estimate(m, n, k, family=family))
+            try:
+                compiled = jax.jit(fn).trace(*args).lower().compile()
+            except Exception as err:  # a compile error is this shape's verdict, reported not raised
+                r.problems.append(f"compile failed: {str(err).splitlines()[0][:300]}")
+                reports.append(r)
+                continue
+            mem = compiled.memory_analysis()
+            r.memory_analysis = {f: int(getattr(mem, f)) for f in (
+                "temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "generated_code_size_in_bytes")}
+            text = compiled.as_text()
+            if "tpu_custom_call" not in text:
+                r.problems.append("no tpu_custom_call in the compiled program: the Mosaic kernel was not used")
+            if limit is not None and r.vmem_bytes > limit:
+                r.problems.append(f"blocks take {r.vmem_bytes} bytes of VMEM, over the scoped {limit}")
+            if family == "w4a16":  # per expert: the packed (E, N, K/2) stack holds E*K/2 bytes per column
+                r.problems += aot._dequantized_copy(text, n, e * k)
+            reports.append(r)
+    return reports

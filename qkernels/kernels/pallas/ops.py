@@ -13,7 +13,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from qkernels.formats import W8A8, QOperand, Recipe
+from qkernels.formats import W8A8, OperandFormat, QOperand, Recipe
 from qkernels.kernels.pallas import configs, quantize, tpu
 from qkernels.kernels.pallas.configs import Family
 from qkernels.kernels.pallas.layout import Prepacked, ScaleLayout, canonicalize
@@ -47,16 +47,18 @@ def family_of(recipe: Recipe) -> Family | None:
     return _BY_TAG.get(recipe.tag)
 
 
-def quantize_activations(x: jnp.ndarray, target: Target) -> QOperand:
-    """Dynamic int8 per-row quantization: the Pallas kernel on TPU/interpret, XLA ops on GPU.
+def quantize_activations(x: jnp.ndarray, target: Target, fmt: OperandFormat = W8A8.lhs) -> QOperand:
+    """Dynamic per-row quantization to `fmt` (int8 or float8_e4m3fn per row): int8 on TPU/interpret by
+    the Pallas kernel, otherwise XLA ops.
 
-    On GPU the format's own definition runs as XLA ops (`jax_bindings.arrays.JAX_OPS`: XLA's f32
-    division is correctly rounded there), which Pallas' Triton lowering does not promise.
+    The format's own definition runs as XLA ops (`jax_bindings.arrays.JAX_OPS`) on GPU, where XLA's
+    f32 division is correctly rounded and Pallas' Triton lowering does not promise it, and for fp8
+    everywhere (the Pallas kernel writes int8 codes).
     """
-    if target is Target.GPU:
+    if target is Target.GPU or fmt != W8A8.lhs:
         from jax_bindings.arrays import JAX_OPS
 
-        return W8A8.lhs.quantize(x, JAX_OPS)
+        return fmt.quantize(x, JAX_OPS)
     q, s = quantize.quantize_rows(x, interpret=target.interpret)
     return QOperand(q, s)
 
@@ -92,7 +94,7 @@ def _prepare(lhs: Any, rhs: QOperand, recipe: Recipe, target: Target):
                          f"{recipe.rhs.describe()} stores {stored}; quantize the weight for this K")
     lhs_q = lhs_q.reshape(canon.batch, canon.m, canon.k)
     if recipe.lhs is not None and lhs_s is None:
-        act = quantize_activations(lhs_q, target)
+        act = quantize_activations(lhs_q, target, recipe.lhs)
         lhs_q, lhs_s = act.qvalue, act.scale
     if lhs_s is not None:
         lhs_s = lhs_s.reshape(canon.batch, canon.m)
@@ -110,13 +112,17 @@ def qmatmul(lhs: Any, rhs: QOperand, recipe: Recipe, *, bias: Any = None, out_dt
             target: Target = Target.INTERPRET, config: Any = None) -> jnp.ndarray:
     """`out (..., M, N) = rescale(lhs (..., M, K) @ rhs (..., N, K)^T)` with the Pallas kernels.
 
-    lhs: float activations, or a QOperand of int8 codes and per-row scales (integer recipes).
+    lhs: float activations, or a QOperand of codes (int8, float8_e4m3fn) and per-row scales.
     rhs: QOperand in canonical stored layout. out_dtype: default lhs's dtype (f32 if pre-quantized).
     config: a `TileConfig` (TPU, interpret) or `GpuConfig` (GPU); None: the table's for this M.
     """
     family = family_of(recipe)
     if family is None:
-        raise ValueError(f"{recipe.name} has no Pallas kernel; use W8A8, W4A16 or W4A8, or another backend")
+        raise ValueError(f"{recipe.name} has no Pallas kernel; use {', '.join(f.value for f in Family)}, or "
+                         f"another backend")
+    if not (target is Target.GPU or family in configs.TPU_FAMILIES):
+        raise ValueError(f"{recipe.name} has no Pallas TPU kernel to run on {target.value}; its Pallas kernel runs "
+                         f"on CUDA GPUs (target=Target.GPU)")
     if out_dtype is None:
         out_dtype = jnp.float32 if isinstance(lhs, QOperand) else jnp.asarray(lhs).dtype
     out_dtype = jnp.dtype(out_dtype)
@@ -148,9 +154,12 @@ def accumulators(lhs: Any, rhs: QOperand, recipe: Recipe, *, target: Target = Ta
     return out.reshape(*canon.out_shape, *groups)
 
 
+_INT4 = (Family.W4A16, Family.W4A8)  # the families whose TPU kernels relay scales out (`layout.ScaleLayout`)
+
+
 def _packed(module: Any, family: Family, rhs: QOperand) -> dict[str, Any]:
     """The prepacked scale layouts for the TPU int4 kernels (the only ones that relay scales out)."""
-    return {"packed": rhs.packed} if module is tpu and family is not Family.W8A8 and rhs.packed else {}
+    return {"packed": rhs.packed} if module is tpu and family in _INT4 and rhs.packed else {}
 
 
 def scale_layout(recipe: Recipe, target: Target, config: Any, *, m: int, n: int, k: int) -> ScaleLayout | None:
@@ -158,7 +167,7 @@ def scale_layout(recipe: Recipe, target: Target, config: Any, *, m: int, n: int,
     None where the kernel reads the canonical scales (W8A8: a free reshape; the GPU kernels: a transpose
     of the (B_w, N, G) scales, not prepacked). `config`: the call's `TileConfig`, None for the table's."""
     family = family_of(recipe)
-    if family in (None, Family.W8A8) or target is Target.GPU:
+    if family not in _INT4 or target is Target.GPU:
         return None
     config = config if config is not None else target.tile_config(family, m)
     return tpu.scale_layout(config, n, recipe.rhs.stored_k(k), recipe.group_size, lhs_int=family is Family.W4A8)
@@ -169,7 +178,7 @@ def prepack(rhs: QOperand, recipe: Recipe, *, k: int, target: Target, tile_confi
     `ScaleLayout` of `tile_configs` (default: every entry of the target's table for the recipe's family,
     i.e. the decode and the any-M configs). Empty for recipes whose kernels read canonical scales."""
     family = family_of(recipe)
-    if family in (None, Family.W8A8) or target is Target.GPU:
+    if family not in _INT4 or target is Target.GPU:
         return ()
     scale = jnp.asarray(rhs.scale, jnp.float32)
     zero = None if rhs.zero_point is None else jnp.asarray(rhs.zero_point)
@@ -184,7 +193,7 @@ def prepack(rhs: QOperand, recipe: Recipe, *, k: int, target: Target, tile_confi
 
 
 # One launcher per family: the kernels' argument lists differ (W4A16 takes float activations and a
-# zero point, the integer families per-row activation scales).
+# zero point, FP8A16 float activations, the others per-row activation scales).
 def _launch_w8a8(module, a, a_scale, w, w_scale, w_zero, bias, group, **kw):
     return module.w8a8(a, a_scale, w, w_scale, bias, **kw)
 
@@ -197,6 +206,15 @@ def _launch_w4a8(module, a, a_scale, w, w_scale, w_zero, bias, group, **kw):
     return module.w4a8(a, a_scale, w, w_scale, bias, group=group, **kw)
 
 
-_LAUNCHERS = {Family.W8A8: _launch_w8a8, Family.W4A16: _launch_w4a16, Family.W4A8: _launch_w4a8}
+def _launch_fp8(module, a, a_scale, w, w_scale, w_zero, bias, group, **kw):
+    return module.fp8(a, a_scale, w, w_scale, bias, **kw)
+
+
+def _launch_fp8a16(module, a, a_scale, w, w_scale, w_zero, bias, group, **kw):
+    return module.fp8a16(a, w, w_scale, bias, **kw)
+
+
+_LAUNCHERS = {Family.W8A8: _launch_w8a8, Family.W4A16: _launch_w4a16, Family.W4A8: _launch_w4a8,
+              Family.FP8: _launch_fp8, Family.FP8A16: _launch_fp8a16}
 
 

@@ -1,4 +1,4 @@
-"""Pallas TPU (Mosaic) kernels: W8A8 (int8 MXU), W4A16 and W4A8 (int4 packed along K).
+"""Pallas TPU (Mosaic) kernels: W8A8 (int8 MXU), W4A16 and W4A8 (int4 packed along K), FP8.
 
 Grid (batch, M blocks, N blocks, K blocks), K innermost and sequential ("arbitrary"): the
 accumulator lives in a VMEM scratch, is zeroed on the first K step and rescaled, biased and cast
@@ -6,6 +6,12 @@ on the last (DESIGN.md section 4 order). Arguments are canonical 3-D arrays (see
 wrappers here pad every axis to a block multiple and slice the result back. `raw=True` returns
 the integer accumulators instead (int32 (B, M, N) for W8A8; int32 per group (B, M, N, G) for
 W4A8) so that tests can compare them with the reference exactly.
+
+FP8 is W8A8's kernel on float8_e4m3fn codes with an f32 accumulator (every product of two e4m3
+codes is exact in f32, so only the order of the f32 sum differs from the reference). Mosaic lowers
+the fp8 dot for v5e, v6e, v5p and v7x (compiled through libtpu 0.0.42, jax 0.10.2), but only v7's MXU
+multiplies fp8, so `qkernels.kernels.pallas.supports_tpu` refuses FP8 on the generations with tables
+(`hardware.TPU_FP8_MXU`) and the kernel runs interpreted (tests) until a generation with an fp8 MXU gets one.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from qkernels.kernels.pallas.configs import TileConfig
 from qkernels.kernels.pallas.layout import (Prepacked, ScaleLayout, ScaleOrder, even_odd, fit_block, out_struct,
                                             pad_axis, unpack_nibbles)
 
-__all__ = ["w8a8", "w4a16", "w4a8", "scale_layout"]
+__all__ = ["w8a8", "w4a16", "w4a8", "fp8", "scale_layout"]
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last axis of both tiles: [bm, bk] x [bn, bk] -> [bm, bn]
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
@@ -32,16 +38,21 @@ def _params() -> pltpu.CompilerParams:
     return pltpu.CompilerParams(dimension_semantics=_SEMANTICS)
 
 
-def _w8a8_kernel(a_ref, w_ref, sa_ref, sw_ref, *rest, has_bias: bool, raw: bool):
-    """One (batch, i, j) output tile, accumulated over the K grid axis.
+def _acc_dtype(codes: Any) -> Any:
+    """The exact accumulator of a dot of one-byte codes: int32 for int8, f32 for float8 (exact products)."""
+    return jnp.int32 if jnp.issubdtype(codes.dtype, jnp.integer) else jnp.float32
 
-    a_ref:   (block_m, block_k) int8 activation codes, VMEM.
-    w_ref:   (block_n, block_k) int8 weight codes, VMEM.
+
+def _rowwise_kernel(a_ref, w_ref, sa_ref, sw_ref, *rest, has_bias: bool, raw: bool):
+    """One (batch, i, j) output tile of W8A8 or FP8, accumulated over the K grid axis.
+
+    a_ref:   (block_m, block_k) int8 or float8_e4m3fn activation codes, VMEM.
+    w_ref:   (block_n, block_k) weight codes of the same type, VMEM.
     sa_ref:  (block_m, 1) f32 per-token scales, VMEM.
     sw_ref:  (1, block_n) f32 per-channel scales, VMEM.
     b_ref:   (1, block_n) f32 bias, VMEM (only when has_bias).
     o_ref:   (block_m, block_n) output (int32 accumulators when raw), VMEM.
-    acc_ref: (block_m, block_n) int32 scratch accumulator, VMEM.
+    acc_ref: (block_m, block_n) scratch accumulator, int32 (int8 codes) or f32 (fp8 codes), VMEM.
     """
     b_ref, o_ref, acc_ref = rest if has_bias else (None, *rest)
     k = pl.program_id(3)
@@ -50,14 +61,14 @@ def _w8a8_kernel(a_ref, w_ref, sa_ref, sw_ref, *rest, has_bias: bool, raw: bool)
     def _init():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    acc_ref[...] += jax.lax.dot_general(a_ref[...], w_ref[...], _NT, preferred_element_type=jnp.int32)
+    acc_ref[...] += jax.lax.dot_general(a_ref[...], w_ref[...], _NT, preferred_element_type=acc_ref.dtype)
 
     @pl.when(k == pl.num_programs(3) - 1)
     def _epilogue():
         if raw:
             o_ref[...] = acc_ref[...]
             return
-        # int32 accumulator -> f32, rhs (weight) scale then lhs scale, then bias: the contract's order
+        # accumulator -> f32, rhs (weight) scale then lhs scale, then bias: the contract's order
         y = (acc_ref[...].astype(jnp.float32) * sw_ref[...]) * sa_ref[...]  # [bm, bn]
         if has_bias:
             y = y + b_ref[...]
@@ -146,11 +157,10 @@ def _rhs_index(batched: bool):
     return (lambda b, i, j, k: (b, j, k)) if batched else (lambda b, i, j, k: (0, j, k))
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret", "raw"))
-def w8a8(a_q, a_scale, w_q, w_scale, bias, *, out_dtype: Any, config: TileConfig, interpret: Any = False,
-         raw: bool = False):
-    """int8 (B, M, K) x int8 (B_w, N, K) with per-row scales (B, M), (B_w, N); B_w in {1, B}."""
+def _rowwise_call(a_q, a_scale, w_q, w_scale, bias, *, out_dtype: Any, config: TileConfig, interpret: Any,
+                  raw: bool, name: str):
     batch, m, k = a_q.shape
+    acc = _acc_dtype(a_q)
     n = w_q.shape[1]
     bm, mp, bn, np_, bk, kp = _blocks(config, m, n, k, 128)
     a_q = pad_axis(pad_axis(a_q, 1, mp), 2, kp)
@@ -169,17 +179,32 @@ def w8a8(a_q, a_scale, w_q, w_scale, bias, *, out_dtype: Any, config: TileConfig
         in_specs.append(pl.BlockSpec((1, bn), lambda b, i, j, k: (0, j)))
         args.append(pad_axis(bias.astype(jnp.float32), 0, np_)[None, :])
     out = pl.pallas_call(
-        functools.partial(_w8a8_kernel, has_bias=bias is not None, raw=raw),
+        functools.partial(_rowwise_kernel, has_bias=bias is not None, raw=raw),
         grid=(batch, mp // bm, np_ // bn, kp // bk),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, bm, bn), lambda b, i, j, k: (b, i, j)),
-        out_shape=out_struct((batch, mp, np_), jnp.int32 if raw else out_dtype, args),
-        scratch_shapes=[pltpu.VMEM((bm, bn), jnp.int32)],
+        out_shape=out_struct((batch, mp, np_), acc if raw else out_dtype, args),
+        scratch_shapes=[pltpu.VMEM((bm, bn), acc)],
         compiler_params=_params(),
         interpret=interpret,
-        name="qk_w8a8",
+        name=name,
     )(*args)
     return out[:, :m, :n]
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret", "raw"))
+def w8a8(a_q, a_scale, w_q, w_scale, bias, *, out_dtype: Any, config: TileConfig, interpret: Any = False,
+         raw: bool = False):
+    """int8 (B, M, K) x int8 (B_w, N, K) with per-row scales (B, M), (B_w, N); B_w in {1, B}."""
+    return _rowwise_call(a_q, a_scale, w_q, w_scale, bias, out_dtype=out_dtype, config=config, interpret=interpret,
+                         raw=raw, name="qk_w8a8")
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
+def fp8(a_q, a_scale, w_q, w_scale, bias, *, out_dtype: Any, config: TileConfig, interpret: Any = False):
+    """float8_e4m3fn (B, M, K) x float8_e4m3fn (B_w, N, K) with per-row scales (B, M), (B_w, N); B_w in {1, B}."""
+    return _rowwise_call(a_q, a_scale, w_q, w_scale, bias, out_dtype=out_dtype, config=config, interpret=interpret,
+                         raw=False, name="qk_fp8")
 
 
 def _int4_blocks(config: TileConfig, m: int, n: int, k_stored: int, group: int):

@@ -17,6 +17,11 @@ W4A16 unpacks and dequantizes each weight tile in registers and accumulates in f
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +32,7 @@ import triton.language as tl
 from qkernels import dispatch
 from qkernels.formats import QOperand
 from qkernels.kernels.triton._common import (
-    MatmulConfig, Output, dot_upcast, pick_config, round_to_bf16, store_rescaled, torch_dtype,
+    MatmulConfig, Output, dot_upcast, interpreting, pick_config, round_to_bf16, store_rescaled, torch_dtype,
     unpack_int4_tile,
 )
 from qkernels.kernels.triton.quantize import quantize_rows
@@ -290,8 +295,17 @@ def aot_reports(target: str) -> list[Any]:
     """Compile every grouped config for `target` ('sm_80', 'sm_90', 'gfx942') with no GPU, through
     `qkernels.kernels.triton.aot`'s compiler and machine-code checks (tensor-core instruction, spills,
     shared memory), as it compiles the dense families: bf16 activations / outputs, group size 128.
-    Needs TRITON_INTERPRET unset (compiled kernels, not interpreter objects)."""
+    Under TRITON_INTERPRET=1 (kernels are interpreter objects, which cannot be compiled) it runs in a child
+    process without that variable, as `qkernels.kernels.triton.aot.check` does."""
     from qkernels.kernels.triton import aot
+
+    if interpreting():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        done = subprocess.run([sys.executable, "-m", __name__, target], env=env, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"the grouped AOT check for {target} failed in its child process:\n"
+                               f"{done.stderr[-2000:]}")
+        return [aot.ConfigReport(**r) for r in json.loads(done.stdout)]
 
     arch = aot.GPU_TARGETS[target].arch
     blocks = lambda c, **extra: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k, **extra)  # noqa: E731
@@ -309,3 +323,7 @@ def aot_reports(target: str) -> list[Any]:
     )
     return [aot._check_one(spec, cfg, target, sp) for spec in specs for cfg in spec.configs(target)
             for sp in aot.SPECIALIZATIONS]
+
+
+if __name__ == "__main__":  # child process of `aot_reports` under the interpreter: reports as JSON on stdout
+    print(json.dumps([dataclasses.asdict(r) for r in aot_reports(sys.argv[1])]))

