@@ -1,4 +1,5 @@
-"""JAX rows: `qkernels.dot_general` per recipe, `lax.dot_general` f32/bf16, XLA int8 dot + rescale, AQT.
+"""JAX rows: `qkernels.dot_general` per recipe, `lax.dot_general` f32/bf16, XLA int8 dot + rescale, AQT;
+and the host-overhead section (`overhead`, `python -m bench.jax_cases overhead`).
 
 Weights are laid out as a Flax `Dense` kernel, (K, N), contracted on axis 0, which is the call the
 README shows: `qk.dot_general(x, qk.quantize(w, recipe, contracting_axes=(0,)), DN)`.
@@ -6,7 +7,14 @@ README shows: `qk.dot_general(x, qk.quantize(w, recipe, contracting_axes=(0,)), 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+import argparse
+import json
+import statistics
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +24,7 @@ from bench.cases import mma_of, Case, Data, Prepared, Unavailable, chosen_name, 
 from qkernels import reference
 from qkernels.formats import W8A8, Recipe
 
-__all__ = ["cases", "DN"]
+__all__ = ["cases", "DN", "overhead", "overhead_markdown", "OVERHEAD_SHAPES"]
 
 DN = (((1,), (0,)), ((), ()))
 _DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
@@ -129,3 +137,106 @@ def cases(device: Any, recipes: tuple[Recipe, ...]) -> list[Case]:
                         mma=mma_of(r, act),
                         prepare=_qkernels(r)))
     return out
+
+
+OVERHEAD_SHAPES: tuple[tuple[int, int, int], ...] = ((1, 64, 64), (1, 256, 256))
+"""(M, N, K) of the host-overhead section: tiny layers, where a call's cost is dispatch, not math."""
+
+
+def _per_call_us(fn: Any, *, budget_s: float, max_reps: int) -> list[float]:
+    """Microseconds per call, each call waited for (`block_until_ready`) as a decode step waits for
+    its layer's output; after 20 warm-up calls (compiles, caches)."""
+    for _ in range(20):
+        jax.block_until_ready(fn())
+    out: list[float] = []
+    start = time.perf_counter()
+    while len(out) < max_reps and (len(out) < 50 or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+def overhead(recipes: tuple[Recipe, ...], *, shapes: tuple[tuple[int, int, int], ...] = OVERHEAD_SHAPES,
+             budget_s: float = 1.0, max_reps: int = 20000) -> list[dict[str, Any]]:
+    """Host overhead: us per call of `qk.dot_general` (jit'ed and eager) per recipe beside
+    `lax.dot_general` f32 (jit'ed and eager) on tiny shapes, on the default device.
+
+    Rows: shape, method ('lax.dot_general' / 'qkernels.dot_general'), mode ('jit' / 'eager'), recipe
+    ('f32' for lax), the implementation that ran, median / min us per call, samples, and `above_lax_us`:
+    the median minus lax f32's median in the same mode on the same shape.
+    """
+    import qkernels as qk
+
+    rows: list[dict[str, Any]] = []
+    for m, n, k in shapes:
+        rng = np.random.default_rng([m, n, k])
+        x = jnp.asarray(rng.standard_normal((m, k), np.float32))
+        w = jnp.asarray(rng.standard_normal((k, n), np.float32) * np.float32(0.05))
+        lax_jit = jax.jit(lambda a, b: jax.lax.dot_general(a, b, DN))
+        calls = [("lax.dot_general", "jit", "f32", "lax", lambda: lax_jit(x, w)),
+                 ("lax.dot_general", "eager", "f32", "lax", lambda: jax.lax.dot_general(x, w, DN))]
+        for r in recipes:
+            w_q = qk.quantize(w, r, contracting_axes=(0,))
+            impl = chosen_name(qk.explain(x, w_q, DN))
+            f = jax.jit(lambda a, b: qk.dot_general(a, b, DN))
+            calls.append(("qkernels.dot_general", "jit", r.name, impl, functools.partial(f, x, w_q)))
+            calls.append(("qkernels.dot_general", "eager", r.name, impl,
+                          functools.partial(qk.dot_general, x, w_q, DN)))
+        base: dict[str, float] = {}
+        for method, mode, recipe, impl, fn in calls:
+            us = _per_call_us(fn, budget_s=budget_s, max_reps=max_reps)
+            med = statistics.median(us)
+            if method == "lax.dot_general":
+                base[mode] = med
+            rows.append({"shape": f"M{m}-N{n}-K{k}", "method": method, "mode": mode, "recipe": recipe, "impl": impl,
+                         "median_us": med, "min_us": min(us), "reps": len(us),
+                         "above_lax_us": med - base[mode]})
+    return rows
+
+
+def overhead_markdown(rows: list[dict[str, Any]], title: str) -> str:
+    """The host-overhead table."""
+    lines = [f"# {title}", "",
+             "us per call, each call waited for (block_until_ready); median (min) over n calls after 20 warm-up "
+             "calls; 'above lax' is the median minus lax.dot_general f32's in the same mode and shape.", "",
+             "| shape | method | mode | recipe | ran | us median (min) | n | above lax us |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['method']} | {r['mode']} | {r['recipe']} | {r['impl']} | "
+                     f"{r['median_us']:.1f} ({r['min_us']:.1f}) | {r['reps']} | {r['above_lax_us']:+.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _overhead_main(argv: list[str]) -> int:
+    from bench import __main__ as bench_main
+    from bench import device as device_mod
+    from qkernels.formats import parse_recipe
+
+    p = argparse.ArgumentParser(prog="python -m bench.jax_cases overhead", description=overhead.__doc__.split("\n\n")[0])
+    p.add_argument("--recipes", default=bench_main.DEFAULT_RECIPES)
+    p.add_argument("--budget", type=float, default=1.0, help="seconds of samples per row (default 1)")
+    p.add_argument("--save", action="store_true",
+                   help=f"write JSON and markdown to {bench_main.RESULTS}/<device>-jax-overhead-<date>.*")
+    args = p.parse_args(argv)
+    device_mod.configure_environment()
+    dev = device_mod.detect(probe=False)
+    recipes = tuple(parse_recipe(r) for r in args.recipes.split(",") if r.strip())
+    rows = overhead(recipes, budget_s=args.budget)
+    created = time.strftime("%Y-%m-%d", time.gmtime())
+    text = overhead_markdown(rows, f"JAX host overhead: {dev.name} ({dev.platform}), {created}")
+    print(text)
+    if args.save:
+        stem = bench_main.RESULTS / f"{dev.slug}-jax-overhead-{created}"
+        doc = {"schema": "qkernels-bench-overhead/1", "created": created, "device": dev.to_json(),
+               "versions": bench_main._versions(), "budget_s": args.budget, "rows": rows}
+        stem.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(text)
+        print(f"bench: wrote {stem}.json and {stem}.md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["overhead"]:
+        raise SystemExit("usage: python -m bench.jax_cases overhead [--recipes ...] [--budget S] [--save]")
+    sys.exit(_overhead_main(sys.argv[2:]))

@@ -1,4 +1,5 @@
-"""JAX binding of qkernels: `dot_general`, `make_dot_general`, `make_einsum`, `QArray`, `quantize`, `explain`.
+"""JAX binding of qkernels: `dot_general`, `make_dot_general`, `make_einsum`, `QArray`, `quantize`, `prepack`,
+`explain`.
 
 Flax linen's `Einsum` with a `dot_general` field is `jax_bindings.flax.Einsum` (imports flax).
 Whole Flax models: `jax_bindings.rules.Rule` and `jax_bindings.model.quantize_model` /
@@ -18,11 +19,11 @@ from jax_bindings.dot_general import QDotGeneral, dot_general, make_dot_general,
 from jax_bindings.dot_general import explain as dot_general_explain
 from jax_bindings.einsum import QEinsum, make_einsum
 from jax_bindings.implementations import current_platform, platform_of
-from jax_bindings.qarray import QArray, quantize
+from jax_bindings.qarray import QArray, prepack, quantize
 from jax_bindings.ragged import explain as ragged_explain
 from jax_bindings.ragged import quantize_experts, ragged_dot
 
-__all__ = ["dot_general", "make_dot_general", "QDotGeneral", "make_einsum", "QEinsum", "QArray", "quantize", "explain",
+__all__ = ["dot_general", "make_dot_general", "QDotGeneral", "make_einsum", "QEinsum", "QArray", "quantize", "prepack", "explain",
            "plan", "current_platform", "platform_of", "ragged_dot", "quantize_experts", "dot_general_explain",
            "ragged_explain"]
 

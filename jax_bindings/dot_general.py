@@ -28,6 +28,7 @@ weight-only recipes accumulate in f32).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import sys
@@ -262,8 +263,51 @@ def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any = Non
     `input_scale`: a static-range recipe's calibrated per-tensor activation scale (f32 scalar,
     `qkernels.calibration.static_scale`); required by those recipes, refused by the others. The
     static path serves: it has no custom gradient (train with the dynamic recipe).
+
+    Called eagerly (no operand is a tracer), the whole call runs as one cached `jax.jit` program
+    keyed by its static arguments, as `lax.dot_general` itself does eagerly: op-by-op dispatch of
+    the quantize, dot and rescale costs 0.5-130 ms per call at 64x64 on CPU (measured, jax 0.10.2;
+    `python -m bench.jax_cases overhead`), the jit'ed program tens of us. `check_finite=True` stays
+    op-by-op there, where `checkify.check` raises eagerly.
     """
     del precision  # integer dots are exact; weight-only recipes accumulate in f32 regardless
+    backend = dispatch.requested_backend(backend)
+    static = dict(dimension_numbers=_hashable(dimension_numbers), preferred_element_type=preferred_element_type,
+                  recipe=recipe, backend=backend, out_sharding=out_sharding)
+    if not check_finite and _concrete(lhs, rhs, input_scale) and _is_hashable(static):
+        return _eager(lhs, rhs, input_scale, **static)
+    return _dot_general(lhs, rhs, dimension_numbers, preferred_element_type, recipe=recipe, backend=backend,
+                        check_finite=check_finite, out_sharding=out_sharding, input_scale=input_scale)
+
+
+def _hashable(dims: Any) -> Any:
+    """Dimension numbers as nested tuples (lists are accepted by lax and are not hashable)."""
+    return tuple(tuple(tuple(side) if isinstance(side, (list, tuple)) else side for side in part)
+                 for part in dims) if isinstance(dims, (list, tuple)) else dims
+
+
+def _is_hashable(static: dict[str, Any]) -> bool:
+    try:
+        hash(tuple(static.values()))
+    except TypeError:
+        return False
+    return True
+
+
+def _concrete(*trees: Any) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(trees))
+
+
+@functools.partial(jax.jit, static_argnames=("dimension_numbers", "preferred_element_type", "recipe", "backend",
+                                             "out_sharding"))
+def _eager(lhs: Any, rhs: Any, input_scale: Any, *, dimension_numbers: Any, preferred_element_type: Any,
+           recipe: Any, backend: str | None, out_sharding: Any) -> jax.Array:
+    return _dot_general(lhs, rhs, dimension_numbers, preferred_element_type, recipe=recipe, backend=backend,
+                        check_finite=False, out_sharding=out_sharding, input_scale=input_scale)
+
+
+def _dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, preferred_element_type: Any, *, recipe: Any,
+                 backend: str | None, check_finite: bool, out_sharding: Any, input_scale: Any) -> jax.Array:
     p = plan(lhs, rhs, dimension_numbers, preferred_element_type, recipe=recipe)
     act, weight = (rhs, lhs) if p.swap else (lhs, rhs)
     prob = p.problem
@@ -274,8 +318,7 @@ def dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any = Non
     else:
         w = jnp.transpose(weight, p.weight_perm).reshape(*lead, prob.n, prob.k)
     core = _Core(recipe=prob.recipe, k=prob.k, out_dtype=jnp.dtype(prob.out_dtype),
-                 backend=dispatch.requested_backend(backend), platform=prob.platform, device=prob.device,
-                 check_finite=check_finite)
+                 backend=backend, platform=prob.platform, device=prob.device, check_finite=check_finite)
     if prob.recipe.static or input_scale is not None:
         if not prob.recipe.static:
             prob.recipe.quantize_lhs(JAX_OPS, a, input_scale)  # raises: the recipe is dynamic
@@ -382,5 +425,29 @@ def explain(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any = None, p
             *, recipe: Any = None, backend: str | None = None, verbose: bool = False) -> dispatch.Explanation:
     """`qkernels.dispatch.explain` for the problem this `dot_general` call would run (`verbose=True`:
     every registered JAX implementation, other recipes' too)."""
-    problem = plan(lhs, rhs, dimension_numbers, preferred_element_type, recipe=recipe).problem
-    return dispatch.explain(problem, backend, verbose=verbose)
+    p = plan(lhs, rhs, dimension_numbers, preferred_element_type, recipe=recipe)
+    ex = dispatch.explain(p.problem, backend, verbose=verbose)
+    weight = lhs if p.swap else rhs
+    layout = _layout(ex, weight) if isinstance(weight, QArray) else None
+    return ex if layout is None else dataclasses.replace(ex, layout=layout)
+
+
+def _layout(ex: dispatch.Explanation, weight: QArray) -> str | None:
+    """Which scale layout the chosen Pallas TPU (or interpreted) kernel reads: the prepacked one on
+    `weight` (`prepack`), or a relayout per call; None for implementations that read canonical scales."""
+    chosen = ex.chosen
+    if chosen is None or not (chosen.name.startswith("pallas.tpu.") or chosen.name == "pallas.interpret"):
+        return None
+    from qkernels.kernels.pallas import layout as pallas_layout
+    from qkernels.kernels.pallas import ops
+
+    prob = ex.problem
+    target = ops.Target.INTERPRET if chosen.name == "pallas.interpret" else ops.Target(prob.arch)
+    config = ex.config.config if ex.config is not None else None
+    layout = ops.scale_layout(prob.recipe, target, config, m=prob.m, n=prob.n, k=prob.k)
+    if layout is None:
+        return "scales canonical (the kernel reads them as stored)"
+    if pallas_layout.Prepacked.find(weight.packed, layout) is not None:
+        return f"scales prepacked {layout.name}"
+    return (f"scales relaid out per call to {layout.name} (qk.prepack(params, 'pallas') makes it once: "
+            f"{'no prepacked form' if not weight.packed else 'the prepacked forms are for other configs'})")

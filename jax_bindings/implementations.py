@@ -7,6 +7,8 @@
   worth using (TPU v4: no int8 MXU); a recipe with another accumulation is refused with a reason.
   XLA contracts the rescale's multiply and add into an FMA (see `jax_bindings.arrays`), so its f32
   outputs are within one rounding per multiply-add of the reference's; its int32 accumulators are exact.
+  On CPU, where XLA's int8 dot is slow at M=1 and a convert of the codes is not fused into a float
+  dot, it takes the faster paths of `jax_bindings.xla_cpu` (`explain` names the one that runs).
 - `reference.callback` (priority 1): the NumPy reference through `jax.pure_callback` (host round
   trip, slow; bf16 crosses as ml_dtypes.bfloat16). It sits just above the framework-neutral
   `reference` (priority 0), which takes NumPy and so cannot run on tracers; the binding also wraps
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_bindings import xla_cpu
 from jax_bindings.arrays import DTYPES, JAX_OPS
 from qkernels import dispatch, hardware, reference
 from qkernels.formats import ACCUMULATIONS, QOperand
@@ -85,11 +88,11 @@ def accumulators(call: dispatch.Bound, lhs: Any, rhs: QOperand) -> jnp.ndarray:
     return recipe.accumulation.accumulators(recipe, JAX_OPS, lhs, rhs, k=p.k, batched=p.batch is not None)
 
 
-def _run_xla(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> jnp.ndarray:
-    p = call.problem
-    act = p.act_dtype if not p.lhs_quantized else "float32"
-    return p.recipe.matmul(JAX_OPS, lhs, rhs, bias, k=p.k, batched=p.batch is not None, act_dtype=act,
-                           out_dtype=p.out_dtype)
+def _note_xla(problem: dispatch.Problem) -> str | None:
+    path = xla_cpu.path_of(problem)
+    notes = [] if path is xla_cpu.Path.DEFINITION else [f"CPU path: {path.value}"]
+    slow = xla_cpu.slower_than_float(problem)
+    return "; ".join(notes + ([slow] if slow else [])) or None
 
 
 def _supports_xla(problem: dispatch.Problem) -> str | None:
@@ -164,7 +167,7 @@ def register() -> None:
     """Register 'xla' and 'reference.callback' with dispatch (`qkernels.backends` calls this)."""
     _EXECUTION.update({"xla": Execution.XLA_OPS, "reference.callback": Execution.HOST})
     dispatch.register(dispatch.Implementation(
-        name="xla", framework="jax", priority=50, supports=_supports_xla, run=_run_xla, accumulate=accumulators,
+        name="xla", framework="jax", priority=50, supports=_supports_xla, run=xla_cpu.run, accumulate=accumulators, note=_note_xla,
         serves=SERVES, description="XLA ops executing the recipe's definition (int8 dot -> int32, rescale fused)"))
     dispatch.register(dispatch.Implementation(
         name="reference.callback", framework="jax", priority=1, supports=_serves_everything, serves=SERVES.everything(),

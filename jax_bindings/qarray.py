@@ -27,7 +27,7 @@ from jax_bindings.arrays import JAX_OPS
 from qkernels import numerics, quality
 from qkernels.formats import QOperand, Recipe, resolve_recipe
 
-__all__ = ["QArray", "quantize", "normalize_axes"]
+__all__ = ["QArray", "quantize", "normalize_axes", "prepack", "PREPACK_BACKENDS"]
 
 
 def normalize_axes(axes: Sequence[int] | int, ndim: int, what: str) -> tuple[int, ...]:
@@ -51,7 +51,10 @@ class QArray:
     Invariant (canonical layout): `qvalue` is `(B?, N, K_stored)` int8, where B is the product of the
     `batch_axes` sizes, N of the free axes (in increasing axis order), K of the `contracting_axes`
     (in the order given) of the logical `shape`; the padding codes beyond K are zero.
-    A registered pytree: `qvalue`, `scale`, `zero_point` are its leaves, the rest is static.
+    A registered pytree: `qvalue`, `scale`, `zero_point` and `packed` are its leaves, the rest is static.
+    `packed`: backend layouts of the same values made once by `prepack` (e.g. the Pallas TPU kernels'
+    scale layouts, `qkernels.kernels.pallas.layout.Prepacked`), () when none; the canonical leaves stay
+    what is serialized (a restored array has `packed=()`: prepack after loading).
     """
 
     qvalue: jax.Array
@@ -62,6 +65,7 @@ class QArray:
     dtype: Any
     contracting_axes: tuple[int, ...]
     batch_axes: tuple[int, ...] = ()
+    packed: tuple[Any, ...] = ()
 
     @property
     def ndim(self) -> int:
@@ -86,7 +90,7 @@ class QArray:
         return math.prod(self.shape[a] for a in self.batch_axes) if self.batch_axes else None
 
     def operand(self) -> QOperand:
-        return QOperand(self.qvalue, self.scale, self.zero_point)
+        return QOperand(self.qvalue, self.scale, self.zero_point, self.packed or None)
 
     def __getitem__(self, key: Any) -> QArray:
         """`q[...]` is `q` (how `flax.nnx` reads a variable's value); any other index is refused."""
@@ -127,7 +131,8 @@ class QArray:
         per_group = self.scale.ndim == self.qvalue.ndim
         scale = P(*lead, n, k) if per_group else P(*lead, n)
         return dataclasses.replace(self, qvalue=P(*lead, n, k), scale=scale,
-                                   zero_point=None if self.zero_point is None else scale)
+                                   zero_point=None if self.zero_point is None else scale,
+                                   packed=jax.tree_util.tree_map(lambda _: P(), self.packed))  # replicated
 
     def canonical_permutation(self) -> tuple[int, ...]:
         """Axes order (batch, free, contracting) that maps the logical array onto the storage."""
@@ -142,7 +147,7 @@ class QArray:
 
 
 jax.tree_util.register_dataclass(
-    QArray, data_fields=["qvalue", "scale", "zero_point"],
+    QArray, data_fields=["qvalue", "scale", "zero_point", "packed"],
     meta_fields=["recipe", "shape", "dtype", "contracting_axes", "batch_axes"])
 
 
@@ -189,6 +194,55 @@ def quantize(w: Any, recipe: Any = None, *, contracting_axes: Sequence[int] | in
     return dataclasses.replace(skeleton, qvalue=op.qvalue, scale=op.scale, zero_point=op.zero_point)
 
 
+PREPACK_BACKENDS = ("pallas",)
+"""Backends with a prepacked weight layout (`prepack`)."""
+
+
+def prepack(tree: Any, backend: str = "pallas", *, target: str | None = None, configs: Any = None) -> Any:
+    """`tree` with every `QArray` carrying `backend`'s prepacked layouts (`QArray.packed`), made once here.
+
+    backend "pallas": the scales (and zero points) of int4 weights (W4A16, W4A8) in the layouts the
+    Pallas TPU kernels read (`qkernels.kernels.pallas.layout.ScaleLayout`), one per distinct layout of
+    the target's config table (decode and any-M entries), or of `configs` (TileConfigs, e.g. tuned ones).
+    A call whose config needs another layout relays the canonical scales out itself, as without
+    prepacking; `qk.explain` says which it does. W8A8 and the weight-only int8/fp8 recipes have nothing to
+    prepack (their kernels read canonical scales) and are returned as they are.
+    `target`: the TPU generation ('v5e', 'v6e', 'v5p') or 'interpret' (the interpreted kernels on CPU);
+    default: the generation of the default device.
+
+    Do it where the weights become constants of serving (after loading, outside the jit'ed step, or on
+    the params passed into it): the packed arrays are then pytree leaves the step reads, not work in its
+    graph. Save the canonical tree (the packed leaves are derived; a restored QArray has none).
+    """
+    if backend not in PREPACK_BACKENDS:
+        raise ValueError(f"no prepacked layout for backend {backend!r}; prepack serves {PREPACK_BACKENDS}")
+    from jax_bindings.implementations import current_platform
+    from qkernels.kernels.pallas import ops
+
+    if target is None:
+        platform = current_platform()
+        if not platform.startswith("tpu:"):
+            raise ValueError(f"prepack(..., backend='pallas') makes the Pallas TPU kernels' layouts and this "
+                             f"process runs on {platform}; pass target= one of the TPU generations "
+                             f"{[t.value for t in ops.Target if t is not ops.Target.GPU]}")
+        target = platform.split(":", 1)[1]
+    try:
+        tgt = ops.Target(target)
+    except ValueError:
+        raise ValueError(f"target={target!r} is not a Pallas TPU target; choose one of "
+                         f"{[t.value for t in ops.Target if t is not ops.Target.GPU]}") from None
+    if tgt is ops.Target.GPU:
+        raise ValueError("the Pallas GPU kernels read canonical scales; there is nothing to prepack for target='gpu'")
+
+    def one(x: Any) -> Any:
+        if not isinstance(x, QArray):
+            return x
+        packed = ops.prepack(x.operand()._replace(packed=None), x.recipe, k=x.k, target=tgt, tile_configs=configs)
+        return dataclasses.replace(x, packed=packed)
+
+    return jax.tree_util.tree_map(one, tree, is_leaf=lambda x: isinstance(x, QArray))
+
+
 _STATE_FORMAT = "qkernels.QArray/1"
 
 
@@ -231,7 +285,7 @@ def _from_state_dict(target: QArray, state: dict[str, Any]) -> QArray:
             raise ValueError(f"QArray state's {name} is {leaf.shape} {leaf.dtype} but the target's is "
                              f"{want.shape} {want.dtype}; the checkpoint is not of this weight")
     return dataclasses.replace(target, qvalue=leaves["qvalue"], scale=leaves["scale"],
-                               zero_point=leaves.get("zero_point"))
+                               zero_point=leaves.get("zero_point"), packed=())
 
 
 if importlib.util.find_spec("flax") is not None:

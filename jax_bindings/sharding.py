@@ -208,10 +208,20 @@ class _Call:
     lhs_quantized: bool  # lhs comes as a QOperand: (codes, per-row scales)
     zero_point: bool
     bias: bool
+    # the weight's prepacked forms (QOperand.packed): their treedef and leaf ranks. They travel as trailing
+    # replicated operands; a shard whose local layout differs from theirs relays its own scales out
+    packed: Any = None
+    packed_ranks: tuple[int, ...] = ()
 
     @property
     def n_lhs(self) -> int:
         return 2 if self.lhs_quantized else 1
+
+
+def _call_of(impl: dispatch.Implementation, problem: dispatch.Problem, lhs: Any, rhs: QOperand, bias: Any) -> _Call:
+    leaves, tree = jax.tree_util.tree_flatten(rhs.packed)
+    return _Call(impl, problem, isinstance(lhs, QOperand), rhs.zero_point is not None, bias is not None,
+                 tree if leaves else None, tuple(x.ndim for x in leaves))
 
 
 def _flatten(lhs: Any, rhs: QOperand, bias: Any) -> list[jax.Array]:
@@ -221,7 +231,7 @@ def _flatten(lhs: Any, rhs: QOperand, bias: Any) -> list[jax.Array]:
         args.append(rhs.zero_point)
     if bias is not None:
         args.append(bias)
-    return args
+    return args + jax.tree_util.tree_leaves(rhs.packed)
 
 
 def _unflatten(call: _Call, args: Sequence[jax.Array]) -> tuple[Any, QOperand, Any]:
@@ -230,7 +240,8 @@ def _unflatten(call: _Call, args: Sequence[jax.Array]) -> tuple[Any, QOperand, A
     q, s = args.pop(0), args.pop(0)
     zero = args.pop(0) if call.zero_point else None
     bias = args.pop(0) if call.bias else None
-    return lhs, QOperand(q, s, zero), bias
+    packed = None if call.packed is None else jax.tree_util.tree_unflatten(call.packed, args)
+    return lhs, QOperand(q, s, zero, packed), bias
 
 
 def _specs(call: _Call, layout: Layout, scale_ndim: int) -> tuple[tuple[P, ...], P]:
@@ -240,7 +251,7 @@ def _specs(call: _Call, layout: Layout, scale_ndim: int) -> tuple[tuple[P, ...],
     specs = [P(*b, m, k)] + ([P(*b, m)] if call.lhs_quantized else [])
     rhs_scale = P(*(*b, n, k)[:scale_ndim])  # per channel (B?, N), per group (B?, N, G), per tensor ()
     specs += [P(*b, n, k), rhs_scale] + ([rhs_scale] if call.zero_point else []) + ([P(n)] if call.bias else [])
-    return tuple(specs), P(*b, m, n)
+    return tuple(specs) + (P(),) * len(call.packed_ranks), P(*b, m, n)
 
 
 def _global_scale(recipe: Any) -> bool:
@@ -349,6 +360,10 @@ def _sharding_rule(call: _Call) -> tuple[str, dict[str, Any]]:
         kwargs = dict(need_replication_factors=("k", "kw", "g") if "g" in scale else ("k", "kw"))
     operands = [f"{b}m {lk}"] + ([f"{b}m"] if call.lhs_quantized else []) + [f"{b}n {wk}", scale]
     operands += ([scale] if call.zero_point else []) + (["n"] if call.bias else [])
+    packed = [[f"p{i}_{d}" for d in range(rank)] for i, rank in enumerate(call.packed_ranks)]  # replicated
+    operands += [" ".join(f) for f in packed]
+    if packed:
+        kwargs["need_replication_factors"] = (*kwargs.get("need_replication_factors", ()), *(x for f in packed for x in f))
     return f"{', '.join(operands)} -> {b}m n", kwargs
 
 
@@ -421,7 +436,7 @@ def run_partitioned(bound: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any = 
                         f"equal rank 2 or 3; got lhs {lhs_codes.shape} and rhs {rhs.qvalue.shape}. Flatten the "
                         f"activations' leading axes into M (jax_bindings.dot_general does)")
     impl, problem = bound.implementation, bound.problem
-    call = _Call(impl, problem, isinstance(lhs, QOperand), rhs.zero_point is not None, bias is not None)
+    call = _call_of(impl, problem, lhs, rhs, bias)
     args = _flatten(lhs, rhs, bias)
     mesh = _mesh_of(args)
     local = (mesh is not None and all(t == AxisType.Manual for t in mesh.axis_types))  # inside a user's shard_map

@@ -30,7 +30,7 @@ __all__ = [
     "QATLinear", "prepare_qat", "convert", "LoRALinear", "add_lora", "lora_state_dict", "load_lora",
     "calibrate", "smoothquant_",
     "Rule", "quantize_model", "quantize_params", "quantization_summary",
-    "ragged_dot", "grouped_linear", "quantize_experts",
+    "ragged_dot", "grouped_linear", "quantize_experts", "prepack",
     "ColwiseParallel", "RowwiseParallel", "parallelize",
 ]
 
@@ -39,6 +39,7 @@ _LAZY = {
     "make_dot_general": "jax_bindings",
     "make_einsum": "jax_bindings",
     "QArray": "jax_bindings",
+    "prepack": "jax_bindings",
     "Rule": "jax_bindings.rules",
     "quantize_model": "jax_bindings.model",
     "quantize_params": "jax_bindings.model",

@@ -240,6 +240,7 @@ class Explanation:
     error: str | None = None
     config: Any = None  # tuning.Choice of the chosen implementation, if it takes configs
     hidden: int = 0  # candidates left out (other recipes' kernels, test-only variants): verbose=True lists them
+    layout: str | None = None  # the operand layout the chosen kernel reads, where a binding knows it (prepacked or not)
 
     def __str__(self) -> str:
         lines = [self.problem.describe()]
@@ -259,6 +260,8 @@ class Explanation:
             lines.append(f"slow: {slow}")
         if self.config is not None:
             lines.append(f"config: {self.config}")
+        if self.layout is not None:
+            lines.append(f"layout: {self.layout}")
         return "\n".join(lines)
 
     def shown(self, verbose: bool) -> Explanation:

@@ -32,11 +32,16 @@ __all__ = [
 
 
 class QOperand(NamedTuple):
-    """Framework-neutral quantized operand handed to implementations (torch, JAX or NumPy arrays)."""
+    """Framework-neutral quantized operand handed to implementations (torch, JAX or NumPy arrays).
+
+    `packed`: backend-specific prepacked forms of this operand (made once, e.g. `qk.prepack`), or None;
+    a kernel uses the one matching its layout and ignores the rest, every other consumer ignores it.
+    """
 
     qvalue: Any
     scale: Any
     zero_point: Any = None
+    packed: Any = None
 
 
 class Calibration(enum.Enum):

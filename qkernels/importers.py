@@ -46,13 +46,17 @@ class Imported:
     operand: QOperand
     shape: tuple[int, int]
 
+    def _canonical(self) -> tuple[Any, Any, Any]:
+        """(codes, scales, zero points or None): the canonical leaves (`QOperand.packed` is not imported)."""
+        return self.operand.qvalue, self.operand.scale, self.operand.zero_point
+
     def to_torch(self, device: Any = None) -> Any:
         """The layer as a `QTensor` (what `QLinear.from_qtensor(w, bias)` serves), on `device`."""
         import torch
 
         from torch_bindings.qtensor import QTensor
 
-        q, s, z = (None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in self.operand)
+        q, s, z = (None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in self._canonical())
         return QTensor(qvalue=q, scale=s, zero_point=z, recipe=self.recipe, shape=self.shape)
 
     def to_jax(self) -> Any:
@@ -61,7 +65,7 @@ class Imported:
 
         from jax_bindings.qarray import QArray
 
-        q, s, z = (None if a is None else jnp.asarray(a) for a in self.operand)
+        q, s, z = (None if a is None else jnp.asarray(a) for a in self._canonical())
         return QArray(q, s, z, self.recipe, self.shape, jnp.dtype(jnp.float32), (1,))
 
 

@@ -90,7 +90,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, batches: Iterable[Any]
         else:
             op, smooth = quality.awq(w, stats[module].rows, fmt)
         device = module.weight.device
-        qvalue, scale, zero = (None if t is None else torch.from_numpy(np.ascontiguousarray(t)).to(device) for t in op)
+        qvalue, scale, zero = (None if t is None else torch.from_numpy(np.ascontiguousarray(t)).to(device)
+                               for t in (op.qvalue, op.scale, op.zero_point))
         weight = QTensor(qvalue=qvalue, scale=scale, zero_point=zero, recipe=recipe,
                          shape=(module.out_features, module.in_features),
                          smooth=None if smooth is None else torch.from_numpy(smooth).to(device))

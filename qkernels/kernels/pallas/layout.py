@@ -1,4 +1,5 @@
-"""Wrapper-side layout for the Pallas kernels: block fitting, padding, and the int4 lhs order.
+"""Wrapper-side layout for the Pallas kernels: block fitting, padding, the int4 lhs order, and the
+TPU kernels' scale layouts (`ScaleLayout`) with their prepacked form (`Prepacked`).
 
 Kernels see block-multiple arrays only; this module pads (zeros, which change no dot and no scale
 group: padded weight codes are 0) and slices the result back. It also holds the in-kernel int4
@@ -7,6 +8,8 @@ unpack, shared by the TPU and GPU kernels.
 
 from __future__ import annotations
 
+import enum
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import ManualAxisType
 
-__all__ = ["fit_block", "pad_axis", "even_odd", "unpack_nibbles", "Canonical", "canonicalize", "out_struct"]
+__all__ = ["fit_block", "pad_axis", "even_odd", "unpack_nibbles", "Canonical", "canonicalize", "out_struct",
+           "ScaleOrder", "ScaleLayout", "Prepacked"]
 
 
 def out_struct(shape: Sequence[int], dtype: Any, operands: Sequence[Any]) -> jax.ShapeDtypeStruct:
@@ -106,3 +110,65 @@ def canonicalize(lhs_shape: tuple[int, ...], rhs_shape: tuple[int, ...]) -> Cano
                          f"fold extra axes into M or broadcast the weight")
     return Canonical(batch=lhs_shape[0], rhs_batched=True, m=lhs_shape[1], n=rhs_shape[1], k=k,
                      out_shape=(lhs_shape[0], lhs_shape[1], rhs_shape[1]))
+
+
+class ScaleOrder(enum.Enum):
+    """How the TPU int4 kernels read per-group scales (and zero points) of one K block.
+
+    Mosaic needs a block's last two dims to be multiples of (8, 128) or the array's full dims, and a
+    K block holds only `block_k / group` groups, so the canonical (B_w, N, G) cannot be cut into
+    blocks directly: the groups of each K block become a full-extent axis of their own.
+    """
+
+    GROUP_MAJOR = "group-major"  # (B_w, K blocks, groups per block, Np): a row of N scales per group (W4A8)
+    CHANNEL_MAJOR = "channel-major"  # (B_w, K blocks, Np, groups per block): a column per group (W4A16)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScaleLayout:
+    """The scale layout one TPU int4 kernel call reads: fixed by its `ScaleOrder`, the group size, the
+    K block and the padded N and K (so by the config's block_n / block_k and the weight's N, K).
+    A layout never changes numerics: it moves f32 values, padding with zeros that scale padded codes."""
+
+    order: ScaleOrder
+    group: int
+    block_k: int
+    n_padded: int
+    k_padded: int
+
+    @property
+    def name(self) -> str:
+        """'channel-major-bk1024-g128-Np4096-Kp4096'."""
+        return f"{self.order.value}-bk{self.block_k}-g{self.group}-Np{self.n_padded}-Kp{self.k_padded}"
+
+    def apply(self, x: jnp.ndarray) -> jnp.ndarray:
+        """Canonical (B_w, N, G) scales or zero points -> this layout, f32."""
+        bw = x.shape[0]
+        n_kb, gpb = self.k_padded // self.block_k, self.block_k // self.group
+        x = pad_axis(pad_axis(x.astype(jnp.float32), 1, self.n_padded), 2, self.k_padded // self.group)
+        if self.order is ScaleOrder.GROUP_MAJOR:
+            return jnp.swapaxes(x, 1, 2).reshape(bw, n_kb, gpb, self.n_padded)
+        return jnp.swapaxes(x.reshape(bw, self.n_padded, n_kb, gpb), 1, 2)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["scale", "zero_point"], meta_fields=["layout"])
+@dataclass(frozen=True, slots=True)
+class Prepacked:
+    """A weight's scales (and zero points) already in one kernel `layout`: made once (`qk.prepack`),
+    carried as pytree leaves beside the canonical ones, so a jit'ed call reads them as inputs instead
+    of relaying the canonical scales out in its graph. Invariant: `scale == layout.apply(canonical)`."""
+
+    layout: ScaleLayout
+    scale: jax.Array
+    zero_point: jax.Array | None = None
+
+    @classmethod
+    def of(cls, layout: ScaleLayout, scale: jnp.ndarray, zero_point: jnp.ndarray | None) -> Prepacked:
+        return cls(layout, layout.apply(scale), None if zero_point is None else layout.apply(zero_point))
+
+    @staticmethod
+    def find(packed: Any, layout: ScaleLayout, batch: int | None = None) -> Prepacked | None:
+        """The entry of `packed` (a sequence of `Prepacked`, or None) in `layout` (and for a weight of
+        `batch` batch entries, where given: a shard of a batched weight has fewer), else None."""
+        return next((p for p in packed or () if isinstance(p, Prepacked) and p.layout == layout
+                     and (batch is None or p.scale.shape[0] == batch)), None)

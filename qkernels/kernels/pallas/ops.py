@@ -16,9 +16,9 @@ import jax.numpy as jnp
 from qkernels.formats import W8A8, OperandFormat, QOperand, Recipe
 from qkernels.kernels.pallas import configs, quantize, tpu
 from qkernels.kernels.pallas.configs import Family
-from qkernels.kernels.pallas.layout import canonicalize
+from qkernels.kernels.pallas.layout import Prepacked, ScaleLayout, canonicalize
 
-__all__ = ["Target", "family_of", "qmatmul", "accumulators", "quantize_activations"]
+__all__ = ["Target", "family_of", "qmatmul", "accumulators", "quantize_activations", "scale_layout", "prepack"]
 
 
 class Target(enum.Enum):
@@ -94,7 +94,8 @@ def _prepare(lhs: Any, rhs: QOperand, recipe: Recipe, target: Target):
                          f"{recipe.rhs.describe()} stores {stored}; quantize the weight for this K")
     lhs_q = lhs_q.reshape(canon.batch, canon.m, canon.k)
     if recipe.lhs is not None and lhs_s is None:
-        lhs_q, lhs_s, _ = quantize_activations(lhs_q, target, recipe.lhs)
+        act = quantize_activations(lhs_q, target, recipe.lhs)
+        lhs_q, lhs_s = act.qvalue, act.scale
     if lhs_s is not None:
         lhs_s = lhs_s.reshape(canon.batch, canon.m)
     w_q = jnp.asarray(rhs.qvalue)
@@ -129,7 +130,8 @@ def qmatmul(lhs: Any, rhs: QOperand, recipe: Recipe, *, bias: Any = None, out_dt
     module, config = _kernels(target, family, canon.m, config)
     bias = None if bias is None else jnp.asarray(bias)
     out = _LAUNCHERS[family](module, lhs_q, lhs_s, w_q, w_s, w_z, bias, recipe.group_size,
-                             out_dtype=out_dtype, config=config, interpret=target.interpret)
+                             out_dtype=out_dtype, config=config, interpret=target.interpret,
+                             **_packed(module, family, rhs))
     return out.reshape(canon.out_shape)
 
 
@@ -146,9 +148,48 @@ def accumulators(lhs: Any, rhs: QOperand, recipe: Recipe, *, target: Target = Ta
     lhs_q, lhs_s, w_q, w_s, w_z, canon = _prepare(lhs, rhs, recipe, target)
     module, config = _kernels(target, family, canon.m, config)
     out = _LAUNCHERS[family](module, lhs_q, lhs_s, w_q, w_s, w_z, None, recipe.group_size, out_dtype=jnp.int32,
-                             config=config, raw=True, interpret=target.interpret if interpret is None else interpret)
+                             config=config, raw=True, interpret=target.interpret if interpret is None else interpret,
+                             **_packed(module, family, rhs))
     groups = (out.shape[-1],) if recipe.accumulation.grouped else ()
     return out.reshape(*canon.out_shape, *groups)
+
+
+_INT4 = (Family.W4A16, Family.W4A8)  # the families whose TPU kernels relay scales out (`layout.ScaleLayout`)
+
+
+def _packed(module: Any, family: Family, rhs: QOperand) -> dict[str, Any]:
+    """The prepacked scale layouts for the TPU int4 kernels (the only ones that relay scales out)."""
+    return {"packed": rhs.packed} if module is tpu and family in _INT4 and rhs.packed else {}
+
+
+def scale_layout(recipe: Recipe, target: Target, config: Any, *, m: int, n: int, k: int) -> ScaleLayout | None:
+    """The `layout.ScaleLayout` the call's kernel reads its scales in (TPU/interpreted int4 kernels), or
+    None where the kernel reads the canonical scales (W8A8: a free reshape; the GPU kernels: a transpose
+    of the (B_w, N, G) scales, not prepacked). `config`: the call's `TileConfig`, None for the table's."""
+    family = family_of(recipe)
+    if family not in _INT4 or target is Target.GPU:
+        return None
+    config = config if config is not None else target.tile_config(family, m)
+    return tpu.scale_layout(config, n, recipe.rhs.stored_k(k), recipe.group_size, lhs_int=family is Family.W4A8)
+
+
+def prepack(rhs: QOperand, recipe: Recipe, *, k: int, target: Target, tile_configs: Any = None) -> tuple[Prepacked, ...]:
+    """Prepacked forms of a canonical weight's scales for the TPU int4 kernels: one per distinct
+    `ScaleLayout` of `tile_configs` (default: every entry of the target's table for the recipe's family,
+    i.e. the decode and the any-M configs). Empty for recipes whose kernels read canonical scales."""
+    family = family_of(recipe)
+    if family not in _INT4 or target is Target.GPU:
+        return ()
+    scale = jnp.asarray(rhs.scale, jnp.float32)
+    zero = None if rhs.zero_point is None else jnp.asarray(rhs.zero_point)
+    if scale.ndim == 2:  # a shared weight: the kernels take (1, N, G)
+        scale, zero = scale[None], None if zero is None else zero[None]
+    n = scale.shape[1]
+    arch = "v5e" if target in (Target.INTERPRET, Target.GPU) else target.value
+    table = tile_configs if tile_configs is not None else configs.tpu_configs(arch, family)
+    layouts = dict.fromkeys(tpu.scale_layout(c, n, recipe.rhs.stored_k(k), recipe.group_size,
+                                             lhs_int=family is Family.W4A8) for c in table)
+    return tuple(Prepacked.of(layout, scale, zero) for layout in layouts)
 
 
 # One launcher per family: the kernels' argument lists differ (W4A16 takes float activations and a

@@ -25,9 +25,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from qkernels.kernels.pallas.configs import TileConfig
-from qkernels.kernels.pallas.layout import even_odd, fit_block, out_struct, pad_axis, unpack_nibbles
+from qkernels.kernels.pallas.layout import (Prepacked, ScaleLayout, ScaleOrder, even_odd, fit_block, out_struct,
+                                            pad_axis, unpack_nibbles)
 
-__all__ = ["w8a8", "w4a16", "w4a8", "fp8"]
+__all__ = ["w8a8", "w4a16", "w4a8", "fp8", "scale_layout"]
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last axis of both tiles: [bm, bk] x [bn, bk] -> [bm, bn]
 _SEMANTICS = ("parallel", "parallel", "parallel", "arbitrary")
@@ -206,44 +207,49 @@ def fp8(a_q, a_scale, w_q, w_scale, bias, *, out_dtype: Any, config: TileConfig,
                          raw=False, name="qk_fp8")
 
 
-def _int4_call(a, w_q, w_scale, w_zero, a_scale, bias, *, group: int, out_dtype: Any, config: TileConfig,
+def _int4_blocks(config: TileConfig, m: int, n: int, k_stored: int, group: int):
+    """`_blocks` of an int4 call: block_k a multiple of the group (tiles never straddle one) and of 256
+    (128 packed lanes); K is the stored one (weights are padded to the group size at quantization)."""
+    kp_logical = 2 * k_stored
+    blocks = _blocks(config, m, n, kp_logical, max(256, group))
+    if blocks[4] % group:
+        raise ValueError(f"K={kp_logical} with group_size={group}: no block of K fits whole groups; "
+                         f"this is a bug in block fitting, please report it")
+    return blocks
+
+
+def scale_layout(config: TileConfig, n: int, k_stored: int, group: int, *, lhs_int: bool) -> ScaleLayout:
+    """The `ScaleLayout` an int4 call with `config` reads (W4A8: group-major, W4A16: channel-major) for a
+    weight of N rows and `k_stored` packed bytes per row; independent of M."""
+    _, _, _, np_, bk, kp = _int4_blocks(config, 1, n, k_stored, group)
+    order = ScaleOrder.GROUP_MAJOR if lhs_int else ScaleOrder.CHANNEL_MAJOR
+    return ScaleLayout(order=order, group=group, block_k=bk, n_padded=np_, k_padded=kp)
+
+
+def _int4_call(a, w_q, w_scale, w_zero, a_scale, bias, packed, *, group: int, out_dtype: Any, config: TileConfig,
                interpret: Any, raw: bool):
     batch, m, k = a.shape
     n = w_q.shape[1]
-    kp_logical = 2 * w_q.shape[2]  # weights are padded to the group size (and even) at quantization
-    # block_k: a multiple of the group (tiles never straddle one) and of 256 (128 packed lanes)
-    bm, mp, bn, np_, bk, kp = _blocks(config, m, n, kp_logical, max(256, group))
-    if bk % group:
-        raise ValueError(f"K={kp_logical} with group_size={group}: no block of K fits whole groups; "
-                         f"this is a bug in block fitting, please report it")
+    bm, mp, bn, np_, bk, kp = _int4_blocks(config, m, n, w_q.shape[2], group)
     gpb = bk // group
+    lhs_int = a_scale is not None
+    # the scales in this call's layout: prepacked once (`Prepacked`, qk.prepack), else relaid out here
+    layout = scale_layout(config, n, w_q.shape[2], group, lhs_int=lhs_int)
+    pre = Prepacked.find(packed, layout, w_scale.shape[0]) or Prepacked.of(layout, w_scale, w_zero)
     a = even_odd(pad_axis(pad_axis(a, 1, mp), 2, kp), bk)
     w_q = pad_axis(pad_axis(w_q, 1, np_), 2, kp // 2)
-    bw = w_q.shape[0]
-    n_kb = kp // bk
-    rhs_ix = _rhs_index(bw == batch and batch > 1)
-
-    def group_major(x):  # (B_w, N, G) -> (B_w, K blocks, gpb, Np): a row of scales per group
-        x = pad_axis(pad_axis(x.astype(jnp.float32), 1, np_), 2, kp // group)
-        return jnp.swapaxes(x, 1, 2).reshape(bw, n_kb, gpb, np_)
-
-    def channel_major(x):  # (B_w, N, G) -> (B_w, K blocks, Np, gpb): a column of scales per group
-        x = pad_axis(pad_axis(x.astype(jnp.float32), 1, np_), 2, kp // group)
-        return jnp.swapaxes(x.reshape(bw, np_, n_kb, gpb), 1, 2)
-
-    lhs_int = a_scale is not None
+    rhs_ix = _rhs_index(w_q.shape[0] == batch and batch > 1)
     in_specs = [pl.BlockSpec((None, bm, bk), lambda b, i, j, k: (b, i, k)),
                 pl.BlockSpec((None, bn, bk // 2), rhs_ix)]
     args = [a, w_q]
     if lhs_int:
         in_specs.append(pl.BlockSpec((None, None, gpb, bn), lambda b, i, j, k: (rhs_ix(b, i, j, k)[0], k, 0, j)))
-        args.append(group_major(w_scale))
     else:
         in_specs.append(pl.BlockSpec((None, None, bn, gpb), lambda b, i, j, k: (rhs_ix(b, i, j, k)[0], k, j, 0)))
-        args.append(channel_major(w_scale))
+    args.append(pre.scale)
     if w_zero is not None:
         in_specs.append(pl.BlockSpec((None, None, bn, gpb), lambda b, i, j, k: (rhs_ix(b, i, j, k)[0], k, j, 0)))
-        args.append(channel_major(w_zero))
+        args.append(pre.zero_point)
     if lhs_int:
         in_specs.append(pl.BlockSpec((None, bm, 1), lambda b, i, j, k: (b, i, 0)))
         args.append(pad_axis(a_scale, 1, mp)[..., None])
@@ -259,7 +265,7 @@ def _int4_call(a, w_q, w_scale, w_zero, a_scale, bias, *, group: int, out_dtype:
     out = pl.pallas_call(
         functools.partial(_int4_kernel, group=group, has_zero=w_zero is not None, lhs_int=lhs_int,
                           has_bias=bias is not None, raw=raw),
-        grid=(batch, mp // bm, np_ // bn, n_kb),
+        grid=(batch, mp // bm, np_ // bn, kp // bk),
         in_specs=in_specs,
         out_specs=out_spec,
         out_shape=out_shape,
@@ -276,15 +282,17 @@ def _int4_call(a, w_q, w_scale, w_zero, a_scale, bias, *, group: int, out_dtype:
 
 @functools.partial(jax.jit, static_argnames=("group", "out_dtype", "config", "interpret"))
 def w4a16(a, w_q, w_scale, w_zero, bias, *, group: int, out_dtype: Any, config: TileConfig,
-          interpret: Any = False):
-    """float (B, M, K) x packed int4/uint4 (B_w, N, K_p/2), group scales/zeros (B_w, N, K_p/group)."""
-    return _int4_call(a, w_q, w_scale, w_zero, None, bias, group=group, out_dtype=out_dtype, config=config,
+          interpret: Any = False, packed: Any = None):
+    """float (B, M, K) x packed int4/uint4 (B_w, N, K_p/2), group scales/zeros (B_w, N, K_p/group).
+    `packed`: `layout.Prepacked` forms of the scales; the one in this call's `scale_layout` is read as is."""
+    return _int4_call(a, w_q, w_scale, w_zero, None, bias, packed, group=group, out_dtype=out_dtype, config=config,
                       interpret=interpret, raw=False)
 
 
 @functools.partial(jax.jit, static_argnames=("group", "out_dtype", "config", "interpret", "raw"))
 def w4a8(a_q, a_scale, w_q, w_scale, bias, *, group: int, out_dtype: Any, config: TileConfig,
-         interpret: Any = False, raw: bool = False):
-    """int8 (B, M, K) x packed int4 (B_w, N, K_p/2); per-token (B, M) and group (B_w, N, G) scales."""
-    return _int4_call(a_q, w_q, w_scale, None, a_scale, bias, group=group, out_dtype=out_dtype, config=config,
-                      interpret=interpret, raw=raw)
+         interpret: Any = False, raw: bool = False, packed: Any = None):
+    """int8 (B, M, K) x packed int4 (B_w, N, K_p/2); per-token (B, M) and group (B_w, N, G) scales.
+    `packed`: as `w4a16`'s."""
+    return _int4_call(a_q, w_q, w_scale, None, a_scale, bias, packed, group=group, out_dtype=out_dtype,
+                      config=config, interpret=interpret, raw=raw)
