@@ -90,9 +90,7 @@ def accumulators(call: dispatch.Bound, lhs: Any, rhs: QOperand) -> jnp.ndarray:
 
 def _note_xla(problem: dispatch.Problem) -> str | None:
     path = xla_cpu.path_of(problem)
-    notes = [] if path is xla_cpu.Path.DEFINITION else [f"CPU path: {path.value}"]
-    slow = xla_cpu.slower_than_float(problem)
-    return "; ".join(notes + ([slow] if slow else [])) or None
+    return None if path is xla_cpu.Path.DEFINITION else f"CPU path: {path.value}"
 
 
 def _supports_xla(problem: dispatch.Problem) -> str | None:
@@ -168,6 +166,7 @@ def register() -> None:
     _EXECUTION.update({"xla": Execution.XLA_OPS, "reference.callback": Execution.HOST})
     dispatch.register(dispatch.Implementation(
         name="xla", framework="jax", priority=50, supports=_supports_xla, run=xla_cpu.run, accumulate=accumulators, note=_note_xla,
+        slower=xla_cpu.slower_than_float,
         serves=SERVES, description="XLA ops executing the recipe's definition (int8 dot -> int32, rescale fused)"))
     dispatch.register(dispatch.Implementation(
         name="reference.callback", framework="jax", priority=1, supports=_serves_everything, serves=SERVES.everything(),

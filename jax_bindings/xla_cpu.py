@@ -26,7 +26,8 @@ the jit and dotting costs 30-40 ms at every small M: the f32 weight is materiali
 
 `path_of(problem)` is the one rule; `explain` prints it (the implementation's `note`), and where
 the path is known to be slower than `lax.dot_general` f32 (`slower_than_float`, from the shipped
-bench results) explain says so and the first such call warns once, naming the faster recipe.
+bench results; the implementation's `slower`) explain says so and dispatch's first bind of that problem
+warns (`qk.SlowPathWarning`), naming the faster recipe.
 
 Measured (speedup over jit'ed `lax.dot_general` f32, same run; `python -m bench --framework jax --shapes
 4096x4096 --m 1,16,256`, 2-core AMD EPYC shared with other jobs, load average ~14, so medians carry up
@@ -53,7 +54,6 @@ would be the way there.
 from __future__ import annotations
 
 import enum
-import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -189,9 +189,6 @@ def run(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> jnp.ndarray
     act = p.act_dtype if not p.lhs_quantized else "float32"
     batched = p.batch is not None
     path = path_of(p)
-    slow = slower_than_float(p)
-    if slow is not None:  # at trace time; the warnings registry shows each distinct message once
-        warnings.warn(f"qkernels: {p.recipe.name} on 'xla' is {slow}", UserWarning, stacklevel=2)
     if path is Path.DIGITS:
         return _digit_matmul(p.recipe, lhs, rhs, bias, k=p.k, batched=batched, out_dtype=p.out_dtype)
     if path is Path.PADDED_ROWS:
