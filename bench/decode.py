@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+from bench import report
+
 PROMPT = "The quick brown fox jumps over the lazy dog. In a distant kingdom, there lived"
 
 __all__ = ["load", "variants", "measure", "markdown", "main"]
@@ -149,11 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--recipes", default="w8a8,w8a16,w4a16-g128,w4a8-g128")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--smoke", action="store_true", help="the tiny model, 4 tokens, one repeat (CI)")
-    p.add_argument("--json", metavar="FILE")
-    p.add_argument("--markdown", metavar="FILE")
-    p.add_argument("--save", action="store_true", help=f"write JSON and markdown to {RESULTS}/decode-cpu-<date>.*")
+    report.add_output_options(p, "decode")
     args = p.parse_args(argv)
     import torch
 
@@ -168,17 +164,5 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"machine": dev.name, "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
            "repeats": args.repeats, "command": "python -m bench decode" + (" " + " ".join(argv) if argv else ""),
            "rows": rows}
-    text = markdown(doc)
-    print(text)
-    targets = []
-    if args.save:
-        stem = RESULTS / f"decode-{dev.kind}-{doc['date']}"
-        targets += [(Path(str(stem) + ".json"), None), (Path(str(stem) + ".md"), text)]
-    if args.json:
-        targets.append((Path(args.json), None))
-    if args.markdown:
-        targets.append((Path(args.markdown), text))
-    for path, body in targets:
-        path.write_text(body if body is not None else json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {path}", file=sys.stderr)
+    report.write_outputs(doc, markdown(doc), args, "decode", dev.kind)
     return 0

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
+from bench import report
+
 RECIPES = ("w8a8", "w8a16", "w4a16-g32", "w4a16-g32-zp", "w4a8-g32", "fp8", "fp8a16")
 
 __all__ = ["measure_torch", "markdown", "main"]
@@ -84,11 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--m", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
     p.add_argument("--smoke", action="store_true", help="few calls: checks the harness (CI)")
-    p.add_argument("--json", metavar="FILE")
-    p.add_argument("--markdown", metavar="FILE")
-    p.add_argument("--save", action="store_true", help=f"write JSON and markdown to {RESULTS}/overhead-cpu-<date>.*")
+    report.add_output_options(p, "overhead")
     args = p.parse_args(argv)
     from bench import device as device_mod
 
@@ -102,17 +97,5 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"machine": dev.name, "date": datetime.date.today().isoformat(), "calls": calls, "repeats": repeats,
            "threads": torch.get_num_threads(),
            "command": "python -m bench overhead" + (" " + " ".join(argv) if argv else ""), "rows": rows}
-    text = markdown(doc)
-    print(text)
-    paths = []
-    if args.save:
-        stem = RESULTS / f"overhead-{dev.kind}-{doc['date']}"
-        paths += [(str(stem) + ".json", None), (str(stem) + ".md", text)]
-    if args.json:
-        paths.append((args.json, None))
-    if args.markdown:
-        paths.append((args.markdown, text))
-    for path, body in paths:
-        Path(path).write_text(body if body is not None else json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {path}", file=sys.stderr)
+    report.write_outputs(doc, markdown(doc), args, "overhead", dev.kind)
     return 0

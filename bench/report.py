@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
-__all__ = ["markdown", "write_json", "plot"]
+__all__ = ["markdown", "write_json", "plot", "add_output_options", "write_outputs"]
 
 
 def _ms(s: float | None) -> str:
@@ -90,6 +90,37 @@ def write_json(doc: dict[str, Any], path: str) -> None:
     with open(path, "w") as f:
         json.dump(doc, f, indent=1, allow_nan=False)
         f.write("\n")
+
+
+def add_output_options(p: Any, what: str) -> None:
+    """The options of the side commands (`bench overhead`, `bench decode`): threads and where to write."""
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's own)")
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--markdown", metavar="FILE")
+    p.add_argument("--save", action="store_true",
+                   help=f"write JSON and markdown to bench/results/{what}-<device>-<date>.*")
+
+
+def write_outputs(doc: dict[str, Any], text: str, args: Any, what: str, device_kind: str) -> None:
+    """Print `text` (markdown) and write it and `doc` (JSON) where `add_output_options`' options say."""
+    import sys
+    from pathlib import Path
+
+    print(text)
+    targets: list[tuple[Path, str | None]] = []
+    if args.save:
+        stem = Path(__file__).parent / "results" / f"{what}-{device_kind}-{doc['date']}"
+        targets += [(stem.with_suffix(".json"), None), (stem.with_suffix(".md"), text)]
+    if args.json:
+        targets.append((Path(args.json), None))
+    if args.markdown:
+        targets.append((Path(args.markdown), text))
+    for path, body in targets:
+        if body is None:
+            write_json(doc, str(path))
+        else:
+            path.write_text(body)
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def plot(doc: dict[str, Any], path: str) -> None:

@@ -140,15 +140,20 @@ def test_hlo_check_sees_a_weight_gather():
     assert moved and all("all-gather" in m for m in moved), moved
 
 
-@pytest.mark.parametrize("axis_type", AXIS_TYPES)
-def test_row_parallel_w8a8_all_reduces_int32_accumulators(axis_type):
+def _row_parallel_hlo(recipe, axis_type) -> tuple[str, list[tuple[str, str]]]:
+    """The compiled program of a K-split call (Pallas interpreter) and its all-reduces as (dtype, shape)."""
     mesh = _mesh(axis_type)
-    x, w_q = _case(qk.W8A8)
+    x, w_q = _case(recipe)
     f = jax.jit(lambda x, w: qk.dot_general(x, w, DIMS))
     with qk.use_backend("pallas.interpret"):
         hlo = f.lower(jax.device_put(jnp.asarray(x), NamedSharding(mesh, P(None, "d"))),
                       _shard(w_q, P(None, "d"), mesh)).compile().as_text()
-    reduces = re.findall(r"= (\w+)\[([\d,]*)\][^\n]* all-reduce(?:-start)?\(", hlo)
+    return hlo, re.findall(r"= (\w+)\[([\d,]*)\][^\n]* all-reduce(?:-start)?\(", hlo)
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+def test_row_parallel_w8a8_all_reduces_int32_accumulators(axis_type):
+    hlo, reduces = _row_parallel_hlo(qk.W8A8, axis_type)
     assert ("s32", "32,64") in reduces, reduces  # the accumulators, once
     assert ("f32", "32") in reduces, reduces  # the activations' row absmax (global scale)
     assert not re.search(r"all-gather", hlo)
@@ -175,13 +180,7 @@ def test_row_parallel_fp8_quantizes_with_the_global_row_scale(axis_type, backend
 
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
 def test_row_parallel_fp8_all_reduces_the_row_absmax_and_f32_accumulators(axis_type):
-    mesh = _mesh(axis_type)
-    x, w_q = _case(qk.FP8)
-    f = jax.jit(lambda x, w: qk.dot_general(x, w, DIMS))
-    with qk.use_backend("pallas.interpret"):
-        hlo = f.lower(jax.device_put(jnp.asarray(x), NamedSharding(mesh, P(None, "d"))),
-                      _shard(w_q, P(None, "d"), mesh)).compile().as_text()
-    reduces = re.findall(r"= (\w+)\[([\d,]*)\][^\n]* all-reduce(?:-start)?\(", hlo)
+    hlo, reduces = _row_parallel_hlo(qk.FP8, axis_type)
     assert ("f32", "32,64") in reduces, reduces  # the f32 accumulators, once
     assert ("f32", "32") in reduces, reduces  # the activations' row absmax (global scale)
     assert not re.search(r"all-gather", hlo)
