@@ -105,11 +105,14 @@ def _note(problem: Problem) -> str | None:
 def _slower(problem: Problem) -> str | None:
     """Where this path is known to be slower than `F.linear` on the same activations, and what is faster.
 
-    Measured on this repo's 2-core CPU, 4096x4096 weight, one thread, ratios to `F.linear` f32 in one run
-    (`python -m bench cpu`, bench/results/): W8A8 5.8x / 3.3x / 3.6x at M = 1 / 16 / 256 (no warning);
-    W4A8 g128 0.28x / 0.31x / 1.5x (one int8 GEMM per group of K); fp8 and fp8a16 0.03x-0.3x (codes
-    upcast to f32). Weight-only recipes here dequantize the whole weight on every call and then run the
-    GEMM the float layer runs: slower than it at every M by construction (W8A16 f32 0.07x-0.5x).
+    Measured on this repo's 2-core CPU, 4096x4096 weight, ratios to `F.linear` f32 in one run (`python -m
+    bench --shapes 4096x4096 --m 1,16,256 --framework torch`, bench/results/cpu-amd-epyc-2-threads-
+    2026-12-01.md): fp8 and fp8a16 0.04x-0.5x at M = 1 / 16 / 256 (codes upcast to f32); weight-only
+    recipes, which dequantize the whole weight on every call and then run the GEMM the float layer runs
+    (slower than it at every M by construction), W8A16 f32 0.06x / 0.12x / 0.48x. This generic path's
+    W4A8 g128 (one int8 GEMM per group of K, the codes unpacked per call) measured 0.28x / 0.31x / 1.5x
+    in a one-thread side-by-side script; 'torch-cpu-w4a8' serves W4A8 on cached codes (2.6x / 1.3x / 2.7x
+    in the bench run), so this path warns only when asked for by name.
     """
     recipe = problem.recipe
     if recipe.lhs is None:
