@@ -14,6 +14,7 @@ writes only under `--out` (default `$OUT`), at most 8 files:
 | device-check.log | every step's command and full output, in order                                      |
 | bench.json/.md   | `python -m bench` on the key cases (W8A8 M=4096 on 4096x4096 and 14336x4096, W4A16  |
 |                  | g128 M=1 and 16 on 8192x8192, fp8 rows when `qkernels.FP8` exists) vs cuBLAS bf16    |
+| moe.md           | `python -m bench --moe` (torch): grouped W8A8 / W4A16 on Mixtral / Qwen3 expert shapes |
 | tune.json        | the decode table `python -m qkernels.tune` measured (never written into the tree)  |
 
 Steps, each a child process with its own time budget (a step that fails or runs out of time is
@@ -21,7 +22,7 @@ recorded and the next one runs; the budgets sum to 7.5 minutes and no step start
 versions; the Triton tests compiled on the GPU (`tests/test_triton_kernels.py`,
 `tests/test_triton_decode.py`, `tests/test_torch_gpu.py`: launches per call, CUDA graphs); compute-sanitizer memcheck of small W8A8 / W8A16 / W4A16 / W4A8
 calls through `qk.linear`, checked against the reference, and racecheck of a split-K W8A8 call; the
-key bench cases; a short decode tune (per recipe, so a timeout keeps the recipes already tuned).
+key bench cases; the MoE (grouped) bench rows; a short decode tune (per recipe, so a timeout keeps the recipes already tuned).
 
 `--dry` rehearses every step on a CPU: the calls run in the Triton interpreter, the tests are only
 collected, bench and tune use tiny shapes, and what needs the GPU or its tools (compute-sanitizer)
@@ -46,7 +47,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 TOTAL_S = 480.0  # the issue's 8 minutes for the whole check
-FILES = ("summary.md", "summary.json", "versions.json", "device-check.log", "bench.json", "bench.md", "tune.json")
+FILES = ("summary.md", "summary.json", "versions.json", "device-check.log", "bench.json", "bench.md", "moe.md",
+         "tune.json")
 SCHEMA = "qkernels-device-check/1"
 _PACKAGES = ("torch", "triton", "jax", "jaxlib", "jax-cuda13-plugin", "jax-cuda12-plugin", "numpy", "ml_dtypes",
              "pytest", "pytest-xdist", "hypothesis")
@@ -269,6 +271,14 @@ def step_bench(run: Run, step: Step) -> None:
     _finish(step, run.command(step, argv), "bench")
 
 
+def step_moe(run: Run, step: Step) -> None:
+    """`python -m bench --moe` (torch): quantized grouped matmuls on MoE expert shapes vs the float grouped mm."""
+    argv = [*_python(), "-m", "bench", "--moe", "--framework", "torch", "--markdown", str(run.out / "moe.md")]
+    if run.plan.dry:
+        argv.append("--smoke")
+    _finish(step, run.command(step, argv), "bench --moe")
+
+
 def step_tune(run: Run, step: Step) -> None:
     """The decode tune, one recipe per child with an equal share of the budget, all into tune.json
     (each child merges its entries into the file, so a recipe that runs out of time loses only its own)."""
@@ -293,9 +303,10 @@ def step_tune(run: Run, step: Step) -> None:
 STEPS: tuple[tuple[str, float, Callable[[Run, Step], None]], ...] = (
     ("versions", 20.0, step_versions),
     ("triton-tests", 150.0, step_tests),
-    ("sanitizer", 90.0, step_sanitizer),
-    ("bench", 100.0, step_bench),
-    ("tune", 90.0, step_tune),
+    ("sanitizer", 80.0, step_sanitizer),
+    ("bench", 80.0, step_bench),
+    ("moe", 60.0, step_moe),
+    ("tune", 60.0, step_tune),
 )
 """(name, budget seconds, function): 450 s in all, inside the 480 s total."""
 
