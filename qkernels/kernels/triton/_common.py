@@ -322,6 +322,29 @@ def round_to_bf16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def w4a16_step(acc, a_ptrs, w_ptrs, s_ptrs, z_ptrs, k0, offs_k, offs_kb, m_ok, n_ok, K, K_STORED, stride_ak,
+               stride_wk, stride_wsg, stride_wzg, GROUP_SIZE: tl.constexpr, ZERO_POINT: tl.constexpr,
+               DOT_F32: tl.constexpr):
+    """One BLOCK_K step of a W4A16 tile (dense and grouped kernels): the activation tile and the packed
+    int4 weight tile at k0, dequantized as the reference does (`(f32(q) - zero) * scale`, one scale and
+    zero per tile row: BLOCK_K divides the group size), cast to the activation dtype, one MMA into `acc`."""
+    g = k0 // GROUP_SIZE
+    k_ok = offs_k < K - k0
+    kb_ok = offs_kb < K_STORED - k0 // 2
+    a = tl.load(a_ptrs + k0 * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+    packed = tl.load(w_ptrs + (k0 // 2) * stride_wk, mask=n_ok[:, None] & kb_ok[None, :], other=0)
+    q = unpack_int4_tile(packed, not ZERO_POINT).to(tl.float32)  # [BLOCK_N, BLOCK_K]
+    scale = tl.load(s_ptrs + g * stride_wsg, mask=n_ok, other=1.0)  # [BLOCK_N]
+    if ZERO_POINT:
+        zero = tl.load(z_ptrs + g * stride_wzg, mask=n_ok, other=0).to(tl.float32)  # [BLOCK_N]
+        q = q - zero[:, None]
+    w = q * scale[:, None]  # [BLOCK_N, BLOCK_K] f32
+    if DOT_F32:  # interpreter only: its bf16 dot and bf16 cast are wrong; f32 holds bf16 values exactly
+        return tl.dot(a.to(tl.float32), tl.trans(round_to_bf16(w)), acc, input_precision="ieee")
+    return tl.dot(a, tl.trans(w.to(a_ptrs.dtype.element_ty)), acc, out_dtype=tl.float32)
+
+
 class Output:
     """Output buffer of a launcher, with the interpreter's f32 -> bf16 truncation worked around.
 

@@ -20,7 +20,7 @@ import triton.language as tl
 from qkernels.formats import W4A16
 from qkernels.kernels.triton import splitk
 from qkernels.kernels.triton._common import (
-    Kernel, MatmulConfig, batch_stride, dot_upcast, grouped_tile, round_to_bf16, torch_dtype, unpack_int4_tile,
+    Kernel, MatmulConfig, batch_stride, dot_upcast, grouped_tile, torch_dtype, w4a16_step,
 )
 from qkernels.kernels.triton._launch import FLOAT_ACTIVATIONS, allocate, check_operands, resolve_config
 from qkernels.kernels.triton.gemv import INT4, UINT4_ZP, launch_gemv
@@ -74,21 +74,8 @@ def w4a16_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
     for k0 in range(k_start, k_end, BLOCK_K):
-        g = k0 // GROUP_SIZE
-        k_ok = offs_k < K - k0
-        kb_ok = offs_kb < K_STORED - k0 // 2
-        a = tl.load(a_ptrs + k0 * stride_ak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        packed = tl.load(w_ptrs + (k0 // 2) * stride_wk, mask=n_ok[:, None] & kb_ok[None, :], other=0)
-        q = unpack_int4_tile(packed, not ZERO_POINT).to(tl.float32)  # [BLOCK_N, BLOCK_K]
-        scale = tl.load(s_ptrs + g * stride_wsg, mask=n_ok, other=1.0)  # [BLOCK_N]
-        if ZERO_POINT:
-            zero = tl.load(z_ptrs + g * stride_wzg, mask=n_ok, other=0).to(tl.float32)  # [BLOCK_N]
-            q = q - zero[:, None]
-        w = q * scale[:, None]  # [BLOCK_N, BLOCK_K] f32
-        if DOT_F32:  # interpreter only: its bf16 dot and bf16 cast are wrong; f32 holds bf16 values exactly
-            acc = tl.dot(a.to(tl.float32), tl.trans(round_to_bf16(w)), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, tl.trans(w.to(a_ptr.dtype.element_ty)), acc, out_dtype=tl.float32)
+        acc = w4a16_step(acc, a_ptrs, w_ptrs, s_ptrs, z_ptrs, k0, offs_k, offs_kb, m_ok, n_ok, K, K_STORED, stride_ak,
+                         stride_wk, stride_wsg, stride_wzg, GROUP_SIZE, ZERO_POINT, DOT_F32)
 
     if HAS_BIAS and not PARTIAL:
         acc = acc + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
