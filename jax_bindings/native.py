@@ -1,0 +1,173 @@
+"""`xla-native`: the native CPU kernels (`qkernels/kernels/cpu`, plain C) called from JAX through the XLA FFI.
+
+The handlers (`qkernels/kernels/cpu/xla_ffi.cc`, C++ against jaxlib's `xla/ffi/api/ffi.h`) are compiled with
+the kernels on first use (`qkernels.kernels.cpu.build`), registered with `jax.ffi.register_ffi_target`
+(platform "cpu") and called with `jax.ffi.ffi_call`, so the implementation works eagerly, under `jit` and
+under `vmap` (`vmap_method="expand_dims"`: the handlers broadcast the operands' leading axes, which also
+serves batched (B, N, K) weights). Numerics: those of `qkernels.kernels.cpu` (W8A8 / W4A8 bit-identical to
+the reference, the rescale unfused; fp8 and weight-only within `qkernels.testing`'s tolerances).
+
+Non-finite activations of the quantizing recipes: their rows come out NaN and nothing raises, as `xla`
+under `jit` (the kernels cannot report to the host without a sync); `qk.dot_general(..., check_finite=True)`
+checks them with checkify, as for every other JAX implementation. Gradients: `qk.dot_general`'s custom_vjp
+(jax_bindings/dot_general.py) differentiates the canonical core independently of the implementation, so
+`jax.grad` through a model runs this forward and XLA ops backward.
+
+When it is chosen (`supports`): platform cpu; the library builds (else the build error is the reason);
+the shipped operand formats (int8 per row, int4 / uint4 + zero point per group, e4m3 per row weights;
+int8 / e4m3 per-row or static activations); and where it is faster than `xla`, measured with
+`python -m bench --framework jax --shapes 4096x4096 --m 1,16,256` (speedup over jit'ed `lax.dot_general`
+f32 in the same run; 2-core AMD EPYC Zen 4, AVX-512 VNNI, shared with other jobs: medians carry up to 2x
+noise; `xla` columns: jax_bindings/xla_cpu.py's table of the same day):
+
+MEASURED_TABLE
+
+Above `MAX_M_WEIGHT_ONLY` rows, weight-only recipes are refused (`xla`, dequantizing once per call and
+running XLA's f32 GEMM, is faster there); every other shape is served.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+from jax_bindings.arrays import DTYPES
+from qkernels import dispatch, numerics
+from qkernels.formats import Accumulation, Granularity, QOperand, Recipe
+from qkernels.kernels import cpu
+from qkernels.kernels.cpu import build
+
+__all__ = ["NAME", "register", "supports", "run", "unavailable", "threads_for", "MAX_M_WEIGHT_ONLY", "THREADS_ENV"]
+
+NAME = "xla-native"
+PRIORITY = 60  # above `xla` (50), where `supports` says it pays
+
+_TARGETS = {"qk_linear_quantized": "QkLinearQuantized", "qk_matmul_codes": "QkMatmulCodes",
+            "qk_linear_float": "QkLinearFloat"}
+
+MAX_M_WEIGHT_ONLY = 64
+"""Largest M (rows per batch entry) served for weight-only recipes; see the module docstring."""
+
+THREADS_ENV = "QKERNELS_CPU_THREADS"
+PARALLEL_MACS = 1 << 26
+"""Below this many multiply-adds (M * N * K: M = 4 at 4096x4096) one thread is faster: thread start-up and a
+shared core cost more than they save (measured with ctypes at K = N = 4096: M = 1 0.26-0.5 ms on one thread,
+0.36-0.5 ms on two; M = 16: w8a8 2.9 -> 2.8 ms, w4a16 11.1 -> 7.3 ms)."""
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    path = build.shared_library("qk_xla_ffi", [cpu.HERE / "xla_ffi.cc", cpu.SOURCE],
+                                include_dirs=(jax.ffi.include_dir(),),
+                                extra_flags=(f"-DQK_JAXLIB_VERSION={jaxlib.__version__}",))  # in the cache key
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise build.BuildError(f"the XLA FFI library {path} does not load ({e}); delete it to rebuild") from e
+    for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return lib
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """None where the FFI library builds, loads and registers, else why not."""
+    try:
+        _library()
+    except build.BuildError as e:
+        return f"native CPU kernels unavailable: {e}"
+    return None
+
+
+_WEIGHTS = {  # accumulation -> the weight formats the kernels take: (qtype, granularity)
+    Accumulation.INT32: {(numerics.INT8, Granularity.ROW)},
+    Accumulation.INT32_PER_GROUP: {(numerics.INT4, Granularity.GROUP)},
+    Accumulation.FLOAT: {(numerics.INT8, Granularity.ROW), (numerics.INT4, Granularity.GROUP),
+                         (numerics.UINT4, Granularity.GROUP), (numerics.FP8_E4M3, Granularity.ROW)},
+    Accumulation.FLOAT_CODES: {(numerics.FP8_E4M3, Granularity.ROW)},
+}
+_ACTIVATIONS = {Accumulation.INT32: numerics.INT8, Accumulation.INT32_PER_GROUP: numerics.INT8,
+                Accumulation.FLOAT_CODES: numerics.FP8_E4M3}
+
+
+def _format_reason(recipe: Recipe) -> str | None:
+    acc = recipe.accumulation
+    rhs = recipe.rhs
+    if (rhs.qtype, rhs.granularity) not in _WEIGHTS.get(acc, ()):
+        return f"no native kernel for {rhs.describe()} weights accumulating {acc.description}"
+    lhs = recipe.lhs
+    if lhs is not None and (lhs.qtype != _ACTIVATIONS[acc] or not (lhs.granularity is Granularity.ROW or lhs.static)):
+        return f"no native kernel for {lhs.describe()} activations"
+    return None
+
+
+def supports(problem: dispatch.Problem) -> str | None:
+    """Pure and cheap (the library's availability is cached after its first build)."""
+    if problem.platform != "cpu":
+        return f"runs on the host CPU only, not {problem.platform}"
+    if (reason := _format_reason(problem.recipe)) is not None:
+        return reason
+    for what, dtype in (("activations", problem.act_dtype), ("output", problem.out_dtype)):
+        if dtype not in cpu.DTYPES and not (what == "activations" and problem.lhs_quantized):
+            return f"{what} dtype {dtype} is not taken; use float32, bfloat16 or float16"
+    if problem.recipe.lhs is None and problem.m > MAX_M_WEIGHT_ONLY:
+        return (f"weight-only at M={problem.m} > {MAX_M_WEIGHT_ONLY}: xla (one dequantize, XLA's f32 GEMM) is "
+                f"faster there (measured, jax_bindings/native.py)")
+    return unavailable()
+
+
+def threads_for(problem: dispatch.Problem) -> int:
+    """Threads the kernels split N over: `$QKERNELS_CPU_THREADS`, else one below `PARALLEL_MACS`, else every
+    CPU this process may use."""
+    env = os.environ.get(THREADS_ENV)
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"{THREADS_ENV}={env!r} must be a positive integer (threads for the native CPU kernels)")
+        return int(env)
+    if problem.m * problem.n * problem.k < PARALLEL_MACS:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _i64(v: int) -> np.int64:
+    return np.int64(v)
+
+
+def run(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> jax.Array:
+    """`Implementation.run`: lhs (B?, M, K) float or a QOperand of codes (B?, M, K) and scales (B?, M)."""
+    p = call.problem
+    recipe, fmt = p.recipe, p.recipe.rhs
+    kp = fmt.padded_k(p.k)
+    attrs = {"w_kind": _i64(cpu.KINDS[fmt.qtype.name]), "group_size": _i64(fmt.group_size or 0), "kp": _i64(kp),
+             "threads": _i64(threads_for(p)), "has_bias": _i64(bias is not None)}
+    b = jnp.zeros((0,), jnp.float32) if bias is None else jnp.asarray(bias, jnp.float32)
+    ws = jnp.asarray(rhs.scale, jnp.float32)
+    codes = lhs.qvalue if isinstance(lhs, QOperand) else lhs
+    out = jax.ShapeDtypeStruct((*codes.shape[:-1], p.n), DTYPES[p.out_dtype])
+    if recipe.lhs is None:
+        zero = fmt.zero_point
+        wz = jnp.asarray(rhs.zero_point, jnp.int8) if zero else jnp.zeros((0,), jnp.int8)
+        target, args = "qk_linear_float", (lhs, rhs.qvalue, ws, wz, b)
+        attrs["has_zero"] = _i64(zero)
+    elif isinstance(lhs, QOperand):  # static recipes: codes with the calibrated scale, zero-padded to kp
+        xq = jnp.pad(lhs.qvalue, [(0, 0)] * (codes.ndim - 1) + [(0, kp - codes.shape[-1])])
+        target, args = "qk_matmul_codes", (xq, jnp.asarray(lhs.scale, jnp.float32), rhs.qvalue, ws, b)
+    else:
+        target, args = "qk_linear_quantized", (lhs, rhs.qvalue, ws, b)
+    return jax.ffi.ffi_call(target, out, vmap_method="expand_dims")(*args, **attrs)
+
+
+def register() -> None:
+    """Register `xla-native` with dispatch (`qkernels.backends` calls this); the library builds on first use."""
+    dispatch.register(dispatch.Implementation(
+        name=NAME, framework="jax", priority=PRIORITY, supports=supports, run=run,
+        serves=dispatch.Serves.tags("w8a8", "w8a16", "w4a16", "w4a8", "fp8", "fp8a16"),
+        description="native C kernels on the host CPU through the XLA FFI (AVX-512 VNNI int8 dots, exact "
+                    "integer accumulators)"))
