@@ -13,17 +13,32 @@ checks them with checkify, as for every other JAX implementation. Gradients: `qk
 (jax_bindings/dot_general.py) differentiates the canonical core independently of the implementation, so
 `jax.grad` through a model runs this forward and XLA ops backward.
 
-When it is chosen (`supports`): platform cpu; the library builds (else the build error is the reason);
-the shipped operand formats (int8 per row, int4 / uint4 + zero point per group, e4m3 per row weights;
-int8 / e4m3 per-row or static activations); and where it is faster than `xla`, measured with
-`python -m bench --framework jax --shapes 4096x4096 --m 1,16,256` (speedup over jit'ed `lax.dot_general`
-f32 in the same run; 2-core AMD EPYC Zen 4, AVX-512 VNNI, shared with other jobs: medians carry up to 2x
-noise; `xla` columns: jax_bindings/xla_cpu.py's table of the same day):
+When it serves (`supports`): platform cpu; the library builds (else the build error is the reason); the
+shipped operand formats (int8 per row, int4 / uint4 + zero point per group, e4m3 per row weights; int8 / e4m3
+per-row or static activations); f32 / bf16 / f16 activations and outputs; weight-only recipes up to
+`MAX_M_WEIGHT_ONLY` rows (beyond it `xla`, dequantizing once and running XLA's f32 GEMM, is as fast: measured
+equal at M = 512). Its priority (60) is above `xla` (50): where it serves it was measured faster, or within the
+noise of this shared machine.
 
-MEASURED_TABLE
+Measured: `python -m bench --framework jax --shapes 4096x4096 --m 1,16,256 --quick` (the bench's `[xla]` rows
+run `xla` in the same run), speedup over jit'ed `lax.dot_general` f32; f32 activations; 2-core AMD EPYC
+Zen 4 (AVX-512 VNNI) shared with other jobs at load average ~5, so medians carry up to 2x noise. M = 256
+weight-only: a side-by-side script (jit'ed `qk.dot_general(..., backend=...)` against `lax.dot_general`,
+median of 5; lax f32 60 ms there):
 
-Above `MAX_M_WEIGHT_ONLY` rows, weight-only recipes are refused (`xla`, dequantizing once per call and
-running XLA's f32 GEMM, is faster there); every other shape is served.
+| recipe     | M=1 native / xla | M=16 native / xla | M=256 native / xla |
+|------------|------------------|-------------------|--------------------|
+| w8a8       | 5.98x / 2.06x    | 2.01x / 4.39x (*) | 2.04x / 1.57x      |
+| w8a16      | 4.12x / 1.84x    | 1.61x / 2.23x (*) | 0.61x / 0.60x      |
+| w4a16-g128 | 3.56x / 0.14x    | 1.94x / 0.17x     | 0.73x / 0.55x      |
+| w4a8-g128  | 6.61x / 0.08x    | 2.10x / 0.19x     | 0.77x / 0.09x      |
+| fp8        | 1.01x / 0.04x    | 1.29x / 0.18x     | 0.60x / 0.47x      |
+| fp8a16     | 1.48x / 0.04x    | 1.23x / 0.17x     | 0.70x / 0.45x      |
+
+(*) the two ranges overlap (native 1.1-10.3 ms, xla 1.2-8.9 ms for w8a8); side by side at M = 16 the same day:
+w8a8 native 2.0 ms / xla 2.8-3.2 ms, w8a16 7.9-8.5 / 5.0-10.6 ms. Beyond M = 32, every recipe but W8A8 is
+slower than lax f32 on either path (`slower` says so, naming W8A8): at M = 64 fp8 31.6 ms and w4a8 26.9 ms
+against lax 21.6 ms, weight-only 21-24 against 21.
 """
 
 from __future__ import annotations
@@ -44,7 +59,8 @@ from qkernels.formats import Accumulation, Granularity, QOperand, Recipe
 from qkernels.kernels import cpu
 from qkernels.kernels.cpu import build
 
-__all__ = ["NAME", "register", "supports", "run", "unavailable", "threads_for", "MAX_M_WEIGHT_ONLY", "THREADS_ENV"]
+__all__ = ["NAME", "register", "supports", "run", "slower", "unavailable", "threads_for", "MAX_M_WEIGHT_ONLY",
+           "SLOWER_ABOVE_M", "THREADS_ENV"]
 
 NAME = "xla-native"
 PRIORITY = 60  # above `xla` (50), where `supports` says it pays
@@ -52,8 +68,11 @@ PRIORITY = 60  # above `xla` (50), where `supports` says it pays
 _TARGETS = {"qk_linear_quantized": "QkLinearQuantized", "qk_matmul_codes": "QkMatmulCodes",
             "qk_linear_float": "QkLinearFloat"}
 
-MAX_M_WEIGHT_ONLY = 64
+MAX_M_WEIGHT_ONLY = 256
 """Largest M (rows per batch entry) served for weight-only recipes; see the module docstring."""
+
+SLOWER_ABOVE_M = 32
+"""Above this M, every recipe but W8A8 is slower than lax.dot_general f32 here (module docstring)."""
 
 THREADS_ENV = "QKERNELS_CPU_THREADS"
 PARALLEL_MACS = 1 << 26
@@ -118,9 +137,18 @@ def supports(problem: dispatch.Problem) -> str | None:
         if dtype not in cpu.DTYPES and not (what == "activations" and problem.lhs_quantized):
             return f"{what} dtype {dtype} is not taken; use float32, bfloat16 or float16"
     if problem.recipe.lhs is None and problem.m > MAX_M_WEIGHT_ONLY:
-        return (f"weight-only at M={problem.m} > {MAX_M_WEIGHT_ONLY}: xla (one dequantize, XLA's f32 GEMM) is "
-                f"faster there (measured, jax_bindings/native.py)")
+        return (f"weight-only at M={problem.m} > {MAX_M_WEIGHT_ONLY}: xla (one dequantize, XLA's f32 GEMM) is as "
+                f"fast there (measured, jax_bindings/native.py)")
     return unavailable()
+
+
+def slower(problem: dispatch.Problem) -> str | None:
+    """Where this implementation is known to be slower than lax.dot_general f32 (module docstring), why and what
+    is faster; pure and cheap."""
+    if problem.m <= SLOWER_ABOVE_M or problem.recipe.accumulation is Accumulation.INT32 or 0 in (problem.n, problem.k):
+        return None
+    return (f"slower than lax.dot_general f32 on CPU above M={SLOWER_ABOVE_M} rows (measured at 4096x4096: "
+            f"0.6-0.8x at M=256, jax_bindings/native.py); W8A8 is faster here (2x lax f32)")
 
 
 def threads_for(problem: dispatch.Problem) -> int:
@@ -167,7 +195,7 @@ def run(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> jax.Array:
 def register() -> None:
     """Register `xla-native` with dispatch (`qkernels.backends` calls this); the library builds on first use."""
     dispatch.register(dispatch.Implementation(
-        name=NAME, framework="jax", priority=PRIORITY, supports=supports, run=run,
+        name=NAME, framework="jax", priority=PRIORITY, supports=supports, run=run, slower=slower,
         serves=dispatch.Serves.tags("w8a8", "w8a16", "w4a16", "w4a8", "fp8", "fp8a16"),
         description="native C kernels on the host CPU through the XLA FFI (AVX-512 VNNI int8 dots, exact "
                     "integer accumulators)"))

@@ -103,7 +103,8 @@ SHAPES = [  # (M, N, K)
     pytest.param((6, 19, 67), id="M6-N19-K67-oddK"),
     pytest.param((9, 70, 300), id="M9-N70-K300"),
     pytest.param((1, 3, 1), id="M1-N3-K1"),
-    pytest.param((2, 9, 1100), id="M2-N9-K1100"),  # several K tiles (512) in the weight-only panels and GEMV
+    pytest.param((2, 9, 1100), id="M2-N9-K1100"),
+    pytest.param((3, 6, 130), id="M3-N6-K130"),  # several K tiles (512) in the weight-only panels and GEMV
     pytest.param((5, 9, 1030), id="M5-N9-K1030"),
 ]
 

@@ -151,3 +151,15 @@ def test_threads(monkeypatch):
     monkeypatch.setenv(native.THREADS_ENV, "zero")
     with pytest.raises(ValueError, match="QKERNELS_CPU_THREADS='zero'"):
         native.threads_for(_problem())
+
+
+def test_slower_names_the_faster_recipe():
+    """No silent slow path: above SLOWER_ABOVE_M rows every recipe but W8A8 is known slower than lax f32."""
+    big = native.SLOWER_ABOVE_M + 1
+    assert native.slower(_problem(m=native.SLOWER_ABOVE_M)) is None
+    assert native.slower(_problem(recipe=qk.W8A8, m=256)) is None
+    for recipe in (qk.W8A16, qk.W4A8(128), qk.FP8):
+        reason = native.slower(_problem(recipe=recipe, m=big))
+        assert reason and "W8A8" in reason and "lax.dot_general f32" in reason
+    ex = dispatch.explain(_problem(recipe=qk.FP8, m=big))
+    assert ex.chosen.name == native.NAME and "slow:" in str(ex)

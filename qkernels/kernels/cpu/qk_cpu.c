@@ -598,16 +598,15 @@ static inline __m512 i8_16(__mmask16 mk, const int8_t *w) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w)));
 }
 
-/* GEMV (fewer than 4 activation rows): C weight rows decoded in registers and used at once, no panel (C
- * independent accumulator chains). f32 activations apply a per-row scale after the dot (the weight needs no
- * rounding to the activation dtype); bf16 / f16 round each dequantized weight as the panel does. */
-AI void gemv_columns(const float_args *a, int C, int64_t i, int64_t c0) {
+/* GEMV (fewer than 4 activation rows, R): C weight rows decoded in registers and used by the R rows at once,
+ * no panel (R * C independent accumulator chains). f32 activations apply a per-row scale after the dot (the
+ * weight needs no rounding to the activation dtype); bf16 / f16 round each dequantized weight as the panel does. */
+AI void gemv_columns(const float_args *a, int R, int C, int64_t c0) {
     const int32_t dt = a->xdt;
     const int64_t kp = a->kp;
-    const float *x = a->x + i * kp;
-    __m512 v[4];
-    float scale[4], y[4];
-    for (int c = 0; c < C; c++) v[c] = _mm512_setzero_ps();
+    __m512 v[QK_MAXACC];
+    float scale[4];
+    for (int q = 0; q < R * C; q++) v[q] = _mm512_setzero_ps();
     if (a->kind == QK_INT8 || a->kind == QK_FP8_E4M3) {
         const int fp8 = a->kind == QK_FP8_E4M3, codes = a->xs != NULL, late = dt == QK_F32 || codes;
         __m512 sv[4];
@@ -619,7 +618,11 @@ AI void gemv_columns(const float_args *a, int C, int64_t i, int64_t c0) {
         for (int64_t j = 0; j < kp; j += 32) {
             const __mmask32 mk = kp - j >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << (kp - j)) - 1);
             const __mmask16 m0 = (__mmask16)mk, m1 = (__mmask16)(mk >> 16);
-            const __m512 x0 = _mm512_maskz_loadu_ps(m0, x + j), x1 = _mm512_maskz_loadu_ps(m1, x + j + 16);
+            __m512 x0[QK_MB], x1[QK_MB];
+            for (int r = 0; r < R; r++) {
+                x0[r] = _mm512_maskz_loadu_ps(m0, a->x + r * kp + j);
+                x1[r] = _mm512_maskz_loadu_ps(m1, a->x + r * kp + j + 16);
+            }
             for (int c = 0; c < C; c++) {
                 __m512 w0, w1;
                 if (fp8) {
@@ -632,8 +635,10 @@ AI void gemv_columns(const float_args *a, int C, int64_t i, int64_t c0) {
                     w0 = round_to16(dt, _mm512_mul_ps(w0, sv[c]));
                     w1 = round_to16(dt, _mm512_mul_ps(w1, sv[c]));
                 }
-                v[c] = _mm512_fmadd_ps(w0, x0, v[c]);
-                v[c] = _mm512_fmadd_ps(w1, x1, v[c]);
+                for (int r = 0; r < R; r++) {
+                    v[r * C + c] = _mm512_fmadd_ps(w0, x0[r], v[r * C + c]);
+                    v[r * C + c] = _mm512_fmadd_ps(w1, x1[r], v[r * C + c]);
+                }
             }
         }
     } else {  /* int4 / uint4 per group; activations in panel order (per K tile: even columns, then odd) */
@@ -644,7 +649,7 @@ AI void gemv_columns(const float_args *a, int C, int64_t i, int64_t c0) {
         for (int64_t g = 0; g < G; g++) {
             const int64_t b = g * step, j0 = (2 * b) / QK_KC * QK_KC;  /* a group never straddles a K tile */
             const int64_t nb = (kp - j0 < QK_KC ? kp - j0 : QK_KC) / 2;
-            const float *xe = x + j0 + (b - j0 / 2), *xo = xe + nb;
+            const float *xe = a->x + j0 + (b - j0 / 2), *xo = xe + nb;
             __m512 sv[4];
             __m512i zv[4];
             for (int c = 0; c < C; c++) {
@@ -652,7 +657,11 @@ AI void gemv_columns(const float_args *a, int C, int64_t i, int64_t c0) {
                 zv[c] = _mm512_set1_epi32(zp ? a->wz[(c0 + c) * G + g] : 8);
             }
             for (int64_t j = 0; j < step; j += 16) {
-                const __m512 e = _mm512_loadu_ps(xe + j), o = _mm512_loadu_ps(xo + j);
+                __m512 e[QK_MB], o[QK_MB];
+                for (int r = 0; r < R; r++) {
+                    e[r] = _mm512_loadu_ps(xe + r * kp + j);
+                    o[r] = _mm512_loadu_ps(xo + r * kp + j);
+                }
                 for (int c = 0; c < C; c++) {
                     const uint8_t *w = (const uint8_t *)a->w + (c0 + c) * (kp / 2) + b + j;
                     const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)w));
@@ -660,19 +669,27 @@ AI void gemv_columns(const float_args *a, int C, int64_t i, int64_t c0) {
                     const __m512i hi = _mm512_xor_si512(_mm512_srli_epi32(q, 4), fv);
                     const __m512 we = round_to16(dt, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, zv[c])), sv[c]));
                     const __m512 wo = round_to16(dt, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, zv[c])), sv[c]));
-                    v[c] = _mm512_fmadd_ps(we, e, v[c]);
-                    v[c] = _mm512_fmadd_ps(wo, o, v[c]);
+                    for (int r = 0; r < R; r++) {
+                        v[r * C + c] = _mm512_fmadd_ps(we, e[r], v[r * C + c]);
+                        v[r * C + c] = _mm512_fmadd_ps(wo, o[r], v[r * C + c]);
+                    }
                 }
             }
         }
     }
-    for (int c = 0; c < C; c++) y[c] = _mm512_reduce_add_ps(v[c]) * scale[c];
-    for (int c = 0; c < C; c++) {
-        float r = y[c];
-        if (a->xs) r = ((r * 0x1p16f) * a->ws[c0 + c]) * a->xs[i];
-        if (a->bias) r = r + a->bias[c0 + c];
-        store(a->out, a->odt, i * a->n + c0 + c, r);
-    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float y = _mm512_reduce_add_ps(v[r * C + c]) * scale[c];
+            if (a->xs) y = ((y * 0x1p16f) * a->ws[c0 + c]) * a->xs[r];
+            if (a->bias) y = y + a->bias[c0 + c];
+            store(a->out, a->odt, r * a->n + c0 + c, y);
+        }
+}
+
+AI void gemv_range(const float_args *a, int R, int64_t n0, int64_t n1) {
+    int64_t c = n0;
+    for (; c + 4 <= n1; c += 4) gemv_columns(a, R, 4, c);
+    for (; c < n1; c++) gemv_columns(a, R, 1, c);
 }
 #endif
 
@@ -680,11 +697,9 @@ static void float_range(const qk_task *t, int64_t n0, int64_t n1) {
     float_args *a = (float_args *)t->args;
 #if QK_AVX512
     if (a->m < QK_MB) {
-        for (int64_t i = 0; i < a->m; i++) {
-            int64_t c = n0;
-            for (; c + 4 <= n1; c += 4) gemv_columns(a, 4, i, c);
-            for (; c < n1; c++) gemv_columns(a, 1, i, c);
-        }
+        if (a->m == 1) gemv_range(a, 1, n0, n1);
+        else if (a->m == 2) gemv_range(a, 2, n0, n1);
+        else gemv_range(a, 3, n0, n1);
         return;
     }
 #endif
