@@ -193,9 +193,16 @@ def run(call: dispatch.Bound, lhs: Any, rhs: QOperand, bias: Any) -> jax.Array:
 
 
 def register() -> None:
-    """Register `xla-native` with dispatch (`qkernels.backends` calls this); the library builds on first use."""
+    """Register `xla-native` with dispatch (`qkernels.backends` calls this); the library builds on first use.
+
+    `accumulate` (the raw int32 accumulators a K-sharded integer matmul all-reduces, jax_bindings.sharding) is
+    `xla`'s: XLA's integer dot is exact, so the accumulators are the same, and K-sharded calls are rare
+    enough on CPU not to need a kernel of their own."""
+    from jax_bindings import implementations
+
     dispatch.register(dispatch.Implementation(
         name=NAME, framework="jax", priority=PRIORITY, supports=supports, run=run, slower=slower,
+        accumulate=implementations.accumulators,
         serves=dispatch.Serves.tags("w8a8", "w8a16", "w4a16", "w4a8", "fp8", "fp8a16"),
         description="native C kernels on the host CPU through the XLA FFI (AVX-512 VNNI int8 dots, exact "
                     "integer accumulators)"))
