@@ -72,13 +72,15 @@ MAX_M_WEIGHT_ONLY = 256
 """Largest M (rows per batch entry) served for weight-only recipes; see the module docstring."""
 
 SLOWER_ABOVE_M = 32
-"""Above this M, every recipe but W8A8 is slower than lax.dot_general f32 here (module docstring)."""
+"""Above this M, the float accumulations (weight-only, fp8) are slower than lax.dot_general f32 here (module
+docstring); the integer ones (W8A8, W4A8) are faster at every M measured."""
 
 THREADS_ENV = "QKERNELS_CPU_THREADS"
-PARALLEL_MACS = 1 << 26
-"""Below this many multiply-adds (M * N * K: M = 4 at 4096x4096) one thread is faster: thread start-up and a
-shared core cost more than they save (measured with ctypes at K = N = 4096: M = 1 0.26-0.5 ms on one thread,
-0.36-0.5 ms on two; M = 16: w8a8 2.9 -> 2.8 ms, w4a16 11.1 -> 7.3 ms)."""
+PARALLEL_MACS = 1 << 22
+"""Below this many multiply-adds (M * N * K: 1 x 2048 x 2048) one thread is faster (thread start-up costs
+more than it saves). Above it the kernels split N over every CPU: one thread does not reach the memory
+bandwidth a GEMV needs (measured with ctypes at K = N = 4096, M = 1, one / two threads: w8a16 1.3-1.5 / 0.52 ms,
+w4a16-g128 0.67-0.71 / 0.42, fp8a16 1.9-2.3 / 0.47, fp8 1.8-2.0 / 0.70)."""
 
 
 @functools.cache
@@ -145,10 +147,10 @@ def supports(problem: dispatch.Problem) -> str | None:
 def slower(problem: dispatch.Problem) -> str | None:
     """Where this implementation is known to be slower than lax.dot_general f32 (module docstring), why and what
     is faster; pure and cheap."""
-    if problem.m <= SLOWER_ABOVE_M or problem.recipe.accumulation is Accumulation.INT32 or 0 in (problem.n, problem.k):
+    if problem.m <= SLOWER_ABOVE_M or problem.recipe.accumulation.integer or 0 in (problem.n, problem.k):
         return None
     return (f"slower than lax.dot_general f32 on CPU above M={SLOWER_ABOVE_M} rows (measured at 4096x4096: "
-            f"0.6-0.8x at M=256, jax_bindings/native.py); W8A8 is faster here (2x lax f32)")
+            f"~0.7x at M=256, jax_bindings/native.py); W8A8 or W4A8 is faster here")
 
 
 def threads_for(problem: dispatch.Problem) -> int:

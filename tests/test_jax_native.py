@@ -154,11 +154,12 @@ def test_threads(monkeypatch):
 
 
 def test_slower_names_the_faster_recipe():
-    """No silent slow path: above SLOWER_ABOVE_M rows every recipe but W8A8 is known slower than lax f32."""
+    """No silent slow path: above SLOWER_ABOVE_M rows the float accumulations are known slower than lax f32."""
     big = native.SLOWER_ABOVE_M + 1
     assert native.slower(_problem(m=native.SLOWER_ABOVE_M)) is None
     assert native.slower(_problem(recipe=qk.W8A8, m=256)) is None
-    for recipe in (qk.W8A16, qk.W4A8(128), qk.FP8):
+    assert native.slower(_problem(recipe=qk.W4A8(128), m=256)) is None
+    for recipe in (qk.W8A16, qk.W4A16(32), qk.FP8A16, qk.FP8):
         reason = native.slower(_problem(recipe=recipe, m=big))
         assert reason and "W8A8" in reason and "lax.dot_general f32" in reason
     ex = dispatch.explain(_problem(recipe=qk.FP8, m=big))

@@ -20,7 +20,7 @@
  * Loop order (QK_RANGE): output channels n split over threads; activation rows tiled by QK_ROW_TILE (a tile's
  * rows stay in L2 while the weight streams once per tile); within a tile, blocks of 4 rows x 4 weight rows (or
  * 1 x 4 for a GEMV: four independent accumulator chains) share every load; K innermost. Float accumulations
- * with 4 or more rows decode the weight into f32 panels per K tile (QK_KC) first (float_range); fewer rows
+ * with more than 4 rows decode the weight into f32 panels per K tile (QK_KC) first (float_range); up to 4 rows
  * decode in registers (gemv_columns).
  *
  * Measured (one thread, this 2-core AMD EPYC Zen 4 shared with other jobs, so +-2x; f32 activations,
@@ -258,6 +258,24 @@ int64_t qk_quantize_rows(const void *x, int32_t x_dtype, int64_t m, int64_t k, i
 static inline __mmask64 tail_mask(int64_t len) { return len >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << len) - 1); }
 #endif
 
+#if QK_AVX512
+/* out lane q = sum of v[q]'s 16 lanes (mod 2**32), for 16 vectors at once: a transpose by unpacks and lane
+ * shuffles with 15 vector adds, where 16 separate reductions take ~8 operations each */
+static inline __m512i reduce16_epi32(const __m512i *v) {
+    __m512i t[8], u[4], w[2];
+    for (int q = 0; q < 8; q++)  /* per 128-bit lane: v[2q], v[2q+1], v[2q], v[2q+1] partials */
+        t[q] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * q], v[2 * q + 1]),
+                                _mm512_unpackhi_epi32(v[2 * q], v[2 * q + 1]));
+    for (int q = 0; q < 4; q++)  /* per 128-bit lane: one partial of each of v[4q .. 4q + 3] */
+        u[q] = _mm512_add_epi32(_mm512_unpacklo_epi64(t[2 * q], t[2 * q + 1]),
+                                _mm512_unpackhi_epi64(t[2 * q], t[2 * q + 1]));
+    for (int q = 0; q < 2; q++)
+        w[q] = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2 * q], u[2 * q + 1], 0x88),
+                                _mm512_shuffle_i32x4(u[2 * q], u[2 * q + 1], 0xdd));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(w[0], w[1], 0x88), _mm512_shuffle_i32x4(w[0], w[1], 0xdd));
+}
+#endif
+
 /* raw[r * C + c] = sum_j u(w[c][j]) * x[r][j] mod 2**32 over j < len, u(w) = w ^ 0x80 (int8 code + 128) */
 AI void dot_i8(int R, int C, const int8_t *const *x, const int8_t *const *w, int64_t len, uint32_t *raw) {
 #if QK_AVX512
@@ -312,7 +330,8 @@ AI void dot_i4(int R, int C, const int8_t *const *xe, const int8_t *const *xo, c
             }
         }
     }
-    for (int q = 0; q < R * C; q++) raw[q] = (uint32_t)_mm512_reduce_add_epi32(acc[q]);
+    if (R * C == 16) _mm512_storeu_si512(raw, reduce16_epi32(acc));
+    else for (int q = 0; q < R * C; q++) raw[q] = (uint32_t)_mm512_reduce_add_epi32(acc[q]);
 #else
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
@@ -355,6 +374,33 @@ AI void int_block(const int_args *a, int R, int C, int64_t i, int64_t c0) {
     } else {  /* W4A8: y = 0; y = y + f32(acc_g) * s_w[n, g] in order; y = y * s_x[m] + bias[n] */
         const int64_t half = a->kp / 2, step = a->gs / 2;
         for (int q = 0; q < R * C; q++) y[q] = 0.0f;
+#if QK_AVX512
+        if (R * C == 16) {  /* lanes r * 4 + c: each lane's multiply and add rounded on its own, as below */
+            const __m512i rows = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+            __m512 yv = _mm512_setzero_ps();
+            for (int64_t g = 0; g < a->groups; g++) {
+                const int8_t *xe[QK_MB], *xo[QK_MB];
+                const uint8_t *w[4];
+                for (int r = 0; r < R; r++) {
+                    xe[r] = a->xe + (i + r) * half + g * step;
+                    xo[r] = a->xo + (i + r) * half + g * step;
+                }
+                for (int c = 0; c < C; c++) w[c] = (const uint8_t *)a->w + (c0 + c) * half + g * step;
+                dot_i4(R, C, xe, xo, w, step, raw);
+                const int64_t G = a->groups;
+                const __m512i off = _mm512_permutexvar_epi32(rows, _mm512_castsi128_si512(_mm_setr_epi32(
+                    (int)a->xoff[i * G + g], (int)a->xoff[(i + 1) * G + g], (int)a->xoff[(i + 2) * G + g],
+                    (int)a->xoff[(i + 3) * G + g])));
+                const __m512 sv = _mm512_broadcast_f32x4(_mm_setr_ps(a->ws[c0 * G + g], a->ws[(c0 + 1) * G + g],
+                                                                     a->ws[(c0 + 2) * G + g], a->ws[(c0 + 3) * G + g]));
+                const __m512i acc = _mm512_sub_epi32(_mm512_loadu_si512(raw), off);
+                yv = _mm512_add_ps(yv, _mm512_mul_ps(_mm512_cvtepi32_ps(acc), sv));
+            }
+            const __m512 xs = _mm512_permutexvar_ps(rows, _mm512_castps128_ps512(_mm_loadu_ps(a->xs + i)));
+            _mm512_storeu_ps(y, _mm512_mul_ps(yv, xs));
+            goto epilogue;
+        }
+#endif
         for (int64_t g = 0; g < a->groups; g++) {
             const int8_t *xe[QK_MB], *xo[QK_MB];
             const uint8_t *w[4];
@@ -373,6 +419,9 @@ AI void int_block(const int_args *a, int R, int C, int64_t i, int64_t c0) {
         for (int r = 0; r < R; r++)
             for (int c = 0; c < C; c++) y[r * C + c] = y[r * C + c] * a->xs[i + r];
     }
+#if QK_AVX512
+epilogue:
+#endif
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
             const float v = a->bias ? y[r * C + c] + a->bias[c0 + c] : y[r * C + c];
@@ -598,7 +647,7 @@ static inline __m512 i8_16(__mmask16 mk, const int8_t *w) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w)));
 }
 
-/* GEMV (fewer than 4 activation rows, R): C weight rows decoded in registers and used by the R rows at once,
+/* GEMV (at most 4 activation rows, R): C weight rows decoded in registers and used by the R rows at once,
  * no panel (R * C independent accumulator chains). f32 activations apply a per-row scale after the dot (the
  * weight needs no rounding to the activation dtype); bf16 / f16 round each dequantized weight as the panel does. */
 AI void gemv_columns(const float_args *a, int R, int C, int64_t c0) {
@@ -696,10 +745,11 @@ AI void gemv_range(const float_args *a, int R, int64_t n0, int64_t n1) {
 static void float_range(const qk_task *t, int64_t n0, int64_t n1) {
     float_args *a = (float_args *)t->args;
 #if QK_AVX512
-    if (a->m < QK_MB) {
+    if (a->m <= QK_MB) {
         if (a->m == 1) gemv_range(a, 1, n0, n1);
         else if (a->m == 2) gemv_range(a, 2, n0, n1);
-        else gemv_range(a, 3, n0, n1);
+        else if (a->m == 3) gemv_range(a, 3, n0, n1);
+        else gemv_range(a, 4, n0, n1);
         return;
     }
 #endif
