@@ -76,11 +76,13 @@ SLOWER_ABOVE_M = 32
 docstring); the integer ones (W8A8, W4A8) are faster at every M measured."""
 
 THREADS_ENV = "QKERNELS_CPU_THREADS"
-PARALLEL_MACS = 1 << 22
-"""Below this many multiply-adds (M * N * K: 1 x 2048 x 2048) one thread is faster (thread start-up costs
-more than it saves). Above it the kernels split N over every CPU: one thread does not reach the memory
-bandwidth a GEMV needs (measured with ctypes at K = N = 4096, M = 1, one / two threads: w8a16 1.3-1.5 / 0.52 ms,
-w4a16-g128 0.67-0.71 / 0.42, fp8a16 1.9-2.3 / 0.47, fp8 1.8-2.0 / 0.70)."""
+PARALLEL_MACS = 1 << 28
+"""Up to this many multiply-adds (M * N * K: 16 x 4096 x 4096) the kernels run on the calling thread; above
+it they split N over every CPU. Inside XLA a second thread competes with XLA:CPU's own worker threads on
+this 2-core machine: jit'ed at K = N = 4096, one / two threads, M = 1: w8a8 0.29 / 3.9 ms, w8a16 1.8 / 4.0,
+fp8 1.2 / 5.2; M = 16: w8a8 1.5 / 2.0, w8a16 4.1 / 5.1; M = 256: w8a8 23 / 16, w8a16 58 / 58, fp8 63 / 61.
+(Called through ctypes, outside XLA, two threads were 2-3x faster at M = 1: a GEMV needs both cores'
+memory bandwidth; `$QKERNELS_CPU_THREADS` overrides the rule.)"""
 
 
 @functools.cache
@@ -154,14 +156,14 @@ def slower(problem: dispatch.Problem) -> str | None:
 
 
 def threads_for(problem: dispatch.Problem) -> int:
-    """Threads the kernels split N over: `$QKERNELS_CPU_THREADS`, else one below `PARALLEL_MACS`, else every
+    """Threads the kernels split N over: `$QKERNELS_CPU_THREADS`, else one up to `PARALLEL_MACS`, else every
     CPU this process may use."""
     env = os.environ.get(THREADS_ENV)
     if env:
         if not env.isdigit() or int(env) < 1:
             raise ValueError(f"{THREADS_ENV}={env!r} must be a positive integer (threads for the native CPU kernels)")
         return int(env)
-    if problem.m * problem.n * problem.k < PARALLEL_MACS:
+    if problem.m * problem.n * problem.k <= PARALLEL_MACS:
         return 1
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 

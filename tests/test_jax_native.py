@@ -144,8 +144,9 @@ def test_build_failure_is_the_reason(monkeypatch):
 
 def test_threads(monkeypatch):
     monkeypatch.delenv(native.THREADS_ENV, raising=False)
-    assert native.threads_for(_problem(m=1, n=64, k=64)) == 1  # tiny: thread start-up costs more
-    assert native.threads_for(_problem(m=1)) >= 1
+    assert native.threads_for(_problem(m=1, n=64, k=64)) == 1
+    assert native.threads_for(_problem(m=16)) == 1  # measured: a second thread competes with XLA's own
+    assert native.threads_for(_problem(m=256)) >= 1
     monkeypatch.setenv(native.THREADS_ENV, "3")
     assert native.threads_for(_problem(m=1)) == 3
     monkeypatch.setenv(native.THREADS_ENV, "zero")

@@ -141,12 +141,17 @@ struct qk_task {
     const void *args;
 };
 
-typedef struct { const qk_task *t; int64_t n0, n1; } qk_slice;
+/* Work is handed out in chunks of output channels from a shared counter, so a thread the OS deschedules (a
+ * busy machine) delays the call by one chunk, not by its whole share. */
+typedef struct { const qk_task *t; int64_t n, chunk, next; } qk_pool;
 
-static void *slice_main(void *p) {
-    const qk_slice *s = (const qk_slice *)p;
-    s->t->fn(s->t, s->n0, s->n1);
-    return NULL;
+static void *pool_main(void *p) {
+    qk_pool *pool = (qk_pool *)p;
+    for (;;) {
+        const int64_t lo = __atomic_fetch_add(&pool->next, pool->chunk, __ATOMIC_RELAXED);
+        if (lo >= pool->n) return NULL;
+        pool->t->fn(pool->t, lo, lo + pool->chunk < pool->n ? lo + pool->chunk : pool->n);
+    }
 }
 
 static void parallel_n(const qk_task *t, int64_t n, int32_t threads) {
@@ -154,21 +159,15 @@ static void parallel_n(const qk_task *t, int64_t n, int32_t threads) {
     if (nt > n / QK_MIN_N_PER_THREAD) nt = n / QK_MIN_N_PER_THREAD;
     if (nt <= 1) { t->fn(t, 0, n); return; }
     if (nt > 64) nt = 64;
+    int64_t chunk = n / (8 * nt);  /* ~8 chunks per thread, whole 4-column blocks, at least QK_MIN_N_PER_THREAD / 2 */
+    chunk = chunk < QK_MIN_N_PER_THREAD / 2 ? QK_MIN_N_PER_THREAD / 2 : chunk / 4 * 4;
+    qk_pool pool = {t, n, chunk, 0};
     pthread_t th[64];
-    qk_slice sl[64];
     int started[64] = {0};
-    int64_t chunk = (n + nt - 1) / nt;
-    for (int64_t i = 0; i < nt; i++) {
-        int64_t lo = i * chunk, hi = lo + chunk < n ? lo + chunk : n;
-        sl[i] = (qk_slice){t, lo, hi};
-    }
+    for (int64_t i = 1; i < nt; i++) started[i] = pthread_create(&th[i], NULL, pool_main, &pool) == 0;
+    pool_main(&pool);  /* threads that could not start leave their chunks to the others */
     for (int64_t i = 1; i < nt; i++)
-        started[i] = pthread_create(&th[i], NULL, slice_main, &sl[i]) == 0;
-    slice_main(&sl[0]);
-    for (int64_t i = 1; i < nt; i++) {
         if (started[i]) pthread_join(th[i], NULL);
-        else slice_main(&sl[i]); /* no thread to be had: this thread does the slice */
-    }
 }
 
 /* --- activation quantization (numerics.symmetric_scale / quantize_symmetric / to_codes) ---------------- */
