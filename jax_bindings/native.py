@@ -20,25 +20,26 @@ per-row or static activations); f32 / bf16 / f16 activations and outputs; weight
 equal at M = 512). Its priority (60) is above `xla` (50): where it serves it was measured faster, or within the
 noise of this shared machine.
 
-Measured: `python -m bench --framework jax --shapes 4096x4096 --m 1,16,256 --quick` (the bench's `[xla]` rows
-run `xla` in the same run), speedup over jit'ed `lax.dot_general` f32; f32 activations; 2-core AMD EPYC
-Zen 4 (AVX-512 VNNI) shared with other jobs at load average ~5, so medians carry up to 2x noise. M = 256
-weight-only: a side-by-side script (jit'ed `qk.dot_general(..., backend=...)` against `lax.dot_general`,
-median of 5; lax f32 60 ms there):
+Measured: `python -m bench --framework jax --shapes 4096x4096 --m 1,16,256 --quick` (the bench's
+`qkernels.dot_general[xla]` rows run `xla` in the same run), speedup over jit'ed `lax.dot_general` f32 (4.0,
+6.2, 46.5 ms at M = 1, 16, 256); f32 activations; 2-core AMD EPYC Zen 4 (AVX-512 VNNI) shared with other
+jobs at load average 3-4, so medians carry up to 2x noise (lax f32 at M = 1 ranged 1.6-5.6 ms in this run):
 
 | recipe     | M=1 native / xla | M=16 native / xla | M=256 native / xla |
 |------------|------------------|-------------------|--------------------|
-| w8a8       | 5.98x / 2.06x    | 2.01x / 4.39x (*) | 2.04x / 1.57x      |
-| w8a16      | 4.12x / 1.84x    | 1.61x / 2.23x (*) | 0.61x / 0.60x      |
-| w4a16-g128 | 3.56x / 0.14x    | 1.94x / 0.17x     | 0.73x / 0.55x      |
-| w4a8-g128  | 6.61x / 0.08x    | 2.10x / 0.19x     | 0.77x / 0.09x      |
-| fp8        | 1.01x / 0.04x    | 1.29x / 0.18x     | 0.60x / 0.47x      |
-| fp8a16     | 1.48x / 0.04x    | 1.23x / 0.17x     | 0.70x / 0.45x      |
+| w8a8       | 10.4x / 3.26x    | 3.65x / 2.07x     | 2.76x / 1.77x      |
+| w8a16      | 2.31x / 3.18x    | 1.29x / 1.02x     | 0.79x / 0.62x      |
+| w4a16-g128 | 5.26x / 0.54x    | 1.23x / 0.12x     | 0.75x / 0.58x      |
+| w4a8-g128  | 8.77x / 0.22x    | 1.75x / 0.16x     | 1.47x / 0.11x      |
+| fp8        | 1.91x / 0.12x    | 1.17x / 0.11x     | 0.74x / 0.45x      |
+| fp8a16     | 0.48x (*) / 0.11x | 1.29x / 0.11x    | 0.71x / 0.52x      |
 
-(*) the two ranges overlap (native 1.1-10.3 ms, xla 1.2-8.9 ms for w8a8); side by side at M = 16 the same day:
-w8a8 native 2.0 ms / xla 2.8-3.2 ms, w8a16 7.9-8.5 / 5.0-10.6 ms. Beyond M = 32, every recipe but W8A8 is
-slower than lax f32 on either path (`slower` says so, naming W8A8): at M = 64 fp8 31.6 ms and w4a8 26.9 ms
-against lax 21.6 ms, weight-only 21-24 against 21.
+(*) a load spike: median 8.4 ms, range 2.7-16.8 ms; side by side right after (jit'ed `qk.dot_general(...,
+backend=...)` against `lax.dot_general`, median of 15, twice): fp8a16 native 2.3-2.8 ms, lax f32 2.1-3.1 ms,
+fp8 native 1.7-1.8 ms, w8a16 native 0.9-1.5 ms against xla's 1.2-1.5 ms. The e4m3 GEMVs are the closest to
+lax f32 at M = 1 (about 1-2x); outside XLA, through ctypes on a quieter moment, fp8a16 took 0.8-1.2 ms. Above
+M = 32 the float accumulations (weight-only, fp8) are slower than lax f32 on either path (`slower` says so,
+naming W8A8 / W4A8): at M = 64 (side by side, lax f32 7.8 ms) w8a16 9.2 ms, w4a16 7.9, fp8 7.6, fp8a16 7.8.
 """
 
 from __future__ import annotations
