@@ -24,16 +24,18 @@ built (no C compiler): `supports` then returns the build's reason and the torch 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from qkernels import dispatch
+from qkernels import dispatch, tuning
 from qkernels.dispatch import Bound, Problem
 from qkernels.formats import Granularity, QOperand, Recipe
 from qkernels.kernels import cpu as native
 from torch_bindings import cpu
 from torch_bindings.arrays import DTYPES
 
-__all__ = ["register", "supports", "MAX_M"]
+__all__ = ["register", "supports", "Plan", "MAX_M"]
 
 MAX_M = 16
 """Largest M (rows of activations) served. Measured: see the module docstring and README."""
@@ -68,56 +70,89 @@ def supports(problem: Problem) -> str | None:
     return native.unavailable()
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one bound call runs, fixed by its problem (made once by `configure`, shown by explain):
+    the entry point and the header's constants for the problem's formats and dtypes."""
+
+    entry: str  # 'qk_linear_quantized' (float activations, integer / fp8 recipes), 'qk_linear_float'
+    #             (weight-only), 'qk_matmul_int' / 'qk_matmul_fp8' (activations quantized by the op: static)
+    kind: int  # the weight's code kind (native.KINDS)
+    group: int  # group size along K, 0 per channel
+    kp: int  # K padded as the weight stores it (OperandFormat.padded_k)
+    x_dtype: int  # native.DTYPES of the activations (unused by the qk_matmul_* entries)
+    out_dtype: int
+    out_torch: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return f"{self.entry} (kind {self.kind}, group {self.group}, K padded to {self.kp})"
 
 
-def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.to(torch.float32).contiguous()
+def _configure(problem: Problem) -> tuning.Choice:
+    recipe = problem.recipe
+    fmt = recipe.rhs
+    if problem.lhs_quantized:
+        entry = "qk_matmul_int" if recipe.accumulation.integer else "qk_matmul_fp8"
+    else:
+        entry = "qk_linear_float" if recipe.lhs is None else "qk_linear_quantized"
+    plan = Plan(entry=entry, kind=native.KINDS[fmt.qtype.name], group=fmt.group_size or 0, kp=fmt.padded_k(problem.k),
+                x_dtype=native.DTYPES.get(problem.act_dtype, -1), out_dtype=native.DTYPES[problem.out_dtype],
+                out_torch=DTYPES[problem.out_dtype])
+    return tuning.Choice(config=plan, source="fixed by the recipe's formats and the call's dtypes")
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype is torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
 
 
 def _run(call: Bound, lhs: torch.Tensor | QOperand, rhs: QOperand, bias: torch.Tensor | None) -> torch.Tensor:
+    """One library call (the plan's entry point) writing the output tensor; the host work around it is a
+    few attribute reads (the 64x64 per-call overhead is what `python -m bench overhead` measures)."""
     p = call.problem
-    recipe = p.recipe
     if p.m == 0 or p.n == 0 or p.k == 0:  # nothing to multiply: the definition's path (zeros, bias), same numbers
         return cpu._run(call, lhs, rhs, bias)
-    rows, lead = cpu._rows(lhs)
-    m = (rows.qvalue if isinstance(rows, QOperand) else rows).shape[0]
-    out = torch.empty((m, p.n), dtype=DTYPES[p.out_dtype])
+    plan: Plan = call.config.config
     lib = native.library()
-    fmt = recipe.rhs
-    kp = fmt.padded_k(p.k)
-    kind = native.KINDS[fmt.qtype.name]
-    group = fmt.group_size or 0
-    w, w_scale, b = rhs.qvalue.contiguous(), _f32(rhs.scale), _f32(bias)
-    out_dtype, threads = native.DTYPES[p.out_dtype], torch.get_num_threads()
-    if isinstance(rows, QOperand):  # static activations, quantized by the op with their calibrated scale
-        codes = rows.qvalue if rows.qvalue.shape[1] == kp else torch.nn.functional.pad(
-            rows.qvalue.view(torch.int8), (0, kp - rows.qvalue.shape[1])).view(rows.qvalue.dtype)
-        codes, x_scale = codes.contiguous(), _f32(rows.scale)
-        if recipe.accumulation.integer:
-            rc = lib.qk_matmul_int(codes.data_ptr(), x_scale.data_ptr(), m, kp, w.data_ptr(), kind, p.n,
-                                   w_scale.data_ptr(), group, _ptr(b), out.data_ptr(), out_dtype, threads)
+    lead = None
+    codes = lhs.qvalue if isinstance(lhs, QOperand) else lhs
+    if codes.dim() != 2:
+        lead = tuple(codes.shape[:-1])
+        lhs = QOperand(codes.reshape(-1, p.k), lhs.scale.reshape(-1)) if isinstance(lhs, QOperand) else codes.reshape(-1, p.k)
+    w = rhs.qvalue if rhs.qvalue.is_contiguous() else rhs.qvalue.contiguous()
+    w_scale = _f32(rhs.scale)
+    bias = None if bias is None else _f32(bias)  # held until the call returns: the library reads its memory
+    b = None if bias is None else bias.data_ptr()
+    threads = torch.get_num_threads()
+    if isinstance(lhs, QOperand):  # static activations, quantized by the op with their calibrated scale
+        m = lhs.qvalue.shape[0]
+        out = torch.empty((m, p.n), dtype=plan.out_torch)
+        xq = lhs.qvalue if lhs.qvalue.shape[1] == plan.kp else torch.nn.functional.pad(
+            lhs.qvalue.view(torch.int8), (0, plan.kp - lhs.qvalue.shape[1])).view(lhs.qvalue.dtype)
+        xq, x_scale = xq.contiguous(), _f32(lhs.scale)
+        if plan.entry == "qk_matmul_int":
+            rc = lib.qk_matmul_int(xq.data_ptr(), x_scale.data_ptr(), m, plan.kp, w.data_ptr(), plan.kind, p.n,
+                                   w_scale.data_ptr(), plan.group, b, out.data_ptr(), plan.out_dtype, threads)
         else:
-            rc = lib.qk_matmul_fp8(codes.data_ptr(), x_scale.data_ptr(), m, kp, w.data_ptr(), p.n,
-                                   w_scale.data_ptr(), _ptr(b), out.data_ptr(), out_dtype, threads)
-        native.check(rc, "qk_matmul")
+            rc = lib.qk_matmul_fp8(xq.data_ptr(), x_scale.data_ptr(), m, plan.kp, w.data_ptr(), p.n,
+                                   w_scale.data_ptr(), b, out.data_ptr(), plan.out_dtype, threads)
+        native.check(rc, plan.entry)
     else:
-        x = rows.contiguous()
-        x_dtype = native.DTYPES[str(x.dtype).removeprefix("torch.")]
-        if recipe.lhs is None:
-            rc = lib.qk_linear_float(x.data_ptr(), x_dtype, m, p.k, kp, w.data_ptr(), kind, p.n, w_scale.data_ptr(),
-                                     _ptr(rhs.zero_point), group, _ptr(b), out.data_ptr(), out_dtype, threads)
-            native.check(rc, "qk_linear_float")
-        else:
-            rc = native.check(lib.qk_linear_quantized(
-                x.data_ptr(), x_dtype, m, p.k, kp, None, w.data_ptr(), kind, p.n, w_scale.data_ptr(), group,
-                _ptr(b), out.data_ptr(), out_dtype, threads), "qk_linear_quantized")
-            if rc:  # rows with NaN/Inf: the definition's path raises the format's error for them
-                cpu._run(call, lhs, rhs, bias)
-                raise AssertionError(f"the native kernels found {rc} non-finite activation row(s) the generic "
-                                     f"path accepted; report this")
-    return out.reshape(*lead, p.n)
+        x = lhs if lhs.is_contiguous() else lhs.contiguous()
+        m = x.shape[0]
+        out = torch.empty((m, p.n), dtype=plan.out_torch)
+        if plan.entry == "qk_linear_float":
+            zero = rhs.zero_point
+            native.check(lib.qk_linear_float(
+                x.data_ptr(), plan.x_dtype, m, p.k, plan.kp, w.data_ptr(), plan.kind, p.n, w_scale.data_ptr(),
+                None if zero is None else zero.data_ptr(), plan.group, b, out.data_ptr(), plan.out_dtype, threads),
+                plan.entry)
+        elif native.check(lib.qk_linear_quantized(
+                x.data_ptr(), plan.x_dtype, m, p.k, plan.kp, None, w.data_ptr(), plan.kind, p.n, w_scale.data_ptr(),
+                plan.group, b, out.data_ptr(), plan.out_dtype, threads), plan.entry):
+            cpu._run(call, lhs, rhs, bias)  # rows with NaN/Inf: the definition's path raises the format's error
+            raise AssertionError("the native kernels found non-finite activation rows the generic path accepted")
+    return out if lead is None else out.reshape(*lead, p.n)
 
 
 def _note(problem: Problem) -> str:
@@ -126,7 +161,7 @@ def _note(problem: Problem) -> str:
 
 def register() -> None:
     dispatch.register(dispatch.Implementation(
-        name="torch-cpu-native", framework="torch", priority=70, supports=supports, run=_run,
+        name="torch-cpu-native", framework="torch", priority=70, supports=supports, run=_run, configure=_configure,
         serves=dispatch.Serves.tags(*_TAGS), accumulate=cpu._accumulate, note=_note,
         description=f"native C kernels on CPU (qkernels/kernels/cpu) for M <= {MAX_M}: one call, stored codes"))
 
