@@ -108,14 +108,17 @@ def _aqt(data: Data, device: Any) -> Prepared:
                     impl="aqt.jax.v2 dot_general int8 (pre-quantized rhs)")
 
 
-def _qkernels(recipe: Recipe):
+def _qkernels(recipe: Recipe, backend: str | None = None):
     def prepare(data: Data, device: Any) -> Prepared:
         import qkernels as qk
 
         x, w = _operands(data, _act_dtype(device))
         w_q = qk.quantize(w, recipe, contracting_axes=(0,))
-        impl = chosen_name(qk.explain(x, w_q, DN))
-        f = jax.jit(lambda x, w_q: qk.dot_general(x, w_q, DN))
+        ex = qk.explain(x, w_q, DN, backend=backend)
+        if ex.chosen is None:
+            raise Unavailable(ex.error)
+        impl = chosen_name(ex)
+        f = jax.jit(lambda x, w_q: qk.dot_general(x, w_q, DN, backend=backend))
         stored = nbytes(w_q.qvalue, w_q.scale, getattr(w_q, "zero_point", None))
         return Prepared(fn=lambda: f(x, w_q), sync=_sync, to_numpy=_to_numpy,
                         bytes_moved=nbytes(x) + stored + data.ref.size * x.dtype.itemsize, impl=impl)
@@ -136,6 +139,9 @@ def cases(device: Any, recipes: tuple[Recipe, ...]) -> list[Case]:
         out.append(Case(method="qkernels.dot_general", framework="jax", recipe=r.name, role="qkernels",
                         mma=mma_of(r, act),
                         prepare=_qkernels(r)))
+    if not device.accelerated:  # the generic XLA path beside whatever is chosen (xla-native on CPU)
+        out.extend(Case(method="qkernels.dot_general[xla]", framework="jax", recipe=r.name, role="baseline",
+                        mma=mma_of(r, act), prepare=_qkernels(r, "xla")) for r in recipes)
     return out
 
 

@@ -52,6 +52,8 @@ BACKENDS: tuple[Backend, ...] = (
             description="Triton kernels on CUDA sm_80+ / ROCm gfx942 (interpreter variants for tests)"),
     Backend(name="xla", module="jax_bindings.implementations", framework="jax", requires=("jax",),
             description="XLA ops: executes any recipe's definition on every JAX platform"),
+    Backend(name="xla-native", module="jax_bindings.native", framework="jax", requires=("jax",),
+            description="native C kernels (qkernels/kernels/cpu, compiled on first use) through the XLA FFI, CPU"),
     Backend(name="pallas", module="qkernels.kernels.pallas", framework="jax", requires=("jax",),
             tunable="pallas", aot_targets=("tpu-v5e", "tpu-v6e", "tpu-v5p", "pallas-sm_80", "pallas-sm_90"),
             description="Pallas kernels: TPU (Mosaic), GPU (Triton lowering), interpreter for tests"),

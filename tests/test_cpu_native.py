@@ -103,6 +103,9 @@ SHAPES = [  # (M, N, K)
     pytest.param((6, 19, 67), id="M6-N19-K67-oddK"),
     pytest.param((9, 70, 300), id="M9-N70-K300"),
     pytest.param((1, 3, 1), id="M1-N3-K1"),
+    pytest.param((2, 9, 1100), id="M2-N9-K1100"),
+    pytest.param((3, 6, 130), id="M3-N6-K130"),  # several K tiles (512) in the weight-only panels and GEMV
+    pytest.param((5, 9, 1030), id="M5-N9-K1030"),
 ]
 
 
@@ -132,8 +135,9 @@ def test_matches_reference(lib, recipe, shape):
                                     formats.W4A16(64), formats.FP8, formats.FP8A16], ids=lambda r: r.name)
 @pytest.mark.parametrize("act,out_dtype", [("bfloat16", "bfloat16"), ("float16", "float16"), ("bfloat16", "float32"),
                                            ("float32", "bfloat16")])
-def test_dtypes(lib, recipe, act, out_dtype):
-    x, rhs, bias, s = _data((5, 33, 257), act, 1, recipe)
+@pytest.mark.parametrize("m", [2, 5])
+def test_dtypes(lib, recipe, act, out_dtype, m):
+    x, rhs, bias, s = _data((m, 33, 600), act, 1, recipe)
     out, bad = native_matmul(lib, x, rhs, recipe, bias, out_dtype)
     assert bad == 0 and out.dtype == DT[out_dtype]
     _check(out, _reference(x, rhs, recipe, bias, out_dtype), x, rhs, recipe, bias, out_dtype)

@@ -36,7 +36,7 @@ LAYOUTS = [  # (activation spec, weight spec over the canonical (N, K_stored) st
 ]
 AXIS_TYPES = [pytest.param(AxisType.Auto, id="auto"), pytest.param(AxisType.Explicit, id="explicit")]
 BACKENDS = [pytest.param("xla", id="xla"), pytest.param("reference.callback", id="callback"),
-            pytest.param("pallas.interpret", id="pallas")]
+            pytest.param("pallas.interpret", id="pallas"), pytest.param("xla-native", id="native")]
 COLLECTIVES = ("all-gather", "all-gather-start", "all-to-all", "collective-permute", "collective-permute-start",
                "all-reduce", "all-reduce-start", "reduce-scatter")
 

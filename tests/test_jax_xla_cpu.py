@@ -161,6 +161,6 @@ def test_known_slow_paths_are_named(recipe, m, slow):
 def test_a_known_slow_call_warns_and_explain_says_so():
     x = jnp.ones((3, 256), jnp.float32)
     w = quantize(jnp.ones((64, 256), jnp.float32), qk.FP8A16, contracting_axes=(1,))
-    assert "slower than lax.dot_general f32" in str(qk.explain(x, w, DN))
+    assert "slower than lax.dot_general f32" in str(qk.explain(x, w, DN, backend="xla"))
     with pytest.warns(qk.SlowPathWarning, match="fp8a16 .* runs xla, which is slower than lax.dot_general f32 on CPU"):
-        jax.jit(lambda x, w: qk.dot_general(x, w, DN)).lower(x, w)
+        jax.jit(lambda x, w: qk.dot_general(x, w, DN, backend="xla")).lower(x, w)

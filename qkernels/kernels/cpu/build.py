@@ -12,7 +12,7 @@ the same library at once both end with one complete file. The compiler is `$CC` 
 the first of gcc, cc (g++, c++) found; none, or a failed compile, raises `BuildError` whose message is
 the reason implementations return from `supports`.
 
-Flags: `-O3 -march=native -ffp-contract=off -fPIC -shared`, never -ffast-math: the integer recipes'
+Flags: `-O3 -march=native -ffp-contract=off -fPIC` (and `-shared` to link), never -ffast-math: the integer recipes'
 rescale needs each multiply and add rounded on its own and `x / scale` an IEEE division (qk_cpu.c).
 """
 
@@ -30,7 +30,8 @@ from collections.abc import Sequence
 
 __all__ = ["BuildError", "FLAGS", "cache_dir", "shared_library", "compiler"]
 
-FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared")
+FLAGS: tuple[str, ...] = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC")
+"""Compile flags (linking adds -shared); never -ffast-math."""
 CACHE_ENV = "QKERNELS_CACHE_DIR"
 COMPILE_TIMEOUT_S = 600
 
@@ -92,43 +93,58 @@ def _key(sources: Sequence[pathlib.Path], cmd: Sequence[str], version: str) -> s
     return h.hexdigest()[:20]
 
 
+_CXX_SUFFIXES = (".cc", ".cpp", ".cxx")
+
+
 def shared_library(name: str, sources: Sequence[str | os.PathLike[str]], *, cxx: bool = False,
                    include_dirs: Sequence[str | os.PathLike[str]] = (), extra_flags: Sequence[str] = ()) -> pathlib.Path:
     """The path of `lib<name>-<hash>.so` built from `sources`, compiling it first where the cache lacks it.
 
-    `cxx`: compile as C++17 (every source, C files included, so one compiler links them). `include_dirs`
-    go to `-I` and into the key. Raises `BuildError` with the compiler's messages on failure.
+    Each source compiles in its own language (`.c`: C11 with the C compiler; `.cc` / `.cpp`: C++17 with the
+    C++ compiler); `cxx` (implied by a C++ source) links with the C++ compiler. `include_dirs` go to `-I`
+    and, like `extra_flags`, into the key. Raises `BuildError` with the compiler's messages on failure.
     """
     srcs = [pathlib.Path(s).resolve() for s in sources]
     for s in srcs:
         if not s.is_file():
             raise BuildError(f"source {s} is missing from the installed package; reinstall qkernels")
-    cc = compiler(cxx)
-    lang = ["-x", "c++", "-std=c++17"] if cxx else ["-std=c11"]
-    cmd = [cc, *FLAGS, *extra_flags, *lang, *(f"-I{d}" for d in include_dirs)]
-    version = _compiler_version(cc)
+    cxx = cxx or any(s.suffix in _CXX_SUFFIXES for s in srcs)
+    includes = [f"-I{d}" for d in include_dirs]
+    commands = []
+    for s in srcs:
+        is_cxx = s.suffix in _CXX_SUFFIXES
+        cc = compiler(is_cxx)
+        commands.append([cc, *FLAGS, *extra_flags, "-std=c++17" if is_cxx else "-std=c11", *includes, "-c", str(s)])
+    linker = compiler(cxx)
+    versions = "".join(_compiler_version(c) for c in sorted({c[0] for c in commands} | {linker}))
     out_dir = cache_dir()
-    target = out_dir / f"lib{name}-{_key(srcs, cmd, version)}.so"
+    target = out_dir / f"lib{name}-{_key(srcs, [part for c in commands for part in c] + [linker], versions)}.so"
     if target.is_file():
         return target
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=out_dir)
-        os.close(fd)
+        work = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=out_dir)
     except OSError as e:
         raise BuildError(f"cannot write the native library cache {out_dir} ({e}); set {CACHE_ENV} to a writable "
                          f"directory") from e
     try:
-        try:
-            done = subprocess.run([*cmd, "-o", tmp, *map(str, srcs), "-lpthread", "-lm"], capture_output=True,
-                                  text=True, timeout=COMPILE_TIMEOUT_S)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise BuildError(f"compiling {name} with {cc} failed to run: {e}") from e
-        if done.returncode != 0:
-            raise BuildError(f"compiling {name} with {cc} failed (exit code {done.returncode}): "
-                             f"{(done.stderr or done.stdout).strip()[-2000:]}")
+        objects = []
+        for i, cmd in enumerate(commands):
+            objects.append(os.path.join(work, f"{i}.o"))
+            _compile(name, [*cmd, "-o", objects[-1]])
+        tmp = os.path.join(work, target.name)
+        _compile(name, [linker, *FLAGS, *extra_flags, "-shared", "-o", tmp, *objects, "-lpthread", "-lm"])
         os.replace(tmp, target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(work, ignore_errors=True)
     return target
+
+
+def _compile(name: str, cmd: list[str]) -> None:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"compiling {name} with {cmd[0]} failed to run: {e}") from e
+    if done.returncode != 0:
+        raise BuildError(f"compiling {name} with {cmd[0]} failed (exit code {done.returncode}): "
+                         f"{(done.stderr or done.stdout).strip()[-2000:]}")

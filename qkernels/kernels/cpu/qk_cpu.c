@@ -18,12 +18,15 @@
  * does it in uint32) and the difference, the true accumulator, is below 2**31 by the recipe's K bound.
  *
  * Loop order (QK_RANGE): output channels n split over threads; activation rows tiled by QK_ROW_TILE (a tile's
- * rows stay in L2 while the weight streams once per tile); within a tile, blocks of 4 rows x 2 weight rows (or
- * 1 x 4 for a GEMV: four independent accumulator chains) share every load; K innermost.
+ * rows stay in L2 while the weight streams once per tile); within a tile, blocks of 4 rows x 4 weight rows (or
+ * 1 x 4 for a GEMV: four independent accumulator chains) share every load; K innermost. Float accumulations
+ * with 4 or more rows decode the weight into f32 panels per K tile (QK_KC) first (float_range); fewer rows
+ * decode in registers (gemv_columns).
  *
- * Measured (one thread, this 2-core AMD EPYC Zen 4 shared with other jobs, f32 activations, K = N = 4096,
- * M = 1, ctypes on NumPy arrays; lax.dot_general f32 takes ~1.5 ms there): w8a8 0.26 ms, w4a8-g128 0.51,
- * w8a16 0.81, w4a16-g128 0.61 (zero point 0.58), fp8 0.98, fp8a16 0.94.
+ * Measured (one thread, this 2-core AMD EPYC Zen 4 shared with other jobs, so +-2x; f32 activations,
+ * K = N = 4096, ctypes on NumPy arrays), milliseconds at M = 1 / 16 / 256: w8a8 0.29-0.38 / 1.9 / 35,
+ * w4a8-g128 0.32-0.37 / 6.2 / 88, w8a16 0.56-1.3 / 8.8 / 99, w4a16-g128 0.60-0.76 / 6.2 / 84, fp8 1.0-1.5 /
+ * 9.1 / 105, fp8a16 0.8-1.2 / 8.2 / 88 (lax.dot_general f32 with both cores: ~1.5-3.4 / 6 / 40).
  */
 #include "qk_cpu.h"
 
@@ -219,13 +222,14 @@ int64_t qk_quantize_rows(const void *x, int32_t x_dtype, int64_t m, int64_t k, i
 
 /* --- blocking ------------------------------------------------------------------------------------------- */
 
-/* A block is R activation rows x C weight rows (R * C accumulators sharing their loads): 4 x 2 where there
+/* A block is R activation rows x C weight rows (R * C accumulators sharing their loads): 4 x 4 where there
  * are 4 rows, 1 x 4 for the rest (a GEMV keeps 4 independent accumulator chains), 4 x 1 / 1 x 1 at the end
  * of N. Rows are tiled by QK_ROW_TILE so a tile's activations stay in L2 while the weight streams once per
  * tile. */
 #define QK_MB 4
-#define QK_MAXACC 8
+#define QK_MAXACC 16
 #define QK_ROW_TILE 32
+#define QK_KC 512       /* panel columns per K tile: 4 weight rows and 4 activation rows of it stay in L1 */
 
 #define QK_RANGE(NAME, ARGS, BLOCK)                                                                          \
     static void NAME(const qk_task *t, int64_t n0, int64_t n1) {                                             \
@@ -235,7 +239,7 @@ int64_t qk_quantize_rows(const void *x, int32_t x_dtype, int64_t m, int64_t k, i
             int64_t c = n0;                                                                                  \
             for (; c + 4 <= n1; c += 4) {                                                                    \
                 int64_t i = i0;                                                                              \
-                for (; i + 4 <= i1; i += 4) { BLOCK(a, 4, 2, i, c); BLOCK(a, 4, 2, i, c + 2); }              \
+                for (; i + 4 <= i1; i += 4) BLOCK(a, 4, 4, i, c);                                                          \
                 for (; i < i1; i++) BLOCK(a, 1, 4, i, c);                                                    \
             }                                                                                                \
             for (; c < n1; c++) {                                                                            \
@@ -416,7 +420,12 @@ int32_t qk_matmul_int(const int8_t *xq, const float *x_scale, int64_t m, int64_t
     return 0;
 }
 
-/* --- float dots ---------------------------------------------------------------------------------------- */
+/* --- float dots (fp8 x fp8, weight-only) ---------------------------------------------------------------
+ *
+ * Weight rows are decoded, C at a time, into an f32 panel in the activations' column order (natural; int4:
+ * the even columns, then the odd ones, as the packed bytes hold them): the definition's dequantized weight
+ * `round_act((f32(q) - zero) * scale)` for weight-only recipes, the codes' values for fp8 x fp8. A panel is
+ * decoded once per row tile and read by every activation row of it, so the inner loop is loads and FMAs. */
 
 /* float8_e4m3fn code -> its value * 2**-8, exact (the f16 whose bits are the code's shifted into place) */
 static inline float e4m3_f16scaled(uint8_t b) { return (float)e4m3_units(b) * 0x1p-17f; }
@@ -432,10 +441,6 @@ static inline void e4m3_32(__m256i bytes, __m512 *lo, __m512 *hi) {
     *hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1));
 }
 
-static inline __m512 i8_16(__mmask16 mk, const int8_t *w) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w)));
-}
-
 /* the activation dtype's rounding of 16 dequantized weights (none for f32) */
 static inline __m512 round_to16(int32_t dt, __m512 w) {
     if (dt == QK_BF16) {
@@ -447,79 +452,275 @@ static inline __m512 round_to16(int32_t dt, __m512 w) {
     if (dt == QK_F16) return _mm512_cvtph_ps(_mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     return w;
 }
-
-/* acc[r * C + c] = sum_j x[r][j] * W(c, j) over j < len; DECODE32 sets w0_[c], w1_[c] to W(c, j .. j + 15) and
- * W(c, j + 16 .. j + 31) from `mk` (32 lanes), `m0`, `m1` (16 each), `c`, `j` */
-#define QK_FLOAT_DOT(R, C, x, len, acc, DECODE32)                                                            \
-    do {                                                                                                     \
-        __m512 v_[QK_MAXACC];                                                                                \
-        for (int q_ = 0; q_ < (R) * (C); q_++) v_[q_] = _mm512_setzero_ps();                                 \
-        for (int64_t j = 0; j < (len); j += 32) {                                                            \
-            const __mmask32 mk = (len) - j >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << ((len) - j)) - 1);      \
-            const __mmask16 m0 = (__mmask16)mk, m1 = (__mmask16)(mk >> 16);                                  \
-            __m512 w0_[4], w1_[4];                                                                           \
-            for (int c = 0; c < (C); c++) { DECODE32; }                                                      \
-            for (int r_ = 0; r_ < (R); r_++) {                                                               \
-                const __m512 x0_ = _mm512_maskz_loadu_ps(m0, (x)[r_] + j);                                   \
-                const __m512 x1_ = _mm512_maskz_loadu_ps(m1, (x)[r_] + j + 16);                              \
-                for (int c = 0; c < (C); c++) {                                                              \
-                    v_[r_ * (C) + c] = _mm512_fmadd_ps(w0_[c], x0_, v_[r_ * (C) + c]);                       \
-                    v_[r_ * (C) + c] = _mm512_fmadd_ps(w1_[c], x1_, v_[r_ * (C) + c]);                       \
-                }                                                                                            \
-            }                                                                                                \
-        }                                                                                                    \
-        for (int q_ = 0; q_ < (R) * (C); q_++) (acc)[q_] = _mm512_reduce_add_ps(v_[q_]);                     \
-    } while (0)
 #endif
 
-/* the same in portable C: DECODE1 gives W(c, jj) */
-#define QK_FLOAT_DOT_PORTABLE(R, C, x, len, acc, DECODE1)                                                    \
-    do {                                                                                                     \
-        for (int r_ = 0; r_ < (R); r_++)                                                                     \
-            for (int c = 0; c < (C); c++) {                                                                  \
-                float lanes_[QK_LANES] = {0}, s_ = 0.0f;                                                     \
-                int64_t jj = 0;                                                                              \
-                for (int64_t j = 0; j + QK_LANES <= (len); j += QK_LANES)                                    \
-                    for (int l_ = 0; l_ < QK_LANES; l_++) {                                                  \
-                        jj = j + l_;                                                                         \
-                        lanes_[l_] = QK_FMA((x)[r_][jj], DECODE1, lanes_[l_]);                               \
-                    }                                                                                        \
-                for (jj = (len) / QK_LANES * QK_LANES; jj < (len); jj++) s_ = QK_FMA((x)[r_][jj], DECODE1, s_); \
-                for (int l_ = 0; l_ < QK_LANES; l_++) s_ += lanes_[l_];                                      \
-                (acc)[r_ * (C) + c] = s_;                                                                    \
-            }                                                                                                \
-    } while (0)
-
 typedef struct {
-    const float *xu;    /* activation codes decoded (value * 2**-8) (M, KP) */
-    const float *xs;
-    int64_t m, kp;
-    const uint8_t *w;
+    const float *x;               /* activations (M, KP) as f32 in panel order; fp8 x fp8: the codes' values * 2**-8 */
+    const float *xs;              /* fp8 x fp8: activation scales (M,); NULL for weight-only */
+    int64_t m, kp, groups, gs;    /* groups = 0: one scale per row */
+    const void *w;
+    int32_t kind, xdt;
     const float *ws, *bias;
+    const int8_t *wz;
     int64_t n;
     void *out;
     int32_t odt;
-} fp8_args;
+    int failed;                   /* a thread could not allocate its panel */
+} float_args;
 
-AI void fp8_block(const fp8_args *a, int R, int C, int64_t i, int64_t c0) {
-    const float *x[QK_MB];
-    const uint8_t *w[4];
-    float acc[QK_MAXACC];
-    for (int r = 0; r < R; r++) x[r] = a->xu + (i + r) * a->kp;
-    for (int c = 0; c < C; c++) w[c] = a->w + (c0 + c) * a->kp;
+/* columns [j0, j0 + len) of weight row c, in panel order, -> p[0 .. len) as f32 */
+static void decode_tile(const float_args *a, int64_t c, int64_t j0, int64_t len, float *p) {
+    const int32_t dt = a->xdt;
+    const int64_t kp = a->kp;
+    if (a->kind == QK_INT8) {
+        const int8_t *w = (const int8_t *)a->w + c * kp + j0;
+        const float s = a->ws[c];
+        int64_t j = 0;
 #if QK_AVX512
-    QK_FLOAT_DOT(R, C, x, a->kp, acc, e4m3_32(_mm256_maskz_loadu_epi8(mk, w[c] + j), &w0_[c], &w1_[c]));
-#else
-    QK_FLOAT_DOT_PORTABLE(R, C, x, a->kp, acc, e4m3_f16scaled(w[c][jj]));
+        const __m512 sv = _mm512_set1_ps(s);
+        for (; j + 16 <= len; j += 16)
+            _mm512_storeu_ps(p + j, round_to16(dt, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                _mm_loadu_si128((const __m128i *)(w + j)))), sv)));
 #endif
+        for (; j < len; j++) p[j] = round_to(dt, (float)w[j] * s);
+    } else if (a->kind == QK_FP8_E4M3) {
+        const uint8_t *w = (const uint8_t *)a->w + c * kp + j0;
+        const int codes = a->xs != NULL;  /* fp8 x fp8: the codes alone; else the dequantized weight */
+        const float s = codes ? 1.0f : a->ws[c] * 256.0f;  /* decoded values carry 2**-8: exact */
+        int64_t j = 0;
+#if QK_AVX512
+        const __m512 sv = _mm512_set1_ps(s);
+        for (; j + 32 <= len; j += 32) {
+            __m512 lo, hi;
+            e4m3_32(_mm256_loadu_si256((const __m256i *)(w + j)), &lo, &hi);
+            if (!codes) {
+                lo = round_to16(dt, _mm512_mul_ps(lo, sv));
+                hi = round_to16(dt, _mm512_mul_ps(hi, sv));
+            }
+            _mm512_storeu_ps(p + j, lo);
+            _mm512_storeu_ps(p + j + 16, hi);
+        }
+#endif
+        for (; j < len; j++) p[j] = codes ? e4m3_f16scaled(w[j]) : round_to(dt, e4m3_f16scaled(w[j]) * s);
+    } else {  /* a tile of packed bytes [b0, b0 + nb): its even columns to p[0 .. nb), odd ones to p[nb .. 2 nb) */
+        const int64_t step = a->gs / 2, G = a->groups, b0 = j0 / 2, nb = len / 2;
+        const uint8_t *w = (const uint8_t *)a->w + c * (kp / 2);
+        const int zp = a->kind == QK_UINT4;
+        const int32_t flip = zp ? 0 : 8;  /* int4: a two's complement nibble t is (t ^ 8) - 8 */
+        for (int64_t g = b0 / step; g < G && g * step < b0 + nb; g++) {
+            const float s = a->ws[c * G + g];
+            const int32_t z = zp ? a->wz[c * G + g] : 8;
+            int64_t j = g * step > b0 ? g * step : b0;
+            const int64_t end = (g + 1) * step < b0 + nb ? (g + 1) * step : b0 + nb;
+#if QK_AVX512
+            const __m512 sv = _mm512_set1_ps(s);
+            const __m512i zv = _mm512_set1_epi32(z), fv = _mm512_set1_epi32(flip), low = _mm512_set1_epi32(15);
+            for (; j + 16 <= end; j += 16) {
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + j)));
+                const __m512i lo = _mm512_xor_si512(_mm512_and_si512(b, low), fv);
+                const __m512i hi = _mm512_xor_si512(_mm512_srli_epi32(b, 4), fv);
+                _mm512_storeu_ps(p + j - b0, round_to16(dt, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, zv)), sv)));
+                _mm512_storeu_ps(p + nb + j - b0,
+                                 round_to16(dt, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, zv)), sv)));
+            }
+#endif
+            for (; j < end; j++) {
+                const int32_t lo = (w[j] & 15) ^ flip, hi = (w[j] >> 4) ^ flip;
+                p[j - b0] = round_to(dt, (float)(lo - z) * s);
+                p[nb + j - b0] = round_to(dt, (float)(hi - z) * s);
+            }
+        }
+    }
+}
+
+/* acc[r * C + c] = sum_j x[r][j] * p[c][j] over j < len */
+AI void dot_f32(int R, int C, const float *const *x, const float *const *p, int64_t len, float *acc) {
+#if QK_AVX512
+    __m512 v[QK_MAXACC];
+    for (int q = 0; q < R * C; q++) v[q] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < len; j += 16) {
+        const __mmask16 mk = len - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (len - j)) - 1);
+        __m512 pv[4];
+        for (int c = 0; c < C; c++) pv[c] = _mm512_maskz_loadu_ps(mk, p[c] + j);
+        for (int r = 0; r < R; r++) {
+            const __m512 xv = _mm512_maskz_loadu_ps(mk, x[r] + j);
+            for (int c = 0; c < C; c++) v[r * C + c] = _mm512_fmadd_ps(pv[c], xv, v[r * C + c]);
+        }
+    }
+    for (int q = 0; q < R * C; q++) acc[q] = _mm512_reduce_add_ps(v[q]);
+#else
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) {  /* both sides carry 2**-8: an exact power-of-two rescale first */
-            const float y = ((acc[r * C + c] * 0x1p16f) * a->ws[c0 + c]) * a->xs[i + r];
-            store(a->out, a->odt, (i + r) * a->n + c0 + c, a->bias ? y + a->bias[c0 + c] : y);
+        for (int c = 0; c < C; c++) {
+            float lanes[QK_LANES] = {0}, s = 0.0f;
+            int64_t j = 0;
+            for (; j + QK_LANES <= len; j += QK_LANES)
+                for (int l = 0; l < QK_LANES; l++) lanes[l] = QK_FMA(x[r][j + l], p[c][j + l], lanes[l]);
+            for (; j < len; j++) s = QK_FMA(x[r][j], p[c][j], s);
+            for (int l = 0; l < QK_LANES; l++) s += lanes[l];
+            acc[r * C + c] = s;
+        }
+#endif
+}
+
+/* y[(i - i0) * 4 + c] += the dot of activation rows i .. i + R and panel rows 0 .. C over one K tile */
+AI void float_block(const float_args *a, int R, int C, int64_t i, int64_t j0, int64_t len, const float *panel,
+                    float *y) {
+    const float *x[QK_MB], *p[4];
+    float part[QK_MAXACC];
+    for (int r = 0; r < R; r++) x[r] = a->x + (i + r) * a->kp + j0;
+    for (int c = 0; c < C; c++) p[c] = panel + c * QK_KC;
+    dot_f32(R, C, x, p, len, part);
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) y[r * 4 + c] += part[r * C + c];
+}
+
+AI void float_columns(const float_args *a, int C, int64_t i0, int64_t i1, int64_t c0, float *panel, float *y) {
+    for (int64_t q = 0; q < (i1 - i0) * 4; q++) y[q] = 0.0f;
+    for (int64_t j0 = 0; j0 < a->kp; j0 += QK_KC) {
+        const int64_t len = a->kp - j0 < QK_KC ? a->kp - j0 : QK_KC;
+        for (int c = 0; c < C; c++) decode_tile(a, c0 + c, j0, len, panel + c * QK_KC);
+        int64_t i = i0;
+        for (; i + 4 <= i1; i += 4) float_block(a, 4, C, i, j0, len, panel, y + (i - i0) * 4);
+        for (; i < i1; i++) float_block(a, 1, C, i, j0, len, panel, y + (i - i0) * 4);
+    }
+    for (int64_t i = i0; i < i1; i++)
+        for (int c = 0; c < C; c++) {
+            float v = y[(i - i0) * 4 + c];
+            if (a->xs)  /* fp8 x fp8: both sides carry 2**-8 (an exact power-of-two rescale), then W8A8's order */
+                v = ((v * 0x1p16f) * a->ws[c0 + c]) * a->xs[i];
+            if (a->bias) v = v + a->bias[c0 + c];
+            store(a->out, a->odt, i * a->n + c0 + c, v);
         }
 }
 
-QK_RANGE(fp8_range, fp8_args, fp8_block)
+#if QK_AVX512
+static inline __m512 i8_16(__mmask16 mk, const int8_t *w) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mk, w)));
+}
+
+/* GEMV (fewer than 4 activation rows, R): C weight rows decoded in registers and used by the R rows at once,
+ * no panel (R * C independent accumulator chains). f32 activations apply a per-row scale after the dot (the
+ * weight needs no rounding to the activation dtype); bf16 / f16 round each dequantized weight as the panel does. */
+AI void gemv_columns(const float_args *a, int R, int C, int64_t c0) {
+    const int32_t dt = a->xdt;
+    const int64_t kp = a->kp;
+    __m512 v[QK_MAXACC];
+    float scale[4];
+    for (int q = 0; q < R * C; q++) v[q] = _mm512_setzero_ps();
+    if (a->kind == QK_INT8 || a->kind == QK_FP8_E4M3) {
+        const int fp8 = a->kind == QK_FP8_E4M3, codes = a->xs != NULL, late = dt == QK_F32 || codes;
+        __m512 sv[4];
+        for (int c = 0; c < C; c++) {
+            const float s = codes ? 1.0f : a->ws[c0 + c] * (fp8 ? 256.0f : 1.0f);
+            scale[c] = late ? s : 1.0f;
+            sv[c] = _mm512_set1_ps(s);
+        }
+        for (int64_t j = 0; j < kp; j += 32) {
+            const __mmask32 mk = kp - j >= 32 ? ~(__mmask32)0 : (((__mmask32)1 << (kp - j)) - 1);
+            const __mmask16 m0 = (__mmask16)mk, m1 = (__mmask16)(mk >> 16);
+            __m512 x0[QK_MB], x1[QK_MB];
+            for (int r = 0; r < R; r++) {
+                x0[r] = _mm512_maskz_loadu_ps(m0, a->x + r * kp + j);
+                x1[r] = _mm512_maskz_loadu_ps(m1, a->x + r * kp + j + 16);
+            }
+            for (int c = 0; c < C; c++) {
+                __m512 w0, w1;
+                if (fp8) {
+                    e4m3_32(_mm256_maskz_loadu_epi8(mk, (const uint8_t *)a->w + (c0 + c) * kp + j), &w0, &w1);
+                } else {
+                    w0 = i8_16(m0, (const int8_t *)a->w + (c0 + c) * kp + j);
+                    w1 = i8_16(m1, (const int8_t *)a->w + (c0 + c) * kp + j + 16);
+                }
+                if (!late) {
+                    w0 = round_to16(dt, _mm512_mul_ps(w0, sv[c]));
+                    w1 = round_to16(dt, _mm512_mul_ps(w1, sv[c]));
+                }
+                for (int r = 0; r < R; r++) {
+                    v[r * C + c] = _mm512_fmadd_ps(w0, x0[r], v[r * C + c]);
+                    v[r * C + c] = _mm512_fmadd_ps(w1, x1[r], v[r * C + c]);
+                }
+            }
+        }
+    } else {  /* int4 / uint4 per group; activations in panel order (per K tile: even columns, then odd) */
+        const int64_t step = a->gs / 2, G = a->groups;
+        const int zp = a->kind == QK_UINT4;
+        const __m512i fv = _mm512_set1_epi32(zp ? 0 : 8), low = _mm512_set1_epi32(15);
+        for (int c = 0; c < C; c++) scale[c] = 1.0f;
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t b = g * step, j0 = (2 * b) / QK_KC * QK_KC;  /* a group never straddles a K tile */
+            const int64_t nb = (kp - j0 < QK_KC ? kp - j0 : QK_KC) / 2;
+            const float *xe = a->x + j0 + (b - j0 / 2), *xo = xe + nb;
+            __m512 sv[4];
+            __m512i zv[4];
+            for (int c = 0; c < C; c++) {
+                sv[c] = _mm512_set1_ps(a->ws[(c0 + c) * G + g]);
+                zv[c] = _mm512_set1_epi32(zp ? a->wz[(c0 + c) * G + g] : 8);
+            }
+            for (int64_t j = 0; j < step; j += 16) {
+                __m512 e[QK_MB], o[QK_MB];
+                for (int r = 0; r < R; r++) {
+                    e[r] = _mm512_loadu_ps(xe + r * kp + j);
+                    o[r] = _mm512_loadu_ps(xo + r * kp + j);
+                }
+                for (int c = 0; c < C; c++) {
+                    const uint8_t *w = (const uint8_t *)a->w + (c0 + c) * (kp / 2) + b + j;
+                    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)w));
+                    const __m512i lo = _mm512_xor_si512(_mm512_and_si512(q, low), fv);
+                    const __m512i hi = _mm512_xor_si512(_mm512_srli_epi32(q, 4), fv);
+                    const __m512 we = round_to16(dt, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, zv[c])), sv[c]));
+                    const __m512 wo = round_to16(dt, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, zv[c])), sv[c]));
+                    for (int r = 0; r < R; r++) {
+                        v[r * C + c] = _mm512_fmadd_ps(we, e[r], v[r * C + c]);
+                        v[r * C + c] = _mm512_fmadd_ps(wo, o[r], v[r * C + c]);
+                    }
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float y = _mm512_reduce_add_ps(v[r * C + c]) * scale[c];
+            if (a->xs) y = ((y * 0x1p16f) * a->ws[c0 + c]) * a->xs[r];
+            if (a->bias) y = y + a->bias[c0 + c];
+            store(a->out, a->odt, r * a->n + c0 + c, y);
+        }
+}
+
+AI void gemv_range(const float_args *a, int R, int64_t n0, int64_t n1) {
+    int64_t c = n0;
+    for (; c + 4 <= n1; c += 4) gemv_columns(a, R, 4, c);
+    for (; c < n1; c++) gemv_columns(a, R, 1, c);
+}
+#endif
+
+static void float_range(const qk_task *t, int64_t n0, int64_t n1) {
+    float_args *a = (float_args *)t->args;
+#if QK_AVX512
+    if (a->m < QK_MB) {
+        if (a->m == 1) gemv_range(a, 1, n0, n1);
+        else if (a->m == 2) gemv_range(a, 2, n0, n1);
+        else gemv_range(a, 3, n0, n1);
+        return;
+    }
+#endif
+    float *panel = (float *)malloc(4 * QK_KC * sizeof(float));
+    float *y = (float *)malloc(4 * QK_ROW_TILE * sizeof(float));
+    if (!panel || !y) { a->failed = 1; free(panel); free(y); return; }
+    for (int64_t i0 = 0; i0 < a->m; i0 += QK_ROW_TILE) {
+        const int64_t i1 = i0 + QK_ROW_TILE < a->m ? i0 + QK_ROW_TILE : a->m;
+        int64_t c = n0;
+        for (; c + 4 <= n1; c += 4) float_columns(a, 4, i0, i1, c, panel, y);
+        for (; c < n1; c++) float_columns(a, 1, i0, i1, c, panel, y);
+    }
+    free(panel);
+    free(y);
+}
+
+static int32_t run_float(float_args *a, int32_t threads) {
+    qk_task t = {float_range, a};
+    parallel_n(&t, a->n, threads);
+    return a->failed ? QK_ENOMEM : 0;
+}
 
 int32_t qk_matmul_fp8(const uint8_t *xq, const float *x_scale, int64_t m, int64_t kp, const uint8_t *w,
                       int64_t n, const float *w_scale, const float *bias, void *out, int32_t out_dtype,
@@ -529,12 +730,12 @@ int32_t qk_matmul_fp8(const uint8_t *xq, const float *x_scale, int64_t m, int64_
     float *xu = (float *)malloc((size_t)(m * kp > 0 ? m * kp : 1) * sizeof(float));
     if (!xu) return QK_ENOMEM;
     for (int64_t j = 0; j < m * kp; j++) xu[j] = e4m3_f16scaled(xq[j]);
-    fp8_args a = {.xu = xu, .xs = x_scale, .m = m, .kp = kp, .w = w, .ws = w_scale, .bias = bias, .n = n,
-                  .out = out, .odt = out_dtype};
-    qk_task t = {fp8_range, &a};
-    parallel_n(&t, n, threads);
+    float_args a = {.x = xu, .xs = x_scale, .m = m, .kp = kp, .groups = 0, .gs = 0, .w = w, .kind = QK_FP8_E4M3,
+                    .xdt = QK_F32, .ws = w_scale, .bias = bias, .wz = NULL, .n = n, .out = out, .odt = out_dtype,
+                    .failed = 0};
+    const int32_t rc = run_float(&a, threads);
     free(xu);
-    return 0;
+    return rc;
 }
 
 int64_t qk_linear_quantized(const void *x, int32_t x_dtype, int64_t m, int64_t k, int64_t kp,
@@ -559,138 +760,6 @@ int64_t qk_linear_quantized(const void *x, int32_t x_dtype, int64_t m, int64_t k
     return rc;
 }
 
-/* --- weight-only: x (float) @ dequant(w)^T --------------------------------------------------------------- */
-
-typedef struct {
-    const float *x, *xe, *xo;     /* activations as f32 (M, KP); int4: even / odd columns (M, KP / 2) */
-    int64_t m, kp, groups, gs;
-    const void *w;
-    int32_t kind, xdt;
-    const float *ws, *bias;
-    const int8_t *wz;
-    int64_t n;
-    void *out;
-    int32_t odt;
-} float_args;
-
-/* One scale per row. f32 activations: y = s * sum_k x * f32(q) (the weight needs no rounding to the
- * activation dtype, so the scale is applied once); bf16 / f16: w = round(f32(q) * s) per element, as the
- * definition casts the dequantized weight to the activation dtype. fp8 codes decode to value * 2**-8. */
-AI void rowwise_block(const float_args *a, int R, int C, int64_t i, int64_t c0, float *y) {
-    const float *x[QK_MB];
-    for (int r = 0; r < R; r++) x[r] = a->x + (i + r) * a->kp;
-    const int32_t dt = a->xdt;
-    const int fp8 = a->kind == QK_FP8_E4M3;
-    const float unit = fp8 ? 256.0f : 1.0f;
-    float s[4];
-    for (int c = 0; c < C; c++) s[c] = dt == QK_F32 ? 1.0f : a->ws[c0 + c] * unit;
-    if (!fp8) {
-        const int8_t *w[4];
-        for (int c = 0; c < C; c++) w[c] = (const int8_t *)a->w + (c0 + c) * a->kp;
-#if QK_AVX512
-        if (dt == QK_F32)
-            QK_FLOAT_DOT(R, C, x, a->kp, y, (w0_[c] = i8_16(m0, w[c] + j), w1_[c] = i8_16(m1, w[c] + j + 16)));
-        else
-            QK_FLOAT_DOT(R, C, x, a->kp, y, (w0_[c] = round_to16(dt, _mm512_mul_ps(i8_16(m0, w[c] + j), _mm512_set1_ps(s[c]))),
-                                             w1_[c] = round_to16(dt, _mm512_mul_ps(i8_16(m1, w[c] + j + 16), _mm512_set1_ps(s[c])))));
-#else
-        QK_FLOAT_DOT_PORTABLE(R, C, x, a->kp, y, round_to(dt, (float)w[c][jj] * s[c]));
-#endif
-    } else {
-        const uint8_t *w[4];
-        for (int c = 0; c < C; c++) w[c] = (const uint8_t *)a->w + (c0 + c) * a->kp;
-#if QK_AVX512
-        if (dt == QK_F32) {
-            QK_FLOAT_DOT(R, C, x, a->kp, y, e4m3_32(_mm256_maskz_loadu_epi8(mk, w[c] + j), &w0_[c], &w1_[c]));
-        } else {
-            QK_FLOAT_DOT(R, C, x, a->kp, y, (e4m3_32(_mm256_maskz_loadu_epi8(mk, w[c] + j), &w0_[c], &w1_[c]),
-                                             w0_[c] = round_to16(dt, _mm512_mul_ps(w0_[c], _mm512_set1_ps(s[c]))),
-                                             w1_[c] = round_to16(dt, _mm512_mul_ps(w1_[c], _mm512_set1_ps(s[c])))));
-        }
-#else
-        QK_FLOAT_DOT_PORTABLE(R, C, x, a->kp, y, round_to(dt, e4m3_f16scaled(w[c][jj]) * s[c]));
-#endif
-    }
-    if (dt == QK_F32)
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < C; c++) y[r * C + c] *= a->ws[c0 + c] * unit;
-}
-
-/* Per group along K: w = round((f32(q) - zero) * s) with even and odd columns apart. */
-AI void grouped_block(const float_args *a, int R, int C, int64_t i, int64_t c0, float *y) {
-    const int64_t half = a->kp / 2, step = a->gs / 2, G = a->groups;
-    const int32_t dt = a->xdt;
-    const int zp = a->kind == QK_UINT4;
-    const uint8_t *w[4];
-    for (int c = 0; c < C; c++) w[c] = (const uint8_t *)a->w + (c0 + c) * half;
-#if QK_AVX512
-    __m512 v[QK_MAXACC];
-    for (int q = 0; q < R * C; q++) v[q] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < G; g++) {
-        __m512 sv[4];
-        __m512i zv[4];
-        for (int c = 0; c < C; c++) {
-            sv[c] = _mm512_set1_ps(a->ws[(c0 + c) * G + g]);
-            zv[c] = _mm512_set1_epi32(zp ? a->wz[(c0 + c) * G + g] : 8);
-        }
-        for (int64_t j = g * step; j < (g + 1) * step; j += 16) {  /* step is a multiple of 16 */
-            __m512 we[4], wo[4];
-            for (int c = 0; c < C; c++) {
-                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w[c] + j)));
-                __m512i lo = _mm512_and_si512(b, _mm512_set1_epi32(15)), hi = _mm512_srli_epi32(b, 4);
-                if (!zp) {  /* a two's complement nibble t is (t ^ 8) - 8 */
-                    lo = _mm512_xor_si512(lo, _mm512_set1_epi32(8));
-                    hi = _mm512_xor_si512(hi, _mm512_set1_epi32(8));
-                }
-                we[c] = round_to16(dt, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, zv[c])), sv[c]));
-                wo[c] = round_to16(dt, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, zv[c])), sv[c]));
-            }
-            for (int r = 0; r < R; r++) {
-                const __m512 xe = _mm512_loadu_ps(a->xe + (i + r) * half + j);
-                const __m512 xo = _mm512_loadu_ps(a->xo + (i + r) * half + j);
-                for (int c = 0; c < C; c++) {
-                    v[r * C + c] = _mm512_fmadd_ps(we[c], xe, v[r * C + c]);
-                    v[r * C + c] = _mm512_fmadd_ps(wo[c], xo, v[r * C + c]);
-                }
-            }
-        }
-    }
-    for (int q = 0; q < R * C; q++) y[q] = _mm512_reduce_add_ps(v[q]);
-#else
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) {
-            const float *xe = a->xe + (i + r) * half, *xo = a->xo + (i + r) * half;
-            float lanes[QK_LANES] = {0}, s_ = 0.0f;
-            for (int64_t g = 0; g < G; g++) {
-                const float s = a->ws[(c0 + c) * G + g];
-                const int32_t z = zp ? a->wz[(c0 + c) * G + g] : 8;
-                for (int64_t j = g * step; j < (g + 1) * step; j += QK_LANES)
-                    for (int l = 0; l < QK_LANES; l++) {
-                        const uint8_t b = w[c][j + l];
-                        const int32_t lo = zp ? (b & 15) : ((b & 15) ^ 8), hi = zp ? (b >> 4) : ((b >> 4) ^ 8);
-                        lanes[l] = QK_FMA(xe[j + l], round_to(dt, (float)(lo - z) * s), lanes[l]);
-                        lanes[l] = QK_FMA(xo[j + l], round_to(dt, (float)(hi - z) * s), lanes[l]);
-                    }
-            }
-            for (int l = 0; l < QK_LANES; l++) s_ += lanes[l];
-            y[r * C + c] = s_;
-        }
-#endif
-}
-
-AI void float_block(const float_args *a, int R, int C, int64_t i, int64_t c0) {
-    float y[QK_MAXACC];
-    if (a->groups) grouped_block(a, R, C, i, c0, y);
-    else rowwise_block(a, R, C, i, c0, y);
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) {
-            const float v = a->bias ? y[r * C + c] + a->bias[c0 + c] : y[r * C + c];
-            store(a->out, a->odt, (i + r) * a->n + c0 + c, v);
-        }
-}
-
-QK_RANGE(float_range, float_args, float_block)
-
 int32_t qk_linear_float(const void *x, int32_t x_dtype, int64_t m, int64_t k, int64_t kp, const void *w,
                         int32_t w_kind, int64_t n, const float *w_scale, const int8_t *w_zero, int64_t group_size,
                         const float *bias, void *out, int32_t out_dtype, int32_t threads) {
@@ -703,24 +772,24 @@ int32_t qk_linear_float(const void *x, int32_t x_dtype, int64_t m, int64_t k, in
     float *buf = (float *)malloc((size_t)(m * kp > 0 ? m * kp : 1) * sizeof(float));
     float *row = grouped ? (float *)malloc((size_t)(kp > 0 ? kp : 1) * sizeof(float)) : NULL;
     if (!buf || (grouped && !row)) { free(buf); free(row); return QK_ENOMEM; }
-    const int64_t half = kp / 2;
-    for (int64_t i = 0; i < m; i++) {
+    for (int64_t i = 0; i < m; i++) {  /* f32, zero-padded to kp; int4: per K tile, even columns, then odd ones */
         float *dst = grouped ? row : buf + i * kp;
         load_row(x, x_dtype, i * k, k, dst);
         for (int64_t j = k; j < kp; j++) dst[j] = 0.0f;
         if (grouped)
-            for (int64_t j = 0; j < half; j++) {
-                buf[i * half + j] = row[2 * j];
-                buf[m * half + i * half + j] = row[2 * j + 1];
+            for (int64_t j0 = 0; j0 < kp; j0 += QK_KC) {
+                const int64_t nb = (kp - j0 < QK_KC ? kp - j0 : QK_KC) / 2;
+                for (int64_t t = 0; t < nb; t++) {
+                    buf[i * kp + j0 + t] = row[j0 + 2 * t];
+                    buf[i * kp + j0 + nb + t] = row[j0 + 2 * t + 1];
+                }
             }
     }
-    float_args a = {.x = buf, .xe = buf, .xo = buf + m * half, .m = m, .kp = kp,
-                    .groups = grouped ? kp / group_size : 0, .gs = group_size, .w = w, .kind = w_kind,
-                    .xdt = x_dtype, .ws = w_scale, .bias = bias, .wz = w_zero, .n = n, .out = out,
-                    .odt = out_dtype};
-    qk_task t = {float_range, &a};
-    parallel_n(&t, n, threads);
+    float_args a = {.x = buf, .xs = NULL, .m = m, .kp = kp, .groups = grouped ? kp / group_size : 0,
+                    .gs = group_size, .w = w, .kind = w_kind, .xdt = x_dtype, .ws = w_scale, .bias = bias,
+                    .wz = w_zero, .n = n, .out = out, .odt = out_dtype, .failed = 0};
+    const int32_t rc = run_float(&a, threads);
     free(buf);
     free(row);
-    return 0;
+    return rc;
 }
