@@ -355,9 +355,10 @@ def expect_accumulators(backend: Backend, case: Case, data: Data, lhs: Any = Non
 
 
 # Backends with kernel shape rules (the packed torch CPU GEMMs: K a multiple of 16, N of 16, group sizes
-# 32-256; the native CPU kernels: decode sizes, M <= torch_bindings.native.MAX_M): a case outside them is
+# 32-256; the native CPU kernels: decode sizes, M <= torch_bindings.native.MAX_M, and not the bfloat16 calls
+# the packed kernels take): a case outside them is
 # refused with a reason naming the size, never run wrong.
-SHAPE_LIMITED = {"torch-cpu-packed": ("K=", "N=", "group size"), "torch-cpu-native": ("M=",)}
+SHAPE_LIMITED = {"torch-cpu-packed": ("K=", "N=", "group size"), "torch-cpu-native": ("M=", "torch-cpu-packed serves")}
 MAX_M = {"torch-cpu-native": "torch_bindings.native"}
 """M-limited backends, and the module whose `MAX_M` says how tall a case they take: their cases run at
 most that tall (`servable`; `tests/test_torch_native.py` checks the refusal above it)."""
