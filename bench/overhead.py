@@ -13,7 +13,6 @@ CUDA-graph territory). Each number is the median over repeats of the mean of a b
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import time
 from typing import Any
@@ -85,17 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="few calls: checks the harness (CI)")
     report.add_output_options(p, "overhead")
     args = p.parse_args(argv)
-    from bench import device as device_mod
-
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    report.set_threads(args)
     calls, repeats = (20, 2) if args.smoke else (2000, 7)
     rows = measure_torch(args.n, args.k, args.m, calls=calls, repeats=repeats)
-    dev = device_mod.detect()
-    doc = {"machine": dev.name, "date": datetime.date.today().isoformat(), "calls": calls, "repeats": repeats,
-           "threads": torch.get_num_threads(),
-           "command": "python -m bench overhead" + (" " + " ".join(argv) if argv else ""), "rows": rows}
-    report.write_outputs(doc, markdown(doc), args, "overhead", dev.kind)
+    doc, kind = report.side_document("overhead", argv, rows, calls=calls, repeats=repeats)
+    report.write_outputs(doc, markdown(doc), args, "overhead", kind)
     return 0

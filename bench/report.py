@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from typing import Any
 
-__all__ = ["markdown", "write_json", "plot", "add_output_options", "write_outputs"]
+__all__ = ["markdown", "write_json", "plot", "add_output_options", "set_threads", "side_document", "write_outputs"]
 
 
 def _ms(s: float | None) -> str:
@@ -99,6 +99,29 @@ def add_output_options(p: Any, what: str) -> None:
     p.add_argument("--markdown", metavar="FILE")
     p.add_argument("--save", action="store_true",
                    help=f"write JSON and markdown to bench/results/{what}-<device>-<date>.*")
+
+
+def set_threads(args: Any) -> None:
+    """Apply `--threads` (torch's intra-op threads) before anything runs."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def side_document(what: str, argv: list[str] | None, rows: list[dict[str, Any]], **fields: Any) -> tuple[dict, str]:
+    """A side command's JSON document (machine, date, threads, `fields`, the command line, `rows`) and the
+    device kind its `--save` files are named by."""
+    import datetime
+
+    import torch
+
+    from bench import device as device_mod
+
+    dev = device_mod.detect()
+    doc = {"machine": dev.name, "date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
+           **fields, "command": f"python -m bench {what}" + (" " + " ".join(argv) if argv else ""), "rows": rows}
+    return doc, dev.kind
 
 
 def write_outputs(doc: dict[str, Any], text: str, args: Any, what: str, device_kind: str) -> None:

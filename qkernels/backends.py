@@ -45,6 +45,8 @@ BACKENDS: tuple[Backend, ...] = (
             description="torch on CPU: executes any recipe's definition (torch._int_mm for integer dots)"),
     Backend(name="torch-cpu-packed", module="torch_bindings.packed", framework="torch", requires=("torch",),
             description="torch on CPU, bf16 activations: packed int8 / int4 weight GEMMs, layout made once per weight"),
+    Backend(name="torch-cpu-native", module="torch_bindings.native", framework="torch", requires=("torch",),
+            description="native C kernels on CPU tensors (compiled on first use), decode sizes: stored codes, one call"),
     Backend(name="triton", module="qkernels.kernels.triton", framework="torch", requires=("torch", "triton"),
             tunable="triton", aot_targets=("sm_80", "sm_89", "sm_90", "gfx942"),
             description="Triton kernels on CUDA sm_80+ / ROCm gfx942 (interpreter variants for tests)"),

@@ -250,9 +250,10 @@ def test_bench_is_a_package_of_the_distribution() -> None:
     assert {"bench", "qkernels", "torch_bindings", "jax_bindings"} <= found and "tests" not in found
 
 
-def test_overhead_and_decode_smoke_runs(tmp_path: Path) -> None:
-    """`python -m bench overhead --smoke` and `python -m bench decode --smoke` (a tiny random Llama) run
-    and write their JSON: a row per recipe and dtype, and a decode row per variant with tokens/s."""
+def test_overhead_decode_and_compile_smoke_runs(tmp_path: Path) -> None:
+    """`python -m bench overhead --smoke`, `decode --smoke` and `compile --smoke` (a tiny random Llama) run
+    and write their JSON: a row per recipe and dtype, a decode row per variant with tokens/s, and a compile
+    row per variant with its first-call time and one graph."""
     import json
 
     out = tmp_path / "overhead.json"
@@ -270,3 +271,13 @@ def test_overhead_and_decode_smoke_runs(tmp_path: Path) -> None:
     variants = {(r["variant"], r["dtype"]) for r in rows}
     assert {("float", "float32"), ("qkernels w8a8", "float32"), ("qkernels w4a16-g128", "bfloat16")} <= variants
     assert rows[0]["vs_fp32"] == 1.0 and all(r["tokens_per_s"] > 0 for r in rows)
+    out = tmp_path / "compile.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "compile", "--smoke", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["variant"], r["dtype"]) for r in rows} == {("float", "float32"), ("float", "bfloat16"),
+                                                          ("qkernels w8a8", "float32")}
+    assert all(r["first_call_s"] > 0 and r["graphs"] >= 1 for r in rows)
+    quantized = next(r for r in rows if r["variant"] == "qkernels w8a8")
+    assert quantized["graph_breaks"] == rows[0]["graph_breaks"], rows  # qk ops add no graph break

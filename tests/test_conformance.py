@@ -26,6 +26,7 @@ Interpreter backends (not chosen automatically) get fewer and smaller cases: the
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import math
 import os
@@ -354,14 +355,21 @@ def expect_accumulators(backend: Backend, case: Case, data: Data, lhs: Any = Non
 
 
 # Backends with kernel shape rules (the packed torch CPU GEMMs: K a multiple of 16, N of 16, group sizes
-# 32-256): a case outside them is refused with a reason naming the size, never run wrong.
-SHAPE_LIMITED = {"torch-cpu-packed": ("K=", "N=", "group size")}
+# 32-256; the native CPU kernels: decode sizes, M <= torch_bindings.native.MAX_M, and not the bfloat16 calls
+# the packed kernels take): a case outside them is
+# refused with a reason naming the size, never run wrong.
+SHAPE_LIMITED = {"torch-cpu-packed": ("K=", "N=", "group size"), "torch-cpu-native": ("M=", "torch-cpu-packed serves")}
+MAX_M = {"torch-cpu-native": "torch_bindings.native"}
+"""M-limited backends, and the module whose `MAX_M` says how tall a case they take: their cases run at
+most that tall (`servable`; `tests/test_torch_native.py` checks the refusal above it)."""
 # Backends that serve some (activation, output) dtype pairs only, and which.
 DTYPE_LIMITED = {"torch-cpu-packed": {("bfloat16", "bfloat16")}}
 
 
 def servable(backend: Backend, case: Case) -> Case:
     """`case`, with N and K rounded up to what a shape-limited backend takes (16, and the group size)."""
+    if backend.name in MAX_M:
+        return dataclasses.replace(case, m=min(case.m, importlib.import_module(MAX_M[backend.name]).MAX_M))
     if backend.name not in SHAPE_LIMITED or backend.impl.verdict(backend.problem(case)) is None:
         return case
     step = math.lcm(16, case.recipe.group_size or 1)
@@ -370,6 +378,8 @@ def servable(backend: Backend, case: Case) -> Case:
 
 def check_case(backend: Backend, case: Case) -> None:
     """The output against the reference, and for integer recipes the accumulators where exposed."""
+    if backend.name in MAX_M:
+        case = servable(backend, case)
     if backend.name in SHAPE_LIMITED and (reason := backend.impl.verdict(backend.problem(case))) is not None:
         assert any(word in reason for word in SHAPE_LIMITED[backend.name]), (backend.id, case, reason)
         return
@@ -496,7 +506,8 @@ def test_every_output_dtype(backend: Backend) -> None:
 REFUSES_BATCHED = {"torch-cpu": "batched (3-D) weights are not supported",
                    "torch-cpu-packed": "batched (3-D) weights are not supported",
                    "torch-cpu-w8a8": "batched (3-D) weights are not supported",
-                   "torch-cpu-w4a8": "batched (3-D) weights are not supported"}
+                   "torch-cpu-w4a8": "batched (3-D) weights are not supported",
+                   "torch-cpu-native": "batched (3-D) weights are not supported"}
 """Backends that refuse batched weights, with (the start of) their reason; every other one serves them."""
 
 
@@ -639,7 +650,7 @@ def test_fma_bound_holds_for_a_fused_epilogue_and_catches_wrong_results() -> Non
 # ---------------------------------------------------------------- bad inputs
 
 
-HOST_CHECKED = {"reference", "reference.callback", "torch-cpu", "torch-cpu-w8a8", "torch-cpu-w4a8"}
+HOST_CHECKED = {"reference", "reference.callback", "torch-cpu", "torch-cpu-w8a8", "torch-cpu-w4a8", "torch-cpu-native"}
 """Backends that quantize activations with host-checked numerics (NumPy, eager torch): NaN/Inf raise.
 Every other one (kernels, XLA) cannot look at values: the rows holding them come out NaN."""
 

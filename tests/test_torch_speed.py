@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import qkernels as qk
-from torch_bindings import functional, ops, packed
+from torch_bindings import functional, native, ops, packed
 
 torch.manual_seed(0)
+TALL = native.MAX_M + 4
+"""Rows above the native kernels' decode sizes: the torch paths these tests are about serve such calls."""
 
 
 def _layer(recipe, n: int = 32, k: int = 64, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -69,7 +71,7 @@ def test_packed_layout_is_made_once_and_follows_the_weight(recipe) -> None:
     and rebuilt when the weight's tensors are written in place (load_state_dict) or replaced."""
     model = _layer(recipe, n=48, k=256, dtype=torch.bfloat16)
     layer = model[0]
-    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    x = torch.randn(TALL, 256, dtype=torch.bfloat16)
     assert qk.explain(x, layer.weight, layer.bias).chosen.name == "torch-cpu-packed"
     assert "layout " + packed.layout_of(recipe).name in str(qk.explain(x, layer.weight))
     made = []
@@ -101,12 +103,12 @@ def test_packed_layout_is_made_once_and_follows_the_weight(recipe) -> None:
 
 
 def test_packed_layouts_refuse_what_the_kernels_cannot_take() -> None:
-    x = torch.randn(2, 40, dtype=torch.bfloat16)
+    x = torch.randn(TALL, 40, dtype=torch.bfloat16)
     why = qk.explain(x, qk.quantize(torch.randn(32, 40), qk.W8A16))
     assert why.chosen.name == "torch-cpu" and "K=40" in str(why)
-    why = qk.explain(torch.randn(2, 64, dtype=torch.bfloat16), qk.quantize(torch.randn(20, 64), qk.W4A16(32)))
+    why = qk.explain(torch.randn(TALL, 64, dtype=torch.bfloat16), qk.quantize(torch.randn(20, 64), qk.W4A16(32)))
     assert why.chosen.name == "torch-cpu" and "N=20" in str(why)
-    why = qk.explain(torch.randn(2, 64), qk.quantize(torch.randn(32, 64), qk.W4A16(32)))
+    why = qk.explain(torch.randn(TALL, 64), qk.quantize(torch.randn(32, 64), qk.W4A16(32)))
     assert "bfloat16 only" in str(why)
 
 
@@ -119,7 +121,7 @@ def test_packed_layouts_refuse_what_the_kernels_cannot_take() -> None:
 ], ids=lambda v: getattr(v, "name", str(v)))
 def test_known_slow_paths_warn_once_and_explain_says_so(recipe, dtype, slow) -> None:
     w_q = qk.quantize(torch.randn(32, 64), recipe)
-    x = torch.randn(7, 64, dtype=dtype)  # a call shape no other test makes: the warning is per distinct call
+    x = torch.randn(TALL + 3, 64, dtype=dtype)  # a call shape no other test makes: the warning is per distinct call
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         qk.linear(x, w_q)
@@ -159,8 +161,9 @@ def test_compiled_model_is_one_graph_across_layer_shapes_and_recipes() -> None:
 def test_w4a8_on_unpacked_codes_equals_the_generic_path(m: int) -> None:
     w_q = qk.quantize(torch.randn(48, 500), qk.W4A8(32))
     x, bias = torch.randn(m, 500), torch.randn(48)
-    assert qk.explain(x, w_q, bias).chosen.name == "torch-cpu-w4a8"
-    with torch.no_grad():
+    assert qk.explain(x, w_q, bias).chosen.name == ("torch-cpu-native" if m <= native.MAX_M and native.native.unavailable() is None
+                                                       else "torch-cpu-w4a8")
+    with torch.no_grad(), qk.use_backend("torch-cpu-w4a8"):
         fast = qk.linear(x, w_q, bias)
         with qk.use_backend("torch-cpu"):
             generic = qk.linear(x, w_q, bias)

@@ -74,6 +74,11 @@ def _check(x: tuple[int, ...], qvalue: tuple[Any, ...], scale: tuple[Any, ...], 
     `qvalue`, `scale`, `zero` are (shape, dtype) pairs; a QTensor satisfies all of this by construction,
     hand-made operands of `torch.ops.qkernels.linear` are held to the same rules.
     """
+    def plain(sig: tuple[Any, ...] | None) -> tuple[Any, ...] | None:  # torch.Size -> tuple, for the messages
+        return None if sig is None else (tuple(sig[0]), sig[1])
+
+    x, bias = tuple(x), None if bias is None else tuple(bias)
+    qvalue, scale, zero, input_scale = plain(qvalue), plain(scale), plain(zero), plain(input_scale)
     if len(x) != 2:
         raise ValueError(f"qkernels::linear takes a 2-D (M, K) input, got shape {x}")
     check_operands(recipe_named(recipe), x[1], qvalue, scale, zero, input_scale=input_scale)
@@ -83,11 +88,10 @@ def _check(x: tuple[int, ...], qvalue: tuple[Any, ...], scale: tuple[Any, ...], 
 
 def _operand_key(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
                  bias: torch.Tensor | None, input_scale: torch.Tensor | None) -> tuple[Any, ...]:
-    def sig(t: torch.Tensor | None) -> tuple[Any, ...] | None:
-        return None if t is None else (tuple(t.shape), t.dtype)
-
-    return (tuple(x.shape), sig(qvalue), sig(scale), sig(zero_point), None if bias is None else tuple(bias.shape),
-            sig(input_scale))
+    # torch.Size is a tuple (same hash and equality): no copy per call
+    return (x.shape, (qvalue.shape, qvalue.dtype), (scale.shape, scale.dtype),
+            None if zero_point is None else (zero_point.shape, zero_point.dtype), None if bias is None else bias.shape,
+            None if input_scale is None else (input_scale.shape, input_scale.dtype))
 
 
 # Per-call caches, keyed by plain values (shapes, dtypes, the recipe's name: a str hashes once, a Recipe

@@ -201,7 +201,7 @@ def _fp8_spec(fnuz: bool) -> KernelSpec:
         name="fp8-fnuz" if fnuz else "fp8", fn=fp8.fp8_kernel,
         pointers=lambda v: dict(a_ptr="*fp8e4nv", a_scale_ptr="*fp32", w_ptr="*fp8e4nv", w_scale_ptr="*fp32",
                                 bias_ptr="*fp32", **_out(v, "*fp32")),
-        constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, PARTIAL=v.partial, FNUZ=fnuz),
+        constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, PARTIAL=v.partial, FLOAT_CODES=True, FNUZ=fnuz),
         configs=_fp8_only(_runs(Kernel.TILE, "fp8"), "hip" if fnuz else "cuda"), mma="fp8")
 
 
@@ -211,7 +211,7 @@ SPECS: tuple[KernelSpec, ...] = (
     KernelSpec(name="w8a8", fn=w8a8.w8a8_kernel,
                pointers=lambda v: dict(a_ptr="*i8", a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32",
                                        bias_ptr="*fp32", **_out(v, "*i32")),
-               constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, RETURN_ACC=v.partial),
+               constexprs=lambda v: _blocks(v.cfg, HAS_BIAS=True, PARTIAL=v.partial, FLOAT_CODES=False, FNUZ=False),
                configs=_runs(Kernel.TILE, "w8a8"), mma="int8"),
     KernelSpec(name="w4a8", fn=w4a8.w4a8_kernel,
                pointers=lambda v: dict(a_ptr="*i8", a_scale_ptr="*fp32", w_ptr="*i8", w_scale_ptr="*fp32",

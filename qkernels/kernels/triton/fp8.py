@@ -23,17 +23,13 @@ Decode: the GEMV kernel (`gemv.py`, f32 sum of exact products, no tensor cores) 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from qkernels import hardware
 from qkernels.formats import FP8
-from qkernels.kernels.triton import splitk
-from qkernels.kernels.triton._common import (
-    Kernel, MatmulConfig, as_fnuz, batch_stride, grouped_tile, interpreting, platform_of, store_rescaled, torch_dtype,
-)
-from qkernels.kernels.triton._launch import allocate, check_operands, resolve_config
-from qkernels.kernels.triton.gemv import E4M3, launch_gemv
+from qkernels.kernels.triton._common import MatmulConfig, interpreting, platform_of
+from qkernels.kernels.triton._launch import check_operands, resolve_config
+from qkernels.kernels.triton.gemv import E4M3
+from qkernels.kernels.triton.w8a8 import launch_codes, w8a8_kernel
 
 __all__ = ["CONFIGS", "fp8_matmul", "launch_fp8", "fp8_kernel"]
 
@@ -52,60 +48,9 @@ CONFIGS: dict[str, tuple[MatmulConfig, ...]] = {
 }
 
 
-@triton.jit
-def fp8_kernel(
-    # pointers
-    a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, bias_ptr, out_ptr,
-    # sizes
-    M, N, K, K_PER_SPLIT,
-    # strides (batch stride 0: operand shared by every batch)
-    stride_ab, stride_am, stride_ak,
-    stride_asb, stride_asm,
-    stride_wb, stride_wn, stride_wk,
-    stride_wsb, stride_wsn,
-    stride_os, stride_ob, stride_om, stride_on,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr, PARTIAL: tl.constexpr,  # PARTIAL: store the raw f32 accumulator (split-K)
-    FNUZ: tl.constexpr,  # gfx942: multiply the codes as e4m3fnuz (module docstring)
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    pid_s = tl.program_id(2)  # K split: this program sums K in [k_start, k_end)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    k_start = tl.multiple_of(pid_s * K_PER_SPLIT, BLOCK_K)  # whole K tiles: keeps loads vectorized
-    k_end = tl.minimum(K, k_start + K_PER_SPLIT)
-    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    a_ptrs = a_ptr + pid_b * stride_ab + offs_m[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
-    w_ptrs = w_ptr + pid_b * stride_wb + (k_start + offs_k)[:, None] * stride_wk + offs_n[None, :] * stride_wn
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
-    for k0 in range(k_start, k_end, BLOCK_K):
-        k_ok = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K] e4m3
-        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N] e4m3
-        if FNUZ:
-            acc = tl.dot(as_fnuz(a), as_fnuz(w), acc, out_dtype=tl.float32)  # 1/4 of the e4m3fn dot, exactly
-        else:
-            acc = tl.dot(a, w, acc, out_dtype=tl.float32, max_num_imprecise_acc=BLOCK_K)
-        a_ptrs += BLOCK_K * stride_ak
-        w_ptrs += BLOCK_K * stride_wk
-    if FNUZ:
-        acc = acc * 4.0  # exact: back to the e4m3fn codes' sum
-
-    out_ptrs = out_ptr + pid_s * stride_os + pid_b * stride_ob + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
-    out_mask = m_ok[:, None] & n_ok[None, :]
-    if PARTIAL:
-        tl.store(out_ptrs, acc, mask=out_mask)
-    else:  # fused epilogue, accumulator still in registers
-        store_rescaled(acc, out_ptrs, out_mask, a_scale_ptr + pid_b * stride_asb + offs_m * stride_asm,
-                       w_scale_ptr + pid_b * stride_wsb + offs_n * stride_wsn, bias_ptr + offs_n, m_ok, n_ok,
-                       RESCALE=True, HAS_BIAS=HAS_BIAS)
+fp8_kernel = w8a8_kernel
+"""The tile kernel, W8A8's with `FLOAT_CODES=True` (f32 accumulator, fp8 MMA promoted every BLOCK_K
+products; `FNUZ` on gfx942): the two per-row-scaled code dots differ only there (`w8a8.w8a8_kernel`)."""
 
 
 def fp8_matmul(
@@ -137,25 +82,5 @@ def launch_fp8(
     `fnuz` None: the device's (ROCm: True); the interpreter runs either form."""
     if fnuz is None:
         fnuz = not interpreting() and platform_of(lhs.device).startswith("rocm:")
-    v = allocate(lhs, lhs_scale, rhs, torch_dtype(out_dtype))
-    if v.m and v.n:
-        plan = splitk.plan(config, v.k, v.out, torch.float32)
-        if config.kernel is Kernel.GEMV:
-            launch_gemv(config, plan, v.lhs, rhs, rhs_scale, weight=E4M3, a_scale=v.lhs_scale, bias=bias,
-                        float_codes=True)
-        else:
-            a, a_s = v.lhs, v.lhs_scale
-            grid = (triton.cdiv(v.m, config.block_m) * triton.cdiv(v.n, config.block_n), v.batches, plan.splits)
-            fp8_kernel[grid](
-                a, a_s, rhs, rhs_scale, bias if bias is not None else rhs_scale, plan.target,
-                v.m, v.n, v.k, plan.k_per_split,
-                a.stride(0), a.stride(1), a.stride(2),
-                a_s.stride(0), a_s.stride(1),
-                batch_stride(rhs, 3), rhs.stride(-2), rhs.stride(-1),
-                batch_stride(rhs_scale, 2), rhs_scale.stride(-1),
-                *plan.target_strides(),
-                HAS_BIAS=bias is not None, PARTIAL=plan.partial, FNUZ=fnuz,
-                BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-                num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
-        plan.finish(a_scale=v.lhs_scale, w_scale=rhs_scale, bias=bias)
-    return v.result()
+    return launch_codes(lhs, lhs_scale, rhs, rhs_scale, bias, out_dtype=out_dtype, config=config, weight=E4M3,
+                        fnuz=fnuz)

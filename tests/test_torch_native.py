@@ -1,0 +1,122 @@
+"""'torch-cpu-native' (torch_bindings/native.py): the native C kernels through the torch binding. The numbers
+are the conformance suite's (tests/test_conformance.py runs this backend through every case); here: what
+the binding adds around the library call, selection by M, and what happens without a compiler."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkernels as qk
+from qkernels import dispatch
+from qkernels.kernels import cpu as native_cpu
+from torch_bindings import native
+
+pytestmark = pytest.mark.skipif(native_cpu.unavailable() is not None, reason=str(native_cpu.unavailable()))
+
+torch.manual_seed(0)
+
+RECIPES = [qk.W8A8, qk.W4A8(32), qk.W8A16, qk.W4A16(64), qk.W4A16(32, zero_point=True), qk.FP8, qk.FP8A16]
+
+
+def _reference(x: torch.Tensor, w_q, bias: torch.Tensor | None) -> torch.Tensor:
+    with qk.use_backend("reference"):
+        return qk.linear(x, w_q, bias)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.name)
+def test_decode_calls_run_native_with_the_reference_numbers(recipe) -> None:
+    """M <= MAX_M picks the native kernels in every float dtype (but bfloat16 weight-only calls torch's packed
+    kernels take: those are faster); 3-D, non-contiguous input and a bias in the activations' dtype; integer
+    recipes bit-exact, the others within the conformance tolerance."""
+    w_q = qk.quantize(torch.randn(40, 96), recipe)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(2, 96, 3, dtype=dtype).transpose(1, 2)  # (2, 3, 96), not contiguous
+        bias = torch.randn(40, dtype=dtype)
+        choice = qk.explain(x, w_q)
+        packed_serves = {v.implementation.name: v.reason for v in choice.verdicts}.get("torch-cpu-packed", "") is None
+        assert choice.chosen.name == ("torch-cpu-packed" if packed_serves else "torch-cpu-native"), str(choice)
+        y, want = qk.linear(x, w_q, bias), _reference(x, w_q, bias)
+        assert y.shape == (2, 3, 40) and y.dtype == dtype
+        if packed_serves:
+            continue  # torch's packed kernels' numbers: tests/test_torch_speed.py and the conformance suite
+        if recipe.accumulation.integer:
+            assert torch.equal(y, want), (recipe.name, dtype)
+        else:
+            torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_weight_only_calls_torchs_packed_kernels_take_stay_there() -> None:
+    w_q = qk.quantize(torch.randn(64, 128), qk.W4A16(32))
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    choice = qk.explain(x, w_q)
+    assert choice.chosen.name == "torch-cpu-packed"
+    assert "faster" in {v.implementation.name: v.reason for v in choice.verdicts}["torch-cpu-native"]
+    assert qk.explain(x.half(), w_q).chosen.name == "torch-cpu-native"  # fp16: the packed kernels take bf16 only
+
+
+def test_tall_calls_go_to_the_blas_paths_with_the_reason() -> None:
+    w_q = qk.quantize(torch.randn(32, 64), qk.W8A8)
+    tall = torch.randn(native.MAX_M + 1, 64)
+    choice = qk.explain(tall, w_q)
+    assert choice.chosen.name != "torch-cpu-native"
+    reason = {v.implementation.name: v.reason for v in choice.verdicts}["torch-cpu-native"]
+    assert f"M={native.MAX_M + 1} > {native.MAX_M}" in reason
+    assert torch.equal(qk.linear(tall, w_q), _reference(tall, w_q, None))
+
+
+def test_static_activations_run_on_their_calibrated_codes() -> None:
+    """`w8a8-static` / `fp8-static`: the op quantizes with the calibrated scale, the library multiplies the codes."""
+    batches = [torch.randn(4, 64) for _ in range(3)]
+    for recipe in (qk.W8A8(static=True), qk.FP8(static=True)):
+        model = qk.quantize_(torch.nn.Sequential(torch.nn.Linear(64, 24)), recipe).model
+        qk.calibrate(model, batches)
+        x = torch.randn(3, 64)
+        with torch.no_grad(), qk.use_backend("torch-cpu-native"):  # raises if it does not serve the call
+            y = model(x)
+        with torch.no_grad():
+            with qk.use_backend("reference"):
+                want = model(x)
+        if recipe.accumulation.integer:
+            assert torch.equal(y, want)
+        else:
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+def test_nonfinite_activations_raise_the_formats_error() -> None:
+    w_q = qk.quantize(torch.randn(16, 32), qk.W4A8(32))
+    x = torch.randn(3, 32)
+    x[1, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf in 1 row"):
+        qk.linear(x, w_q)
+
+
+def test_explain_names_the_layout() -> None:
+    w_q = qk.quantize(torch.randn(16, 32), qk.W4A16(32))
+    assert "layout canonical" in str(qk.explain(torch.randn(1, 32), w_q))
+
+
+def test_without_a_compiler_the_torch_paths_serve(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The build's reason is what `supports` returns (explain shows it); the call runs elsewhere, same numbers."""
+    w_q = qk.quantize(torch.randn(16, 32), qk.W8A8)
+    x = torch.randn(2, 32)
+    monkeypatch.setattr(native.native, "unavailable", lambda: "native CPU kernels unavailable: no C compiler found")
+    dispatch.invalidate()
+    try:
+        choice = qk.explain(x, w_q)
+        assert choice.chosen.name == "torch-cpu-w8a8"
+        assert "no C compiler found" in {v.implementation.name: v.reason for v in choice.verdicts}["torch-cpu-native"]
+        assert torch.equal(qk.linear(x, w_q), _reference(x, w_q, None))
+    finally:
+        monkeypatch.undo()
+        dispatch.invalidate()
+
+
+def test_compiled_model_runs_the_native_kernel_inside_the_op() -> None:
+    model = qk.quantize_(torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)),
+                         qk.W4A8(32)).model
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(x)
+    assert torch.equal(eager, compiled)

@@ -1,0 +1,170 @@
+"""'torch-cpu-native': the native C kernels (`qkernels/kernels/cpu`, ABI in qk_cpu.h) on CPU tensors, through
+ctypes, for the small M of decode and online serving, priority 70 (above every other CPU path where it runs).
+
+Why: at decode shapes a CPU matmul is bound by reading the weight, and the torch paths either read more
+than the codes (the generic path dequantizes the whole weight per call; W4A8 keeps a second, int8 copy
+of its codes) or pay for many small torch ops per call (W8A8's activation quantization is ~10 ops, ~40
+us above `F.linear` at 64x64). The C kernels read the canonical codes as they are stored (int8, int4 /
+uint4 two per byte, e4m3) and do a whole call in one library call: quantize the activation rows,
+the dots, the rescale, the bias and the output cast. No second layout is made (explain: layout
+`canonical`).
+
+Numerics: those of the definition (qk_cpu.h says how): the integer recipes (W8A8, W4A8) quantize
+activations as `qkernels.numerics` does and give the reference's outputs bit for bit (the conformance
+suite checks); FP8 sums exact products in f32 (the order of the sum differs: within tolerance); the
+weight-only recipes accumulate in f32 (within the weight-only tolerance). Activations with NaN/Inf in a
+row (integer and fp8 recipes) are refused with the format's own error (the generic path raises it).
+
+Served: CPU, 2-D weights, activations and outputs float32 / bfloat16 / float16, the shipped weight
+formats (int8 per channel, int4 / uint4 + zero point per group, e4m3 per channel) with per-token (or
+static) int8 / e4m3 activations or none, and M up to `MAX_M` (above it the BLAS-backed paths win:
+oneDNN's int8 and bf16 GEMMs, measured in the docstring of `MAX_M`). Not where the library cannot be
+built (no C compiler): `supports` then returns the build's reason and the torch paths serve.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qkernels import dispatch, tuning
+from qkernels.dispatch import Bound, Problem
+from qkernels.formats import Granularity, QOperand, Recipe
+from qkernels.kernels import cpu as native
+from torch_bindings import cpu, packed
+from torch_bindings.arrays import DTYPES
+
+__all__ = ["register", "supports", "Plan", "MAX_M"]
+
+MAX_M = 16
+"""Largest M (rows of activations) served. Measured: see the module docstring and README."""
+
+_TAGS = ("w8a8", "w4a8", "w8a16", "w4a16", "fp8", "fp8a16")
+
+
+def _weight_kind(recipe: Recipe) -> str | None:
+    """Why the recipe's formats are not the kernels' (None: they are)."""
+    rhs, lhs = recipe.rhs, recipe.lhs
+    name = rhs.qtype.name
+    if name not in native.KINDS:
+        return f"weights of type {name}: the native kernels take {', '.join(native.KINDS)}"
+    grouped = rhs.granularity is Granularity.GROUP
+    if grouped != rhs.packed or (not grouped and rhs.granularity is not Granularity.ROW):
+        return f"weights {rhs.describe()}: the native kernels take int4 per group or 8-bit codes per channel"
+    if lhs is None:
+        return None
+    integer = lhs.qtype.name == "int8" and name in ("int8", "int4")
+    fp8 = lhs.qtype.name == name == "float8_e4m3fn"
+    if not (integer or fp8) or not (lhs.granularity is Granularity.ROW or lhs.static) or lhs.zero_point:
+        return f"activations {lhs.describe()} x weights {rhs.describe()}: not a pair the native kernels multiply"
+    return None
+
+
+def supports(problem: Problem) -> str | None:
+    why = cpu._supports(problem) or _weight_kind(problem.recipe)
+    if why:
+        return why
+    if problem.m > MAX_M:
+        return f"M={problem.m} > {MAX_M}: the BLAS-backed CPU paths are faster there (torch_bindings.native.MAX_M)"
+    if problem.recipe.lhs is None and packed.SERVES.reason(problem.recipe) is None and packed.supports(problem) is None:
+        return ("torch-cpu-packed serves this bfloat16 call with torch's packed int8 / int4 kernels, 2-4x faster "
+                "than these (measured: torch_bindings.native's docstring)")
+    return native.unavailable()
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What one bound call runs, fixed by its problem (made once by `configure`, shown by explain):
+    the entry point and the header's constants for the problem's formats and dtypes."""
+
+    entry: str  # 'qk_linear_quantized' (float activations, integer / fp8 recipes), 'qk_linear_float'
+    #             (weight-only), 'qk_matmul_int' / 'qk_matmul_fp8' (activations quantized by the op: static)
+    kind: int  # the weight's code kind (native.KINDS)
+    group: int  # group size along K, 0 per channel
+    kp: int  # K padded as the weight stores it (OperandFormat.padded_k)
+    x_dtype: int  # native.DTYPES of the activations (unused by the qk_matmul_* entries)
+    out_dtype: int
+    out_torch: torch.dtype
+
+    @property
+    def name(self) -> str:
+        return f"{self.entry} (kind {self.kind}, group {self.group}, K padded to {self.kp})"
+
+
+def _configure(problem: Problem) -> tuning.Choice:
+    recipe = problem.recipe
+    fmt = recipe.rhs
+    if problem.lhs_quantized:
+        entry = "qk_matmul_int" if recipe.accumulation.integer else "qk_matmul_fp8"
+    else:
+        entry = "qk_linear_float" if recipe.lhs is None else "qk_linear_quantized"
+    plan = Plan(entry=entry, kind=native.KINDS[fmt.qtype.name], group=fmt.group_size or 0, kp=fmt.padded_k(problem.k),
+                x_dtype=native.DTYPES.get(problem.act_dtype, -1), out_dtype=native.DTYPES[problem.out_dtype],
+                out_torch=DTYPES[problem.out_dtype])
+    return tuning.Choice(config=plan, source="fixed by the recipe's formats and the call's dtypes")
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype is torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
+
+
+def _run(call: Bound, lhs: torch.Tensor | QOperand, rhs: QOperand, bias: torch.Tensor | None) -> torch.Tensor:
+    """One library call (the plan's entry point) writing the output tensor; the host work around it is a
+    few attribute reads (the 64x64 per-call overhead is what `python -m bench overhead` measures)."""
+    p = call.problem
+    if p.m == 0 or p.n == 0 or p.k == 0:  # nothing to multiply: the definition's path (zeros, bias), same numbers
+        return cpu._run(call, lhs, rhs, bias)
+    plan: Plan = call.config.config
+    lib = native.library()
+    lead = None
+    codes = lhs.qvalue if isinstance(lhs, QOperand) else lhs
+    if codes.dim() != 2:
+        lead = tuple(codes.shape[:-1])
+        lhs = QOperand(codes.reshape(-1, p.k), lhs.scale.reshape(-1)) if isinstance(lhs, QOperand) else codes.reshape(-1, p.k)
+    w = rhs.qvalue if rhs.qvalue.is_contiguous() else rhs.qvalue.contiguous()
+    w_scale = _f32(rhs.scale)
+    bias = None if bias is None else _f32(bias)  # held until the call returns: the library reads its memory
+    b = None if bias is None else bias.data_ptr()
+    threads = torch.get_num_threads()
+    if isinstance(lhs, QOperand):  # static activations, quantized by the op with their calibrated scale
+        m = lhs.qvalue.shape[0]
+        out = torch.empty((m, p.n), dtype=plan.out_torch)
+        xq = lhs.qvalue if lhs.qvalue.shape[1] == plan.kp else torch.nn.functional.pad(
+            lhs.qvalue.view(torch.int8), (0, plan.kp - lhs.qvalue.shape[1])).view(lhs.qvalue.dtype)
+        xq, x_scale = xq.contiguous(), _f32(lhs.scale)
+        if plan.entry == "qk_matmul_int":
+            rc = lib.qk_matmul_int(xq.data_ptr(), x_scale.data_ptr(), m, plan.kp, w.data_ptr(), plan.kind, p.n,
+                                   w_scale.data_ptr(), plan.group, b, out.data_ptr(), plan.out_dtype, threads)
+        else:
+            rc = lib.qk_matmul_fp8(xq.data_ptr(), x_scale.data_ptr(), m, plan.kp, w.data_ptr(), p.n,
+                                   w_scale.data_ptr(), b, out.data_ptr(), plan.out_dtype, threads)
+        native.check(rc, plan.entry)
+    else:
+        x = lhs if lhs.is_contiguous() else lhs.contiguous()
+        m = x.shape[0]
+        out = torch.empty((m, p.n), dtype=plan.out_torch)
+        if plan.entry == "qk_linear_float":
+            zero = rhs.zero_point
+            native.check(lib.qk_linear_float(
+                x.data_ptr(), plan.x_dtype, m, p.k, plan.kp, w.data_ptr(), plan.kind, p.n, w_scale.data_ptr(),
+                None if zero is None else zero.data_ptr(), plan.group, b, out.data_ptr(), plan.out_dtype, threads),
+                plan.entry)
+        elif native.check(lib.qk_linear_quantized(
+                x.data_ptr(), plan.x_dtype, m, p.k, plan.kp, None, w.data_ptr(), plan.kind, p.n, w_scale.data_ptr(),
+                plan.group, b, out.data_ptr(), plan.out_dtype, threads), plan.entry):
+            cpu._run(call, lhs, rhs, bias)  # rows with NaN/Inf: the definition's path raises the format's error
+            raise AssertionError("the native kernels found non-finite activation rows the generic path accepted")
+    return out if lead is None else out.reshape(*lead, p.n)
+
+
+def _note(problem: Problem) -> str:
+    return "layout canonical: the stored codes, read by the C kernels (one library call per matmul)"
+
+
+def register() -> None:
+    dispatch.register(dispatch.Implementation(
+        name="torch-cpu-native", framework="torch", priority=70, supports=supports, run=_run, configure=_configure,
+        serves=dispatch.Serves.tags(*_TAGS), accumulate=cpu._accumulate, note=_note,
+        description=f"native C kernels on CPU (qkernels/kernels/cpu) for M <= {MAX_M}: one call, stored codes"))
+
