@@ -47,8 +47,9 @@ side-by-side script: jit'ed `qk.dot_general` vs jit'ed `lax.dot_general` f32, th
 a Flax kernel, median of 20 calls.) Not reached with XLA ops: int4 weights need a per-call unpack pass
 (~2-6 ms for 4096x4096 here, already at or above lax f32's GEMV) and XLA:CPU runs the per-group
 int32 dots as batched dots whose operand transposes cost tens of ms; fp8 codes are not integers (an
-e4m3 value needs 18 bits as a fixed-point integer), so neither trick applies. A CPU kernel (jax.ffi)
-would be the way there.
+e4m3 value needs 18 bits as a fixed-point integer), so neither trick applies. That is what the native C
+kernels do instead (`xla-native`, `jax_bindings/native.py`, through the XLA FFI: chosen before `xla` on CPU
+where they build; these paths serve where they do not, and above their sizes).
 """
 
 from __future__ import annotations
