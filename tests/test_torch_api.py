@@ -132,7 +132,7 @@ def test_float_weight_is_quantized_per_call_with_w8a8():
 
 def test_explain_names_the_choice_and_use_backend_changes_it():
     wq = qk.quantize(torch.randn(8, 16), qk.W8A16)
-    x = _x((40, 16))  # taller than the native kernels' decode sizes (tests/test_torch_native.py)
+    x = _x((300, 16))  # taller than the native kernels serve (tests/test_torch_native.py)
     assert qk.explain(x, wq).chosen.name == "torch-cpu"
     with qk.use_backend("reference"):
         assert qk.explain(x, wq).chosen.name == "reference"

@@ -12,7 +12,7 @@ import qkernels as qk
 from torch_bindings import functional, native, ops, packed
 
 torch.manual_seed(0)
-TALL = native.MAX_M + 4
+TALL = native.MAX_M_FLOAT + 4
 """Rows above the native kernels' decode sizes: the torch paths these tests are about serve such calls."""
 
 
@@ -157,7 +157,7 @@ def test_compiled_model_is_one_graph_across_layer_shapes_and_recipes() -> None:
     assert counters["stats"]["unique_graphs"] == 1
 
 
-@pytest.mark.parametrize("m", [1, 7, 40], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("m", [1, 7, 70], ids=lambda m: f"M{m}")
 def test_w4a8_on_unpacked_codes_equals_the_generic_path(m: int) -> None:
     w_q = qk.quantize(torch.randn(48, 500), qk.W4A8(32))
     x, bias = torch.randn(m, 500), torch.randn(48)

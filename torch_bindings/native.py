@@ -35,10 +35,16 @@ from qkernels.kernels import cpu as native
 from torch_bindings import cpu, packed
 from torch_bindings.arrays import DTYPES
 
-__all__ = ["register", "supports", "Plan", "MAX_M"]
+__all__ = ["register", "supports", "Plan", "MAX_M", "MAX_M_FLOAT"]
 
-MAX_M = 16
-"""Largest M (rows of activations) served. Measured: see the module docstring and README."""
+MAX_M = 64
+"""Largest M (rows of activations) served for the integer recipes (W8A8, W4A8): above it oneDNN's int8 GEMM
+(`torch._int_mm`, 'torch-cpu-w8a8' / 'torch-cpu-w4a8') is faster (measured: the module docstring)."""
+
+MAX_M_FLOAT = 256
+"""Largest M served for the float accumulations (weight-only with float32 / float16 activations, FP8): the
+other torch paths for them dequantize the whole weight per call (or upcast fp8 codes), slower at every M
+measured up to here; above it a GEMM on the dequantized weight amortizes its dequantization."""
 
 _TAGS = ("w8a8", "w4a8", "w8a16", "w4a16", "fp8", "fp8a16")
 
@@ -65,8 +71,10 @@ def supports(problem: Problem) -> str | None:
     why = cpu._supports(problem) or _weight_kind(problem.recipe)
     if why:
         return why
-    if problem.m > MAX_M:
-        return f"M={problem.m} > {MAX_M}: the BLAS-backed CPU paths are faster there (torch_bindings.native.MAX_M)"
+    limit = MAX_M if problem.recipe.accumulation.integer else MAX_M_FLOAT
+    if problem.m > limit:
+        return (f"M={problem.m} > {limit}: the BLAS-backed CPU paths are faster there "
+                f"(torch_bindings.native.{'MAX_M' if limit == MAX_M else 'MAX_M_FLOAT'})")
     if problem.recipe.lhs is None and packed.SERVES.reason(problem.recipe) is None and packed.supports(problem) is None:
         return ("torch-cpu-packed serves this bfloat16 call with torch's packed int8 / int4 kernels, 2-4x faster "
                 "than these (measured: torch_bindings.native's docstring)")
@@ -166,5 +174,5 @@ def register() -> None:
     dispatch.register(dispatch.Implementation(
         name="torch-cpu-native", framework="torch", priority=70, supports=supports, run=_run, configure=_configure,
         serves=dispatch.Serves.tags(*_TAGS), accumulate=cpu._accumulate, note=_note,
-        description=f"native C kernels on CPU (qkernels/kernels/cpu) for M <= {MAX_M}: one call, stored codes"))
+        description=f"native C kernels on CPU (qkernels/kernels/cpu), M <= {MAX_M} (integer) / {MAX_M_FLOAT}: one call"))
 
