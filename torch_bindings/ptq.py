@@ -6,7 +6,7 @@ as `model(batch)`, `model(*batch)` or `model(**batch)`), keeping per layer only 
 
 | method | kept per layer                                        | memory         |
 |--------|-------------------------------------------------------|----------------|
-| gptq   | the running Hessian `2/n X^T X` (`quality.hessian_update`) | K x K (f64)  |
+| gptq   | the running Hessian `2/n X^T X` (`quality.hessian_merge`) | K x K (f64)  |
 | awq    | a uniform sample of `rows` input rows (reservoir)       | rows x K (f32) |
 
 never the model's activations; then each layer is quantized on its own (`quality.gptq` /
@@ -55,14 +55,20 @@ class _Rows:
 def _stats(model: nn.Module, batches: Iterable[Any], method: str, rows: int) -> dict[nn.Module, Any]:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     stats: dict[nn.Module, Any] = {m: [None, 0] if method == "gptq" else _Rows(rows, i) for i, m in enumerate(linears)}
+    # the last input seen (held, so its id is not reused; with its version, so an in-place change counts as
+    # new) and its Gram matrix: the layers that read one tensor (q/k/v, gate/up) share one product
+    last: list[Any] = [None, -1, None]
 
     def hook(module: nn.Linear, args: tuple[Any, ...]) -> None:
-        x = args[0].detach().reshape(-1, module.in_features).to(torch.float32).cpu().numpy()
-        if method == "gptq":
+        x = args[0].detach().reshape(-1, module.in_features)
+        if method == "gptq":  # X^T X by torch's matmul in f32 (as the reference GPTQ), the running mean in f64
+            if last[0] is not args[0] or last[1] != args[0]._version:
+                xf = x.to(torch.float32)
+                last[:] = args[0], args[0]._version, (xf.T @ xf).cpu().numpy()
             h, n = stats[module]
-            stats[module] = list(quality.hessian_update(h, x, n))
+            stats[module] = list(quality.hessian_merge(h, n, last[2], x.shape[0]))
         else:
-            stats[module].update(x)
+            stats[module].update(x.to(torch.float32).cpu().numpy())
 
     _run(model, batches, {m: hook for m in linears})
     return stats
