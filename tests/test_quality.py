@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -233,3 +235,26 @@ def test_rules_and_quantize_params_take_the_weight_method():
     assert Rule(".*", qk.W4A16(128), weight_method="mse").weight_method == "mse"
     with pytest.raises(ValueError, match="weight_method='gptq'"):
         Rule(".*", qk.W4A16(128), weight_method="gptq")
+
+
+def test_quality_report_merges_runs_and_a_rerun_replaces_its_rows(tmp_path):
+    from bench import quality as report
+
+    sec = {"model": "m", "package": "p", "metric": "x", "description": "d", "baseline": {}}
+    def row(method: str, v: float) -> dict:
+        return {"recipe": "w4a16-g128", "library": "qkernels", "method": method, "mean_cosine": v}
+
+    runs = [{"date": "d", "versions": {}, "total_s": 1.0, "int4_range": "", "sections": [dict(sec, rows=rows)]}
+            for rows in ([row("rtn", 0.9), row("gptq", 0.5)], [row("gptq", 0.95), row("awq", 0.97)])]
+    paths = []
+    for i, run in enumerate(runs):
+        paths.append(str(tmp_path / f"{i}.json"))
+        (tmp_path / f"{i}.json").write_text(json.dumps(run))
+    out = report.merged(paths)
+    assert [(r["method"], r["mean_cosine"]) for r in out["sections"][0]["rows"]] == [
+        ("rtn", 0.9), ("gptq", 0.95), ("awq", 0.97)]
+    assert out["total_s"] == 2.0
+    runs[1]["sections"][0]["description"] = "other"
+    (tmp_path / "1.json").write_text(json.dumps(runs[1]))
+    with pytest.raises(SystemExit, match="evaluated differently"):
+        report.merged(paths)
