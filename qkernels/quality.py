@@ -33,7 +33,7 @@ from qkernels.numerics import (
     FLT_MIN, NUMPY_OPS, ArrayOps, flush_subnormals, pack_int4, quantize_asymmetric, quantize_symmetric,
 )
 
-__all__ = ["METHODS", "clip_search", "refit", "quantize_weight"]
+__all__ = ["METHODS", "clip_search", "refit", "quantize_weight", "hessian_update", "hessian_merge", "gptq", "awq"]
 
 METHODS = ("rtn", "mse", "mse-refit", "hqq")
 """Data-free weight quantization methods: round to nearest on the full range; MSE-optimal clipping;
@@ -192,18 +192,21 @@ def hessian_update(h: Any, x: Any, count: int) -> tuple[Any, int]:
     `h` None starts one. Returns (H, rows seen). The mean is kept incrementally, so H stays on the
     scale of one row whatever the number of batches (memory: K*K per layer, never the activations)."""
     x2 = np.asarray(x, np.float64).reshape(-1, np.shape(x)[-1])
-    n = x2.shape[0]
-    if n == 0:
+    return hessian_merge(h, count, x2.T @ x2, x2.shape[0])
+
+
+def hessian_merge(h: Any, count: int, gram: Any, rows: int) -> tuple[Any, int]:
+    """`hessian_update` from a batch's Gram matrix `X^T X` (K, K) over `rows` rows, computed by the caller
+    (a framework's own matmul, once for the layers that share an input). Returns (H f64, rows seen)."""
+    if rows == 0:
         return h, count
-    if h is None:
-        h = np.zeros((x2.shape[1], x2.shape[1]), np.float64)
-    total = count + n
-    h = h * (count / total) + (2.0 / total) * (x2.T @ x2)
-    return h, total
+    gram = np.asarray(gram, np.float64)
+    total = count + rows
+    return (2.0 / total) * gram if h is None else h * (count / total) + (2.0 / total) * gram, total
 
 
 def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int = 128,
-         act_order: bool = False) -> QOperand:
+         act_order: bool = False, clip: bool = False) -> QOperand:
     """GPTQ (Frantar et al. 2022): quantize the weight (N, K) column by column, each column's rounding
     error spread over the columns not yet quantized through the inverse Hessian of the layer's
     inputs (`hessian_update`), so that `X @ W^T` rather than `W` itself is preserved.
@@ -214,9 +217,17 @@ def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int =
     - `act_order=True` visits columns by decreasing Hessian diagonal; the groups are then fixed
       ahead, from the original weights, in K's own order ("static groups"), so codes stay in
       canonical order and no permutation is needed at run time (the order is only a visit order);
-    - per-row formats take each row's scale from the whole original row first.
+    - per-row formats take each row's scale from the whole original row first;
+    - `clip=True` chooses those parameters by `clip_search` instead of the format's absmax / min-max
+      rule (on the same weights), the error of each input weighted by the Hessian's diagonal.
     `damp` (fraction of the mean diagonal added to it) keeps H invertible; dead inputs (a zero
     diagonal: never active) get a zero weight column, as in the reference implementation.
+
+    The result is only as good as `h`: GPTQ lowers the output error on the rows H was collected from
+    and on rows like them, and it can raise it on rows from elsewhere (measured on SmolLM2-135M, W4A16
+    g128 with a zero point, Hessians from 2048 tokens of CPython's reference manual: perplexity of
+    held-out manual text +18% over fp32 against round to nearest's +32%, of English prose +60%
+    against +30.5%). Calibrate on text like the text the model will serve.
     """
     if fmt.static or fmt.granularity is Granularity.TENSOR:
         raise ValueError(f"GPTQ quantizes weights per row or per group, not {fmt.describe()}")
@@ -244,7 +255,8 @@ def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int =
     # per-block parameters fixed ahead (per-row formats; act-order's static groups)
     fixed = None
     if not grouped or act_order:
-        ref = fmt.quantize(W.astype(np.float32))
+        wf = W.astype(np.float32)
+        ref = clip_search(wf, fmt, importance=np.diag(H)) if clip else fmt.quantize(wf)
         fixed = (np.asarray(ref.scale, np.float32).reshape(n, -1),
                  None if ref.zero_point is None else np.asarray(ref.zero_point).reshape(n, -1))
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(kp)
@@ -270,7 +282,9 @@ def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int =
             col = perm[i1 + j]
             gi = col // g
             if fixed is None and j % g == 0:  # the group's current (updated) weights, by the format's rule
-                qg = fmt.quantize(W1[:, j:j + g].astype(np.float32))
+                cur = W1[:, j:j + g].astype(np.float32)
+                qg = (clip_search(cur, fmt, importance=np.diag(H)[i1 + j:i1 + j + g]) if clip
+                      else fmt.quantize(cur))
                 scale[:, gi] = np.asarray(qg.scale, np.float32).reshape(n)
                 if zero is not None:
                     zero[:, gi] = np.asarray(qg.zero_point).reshape(n)

@@ -64,10 +64,10 @@ def test_refit_methods_through_quantize_(method):
     assert snr(m, mlp(), x) > snr(quantized("rtn", qk.W4A16(64, zero_point=True)), mlp(), x)
 
 
-@pytest.mark.parametrize("method,kw", [("gptq", {}), ("gptq", {"act_order": True}), ("awq", {})])
+@pytest.mark.parametrize("method,kw", [("gptq", {}), ("gptq", {"act_order": True}), ("gptq-mse", {}), ("awq", {})])
 @pytest.mark.parametrize("recipe", [qk.W4A16(64), qk.W4A16(32, zero_point=True), qk.W4A8(64)], ids=lambda r: r.name)
 def test_data_aware_methods_beat_rtn_on_held_out_inputs(method, kw, recipe):
-    mixed = method == "gptq"
+    mixed = method != "awq"
     batches = [data(10 + i, 128, mixed) for i in range(3)]
     x = data(99, mixed=mixed)
     m = quantized(method, recipe, calibration=batches, **kw)
@@ -91,7 +91,7 @@ def test_awq_model_saves_and_loads_with_its_factors():
 def test_method_and_calibration_misuse_is_refused():
     with pytest.raises(ValueError, match="needs calibration batches"):
         quantized("gptq")
-    with pytest.raises(ValueError, match="used by method='gptq' or 'awq'"):
+    with pytest.raises(ValueError, match="used by method='gptq', 'gptq-mse' or 'awq'"):
         quantized("rtn", calibration=[data(0, 8)])
     with pytest.raises(ValueError, match="no batch"):
         quantized("gptq", calibration=[])

@@ -1,18 +1,21 @@
 """Data-aware post-training quantization of torch models: GPTQ and AWQ through `qk.quantize_`.
 
-`qk.quantize_(model, recipe, calibration=batches, method="gptq" | "awq")` runs the batches once
+`qk.quantize_(model, recipe, calibration=batches, method="gptq" | "gptq-mse" | "awq")` runs the batches once
 through the float model (hooks on the `nn.Linear` layers, under `torch.no_grad()`; a batch is passed
 as `model(batch)`, `model(*batch)` or `model(**batch)`), keeping per layer only what the method needs:
 
 | method | kept per layer                                        | memory         |
 |--------|-------------------------------------------------------|----------------|
-| gptq   | the running Hessian `2/n X^T X` (`quality.hessian_update`) | K x K (f64)  |
+| gptq, gptq-mse | the running Hessian `2/n X^T X` (`quality.hessian_merge`) | K x K (f64) |
 | awq    | a uniform sample of `rows` input rows (reservoir)       | rows x K (f32) |
 
 never the model's activations; then each layer is quantized on its own (`quality.gptq` /
 `quality.awq`, the framework-neutral algorithms, on NumPy copies of one layer at a time) with a
-progress bar per layer. AWQ's per-channel factors become the layer's `smooth` vector (the layer
-divides its input by them, as SmoothQuant's do), so the result serves, saves and loads like any
+progress bar per layer; "gptq-mse" is GPTQ with clip-searched group scales (`quality.gptq(clip=True)`).
+The Hessians come from the float model's inputs to each layer, in one pass (not layer by layer
+from the partly quantized model, as the reference GPTQ does). AWQ's per-channel factors become the
+layer's `smooth` vector (the layer divides its input by them, as SmoothQuant's do), so the result
+serves, saves and loads like any
 QLinear. Layers are chosen as in `quantize_` (same default skips, same `filter_fn`); a layer the
 batches never reach is skipped with that reason.
 """
@@ -34,7 +37,7 @@ from torch_bindings.qtensor import QTensor
 
 __all__ = ["METHODS", "quantize_calibrated"]
 
-METHODS = ("gptq", "awq")
+METHODS = ("gptq", "gptq-mse", "awq")
 
 
 class _Rows:
@@ -54,15 +57,22 @@ class _Rows:
 
 def _stats(model: nn.Module, batches: Iterable[Any], method: str, rows: int) -> dict[nn.Module, Any]:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    stats: dict[nn.Module, Any] = {m: [None, 0] if method == "gptq" else _Rows(rows, i) for i, m in enumerate(linears)}
+    hessian = method != "awq"
+    stats: dict[nn.Module, Any] = {m: [None, 0] if hessian else _Rows(rows, i) for i, m in enumerate(linears)}
+    # the last input seen (held, so its id is not reused; with its version, so an in-place change counts as
+    # new) and its Gram matrix: the layers that read one tensor (q/k/v, gate/up) share one product
+    last: list[Any] = [None, -1, None]
 
     def hook(module: nn.Linear, args: tuple[Any, ...]) -> None:
-        x = args[0].detach().reshape(-1, module.in_features).to(torch.float32).cpu().numpy()
-        if method == "gptq":
+        x = args[0].detach().reshape(-1, module.in_features)
+        if hessian:  # X^T X by torch's matmul in f32 (as the reference GPTQ), the running mean in f64
+            if last[0] is not args[0] or last[1] != args[0]._version:
+                xf = x.to(torch.float32)
+                last[:] = args[0], args[0]._version, (xf.T @ xf).cpu().numpy()
             h, n = stats[module]
-            stats[module] = list(quality.hessian_update(h, x, n))
+            stats[module] = list(quality.hessian_merge(h, n, last[2], x.shape[0]))
         else:
-            stats[module].update(x)
+            stats[module].update(x.to(torch.float32).cpu().numpy())
 
     _run(model, batches, {m: hook for m in linears})
     return stats
@@ -85,8 +95,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, batches: Iterable[Any]
     def make(module: nn.Linear, fqn: str) -> QLinear:
         w = module.weight.detach().to(torch.float32).cpu().numpy()
         smooth = None
-        if method == "gptq":
-            op = quality.gptq(w, stats[module][0], fmt, act_order=act_order)
+        if method != "awq":
+            op = quality.gptq(w, stats[module][0], fmt, act_order=act_order, clip=method == "gptq-mse")
         else:
             op, smooth = quality.awq(w, stats[module].rows, fmt)
         device = module.weight.device
