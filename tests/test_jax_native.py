@@ -158,6 +158,7 @@ def test_slower_names_the_faster_recipe():
     """No silent slow path: above SLOWER_ABOVE_M rows the float accumulations are known slower than lax f32."""
     big = native.SLOWER_ABOVE_M + 1
     assert native.slower(_problem(m=native.SLOWER_ABOVE_M)) is None
+    assert "float8" in native.slower(_problem(recipe=qk.FP8A16, m=1))  # e4m3 weights: at every M
     assert native.slower(_problem(recipe=qk.W8A8, m=256)) is None
     assert native.slower(_problem(recipe=qk.W4A8(128), m=256)) is None
     for recipe in (qk.W8A16, qk.W4A16(32), qk.FP8A16, qk.FP8):

@@ -17,9 +17,31 @@ row (integer and fp8 recipes) are refused with the format's own error (the gener
 
 Served: CPU, 2-D weights, activations and outputs float32 / bfloat16 / float16, the shipped weight
 formats (int8 per channel, int4 / uint4 + zero point per group, e4m3 per channel) with per-token (or
-static) int8 / e4m3 activations or none, and M up to `MAX_M` (above it the BLAS-backed paths win:
-oneDNN's int8 and bf16 GEMMs, measured in the docstring of `MAX_M`). Not where the library cannot be
-built (no C compiler): `supports` then returns the build's reason and the torch paths serve.
+static) int8 / e4m3 activations or none, M up to `MAX_M` (integer recipes) / `MAX_M_FLOAT` (the others),
+and not the bfloat16 weight-only calls 'torch-cpu-packed' serves (torch's packed int8 / int4 kernels are
+as fast or faster there: 0.23-0.27 ms against 0.24-0.27 ms at M=1 below). Not where the library cannot
+be built (no C compiler): `supports` then returns the build's reason and the torch paths serve.
+
+Measured (this repo's 2-core AMD EPYC, 2 threads, quiet; 4096x4096 weight, float32 activations unless
+said; speedup over `F.linear` f32 in the same run; the other column is the torch path chosen without
+these kernels; a side-by-side script, min over 5 x 10 calls per row; M = 1 / 16 / 256 are also the
+`qkernels.linear` rows of `python -m bench --shapes 4096x4096 --m 1,16,256`, bench/results/):
+
+| recipe             | M=1   | M=16  | M=64 | M=256 | other path (M = 1 / 16 / 64 / 256)          |
+|--------------------|-------|-------|------|-------|---------------------------------------------|
+| W8A8               | 9.1x  | 10.4x | 7.0x | 5.9x  | torch-cpu-w8a8: 10.6x / 7.1x / 6.4x / 5.7x  |
+| W4A8 g128          | 10.2x | 6.8x  | 3.6x | 2.8x  | torch-cpu-w4a8: 2.3x / 2.0x / 2.7x / 2.8x   |
+| W8A16              | 5.7x  | 3.4x  | 1.8x | 1.5x  | torch-cpu (dequantize + GEMM): 0.06x-0.5x   |
+| W4A16 g128         | 6.4x  | 3.3x  | 1.6x | 1.7x  | torch-cpu: 0.05x-0.5x                       |
+| FP8                | 5.8x  | 2.5x  | 1.9x | 1.7x  | torch-cpu (codes upcast): 0.04x-0.5x        |
+| FP8A16             | 5.8x  | 3.1x  | 1.7x | 1.7x  | torch-cpu: 0.04x-0.5x                       |
+| FP8A16, bf16 act.  | 2.8x  | 2.8x  | 1.8x | 1.6x  | torch-cpu: 0.04x                            |
+
+So: every recipe at every M served is faster than the unquantized f32 matmul (no `slower` rule), and
+faster than the other torch path except W8A8 at M=1 (oneDNN's int8 GEMV, 0.27 against 0.32 ms), which
+these kernels serve on small layers only (`W8A8_MAX_WEIGHTS`: there the lower host overhead of one
+library call decides; end to end, decode of a real LM, `torch._int_mm` wins on larger ones). W8A8 and
+W4A8 above M=64 go back to `torch._int_mm` (equal at M=256; larger M not compared).
 """
 
 from __future__ import annotations
@@ -35,16 +57,32 @@ from qkernels.kernels import cpu as native
 from torch_bindings import cpu, packed
 from torch_bindings.arrays import DTYPES
 
-__all__ = ["register", "supports", "Plan", "MAX_M", "MAX_M_FLOAT"]
+__all__ = ["register", "supports", "Plan", "MAX_M", "MAX_M_FLOAT", "W8A8_MAX_WEIGHTS", "PARALLEL_MACS"]
 
 MAX_M = 64
-"""Largest M (rows of activations) served for the integer recipes (W8A8, W4A8): above it oneDNN's int8 GEMM
-(`torch._int_mm`, 'torch-cpu-w8a8' / 'torch-cpu-w4a8') is faster (measured: the module docstring)."""
+"""Largest M (rows of activations) served for the integer recipes (W8A8, W4A8): from there on oneDNN's int8
+GEMM (`torch._int_mm`, 'torch-cpu-w8a8' / 'torch-cpu-w4a8') is as fast or faster (the module docstring)."""
 
 MAX_M_FLOAT = 256
 """Largest M served for the float accumulations (weight-only with float32 / float16 activations, FP8): the
 other torch paths for them dequantize the whole weight per call (or upcast fp8 codes), slower at every M
 measured up to here; above it a GEMM on the dequantized weight amortizes its dequantization."""
+
+PARALLEL_MACS = 1 << 22
+"""Up to this many multiply-adds per call (M * N * K; a 2048x2048 GEMV) the kernels run on the calling thread:
+starting and joining a thread costs tens of microseconds, more than such a call computes (greedy decode of
+SmolLM2-135M, 576-1536 wide layers, W8A8: a second thread per call measured 0.76x the fp32 model's tokens/s,
+one thread 1.04x).
+Above it they split N over `torch.get_num_threads()` threads (a 4096x4096 GEMV needs both cores' bandwidth)."""
+
+W8A8_MAX_WEIGHTS = 1 << 18
+"""W8A8 is served up to this many weights (N * K; 512x512): there the one library call's lower host overhead
+decides (64x64: 12.6 us above `F.linear` against 42 us for 'torch-cpu-w8a8', `python -m bench overhead`).
+Larger layers go to `torch._int_mm`, whose oneDNN kernel on torch's thread pool reads a weight that is
+not in cache faster than these kernels on one thread: greedy decode of SmolLM2-135M (576-1536 wide
+layers, weights read cold every token), 2 threads, 1.44x the fp32 model's tokens/s on torch._int_mm
+against 1.04x here (`PARALLEL_MACS`: no second thread at those sizes), although hot-cache side-by-side
+calls favour these kernels (576x576: 17 against 48 us)."""
 
 _TAGS = ("w8a8", "w4a8", "w8a16", "w4a16", "fp8", "fp8a16")
 
@@ -75,6 +113,9 @@ def supports(problem: Problem) -> str | None:
     if problem.m > limit:
         return (f"M={problem.m} > {limit}: the BLAS-backed CPU paths are faster there "
                 f"(torch_bindings.native.{'MAX_M' if limit == MAX_M else 'MAX_M_FLOAT'})")
+    if problem.recipe.tag == "w8a8" and problem.n * problem.k > W8A8_MAX_WEIGHTS:
+        return (f"W8A8 with {problem.n}x{problem.k} weights > {W8A8_MAX_WEIGHTS}: torch._int_mm ('torch-cpu-w8a8', "
+                f"oneDNN on torch's threads) reads a weight out of cache faster (torch_bindings.native.W8A8_MAX_WEIGHTS)")
     if problem.recipe.lhs is None and packed.SERVES.reason(problem.recipe) is None and packed.supports(problem) is None:
         return ("torch-cpu-packed serves this bfloat16 call with torch's packed int8 / int4 kernels, 2-4x faster "
                 "than these (measured: torch_bindings.native's docstring)")
@@ -94,6 +135,7 @@ class Plan:
     x_dtype: int  # native.DTYPES of the activations (unused by the qk_matmul_* entries)
     out_dtype: int
     out_torch: torch.dtype
+    parallel: bool  # split N over torch's intra-op threads (`PARALLEL_MACS`), else run on the calling thread
 
     @property
     def name(self) -> str:
@@ -109,7 +151,7 @@ def _configure(problem: Problem) -> tuning.Choice:
         entry = "qk_linear_float" if recipe.lhs is None else "qk_linear_quantized"
     plan = Plan(entry=entry, kind=native.KINDS[fmt.qtype.name], group=fmt.group_size or 0, kp=fmt.padded_k(problem.k),
                 x_dtype=native.DTYPES.get(problem.act_dtype, -1), out_dtype=native.DTYPES[problem.out_dtype],
-                out_torch=DTYPES[problem.out_dtype])
+                out_torch=DTYPES[problem.out_dtype], parallel=problem.m * problem.n * problem.k > PARALLEL_MACS)
     return tuning.Choice(config=plan, source="fixed by the recipe's formats and the call's dtypes")
 
 
@@ -134,7 +176,7 @@ def _run(call: Bound, lhs: torch.Tensor | QOperand, rhs: QOperand, bias: torch.T
     w_scale = _f32(rhs.scale)
     bias = None if bias is None else _f32(bias)  # held until the call returns: the library reads its memory
     b = None if bias is None else bias.data_ptr()
-    threads = torch.get_num_threads()
+    threads = torch.get_num_threads() if plan.parallel else 1
     if isinstance(lhs, QOperand):  # static activations, quantized by the op with their calibrated scale
         m = lhs.qvalue.shape[0]
         out = torch.empty((m, p.n), dtype=plan.out_torch)
