@@ -66,7 +66,7 @@ GEMM (`torch._int_mm`, 'torch-cpu-w8a8' / 'torch-cpu-w4a8') is as fast or faster
 MAX_M_FLOAT = 256
 """Largest M served for the float accumulations (weight-only with float32 / float16 activations, FP8): the
 other torch paths for them dequantize the whole weight per call (or upcast fp8 codes), slower at every M
-measured up to here; above it a GEMM on the dequantized weight amortizes its dequantization."""
+measured up to here (the module docstring); larger M was not compared and goes to those paths."""
 
 PARALLEL_MACS = 1 << 22
 """Up to this many multiply-adds per call (M * N * K; a 2048x2048 GEMV) the kernels run on the calling thread:
@@ -111,13 +111,13 @@ def supports(problem: Problem) -> str | None:
         return why
     limit = MAX_M if problem.recipe.accumulation.integer else MAX_M_FLOAT
     if problem.m > limit:
-        return (f"M={problem.m} > {limit}: the BLAS-backed CPU paths are faster there "
+        return (f"M={problem.m} > {limit}: the BLAS-backed CPU paths serve taller calls "
                 f"(torch_bindings.native.{'MAX_M' if limit == MAX_M else 'MAX_M_FLOAT'})")
     if problem.recipe.tag == "w8a8" and problem.n * problem.k > W8A8_MAX_WEIGHTS:
         return (f"W8A8 with {problem.n}x{problem.k} weights > {W8A8_MAX_WEIGHTS}: torch._int_mm ('torch-cpu-w8a8', "
                 f"oneDNN on torch's threads) reads a weight out of cache faster (torch_bindings.native.W8A8_MAX_WEIGHTS)")
     if problem.recipe.lhs is None and packed.SERVES.reason(problem.recipe) is None and packed.supports(problem) is None:
-        return ("torch-cpu-packed serves this bfloat16 call with torch's packed int8 / int4 kernels, 2-4x faster "
+        return ("torch-cpu-packed serves this bfloat16 call with torch's packed int8 / int4 kernels, as fast or faster "
                 "than these (measured: torch_bindings.native's docstring)")
     return native.unavailable()
 
