@@ -8,8 +8,10 @@ this CPU (`-march=native`: AVX-512 VNNI here) and on a portable build (`-march=x
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import os
 import platform
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -25,11 +27,14 @@ pytestmark = pytest.mark.skipif(cpu.unavailable() is not None, reason=str(cpu.un
 DT = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
+def _portable_path():
+    return build.shared_library("qk_cpu_portable", [cpu.SOURCE], extra_flags=("-march=x86-64-v2", "-mtune=generic"))
+
+
 @functools.cache
 def _portable() -> object:
     """The library built without AVX-512 (x86-64-v2): the portable C loops, with the same signatures."""
-    return cpu.load(build.shared_library("qk_cpu_portable", [cpu.SOURCE],
-                                         extra_flags=("-march=x86-64-v2", "-mtune=generic")))
+    return cpu.load(_portable_path())
 
 
 LIBS = ["native"] + (["portable"] if platform.machine() in ("x86_64", "AMD64") else [])
@@ -175,6 +180,54 @@ def test_threads_do_not_change_results(lib):
         one, _ = native_matmul(lib, x, rhs, recipe, bias, threads=1)
         many, _ = native_matmul(lib, x, rhs, recipe, bias, threads=3)
         np.testing.assert_array_equal(one, many)
+
+
+def test_concurrent_callers_share_the_pool(lib):
+    """Calls from several threads at once (ctypes releases the GIL), each splitting N over helpers of the one
+    shared pool, give the one-thread results: no call takes another's chunks or returns before its own are done."""
+    cases = []
+    for i, recipe in enumerate((formats.W8A8, formats.W4A16(64), formats.FP8)):
+        x, rhs, bias, _ = _data((2, 640, 320), "float32", 10 + i, recipe)
+        cases.append((x, rhs, recipe, bias, native_matmul(lib, x, rhs, recipe, bias, threads=1)[0]))
+    failures = []
+
+    def worker(j):
+        for r in range(12):
+            x, rhs, recipe, bias, want = cases[(j + r) % len(cases)]
+            got, _ = native_matmul(lib, x, rhs, recipe, bias, threads=2 + r % 3)
+            if not np.array_equal(got, want):
+                failures.append((j, r, recipe.tag))
+
+    threads = [threading.Thread(target=worker, args=(j,)) for j in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a call did not return"
+    assert failures == []
+
+
+def _child_call(path, queue):
+    lib = cpu.load(path)
+    x, rhs, bias, _ = _data((1, 512, 256), "float32", 3, formats.W8A8)
+    queue.put(native_matmul(lib, x, rhs, formats.W8A8, bias, threads=3)[0])
+
+
+def test_forked_child_starts_with_an_empty_pool(lib):
+    """A child forked after the parent's pool has threads inherits none of them: its parallel calls still
+    complete with the parent's results (the pool starts empty there, pthread_atfork, and a call never waits for
+    a helper that has not started)."""
+    x, rhs, bias, _ = _data((1, 512, 256), "float32", 3, formats.W8A8)
+    want, _ = native_matmul(lib, x, rhs, formats.W8A8, bias, threads=3)  # the parent's pool has threads now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    path = cpu.library_path() if lib is cpu.library() else _portable_path()
+    child = ctx.Process(target=_child_call, args=(path, queue))
+    child.start()
+    got = queue.get(timeout=120)
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("qtype", ["int8", "float8_e4m3fn"])

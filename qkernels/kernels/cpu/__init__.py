@@ -25,7 +25,7 @@ __all__ = ["HERE", "HEADER", "SOURCE", "DTYPES", "KINDS", "ABI_VERSION", "librar
 HERE = pathlib.Path(__file__).parent
 HEADER = HERE / "qk_cpu.h"
 SOURCE = HERE / "qk_cpu.c"
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 DTYPES: dict[str, int] = {"float32": 0, "bfloat16": 1, "float16": 2}
 """Activation and output dtypes the kernels take: QK_F32 / QK_BF16 / QK_F16."""

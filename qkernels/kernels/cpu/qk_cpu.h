@@ -18,7 +18,9 @@
  * Return values: >= 0 success (the quantizing entry points return the number of activation rows with
  * a NaN/Inf, whose output rows are written as NaN: the caller raises the error it raises today), < 0 an
  * argument error (QK_EINVAL: a kind, dtype or size the kernels do not take; QK_ENOMEM: scratch).
- * `threads` (>= 1) splits the output channels N over that many threads (pthreads).
+ * `threads` (>= 1) splits the output channels N over that many threads: the caller and threads-1 helpers,
+ * run on the calling thread's scheduler (qk_set_thread_scheduler) or else on the library's own pool of
+ * persistent threads (made on first need; a forked child starts with none).
  * Sizes are int64; every pointer is a raw pointer to contiguous memory; no allocation is returned.
  */
 #ifndef QK_CPU_H
@@ -30,7 +32,7 @@
 extern "C" {
 #endif
 
-#define QK_ABI_VERSION 1
+#define QK_ABI_VERSION 2
 
 /* float dtypes (activations, outputs) */
 #define QK_F32 0
@@ -47,6 +49,13 @@ extern "C" {
 #define QK_ENOMEM (-2)
 
 int32_t qk_abi_version(void);
+
+/* Where the calling thread's later calls run their helpers: schedule(ctx, work, arg) must run work(arg) once,
+ * on any thread, now or later (XLA's intra-op pool, for example); a call never waits for a helper that has
+ * not started, so a scheduler whose threads are all busy only costs parallelism. NULL: the library's pool. */
+typedef void (*qk_work_fn)(void *arg);
+typedef void (*qk_schedule_fn)(void *ctx, qk_work_fn work, void *arg);
+void qk_set_thread_scheduler(qk_schedule_fn schedule, void *ctx);
 
 /* Quantize activations per row as qkernels.numerics does: subnormals flushed to 0, then
  *   dynamic (static_scale == NULL): scale = amax / QMAX (IEEE division), scale < FLT_MIN -> 1;

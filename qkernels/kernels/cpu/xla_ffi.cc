@@ -10,6 +10,9 @@
 // kp (the padded K), threads, has_bias (a bias buffer of shape (0,) is passed otherwise), and for the float
 // handler has_zero (uint4 zero points; a (0,) buffer otherwise).
 //
+// Threads: the kernels' helper threads run on XLA:CPU's intra-op pool (`OnPool`, qk_set_thread_scheduler), so a
+// parallel call shares XLA's workers instead of adding threads that compete with them for the same cores.
+//
 // Non-finite activations: rows holding NaN/Inf come out NaN, as XLA's own ops give them under jit (the row's
 // scale is NaN); no error is raised (the host cannot look at the values without a sync).
 #include <cstddef>
@@ -129,11 +132,27 @@ ffi::Error CheckOut(const Operand& out, const Batches& batches, int64_t m, int64
   return ffi::Error::Success();
 }
 
+// For its lifetime, the calling thread's kernel calls schedule their helpers on `pool`; a helper that starts
+// after the call returned finds no work left (qk_cpu.c's parallel_n), so it never outlives what it reads.
+class OnPool {
+ public:
+  explicit OnPool(ffi::ThreadPool& pool) { qk_set_thread_scheduler(&OnPool::Schedule, &pool); }
+  ~OnPool() { qk_set_thread_scheduler(nullptr, nullptr); }
+  OnPool(const OnPool&) = delete;
+  OnPool& operator=(const OnPool&) = delete;
+
+ private:
+  static void Schedule(void* ctx, qk_work_fn work, void* arg) {
+    static_cast<ffi::ThreadPool*>(ctx)->Schedule([work, arg] { work(arg); });
+  }
+};
+
 // --- activations quantized here (W8A8, W4A8, FP8 dynamic) ------------------------------------------------
 
 ffi::Error LinearQuantized(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer ws, ffi::AnyBuffer bias,
                            ffi::Result<ffi::AnyBuffer> out, int64_t w_kind, int64_t group_size, int64_t kp,
-                           int64_t threads, int64_t has_bias) {
+                           int64_t threads, int64_t has_bias, ffi::ThreadPool pool) {
+  OnPool on_pool(pool);
   const int32_t xdt = FloatCode(x.element_type()), odt = FloatCode(out->element_type());
   if (xdt < 0 || odt < 0) return ffi::Error::InvalidArgument("activations and output must be f32, bf16 or f16");
   std::vector<Operand> ops = {Of(x, FloatBytes(xdt), 2), Of(w, 1, 2), Of(ws, 4, group_size ? 2 : 1),
@@ -156,7 +175,8 @@ ffi::Error LinearQuantized(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer ws
 
 ffi::Error MatmulCodes(ffi::AnyBuffer xq, ffi::AnyBuffer xs, ffi::AnyBuffer w, ffi::AnyBuffer ws,
                        ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> out, int64_t w_kind, int64_t group_size,
-                       int64_t kp, int64_t threads, int64_t has_bias) {
+                       int64_t kp, int64_t threads, int64_t has_bias, ffi::ThreadPool pool) {
+  OnPool on_pool(pool);
   const int32_t odt = FloatCode(out->element_type());
   if (odt < 0) return ffi::Error::InvalidArgument("the output must be f32, bf16 or f16");
   std::vector<Operand> ops = {Of(xq, 1, 2), Of(xs, 4, 1), Of(w, 1, 2), Of(ws, 4, group_size ? 2 : 1),
@@ -186,7 +206,8 @@ ffi::Error MatmulCodes(ffi::AnyBuffer xq, ffi::AnyBuffer xs, ffi::AnyBuffer w, f
 
 ffi::Error LinearFloat(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::AnyBuffer ws, ffi::AnyBuffer wz, ffi::AnyBuffer bias,
                        ffi::Result<ffi::AnyBuffer> out, int64_t w_kind, int64_t group_size, int64_t kp,
-                       int64_t threads, int64_t has_bias, int64_t has_zero) {
+                       int64_t threads, int64_t has_bias, int64_t has_zero, ffi::ThreadPool pool) {
+  OnPool on_pool(pool);
   const int32_t xdt = FloatCode(x.element_type()), odt = FloatCode(out->element_type());
   if (xdt < 0 || odt < 0) return ffi::Error::InvalidArgument("activations and output must be f32, bf16 or f16");
   const int g = group_size ? 2 : 1;
@@ -220,7 +241,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QkLinearQuantized, LinearQuantized,
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("kp")
                                   .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("has_bias"));
+                                  .Attr<int64_t>("has_bias")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QkMatmulCodes, MatmulCodes,
                               ffi::Ffi::Bind()
@@ -234,7 +256,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QkMatmulCodes, MatmulCodes,
                                   .Attr<int64_t>("group_size")
                                   .Attr<int64_t>("kp")
                                   .Attr<int64_t>("threads")
-                                  .Attr<int64_t>("has_bias"));
+                                  .Attr<int64_t>("has_bias")
+                                  .Ctx<ffi::ThreadPool>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QkLinearFloat, LinearFloat,
                               ffi::Ffi::Bind()
@@ -249,4 +272,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QkLinearFloat, LinearFloat,
                                   .Attr<int64_t>("kp")
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("has_bias")
-                                  .Attr<int64_t>("has_zero"));
+                                  .Attr<int64_t>("has_zero")
+                                  .Ctx<ffi::ThreadPool>());
