@@ -195,6 +195,11 @@ class Implementation:
     where and how) to be slower than the framework's unquantized matmul of the same shape, why and the
     faster alternative, else None. `explain` prints it and the first `bind` of that problem warns with
     it (`SlowPathWarning`): no silent slow path.
+    `prepare(call, rhs, bias)`, for calls repeated on the same weight tensors (a module's forward): a
+    function of the activations alone that runs `call` with less host work (operands read once), returning
+    the output, or None where a call needs the full path (e.g. to raise an error); or None when it offers
+    none for `call`. The caller keeps it only while those tensors, the requested backend and the registry
+    are unchanged (torch_bindings.ops.Runner).
     """
 
     name: str
@@ -210,6 +215,7 @@ class Implementation:
     accumulate: Callable[..., Any] | None = field(default=None, compare=False)
     note: Callable[[Problem], str | None] | None = field(default=None, compare=False)
     slower: Callable[[Problem], str | None] | None = field(default=None, compare=False)
+    prepare: Callable[..., Callable[[Any], Any] | None] | None = field(default=None, compare=False)
 
     def matches(self, backend: str) -> bool:
         return self.name == backend or self.name.startswith(backend + ".")

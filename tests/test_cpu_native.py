@@ -7,6 +7,7 @@ this CPU (`-march=native`: AVX-512 VNNI here) and on a portable build (`-march=x
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import multiprocessing
 import os
@@ -145,6 +146,30 @@ def test_dtypes(lib, recipe, act, out_dtype, m):
     x, rhs, bias, s = _data((m, 33, 600), act, 1, recipe)
     out, bad = native_matmul(lib, x, rhs, recipe, bias, out_dtype)
     assert bad == 0 and out.dtype == DT[out_dtype]
+    _check(out, _reference(x, rhs, recipe, bias, out_dtype), x, rhs, recipe, bias, out_dtype)
+
+
+@pytest.mark.parametrize("recipe", [formats.W8A16, formats.FP8A16], ids=lambda r: r.name)
+@pytest.mark.parametrize("out_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("edge", ["code-128", "tiny-activations", "tiny-scales"])
+def test_bf16_dot_edges(lib, recipe, out_dtype, edge):
+    """The edges of the bf16-dot GEMV (qk_cpu.c, AVX-512 BF16): an int8 code -128 (outside what quantize makes,
+    possible in a loaded checkpoint), activations and scales small enough that the instruction's flushing of
+    subnormals would lose them (those calls take the other kernels); every result within the tolerance."""
+    x, rhs, bias, _ = _data((2, 37, 200), "bfloat16", 7, recipe)
+    bias = bias * np.float32(1e-38)  # the tiny results must not drown in the bias's share of the tolerance
+    qvalue, scale = rhs.qvalue.copy(), rhs.scale.copy()
+    if edge == "code-128":
+        if recipe.rhs.qtype.name != "int8":
+            pytest.skip("int8 codes only")
+        qvalue[:, ::7] = -128
+        qvalue[:, 3::7] = 127
+    elif edge == "tiny-activations":
+        x[1] = np.resize(np.asarray([2e-38, -3e-38, 5e-39, 1e-37, 0.0], np.float32), x.shape[1])
+    else:
+        scale[::3] = 1e-39
+    rhs = dataclasses.replace(rhs, qvalue=qvalue, scale=scale)
+    out, _ = native_matmul(lib, x, rhs, recipe, bias, out_dtype)
     _check(out, _reference(x, rhs, recipe, bias, out_dtype), x, rhs, recipe, bias, out_dtype)
 
 

@@ -120,3 +120,88 @@ def test_compiled_model_runs_the_native_kernel_inside_the_op() -> None:
         eager = model(x)
         compiled = torch.compile(model, backend="eager", fullgraph=True)(x)
     assert torch.equal(eager, compiled)
+
+
+def _layer(recipe, bias: bool = True, dtype=torch.float32) -> qk.QLinear:
+    lin = torch.nn.Linear(96, 40, bias=bias).to(dtype)
+    return qk.quantize_(torch.nn.Sequential(lin), recipe).model[0]
+
+
+def _full_path(layer: qk.QLinear, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output through qk.linear (the op's full path, no runner)."""
+    return qk.linear(x, layer.weight, layer.bias)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_forward_runs_a_prepared_call_with_the_same_numbers(recipe, dtype) -> None:
+    """The second eager call of an activation shape runs the prepared library call (ops.Runner) where the
+    native kernels serve it, with the full path's results (the same kernel: equal), bias in the model's
+    dtype included: decode's per-call host work."""
+    layer = _layer(recipe, dtype=dtype)
+    with torch.no_grad():
+        for shape in ((1, 96), (2, 3, 96), (5, 96)):
+            x = torch.randn(*shape, dtype=dtype)
+            native_serves = qk.explain(x, layer.weight, layer.bias).chosen.name == "torch-cpu-native"
+            first, second = layer(x), layer(x)
+            runner = layer._runners[(x.shape, x.dtype, x.device, recipe.name)]
+            assert bool(runner) == native_serves
+            want = _full_path(layer, x)
+            assert second.shape == (*shape[:-1], 40) and second.dtype == x.dtype
+            assert torch.equal(first, want) and torch.equal(second, want)
+
+
+def test_a_changed_weight_is_never_read_through_a_stale_runner() -> None:
+    """In-place writes (load_state_dict, mul_) are read by the runner, which points into the tensors;
+    replaced buffers (a new bias), a requested backend and a non-contiguous input leave it unused: each result
+    is the full path's."""
+    layer = _layer(qk.W8A8)
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        layer(x), layer(x)
+        other = _layer(qk.W8A8)
+        layer.load_state_dict(other.state_dict())  # copies into the same buffers: versions change
+        assert torch.equal(layer(x), _full_path(other, x))
+        layer(x)
+        layer.bias = torch.nn.Parameter(torch.randn(40))
+        assert torch.equal(layer(x), _full_path(layer, x))
+        layer.scale.mul_(2)
+        assert torch.equal(layer(x), _full_path(layer, x))
+        calls = []
+        runner = layer._runners[(x.shape, x.dtype, x.device, "w8a8")]
+        runner.run = lambda x, run=runner.run: calls.append(1) or run(x)
+        layer(x)
+        assert calls == [1]
+        with qk.use_backend("torch-cpu-w8a8"):
+            layer(x)
+        xt = torch.randn(96, 1).t()  # (1, 96), not contiguous
+        assert torch.equal(layer(xt), _full_path(layer, xt.contiguous()))
+        assert calls == [1]
+
+
+def test_nonfinite_rows_through_a_runner_raise_the_formats_error() -> None:
+    layer = _layer(qk.W8A8)
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        layer(x), layer(x)
+        x[0, 3] = float("nan")
+        with pytest.raises(ValueError, match="NaN|non-finite|finite"):
+            layer(x)
+
+
+def test_runners_are_not_copied_or_saved(tmp_path) -> None:
+    """A module's runners hold raw pointers into its tensors: deepcopy and torch.save give a module without
+    them, which prepares its own (and reads its own weights)."""
+    import copy
+
+    model = torch.nn.Sequential(_layer(qk.W4A16(32)))
+    x = torch.randn(1, 96)
+    with torch.no_grad():
+        model(x), model(x)
+        twin = copy.deepcopy(model)
+        assert len(twin[0]._runners) == 0
+        twin[0].scale.mul_(3)
+        assert not torch.equal(twin(x), model(x))
+        torch.save(model, tmp_path / "m.pt")
+        loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+        assert len(loaded[0]._runners) == 0 and torch.equal(loaded(x), model(x))

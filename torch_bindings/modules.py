@@ -13,7 +13,7 @@ from torch import nn
 from qkernels import dispatch
 from qkernels.formats import Recipe, W8A8, resolve_recipe
 from torch_bindings.arrays import DTYPES, dtype_name
-from torch_bindings import functional
+from torch_bindings import functional, ops
 from torch_bindings.ops import device_of, platform_of
 from torch_bindings.qtensor import QTensor, quantize
 
@@ -56,6 +56,7 @@ class QLinear(nn.Module):
         # set by qk.calibrate (static recipes) and qk.smoothquant_; None until then, absent from the state dict
         self.register_buffer("input_scale", None)
         self.register_buffer("smooth", None)
+        self._runners = ops.Runners()  # prepared calls per activation shape (forward; ops.Runner)
 
     @property
     def weight(self) -> QTensor:
@@ -133,14 +134,34 @@ class QLinear(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """`qkernels.linear(input, self.weight, self.bias)`, without building the QTensor view per call: the
         buffers are the weight's tensors (checked when they were made or loaded; the op checks them once
-        per distinct call shape)."""
+        per distinct call shape). A plain eager call (`functional._direct`) of an activation shape seen
+        before runs the bound implementation's prepared call (`ops.Runner`: the checks were made when it
+        was prepared, and it is dropped when a buffer changes); every other call takes the full path."""
         if self.parallel is not None:  # buffers are DTensors: the split's own forward on the local shards
             return self.parallel.forward(self, input)
+        buffers, params = self._buffers, self._parameters  # not nn.Module.__getattr__ (~0.6 us a name): per call
+        qvalue, scale, zero_point = buffers["qvalue"], buffers["scale"], buffers["zero_point"]
+        bias = params["bias"] if "bias" in params else self.bias
+        tensors = (qvalue, scale, zero_point, bias)
+        runners = self.__dict__.get("_runners")
+        if runners is None:  # a module unpickled from before runners existed
+            runners = self._runners = ops.Runners()
+        key = (input.shape, input.dtype, input.device, self.recipe.name)
+        runner = runners.get(key)
+        direct = input.is_contiguous() and functional._direct(input, bias)
+        if runner and direct and runner.usable(tensors):  # the common eager call: no re-validation, fixed operands
+            functional.check_transforms(input)
+            y = runner.run(input)
+            if y is not None:
+                return y
         functional.check_transforms(input)
-        qvalue, bias = self.qvalue, self.bias
         functional.check_call(input, self.in_features, self.out_features, qvalue.device, bias)
-        return functional.run(input, functional.rows(input), qvalue, self.scale, self.zero_point, bias,
-                              self.recipe, self.input_scale, self.smooth, self.out_features)
+        y = functional.run(input, functional.rows(input), qvalue, scale, zero_point, bias,
+                           self.recipe, self.input_scale, self.smooth, self.out_features)
+        if (direct and not (runner and runner.usable(tensors)) and self.smooth is None and self.input_scale is None
+                and (key in runners or len(runners) < ops.Runners.LIMIT)):
+            runners[key] = ops.Runner.make(input, qvalue, scale, zero_point, bias, self.recipe.name) or False
+        return y
 
     def backend(self, dtype: torch.dtype = torch.float32) -> str:
         """Name of the implementation a single-token call in `dtype` would run on this layer's device."""

@@ -46,6 +46,7 @@ W4A8 above M=64 go back to `torch._int_mm` (equal at M=256; larger M not compare
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -208,6 +209,41 @@ def _run(call: Bound, lhs: torch.Tensor | QOperand, rhs: QOperand, bias: torch.T
     return out if lead is None else out.reshape(*lead, p.n)
 
 
+def _prepare(call: Bound, rhs: QOperand, bias: torch.Tensor | None):
+    """`Implementation.prepare`: `_run`'s library call with everything but the activations fixed in a
+    `qk_linear_call` (qk_cpu.h: one ctypes call of five arguments), for float activations (the static recipes'
+    op-quantized codes take `_run`). It points into the tensors themselves (ops.Runner's contract), so only
+    where they need no conversion: contiguous codes, f32 scales; a bias in another dtype is converted per
+    call. The runner returns None where `_run` must run instead: the library found NaN/Inf rows (`_run`
+    raises the format's error)."""
+    p = call.problem
+    plan: Plan = call.config.config
+    w, scale, zero = rhs.qvalue, rhs.scale, rhs.zero_point if plan.entry == "qk_linear_float" else None
+    if (p.m == 0 or p.n == 0 or p.k == 0 or plan.entry not in ("qk_linear_float", "qk_linear_quantized")
+            or not w.is_contiguous() or scale.dtype is not torch.float32 or not scale.is_contiguous()
+            or (zero is not None and not zero.is_contiguous()) or (bias is not None and not bias.is_contiguous())):
+        return None
+    f32_bias = bias is None or bias.dtype is torch.float32
+    fixed = native.LinearCall(
+        entry=native.CALL_LINEAR_FLOAT if plan.entry == "qk_linear_float" else native.CALL_LINEAR_QUANTIZED,
+        x_dtype=plan.x_dtype, w_kind=plan.kind, out_dtype=plan.out_dtype, k=p.k, kp=plan.kp, n=p.n,
+        group_size=plan.group, w=w.data_ptr(), w_scale=scale.data_ptr(),
+        w_zero=None if zero is None else zero.data_ptr(), bias=bias.data_ptr() if bias is not None and f32_bias else None)
+    fn, address, n, k = native.library().qk_run_linear, ctypes.addressof(fixed), p.n, p.k
+    out_dtype, parallel, empty, threads_now = plan.out_torch, plan.parallel, torch.empty, torch.get_num_threads
+
+    def run(x: torch.Tensor) -> torch.Tensor | None:
+        out = empty((*x.shape[:-1], n), dtype=out_dtype)
+        if not f32_bias:
+            b32 = bias.float()  # held until the call returns
+            fixed.bias = b32.data_ptr()
+        rc = fn(address, x.data_ptr(), x.numel() // k, out.data_ptr(), threads_now() if parallel else 1)
+        return out if rc == 0 else None if rc > 0 else native.check(rc, plan.entry)
+
+    run.fixed = fixed  # the arguments' struct, alive as long as the runner
+    return run
+
+
 def _note(problem: Problem) -> str:
     return "layout canonical: the stored codes, read by the C kernels (one library call per matmul)"
 
@@ -215,6 +251,7 @@ def _note(problem: Problem) -> str:
 def register() -> None:
     dispatch.register(dispatch.Implementation(
         name="torch-cpu-native", framework="torch", priority=70, supports=supports, run=_run, configure=_configure,
+        prepare=_prepare,
         serves=dispatch.Serves.tags(*_TAGS), accumulate=cpu._accumulate, note=_note,
         description=f"native C kernels on CPU (qkernels/kernels/cpu), M <= {MAX_M} (integer) / {MAX_M_FLOAT}: one call"))
 

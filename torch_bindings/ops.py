@@ -31,7 +31,7 @@ from qkernels.formats import QOperand, Recipe, recipe_named
 from torch_bindings.arrays import DTYPES, TORCH_OPS, dtype_name
 from torch_bindings.qtensor import check_operands, dequantize_operand
 
-__all__ = ["LINEAR", "kernel", "platform_of", "device_of", "make_problem", "dtype_name", "bind"]
+__all__ = ["LINEAR", "kernel", "platform_of", "device_of", "make_problem", "dtype_name", "bind", "Runner", "Runners"]
 
 
 @functools.lru_cache(maxsize=64)
@@ -148,6 +148,57 @@ def kernel(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_poin
         out = call.run(np_lhs, QOperand(*map(_to_numpy, rhs)), _to_numpy(bias))
         return _from_numpy(out, x.device)
     return call.run(lhs, rhs, bias).contiguous()
+
+
+class Runner:
+    """`kernel(x, *weights)` prepared for one layer's weight tensors and one activation (shape, dtype, device):
+    the implementation's `prepare` (for the native CPU kernels, one ctypes call with the weight's pointers
+    fixed). It reads the tensors' memory itself, never a copy made at preparation, so an in-place write
+    (`load_state_dict` included) is seen; it is used only while the tensors are the same objects over the
+    same memory (`.to()` makes new ones; a storage that is freed and allocated again, as FSDP does with
+    unsharded parameters, moves), with the requested backend and the registry unchanged. A module's forward
+    calls it only where the op's kernel may run directly (`functional._direct`): `python -m bench overhead`
+    measures the difference."""
+
+    __slots__ = ("run", "tensors", "pointers", "backend", "registry")
+
+    def __init__(self, run: Any, tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]) -> None:
+        self.run = run
+        self.tensors = tensors  # qvalue, scale, zero_point, bias
+        self.pointers = tuple(0 if t is None else t.data_ptr() for t in tensors)
+        self.backend = dispatch.requested_backend()
+        self.registry = dispatch.registry_version()
+
+    def usable(self, tensors: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]) -> bool:
+        q, s, z, b = tensors  # written out: this runs per call
+        q0, s0, z0, b0 = self.tensors
+        pq, ps, pz, pb = self.pointers
+        return (q is q0 and s is s0 and z is z0 and b is b0 and q.data_ptr() == pq and s.data_ptr() == ps
+                and (z is None or z.data_ptr() == pz) and (b is None or b.data_ptr() == pb)
+                and dispatch.registry_version() == self.registry and dispatch.requested_backend() == self.backend)
+
+    @classmethod
+    def make(cls, x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+             bias: torch.Tensor | None, recipe: str) -> Runner | None:
+        """The runner of `kernel(x, ...)` (dynamic activations, a contiguous plain `x` (..., K)), or None where
+        the bound implementation prepares none."""
+        call = bind(x.reshape(-1, x.shape[-1]), qvalue, scale, zero_point, bias, recipe)
+        prepare = call.implementation.prepare
+        run = None if prepare is None or call.problem.lhs_quantized else prepare(call, QOperand(qvalue, scale, zero_point), bias)
+        return None if run is None else cls(run, (qvalue, scale, zero_point, bias))
+
+
+class Runners(dict):
+    """A module's runners by activation (shape, dtype, device); never copied or saved (they hold raw pointers
+    into the module's tensors): a copy or an unpickled module starts empty and prepares its own."""
+
+    LIMIT = 16  # distinct activation shapes kept (decode and a few prefill lengths)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Runners:
+        return Runners()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Runners, ())
 
 
 _linear = torch.library.custom_op("qkernels::linear", kernel, mutates_args=(), device_types="cpu")

@@ -20,7 +20,7 @@ import pathlib
 from qkernels.kernels.cpu.build import BuildError, shared_library
 
 __all__ = ["HERE", "HEADER", "SOURCE", "DTYPES", "KINDS", "ABI_VERSION", "library", "load", "library_path", "unavailable",
-           "BuildError", "check"]
+           "BuildError", "check", "LinearCall", "CALL_LINEAR_FLOAT", "CALL_LINEAR_QUANTIZED"]
 
 HERE = pathlib.Path(__file__).parent
 HEADER = HERE / "qk_cpu.h"
@@ -48,7 +48,19 @@ _SIGNATURES: dict[str, tuple[type, list[type]]] = {
     "qk_linear_quantized": (_i64, [_p, _i32, _i64, _i64, _i64, _p, _p, _i32, _i64, _p, _i64, _p, _p, _i32, _i32]),
     # x, x_dtype, m, k, kp, w, w_kind, n, w_scale, w_zero, group_size, bias, out, out_dtype, threads
     "qk_linear_float": (_i32, [_p, _i32, _i64, _i64, _i64, _p, _i32, _i64, _p, _p, _i64, _p, _p, _i32, _i32]),
+    # call (a LinearCall), x, m, out, threads
+    "qk_run_linear": (_i64, [_p, _p, _i64, _p, _i32]),
 }
+
+CALL_LINEAR_FLOAT, CALL_LINEAR_QUANTIZED = 0, 1
+
+
+class LinearCall(ctypes.Structure):
+    """qk_cpu.h's qk_linear_call: a float-activation entry point with its arguments but x, m, out, threads."""
+
+    _fields_ = [("entry", _i32), ("x_dtype", _i32), ("w_kind", _i32), ("out_dtype", _i32), ("k", _i64),
+                ("kp", _i64), ("n", _i64), ("group_size", _i64), ("w", _p), ("w_scale", _p), ("w_zero", _p),
+                ("bias", _p)]
 
 
 @functools.cache

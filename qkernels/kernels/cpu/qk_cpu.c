@@ -651,7 +651,8 @@ typedef struct {
     void *out;
     int32_t odt;
     int failed;                   /* a thread could not allocate its panel */
-    const uint16_t *xb;           /* or NULL: fp8 x fp8, the activation codes as bf16 for gemv_bf16_columns (M, kb) */
+    const uint16_t *xb;           /* or NULL: the activations laid out for gemv_bf16_columns (M, kb) */
+    int late;                     /* gemv_bf16_columns: the codes are the weights, the scale applies after the dot */
     int64_t kb;
 } float_args;
 
@@ -881,39 +882,69 @@ AI void gemv_range(const float_args *a, int R, int64_t n0, int64_t n1) {
 #endif
 
 #if QK_BF16DOT
-/* --- fp8 x fp8 GEMV through bf16 dot products (AVX-512 BF16 + VBMI) -----------------------------------
+/* --- GEMV through bf16 dot products (AVX-512 BF16 + VBMI) ---------------------------------------------
  *
- * e4m3 codes are exact in bf16 (4 significant bits, exponents in range), and so is a bf16 x bf16 product in
- * f32, so `vdpbf16ps` (32 multiply-adds per instruction, f32 accumulation) computes the definition's products
- * exactly: 0.99 against 1.24 ms for gemv_columns' f16-converting FMAs (K = N = 4096, M = 1, one thread, this
- * repo's 2-core Intel Xeon with AMX; 56 against 69 us at 1536 x 576). The instruction reads bf16 subnormals as
- * zero, which codes never are (the smallest is 2**-9), and a sum of products (multiples of 2**-18) is never
- * subnormal. Tried and dropped: weight-only with f32 activations split into three bf16 terms (x = t0 + t1 +
- * t2 to 2**-24) was 1.8x slower than gemv_columns (1787 against 965 us, int8 weights, same shapes).
+ * `vdpbf16ps` multiplies bf16 pairs exactly into f32 and accumulates in f32 (32 multiply-adds an instruction),
+ * so it computes the definition's products exactly wherever both operands are bf16 values:
+ *   fp8 x fp8: e4m3 codes are exact in bf16 (4 significant bits, exponents in range); the scales apply after
+ *     the dot in W8A8's order. 0.99 against 1.24 ms for gemv_columns' f16-converting FMAs (K = N = 4096, M = 1,
+ *     one thread, this repo's 2-core Intel Xeon with AMX; 56 against 69 us at 1536 x 576).
+ *   weight-only with bf16 activations (int8 / e4m3 weights): the definition rounds each dequantized weight to
+ *     bf16, `bf16(f32(q) * s)`, which for one output channel takes at most 128 values (one per magnitude; the
+ *     rounding is symmetric in the sign): a table per channel, made with the channel's scale. With a bf16
+ *     output the codes themselves are the weights and the scale applies after the dot (as torch's
+ *     _weight_int8pack_mm does): that differs from rounding each weight by at most 2**-9 of |x| @ |w|^T, a
+ *     quarter of the output's own rounding step (2**-7, which qkernels.testing's tolerance holds), and skips
+ *     the tables (K = N = 4096, M = 1, one thread: fp8a16 0.96 ms against 1.41 with tables, 2.52 in
+ *     gemv_columns).
+ * The instruction reads bf16 subnormals as zero and flushes subnormal sums: codes never are subnormal (the
+ * smallest e4m3 value is 2**-9); a call whose activations hold a nonzero |x| < QK_BF16_TINY, or whose scales
+ * could make a weight or a product subnormal (s < QK_BF16_MIN_SCALE), runs gemv_columns instead.
+ * Tried and dropped: f32 activations split into three bf16 terms (x = t0 + t1 + t2 to 2**-24) was 1.8x slower
+ * than gemv_columns (1787 against 965 us, int8 weights, K = N = 4096, M = 1).
  *
- * Codes become bf16 by table: a 128-entry lookup of the code's magnitude bits (`vpermt2b`, high and low bytes
- * apart), the sign bit merged in, the bytes interleaved into words. The interleave orders each 64 codes as
- * 0-7, 16-23, 32-39, 48-55 | 8-15, 24-31, ...; the activation codes are laid out in the same order once per
- * call (`bf16_activations`), so the pairs the instruction multiplies match. */
+ * Codes become bf16 by table: a 128-entry lookup (`vpermt2b`, high and low bytes apart), the sign bit merged
+ * in, the bytes interleaved into words. e4m3 indexes by its magnitude bits; int8 by |v| - 1 (a zero code
+ * masked to zero), so -128 decodes too. The interleave orders each 64 codes as 0-7, 16-23, 32-39, 48-55 |
+ * 8-15, 24-31, ...; the activations are laid out in the same order once per call, so the pairs the
+ * instruction multiplies match. */
+#define QK_BF16_TINY 0x1p-100f
+#define QK_BF16_MIN_SCALE 0x1p-17f  /* with |x| >= 2**-100 and |code| >= 2**-9: products >= 2**-126 */
 
 typedef struct { __m512i hi0, hi1, lo0, lo1; } bf16_table;
 
-static bf16_table e4m3_table(void) {
+/* the f32 magnitudes a table holds: entry i of e4m3 (its value; 0x7f is NaN) or of int8 (i + 1) */
+static void table_magnitudes(int32_t kind, __m512 *mags) {
+    float v[128];
+    for (int i = 0; i < 128; i++)
+        v[i] = kind == QK_INT8 ? (float)(i + 1) : i == 127 ? NAN : (float)e4m3_units((uint8_t)i) * 0x1p-9f;
+    for (int q = 0; q < 8; q++) mags[q] = _mm512_loadu_ps(v + 16 * q);
+}
+
+/* bf16(mags * s) per entry (s = 1: the magnitudes themselves, exact) */
+static inline bf16_table make_table(const __m512 *mags, float s) {
     uint8_t hi[128], lo[128];
-    for (int i = 0; i < 128; i++) {  /* the value is exact in bf16: its f32 bits' upper half; 0x7f is NaN */
-        const uint16_t b = i == 127 ? 0x7fc0u : (uint16_t)(f2u((float)e4m3_units((uint8_t)i) * 0x1p-9f) >> 16);
-        hi[i] = (uint8_t)(b >> 8);
-        lo[i] = (uint8_t)b;
+    const __m512 sv = _mm512_set1_ps(s);
+    for (int q = 0; q < 8; q++) {
+        const __m512i u = _mm512_castps_si512(round_to16(QK_BF16, _mm512_mul_ps(mags[q], sv)));
+        _mm_storeu_si128((__m128i *)(hi + 16 * q), _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 24)));
+        _mm_storeu_si128((__m128i *)(lo + 16 * q), _mm512_cvtepi32_epi8(_mm512_srli_epi32(u, 16)));
     }
     bf16_table t = {_mm512_loadu_si512(hi), _mm512_loadu_si512(hi + 64), _mm512_loadu_si512(lo),
                     _mm512_loadu_si512(lo + 64)};
     return t;
 }
 
-/* 64 e4m3 codes -> two vectors of 32 bf16 (in the interleaved order) */
-AI void e4m3_bf16(const bf16_table *t, __m512i b, __m512i *w0, __m512i *w1) {
-    __m512i hi = _mm512_permutex2var_epi8(t->hi0, b, t->hi1);  /* indexes by the low seven bits */
-    const __m512i lo = _mm512_permutex2var_epi8(t->lo0, b, t->lo1);
+/* 64 codes -> two vectors of 32 bf16 (in the interleaved order) */
+AI void codes_bf16(const bf16_table *t, int32_t kind, __m512i b, __m512i *w0, __m512i *w1) {
+    __m512i idx = b;
+    __mmask64 nz = ~(__mmask64)0;
+    if (kind == QK_INT8) {
+        nz = _mm512_test_epi8_mask(b, b);
+        idx = _mm512_add_epi8(_mm512_abs_epi8(b), _mm512_set1_epi8(127));  /* |v| - 1, mod 128 */
+    }
+    __m512i hi = _mm512_maskz_permutex2var_epi8(nz, t->hi0, idx, t->hi1);  /* indexes by the low seven bits */
+    const __m512i lo = _mm512_maskz_permutex2var_epi8(nz, t->lo0, idx, t->lo1);
     hi = _mm512_ternarylogic_epi32(hi, b, _mm512_set1_epi8((char)0x80), 0xf8);  /* hi | (b & 0x80) */
     *w0 = _mm512_unpacklo_epi8(lo, hi);
     *w1 = _mm512_unpackhi_epi8(lo, hi);
@@ -921,25 +952,55 @@ AI void e4m3_bf16(const bf16_table *t, __m512i b, __m512i *w0, __m512i *w1) {
 
 static inline int64_t interleaved(int64_t p) { return 16 * ((p % 32) / 8) + (p % 8) + 8 * (p / 32); }
 
-/* activation codes (M, KP) -> their values as bf16 (M, KB) in the interleaved order, KB = KP rounded up to
- * 64, zero-padded */
-static void bf16_activations(const uint8_t *xq, int64_t m, int64_t kp, int64_t kb, uint16_t *dst) {
+/* activations (M, K): e4m3 codes (fp8 x fp8) or bf16 values, row stride `stride` -> bf16 (M, KB) in the
+ * interleaved order, KB = K rounded up to 64, zero-padded; 0 where a value is too small (QK_BF16_TINY) */
+static int bf16_activations(const void *x, int codes, int64_t m, int64_t k, int64_t stride, int64_t kb,
+                            uint16_t *dst) {
     for (int64_t i = 0; i < m; i++)
         for (int64_t p = 0; p < kb; p++) {
             const int64_t j = (p / 64) * 64 + interleaved(p % 64);
-            dst[i * kb + p] = j < kp ? (uint16_t)(f2u((float)e4m3_units(xq[i * kp + j]) * 0x1p-9f) >> 16) : 0;
+            uint16_t h = 0;
+            if (j < k && codes) {
+                h = (uint16_t)(f2u((float)e4m3_units(((const uint8_t *)x)[i * stride + j]) * 0x1p-9f) >> 16);
+            } else if (j < k) {
+                h = ((const uint16_t *)x)[i * stride + j];
+                const float v = bf16_to_f32(h);
+                if (v != 0.0f && fabsf(v) < QK_BF16_TINY) return 0;
+            }
+            dst[i * kb + p] = h;
         }
+    return 1;
 }
 
-AI void gemv_bf16_columns(const float_args *a, int R, int C, int64_t c0, const bf16_table *tab) {
+/* R activation rows x C weight rows; `tab`: the codes' table (`late`), or NULL: each row's own table of its
+ * dequantized weights, decoded into `panel` (4 x kb) first */
+AI void gemv_bf16_columns(const float_args *a, int R, int C, int64_t c0, const bf16_table *tab, const __m512 *mags,
+                          uint16_t *panel) {
     const int64_t kp = a->kp, kb = a->kb;
+    const int32_t kind = a->kind;
+    const uint8_t *w = (const uint8_t *)a->w;
+    if (!tab)
+        for (int c = 0; c < C; c++) {
+            const bf16_table own = make_table(mags, a->ws[c0 + c]);
+            for (int64_t j = 0; j < kp; j += 64) {
+                __m512i w0, w1;
+                codes_bf16(&own, kind, _mm512_maskz_loadu_epi8(tail_mask(kp - j), w + (c0 + c) * kp + j), &w0, &w1);
+                _mm512_storeu_si512(panel + c * kb + j, w0);
+                _mm512_storeu_si512(panel + c * kb + j + 32, w1);
+            }
+        }
     __m512 v[QK_MAXACC];
     for (int q = 0; q < R * C; q++) v[q] = _mm512_setzero_ps();
     for (int64_t j = 0; j < kp; j += 64) {
         __m512i w0[4], w1[4];
-        for (int c = 0; c < C; c++)
-            e4m3_bf16(tab, _mm512_maskz_loadu_epi8(tail_mask(kp - j), (const uint8_t *)a->w + (c0 + c) * kp + j),
-                      &w0[c], &w1[c]);
+        for (int c = 0; c < C; c++) {
+            if (tab) {
+                codes_bf16(tab, kind, _mm512_maskz_loadu_epi8(tail_mask(kp - j), w + (c0 + c) * kp + j), &w0[c], &w1[c]);
+            } else {
+                w0[c] = _mm512_loadu_si512(panel + c * kb + j);
+                w1[c] = _mm512_loadu_si512(panel + c * kb + j + 32);
+            }
+        }
         for (int r = 0; r < R; r++) {
             const __m512bh x0 = (__m512bh)_mm512_loadu_si512(a->xb + r * kb + j);
             const __m512bh x1 = (__m512bh)_mm512_loadu_si512(a->xb + r * kb + j + 32);
@@ -951,19 +1012,56 @@ AI void gemv_bf16_columns(const float_args *a, int R, int C, int64_t c0, const b
     }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
-            float y = (_mm512_reduce_add_ps(v[r * C + c]) * a->ws[c0 + c]) * a->xs[r];  /* W8A8's order */
+            float y = _mm512_reduce_add_ps(v[r * C + c]);
+            if (a->xs) y = (y * a->ws[c0 + c]) * a->xs[r];  /* fp8 x fp8: W8A8's order */
+            else if (a->late) y = y * a->ws[c0 + c];
             if (a->bias) y = y + a->bias[c0 + c];
             store(a->out, a->odt, r * a->n + c0 + c, y);
         }
 }
 
-AI void gemv_bf16_range(const float_args *a, int R, int64_t n0, int64_t n1) {
-    const bf16_table tab = e4m3_table();
+AI void gemv_bf16_range(float_args *a, int R, int64_t n0, int64_t n1) {
+    __m512 mags[8];
+    table_magnitudes(a->kind, mags);
+    bf16_table shared;
+    uint16_t *panel = NULL;
+    if (a->late) {
+        shared = make_table(mags, 1.0f);
+    } else if (!(panel = (uint16_t *)malloc((size_t)(4 * a->kb) * sizeof(uint16_t)))) {
+        a->failed = 1;
+        return;
+    }
+    const bf16_table *tab = a->late ? &shared : NULL;
     int64_t c = n0;
-    for (; c + 4 <= n1; c += 4) gemv_bf16_columns(a, R, 4, c, &tab);
-    for (; c < n1; c++) gemv_bf16_columns(a, R, 1, c, &tab);
+    for (; c + 4 <= n1; c += 4) gemv_bf16_columns(a, R, 4, c, tab, mags, panel);
+    for (; c < n1; c++) gemv_bf16_columns(a, R, 1, c, tab, mags, panel);
+    free(panel);
 }
 #endif
+
+/* Where gemv_bf16_columns serves the call (module comment above: up to QK_MB rows; fp8 x fp8, or int8 / e4m3
+ * weights with bf16 activations), point `a` at the activations laid out for it (`x`: codes or bf16 values,
+ * row stride `stride`); returns the buffer to free, or NULL: the other kernels run. */
+static uint16_t *attach_bf16(float_args *a, const void *x, int codes, int64_t k, int64_t stride) {
+#if QK_BF16DOT
+    if (a->m > QK_MB || !(a->kind == QK_FP8_E4M3 || (a->kind == QK_INT8 && !codes))) return NULL;
+    a->late = codes || a->odt == QK_BF16;
+    if (!codes) {
+        if (a->xdt != QK_BF16) return NULL;
+        for (int64_t c = 0; c < a->n && !a->late; c++)
+            if (!(a->ws[c] >= QK_BF16_MIN_SCALE)) return NULL;  /* also NaN, and negative (the sign is the code's) */
+    }
+    const int64_t kb = (a->kp + 63) / 64 * 64;
+    uint16_t *xb = (uint16_t *)malloc((size_t)(a->m * kb > 0 ? a->m * kb : 1) * sizeof(uint16_t));
+    if (!xb || !bf16_activations(x, codes, a->m, k, stride, kb, xb)) { free(xb); return NULL; }
+    a->xb = xb;
+    a->kb = kb;
+    return xb;
+#else
+    (void)a; (void)x; (void)codes; (void)k; (void)stride;
+    return NULL;
+#endif
+}
 
 static void float_range(const qk_task *t, int64_t n0, int64_t n1) {
     float_args *a = (float_args *)t->args;
@@ -1015,15 +1113,7 @@ int32_t qk_matmul_fp8(const uint8_t *xq, const float *x_scale, int64_t m, int64_
     float_args a = {.x = xu, .xs = x_scale, .m = m, .kp = kp, .groups = 0, .gs = 0, .w = w, .kind = QK_FP8_E4M3,
                     .xdt = QK_F32, .ws = w_scale, .bias = bias, .wz = NULL, .n = n, .out = out, .odt = out_dtype,
                     .failed = 0};
-    uint16_t *xb = NULL;
-#if QK_BF16DOT
-    if (m <= QK_MB) {  /* gemv_bf16_columns; without its scratch the other kernels run */
-        a.kb = (kp + 63) / 64 * 64;
-        if ((xb = (uint16_t *)malloc((size_t)(m * a.kb > 0 ? m * a.kb : 1) * sizeof(uint16_t))))
-            bf16_activations(xq, m, kp, a.kb, xb);
-        a.xb = xb;
-    }
-#endif
+    uint16_t *xb = attach_bf16(&a, xq, 1, kp, kp);
     const int32_t rc = run_float(&a, threads);
     free(xu);
     free(xb);
@@ -1080,8 +1170,20 @@ int32_t qk_linear_float(const void *x, int32_t x_dtype, int64_t m, int64_t k, in
     float_args a = {.x = buf, .xs = NULL, .m = m, .kp = kp, .groups = grouped ? kp / group_size : 0,
                     .gs = group_size, .w = w, .kind = w_kind, .xdt = x_dtype, .ws = w_scale, .bias = bias,
                     .wz = w_zero, .n = n, .out = out, .odt = out_dtype, .failed = 0};
+    uint16_t *xb = attach_bf16(&a, x, 0, k, k);
     const int32_t rc = run_float(&a, threads);
+    free(xb);
     free(buf);
     free(row);
     return rc;
+}
+
+int64_t qk_run_linear(const qk_linear_call *c, const void *x, int64_t m, void *out, int32_t threads) {
+    if (c->entry == QK_CALL_LINEAR_FLOAT)
+        return qk_linear_float(x, c->x_dtype, m, c->k, c->kp, c->w, c->w_kind, c->n, c->w_scale, c->w_zero,
+                               c->group_size, c->bias, out, c->out_dtype, threads);
+    if (c->entry == QK_CALL_LINEAR_QUANTIZED)
+        return qk_linear_quantized(x, c->x_dtype, m, c->k, c->kp, NULL, c->w, c->w_kind, c->n, c->w_scale,
+                                   c->group_size, c->bias, out, c->out_dtype, threads);
+    return QK_EINVAL;
 }
