@@ -139,7 +139,12 @@ def _from_numpy(a: np.ndarray, device: torch.device) -> torch.Tensor:
 def kernel(x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
             bias: torch.Tensor | None, recipe: str, input_scale: torch.Tensor | None = None) -> torch.Tensor:
     call = bind(x, qvalue, scale, zero_point, bias, recipe, input_scale)
-    rhs = QOperand(qvalue, scale, zero_point)
+    return _execute(call, x, QOperand(qvalue, scale, zero_point), bias, input_scale)
+
+
+def _execute(call: Bound, x: torch.Tensor, rhs: QOperand, bias: torch.Tensor | None,
+             input_scale: torch.Tensor | None) -> torch.Tensor:
+    """Run a bound call on x (M, K): the static recipes' activation quantization, NumPy for framework 'any'."""
     lhs: torch.Tensor | QOperand = x
     if call.problem.lhs_quantized:  # a static recipe: its calibrated scale, saturating (raises when uncalibrated)
         lhs = call.problem.recipe.quantize_lhs(TORCH_OPS, x, input_scale)
@@ -180,12 +185,21 @@ class Runner:
     @classmethod
     def make(cls, x: torch.Tensor, qvalue: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
              bias: torch.Tensor | None, recipe: str) -> Runner | None:
-        """The runner of `kernel(x, ...)` (dynamic activations, a contiguous plain `x` (..., K)), or None where
-        the bound implementation prepares none."""
-        call = bind(x.reshape(-1, x.shape[-1]), qvalue, scale, zero_point, bias, recipe)
+        """The runner of `kernel(x, ...)` for a contiguous plain `x` (..., K) with dynamic activations (None for
+        static ones): the implementation's `prepare`, else the bound call run without binding again."""
+        k, n = x.shape[-1], qvalue.shape[0]
+        call = bind(x.reshape(-1, k), qvalue, scale, zero_point, bias, recipe)
+        if call.problem.lhs_quantized:
+            return None
+        rhs = QOperand(qvalue, scale, zero_point)
         prepare = call.implementation.prepare
-        run = None if prepare is None or call.problem.lhs_quantized else prepare(call, QOperand(qvalue, scale, zero_point), bias)
-        return None if run is None else cls(run, (qvalue, scale, zero_point, bias))
+        run = None if prepare is None else prepare(call, rhs, bias)
+        if run is None:  # the bound call without re-binding: every implementation reads its operands per call
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                return _execute(call, x.reshape(-1, k), rhs, bias, None).reshape(*x.shape[:-1], n)
+
+        return cls(run, (qvalue, scale, zero_point, bias))
 
 
 class Runners(dict):

@@ -181,19 +181,39 @@ def _note(problem: Problem) -> str:
     return f"layout {layout.name}: {layout.kernel}, packed once per weight"
 
 
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if bias is None:
+        return y
+    # bf16 + bf16 is computed in f32 and rounded once, as the f32 sum then cast
+    return y + bias if bias.dtype == torch.bfloat16 else (y.to(torch.float32) + bias).to(torch.bfloat16)
+
+
 def _run(call: Bound, lhs: torch.Tensor, rhs: QOperand, bias: torch.Tensor | None) -> torch.Tensor:
     p = call.problem
     layout = layout_of(p.recipe)
     lead = lhs.shape[:-1]
     y = layout.matmul(lhs.reshape(-1, p.k) if p.k else lhs.reshape(math.prod(lead), 0),
                       packed(layout, rhs, p.recipe, p.k), p.recipe)
-    if bias is not None:  # bf16 + bf16 is computed in f32 and rounded once, as the f32 sum then cast
-        y = y + bias if bias.dtype == torch.bfloat16 else (y.to(torch.float32) + bias).to(torch.bfloat16)
-    return y.reshape(*lead, p.n)
+    return _add_bias(y, bias).reshape(*lead, p.n)
+
+
+def _prepare(call: Bound, rhs: QOperand, bias: torch.Tensor | None):
+    """`Implementation.prepare`: `_run` with the layout and sizes fixed; the packed form is still looked up
+    per call (`packed`: rebuilt where the weight's tensors changed)."""
+    p = call.problem
+    if p.k == 0:
+        return None
+    layout, recipe, n, k = layout_of(p.recipe), p.recipe, p.n, p.k
+    matmul = layout.matmul
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return _add_bias(matmul(x.view(-1, k), packed(layout, rhs, recipe, k), recipe), bias).view(*x.shape[:-1], n)
+
+    return run
 
 
 def register() -> None:
     dispatch.register(dispatch.Implementation(
-        name="torch-cpu-packed", framework="torch", priority=60, supports=supports, run=_run,
+        name="torch-cpu-packed", framework="torch", priority=60, supports=supports, run=_run, prepare=_prepare,
         serves=SERVES, note=_note,
         description="torch on CPU, bf16 activations: packed int8 / int4 weight GEMMs (layout made once per weight)"))
