@@ -34,6 +34,7 @@
 #include <float.h>
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -152,7 +153,9 @@ static int valid_group(int64_t g) { return g == 32 || g == 64 || g == 128 || g =
  * Helpers run on the calling thread's scheduler (`qk_set_thread_scheduler`: the XLA handlers schedule on
  * XLA:CPU's intra-op pool, which is then not oversubscribed), else on the library's own pool: threads made
  * on first need and kept, each spinning QK_SPIN_NS after its last task (a decode step's next matmul comes
- * within microseconds; waking a sleeping thread costs ~5-20 us), then sleeping on a condition variable. A
+ * within microseconds; waking a sleeping thread costs ~5-20 us), yielding the core to any other runnable
+ * thread while it spins (torch's or XLA's own workers on a small machine), then sleeping on a condition
+ * variable. A
  * fork leaves the child with no threads; its pool starts empty (pthread_atfork). */
 
 typedef struct qk_task qk_task;
@@ -242,9 +245,11 @@ static void *pool_thread(void *unused) {
             pthread_mutex_unlock(&pool.mu);
             it.fn(it.arg);
             const uint64_t until = now_ns() + QK_SPIN_NS;
-            int spins = 0;
-            while (__atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) == 0 && (++spins & 255 || now_ns() < until))
-                cpu_relax();
+            for (int spins = 0; __atomic_load_n(&pool.pending, __ATOMIC_ACQUIRE) == 0; spins++) {
+                if (spins < 256) { cpu_relax(); continue; }
+                if (now_ns() >= until) break;
+                sched_yield();  /* spinning, but any other runnable thread on this core (torch's, XLA's) goes first */
+            }
             pthread_mutex_lock(&pool.mu);
             continue;
         }
@@ -303,7 +308,10 @@ static void parallel_n(const qk_task *t, int64_t n, int32_t threads) {
         else pool_schedule((int)nt - 1, job_helper, job);
     }
     job_chunks(job);
-    while (__atomic_load_n(&job->done, __ATOMIC_ACQUIRE) < job->chunks) cpu_relax();
+    for (int spins = 0; __atomic_load_n(&job->done, __ATOMIC_ACQUIRE) < job->chunks; spins++) {
+        if (spins < 256) cpu_relax();
+        else sched_yield();  /* a helper descheduled mid-chunk runs sooner */
+    }
     job_release(job);
 }
 
@@ -1063,23 +1071,26 @@ static uint16_t *attach_bf16(float_args *a, const void *x, int codes, int64_t k,
 #endif
 }
 
+/* FN(a, R, n0, n1) with R = a->m (1 .. QK_MB) a constant, so the always-inline GEMV kernels unroll by it */
+#define QK_BY_ROWS(FN, a, n0, n1)                                                                            \
+    do {                                                                                                     \
+        if ((a)->m == 1) FN(a, 1, n0, n1);                                                                   \
+        else if ((a)->m == 2) FN(a, 2, n0, n1);                                                              \
+        else if ((a)->m == 3) FN(a, 3, n0, n1);                                                              \
+        else FN(a, 4, n0, n1);                                                                               \
+    } while (0)
+
 static void float_range(const qk_task *t, int64_t n0, int64_t n1) {
     float_args *a = (float_args *)t->args;
 #if QK_BF16DOT
     if (a->xb) {
-        if (a->m == 1) gemv_bf16_range(a, 1, n0, n1);
-        else if (a->m == 2) gemv_bf16_range(a, 2, n0, n1);
-        else if (a->m == 3) gemv_bf16_range(a, 3, n0, n1);
-        else gemv_bf16_range(a, 4, n0, n1);
+        QK_BY_ROWS(gemv_bf16_range, a, n0, n1);
         return;
     }
 #endif
 #if QK_AVX512
     if (a->m <= QK_MB) {
-        if (a->m == 1) gemv_range(a, 1, n0, n1);
-        else if (a->m == 2) gemv_range(a, 2, n0, n1);
-        else if (a->m == 3) gemv_range(a, 3, n0, n1);
-        else gemv_range(a, 4, n0, n1);
+        QK_BY_ROWS(gemv_range, a, n0, n1);
         return;
     }
 #endif
