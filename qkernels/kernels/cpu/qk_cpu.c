@@ -660,6 +660,7 @@ typedef struct {
     int32_t odt;
     int failed;                   /* a thread could not allocate its panel */
     const uint16_t *xb;           /* or NULL: the activations laid out for gemv_bf16_columns (M, kb) */
+    const float *xf;              /* or NULL: f32 activations laid out for its e4m3 x f32 form (M, kb) */
     int late;                     /* gemv_bf16_columns: the codes are the weights, the scale applies after the dot */
     int64_t kb;
 } float_args;
@@ -908,8 +909,10 @@ AI void gemv_range(const float_args *a, int R, int64_t n0, int64_t n1) {
  * The instruction reads bf16 subnormals as zero and flushes subnormal sums: codes never are subnormal (the
  * smallest e4m3 value is 2**-9); a call whose activations hold a nonzero |x| < QK_BF16_TINY, or whose scales
  * could make a weight or a product subnormal (s < QK_BF16_MIN_SCALE), runs gemv_columns instead.
- * Tried and dropped: f32 activations split into three bf16 terms (x = t0 + t1 + t2 to 2**-24) was 1.8x slower
- * than gemv_columns (1787 against 965 us, int8 weights, K = N = 4096, M = 1).
+ * e4m3 weights with f32 activations take the same table for the weight (a bf16 is the upper half of the f32 of the
+ * same value: widened by an interleave with zeros) and f32 FMAs, the scale after the dot as gemv_columns does,
+ * cheaper than its f16 conversion (1.41 against 1.64 ms at K = N = 4096, 63 against 72 us at 1536 x 576). Tried and dropped: f32 activations split into three bf16 terms (x = t0 +
+ * t1 + t2 to 2**-24) was 1.8x slower than gemv_columns (1787 against 965 us, int8 weights, K = N = 4096, M = 1).
  *
  * Codes become bf16 by table: a 128-entry lookup (`vpermt2b`, high and low bytes apart), the sign bit merged
  * in, the bytes interleaved into words. e4m3 indexes by its magnitude bits; int8 by |v| - 1 (a zero code
@@ -980,6 +983,25 @@ static int bf16_activations(const void *x, int codes, int64_t m, int64_t k, int6
     return 1;
 }
 
+/* f32 activations (M, K), row stride `stride` -> (M, KB) in the order e4m3_f32 widens codes: per 64, vector v,
+ * lane group L, element j hold column 16 L + 4 v + j; zero-padded */
+static void f32_activations(const float *x, int64_t m, int64_t k, int64_t stride, int64_t kb, float *dst) {
+    for (int64_t i = 0; i < m; i++)
+        for (int64_t p = 0; p < kb; p++) {
+            const int64_t q = p % 64, j = (p / 64) * 64 + 16 * ((q % 16) / 4) + 4 * (q / 16) + q % 4;
+            dst[i * kb + p] = j < k ? x[i * stride + j] : 0.0f;
+        }
+}
+
+/* the two bf16 vectors of 64 codes widened to four f32 vectors (a bf16 is the upper half of its f32) */
+AI void bf16_f32(__m512i w0, __m512i w1, __m512 *f) {
+    const __m512i zero = _mm512_setzero_si512();
+    f[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, w0));
+    f[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, w0));
+    f[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, w1));
+    f[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, w1));
+}
+
 /* R activation rows x C weight rows; `tab`: the codes' table (`late`), or NULL: each row's own table of its
  * dequantized weights, decoded into `panel` (4 x kb) first */
 AI void gemv_bf16_columns(const float_args *a, int R, int C, int64_t c0, const bf16_table *tab, const __m512 *mags,
@@ -1008,6 +1030,16 @@ AI void gemv_bf16_columns(const float_args *a, int R, int C, int64_t c0, const b
                 w0[c] = _mm512_loadu_si512(panel + c * kb + j);
                 w1[c] = _mm512_loadu_si512(panel + c * kb + j + 32);
             }
+        }
+        if (a->xf) {  /* f32 activations: the codes widened, f32 FMAs */
+            for (int c = 0; c < C; c++) {
+                __m512 f[4];
+                bf16_f32(w0[c], w1[c], f);
+                for (int r = 0; r < R; r++)
+                    for (int q = 0; q < 4; q++)
+                        v[r * C + c] = _mm512_fmadd_ps(f[q], _mm512_loadu_ps(a->xf + r * kb + j + 16 * q), v[r * C + c]);
+            }
+            continue;
         }
         for (int r = 0; r < R; r++) {
             const __m512bh x0 = (__m512bh)_mm512_loadu_si512(a->xb + r * kb + j);
@@ -1047,23 +1079,32 @@ AI void gemv_bf16_range(float_args *a, int R, int64_t n0, int64_t n1) {
 }
 #endif
 
-/* Where gemv_bf16_columns serves the call (module comment above: up to QK_MB rows; fp8 x fp8, or int8 / e4m3
- * weights with bf16 activations), point `a` at the activations laid out for it (`x`: codes or bf16 values,
- * row stride `stride`); returns the buffer to free, or NULL: the other kernels run. */
-static uint16_t *attach_bf16(float_args *a, const void *x, int codes, int64_t k, int64_t stride) {
+/* Where gemv_bf16_columns serves the call (module comment above: up to QK_MB rows; fp8 x fp8; int8 / e4m3
+ * weights with bf16 activations; e4m3 weights with f32 activations), point `a` at the activations laid out
+ * for it (`x`: codes or values, row stride `stride`); returns the buffer to free, or NULL: the other kernels run. */
+static void *attach_bf16(float_args *a, const void *x, int codes, int64_t k, int64_t stride) {
 #if QK_BF16DOT
     if (a->m > QK_MB || !(a->kind == QK_FP8_E4M3 || (a->kind == QK_INT8 && !codes))) return NULL;
+    const int64_t kb = (a->kp + 63) / 64 * 64, cells = a->m * kb > 0 ? a->m * kb : 1;
+    a->kb = kb;
+    if (!codes && a->xdt == QK_F32) {
+        float *xf = a->kind == QK_FP8_E4M3 ? (float *)malloc((size_t)cells * sizeof(float)) : NULL;
+        if (xf) {
+            f32_activations((const float *)x, a->m, k, stride, kb, xf);
+            a->xf = xf;
+            a->late = 1;
+        }
+        return xf;
+    }
     a->late = codes || a->odt == QK_BF16;
     if (!codes) {
         if (a->xdt != QK_BF16) return NULL;
         for (int64_t c = 0; c < a->n && !a->late; c++)
             if (!(a->ws[c] >= QK_BF16_MIN_SCALE)) return NULL;  /* also NaN, and negative (the sign is the code's) */
     }
-    const int64_t kb = (a->kp + 63) / 64 * 64;
-    uint16_t *xb = (uint16_t *)malloc((size_t)(a->m * kb > 0 ? a->m * kb : 1) * sizeof(uint16_t));
+    uint16_t *xb = (uint16_t *)malloc((size_t)cells * sizeof(uint16_t));
     if (!xb || !bf16_activations(x, codes, a->m, k, stride, kb, xb)) { free(xb); return NULL; }
     a->xb = xb;
-    a->kb = kb;
     return xb;
 #else
     (void)a; (void)x; (void)codes; (void)k; (void)stride;
@@ -1083,7 +1124,7 @@ static uint16_t *attach_bf16(float_args *a, const void *x, int codes, int64_t k,
 static void float_range(const qk_task *t, int64_t n0, int64_t n1) {
     float_args *a = (float_args *)t->args;
 #if QK_BF16DOT
-    if (a->xb) {
+    if (a->xb || a->xf) {
         QK_BY_ROWS(gemv_bf16_range, a, n0, n1);
         return;
     }
@@ -1124,7 +1165,7 @@ int32_t qk_matmul_fp8(const uint8_t *xq, const float *x_scale, int64_t m, int64_
     float_args a = {.x = xu, .xs = x_scale, .m = m, .kp = kp, .groups = 0, .gs = 0, .w = w, .kind = QK_FP8_E4M3,
                     .xdt = QK_F32, .ws = w_scale, .bias = bias, .wz = NULL, .n = n, .out = out, .odt = out_dtype,
                     .failed = 0};
-    uint16_t *xb = attach_bf16(&a, xq, 1, kp, kp);
+    void *xb = attach_bf16(&a, xq, 1, kp, kp);
     const int32_t rc = run_float(&a, threads);
     free(xu);
     free(xb);
@@ -1181,7 +1222,7 @@ int32_t qk_linear_float(const void *x, int32_t x_dtype, int64_t m, int64_t k, in
     float_args a = {.x = buf, .xs = NULL, .m = m, .kp = kp, .groups = grouped ? kp / group_size : 0,
                     .gs = group_size, .w = w, .kind = w_kind, .xdt = x_dtype, .ws = w_scale, .bias = bias,
                     .wz = w_zero, .n = n, .out = out, .odt = out_dtype, .failed = 0};
-    uint16_t *xb = attach_bf16(&a, x, 0, k, k);
+    void *xb = attach_bf16(&a, x, 0, k, k);
     const int32_t rc = run_float(&a, threads);
     free(xb);
     free(buf);
