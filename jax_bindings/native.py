@@ -61,7 +61,7 @@ from qkernels.kernels import cpu
 from qkernels.kernels.cpu import build
 
 __all__ = ["NAME", "register", "supports", "run", "slower", "unavailable", "threads_for", "MAX_M_WEIGHT_ONLY",
-           "SLOWER_ABOVE_M", "THREADS_ENV"]
+           "SLOWER_ABOVE_M", "SLOWER_E4M3_WEIGHTS", "THREADS_ENV"]
 
 NAME = "xla-native"
 PRIORITY = 60  # above `xla` (50), where `supports` says it pays
@@ -76,17 +76,23 @@ SLOWER_ABOVE_M = 8
 """Above this M, the float accumulations (weight-only, fp8) are slower than lax.dot_general f32 here (module
 docstring; the quiet rerun of `python -m bench --shapes 4096x4096 --m 1,16,256`, bench/results/cpu-amd-epyc-
 2-threads-2026-12-01.md: 0.74-0.90x at M=16); the integer ones (W8A8, W4A8) are faster at every M measured.
-float8_e4m3fn weights are slower at every M (0.75-1.08x at M=1 over two runs: the e4m3 decode is
-compute-bound on one thread)."""
+float8_e4m3fn weights on small layers are slower at M=1 too (`SLOWER_E4M3_WEIGHTS`)."""
+
+SLOWER_E4M3_WEIGHTS = 1 << 19
+"""float8_e4m3fn weights up to this many (N * K) are slower than lax.dot_general f32 at M = 1 (the e4m3 decode
+costs more than XLA's f32 GEMV on a weight that stays in cache): 576x576, two threads, 0.69x (fp8; fp8a16
+1.0x); 1024x1024 1.5x / 2.0x, 4096x4096 2.1x / 2.0x (PARALLEL_MACS's measurements)."""
 
 THREADS_ENV = "QKERNELS_CPU_THREADS"
-PARALLEL_MACS = 1 << 28
-"""Up to this many multiply-adds (M * N * K: 16 x 4096 x 4096) the kernels run on the calling thread; above
-it they split N over every CPU. Inside XLA a second thread competes with XLA:CPU's own worker threads on
-this 2-core machine: jit'ed at K = N = 4096, one / two threads, M = 1: w8a8 0.29 / 3.9 ms, w8a16 1.8 / 4.0,
-fp8 1.2 / 5.2; M = 16: w8a8 1.5 / 2.0, w8a16 4.1 / 5.1; M = 256: w8a8 23 / 16, w8a16 58 / 58, fp8 63 / 61.
-(Called through ctypes, outside XLA, two threads were 2-3x faster at M = 1: a GEMV needs both cores'
-memory bandwidth; `$QKERNELS_CPU_THREADS` overrides the rule.)"""
+PARALLEL_MACS = 1 << 16
+"""Up to this many multiply-adds (M * N * K; a 256x256 GEMV) the kernels run on the calling thread; above it
+they split N over every CPU, their helpers scheduled on XLA:CPU's intra-op pool (xla_ffi.cc's OnPool), so
+they share XLA's workers instead of competing with them. Jit'ed, M = 1, N = K, one / two threads (2-core
+Intel Xeon, ms; lax.dot_general f32 beside): N = 576: fp8 0.039 / 0.035, fp8a16 0.033 / 0.030, w8a16 0.030
+/ 0.028, w8a8 0.020 / 0.020 (lax 0.022-0.027); N = 1024: fp8a16 0.087 / 0.065, w8a8 0.045 / 0.032; N = 4096:
+fp8 1.19 / 0.69, fp8a16 1.18 / 0.71, w8a16 1.08 / 0.66, w8a8 0.74 / 0.75 (lax 1.4-1.7). (Before, with
+threads of the library's own started per call, a second thread measured 2-4x slower at M = 1.)
+`$QKERNELS_CPU_THREADS` overrides the rule."""
 
 
 @functools.cache
@@ -155,9 +161,10 @@ def slower(problem: dispatch.Problem) -> str | None:
     is faster; pure and cheap."""
     if problem.recipe.accumulation.integer or 0 in (problem.n, problem.k):
         return None
-    if problem.recipe.rhs.qtype.name == "float8_e4m3fn":
-        return ("slower than lax.dot_general f32 on CPU (float8 weights: 0.75-1.08x at M=1, 4096x4096, "
-                "jax_bindings/native.SLOWER_ABOVE_M); W8A8 or W4A8 is faster here")
+    if problem.recipe.rhs.qtype.name == "float8_e4m3fn" and problem.n * problem.k <= SLOWER_E4M3_WEIGHTS:
+        return (f"slower than lax.dot_general f32 on CPU for float8 weights of {problem.n}x{problem.k} <= "
+                f"{SLOWER_E4M3_WEIGHTS} (0.69x at 576x576, M=1: jax_bindings/native.SLOWER_E4M3_WEIGHTS); W8A8 or "
+                f"W4A8 is faster here")
     if problem.m <= SLOWER_ABOVE_M:
         return None
     return (f"slower than lax.dot_general f32 on CPU above M={SLOWER_ABOVE_M} rows (measured at 4096x4096: "

@@ -38,12 +38,15 @@ def _portable() -> object:
     return cpu.load(_portable_path())
 
 
-LIBS = ["native"] + (["portable"] if platform.machine() in ("x86_64", "AMD64") else [])
+LIBS = ["native", "openmp"] + (["portable"] if platform.machine() in ("x86_64", "AMD64") else [])
 
 
 @pytest.fixture(params=LIBS)
 def lib(request):
-    return cpu.library() if request.param == "native" else _portable()
+    """The default build (its own thread pool), the OpenMP build the torch binding loads, the portable C."""
+    if request.param == "native":
+        return cpu.library()
+    return cpu.library(openmp=True) if request.param == "openmp" else _portable()
 
 
 def _ptr(a):
@@ -246,7 +249,8 @@ def test_forked_child_starts_with_an_empty_pool(lib):
     want, _ = native_matmul(lib, x, rhs, formats.W8A8, bias, threads=3)  # the parent's pool has threads now
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    path = cpu.library_path() if lib is cpu.library() else _portable_path()
+    path = next(p for p, built in ((cpu.library_path(), cpu.library()), (cpu.library_path(openmp=True), cpu.library(openmp=True)),
+                                   (_portable_path(), _portable())) if built is lib)
     child = ctx.Process(target=_child_call, args=(path, queue))
     child.start()
     got = queue.get(timeout=120)

@@ -100,7 +100,7 @@ def test_without_a_compiler_the_torch_paths_serve(monkeypatch: pytest.MonkeyPatc
     """The build's reason is what `supports` returns (explain shows it); the call runs elsewhere, same numbers."""
     w_q = qk.quantize(torch.randn(16, 32), qk.W8A8)
     x = torch.randn(2, 32)
-    monkeypatch.setattr(native.native, "unavailable", lambda: "native CPU kernels unavailable: no C compiler found")
+    monkeypatch.setattr(native.native, "unavailable", lambda openmp=False: "native CPU kernels unavailable: no C compiler found")
     dispatch.invalidate()
     try:
         choice = qk.explain(x, w_q)

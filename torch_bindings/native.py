@@ -38,10 +38,15 @@ these kernels; a side-by-side script, min over 5 x 10 calls per row; M = 1 / 16 
 | FP8A16, bf16 act.  | 2.8x  | 2.8x  | 1.8x | 1.6x  | torch-cpu: 0.04x                            |
 
 So: every recipe at every M served is faster than the unquantized f32 matmul (no `slower` rule), and
-faster than the other torch path except W8A8 at M=1 (oneDNN's int8 GEMV, 0.27 against 0.32 ms), which
-these kernels serve on small layers only (`W8A8_MAX_WEIGHTS`: there the lower host overhead of one
-library call decides; end to end, decode of a real LM, `torch._int_mm` wins on larger ones). W8A8 and
-W4A8 above M=64 go back to `torch._int_mm` (equal at M=256; larger M not compared).
+faster than the other torch path except W8A8 at M=1 (oneDNN's int8 GEMV, 0.27 against 0.32 ms on that
+4096x4096 GEMV). End to end the one library call wins for W8A8 too (greedy decode of SmolLM2-135M, 2
+threads, 2-core Intel Xeon: 1.36x the fp32 model's tokens/s here against 1.02x when its layers above
+512x512 ran `torch._int_mm`; `PARALLEL_MACS`), so every W8A8 layer up to M=64 runs here. W8A8 and W4A8
+above M=64 go back to `torch._int_mm` (equal at M=256; larger M not compared).
+
+Host work per call: a module's forward runs the prepared library call (`_prepare`, ops.Runner: one ctypes
+call with a fixed `qk_linear_call`), 64x64 at M=1: 5.6-7.1 us above `nn.Linear` in f32 (`python -m bench
+overhead`, Intel Xeon, one core).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ from qkernels.kernels import cpu as native
 from torch_bindings import cpu, packed
 from torch_bindings.arrays import DTYPES
 
-__all__ = ["register", "supports", "Plan", "MAX_M", "MAX_M_FLOAT", "W8A8_MAX_WEIGHTS", "PARALLEL_MACS"]
+__all__ = ["register", "supports", "Plan", "MAX_M", "MAX_M_FLOAT", "PARALLEL_MACS"]
 
 MAX_M = 64
 """Largest M (rows of activations) served for the integer recipes (W8A8, W4A8): from there on oneDNN's int8
@@ -69,21 +74,16 @@ MAX_M_FLOAT = 256
 other torch paths for them dequantize the whole weight per call (or upcast fp8 codes), slower at every M
 measured up to here (the module docstring); larger M was not compared and goes to those paths."""
 
-PARALLEL_MACS = 1 << 22
-"""Up to this many multiply-adds per call (M * N * K; a 2048x2048 GEMV) the kernels run on the calling thread:
-starting and joining a thread costs tens of microseconds, more than such a call computes (greedy decode of
-SmolLM2-135M, 576-1536 wide layers, W8A8: a second thread per call measured 0.76x the fp32 model's tokens/s,
-one thread 1.04x).
-Above it they split N over `torch.get_num_threads()` threads (a 4096x4096 GEMV needs both cores' bandwidth)."""
-
-W8A8_MAX_WEIGHTS = 1 << 18
-"""W8A8 is served up to this many weights (N * K; 512x512): there the one library call's lower host overhead
-decides (64x64: 12.6 us above `F.linear` against 42 us for 'torch-cpu-w8a8', `python -m bench overhead`).
-Larger layers go to `torch._int_mm`, whose oneDNN kernel on torch's thread pool reads a weight that is
-not in cache faster than these kernels on one thread: greedy decode of SmolLM2-135M (576-1536 wide
-layers, weights read cold every token), 2 threads, 1.44x the fp32 model's tokens/s on torch._int_mm
-against 1.04x here (`PARALLEL_MACS`: no second thread at those sizes), although hot-cache side-by-side
-calls favour these kernels (576x576: 17 against 48 us)."""
+PARALLEL_MACS = 1 << 16
+"""Up to this many multiply-adds per call (M * N * K; a 256x256 GEMV) the kernels run on the calling thread;
+above it they split N over `torch.get_num_threads()` threads. The library is the OpenMP build
+(`qkernels.kernels.cpu.OPENMP_FLAGS`), whose threads are torch's own intra-op threads, awake from torch's
+last op: no thread to start, none competing with torch's. Greedy decode of SmolLM2-135M (576-1536 wide
+layers, weights read cold every token), 2 threads, this repo's 2-core Intel Xeon, tokens/s against the
+fp32 model's at this threshold / 2**18 / 2**22 (`bench/decode.py`'s model, one run each, same session):
+W8A8 1.36x / 1.29x / 1.20x, FP8 1.06x / 1.04x / 0.83x, W8A16 f32 1.09x / 1.07x / 0.94x, FP8A16 f32 1.12x /
+1.04x / 0.88x. (The library's own thread pool, at the same thresholds, measured 1.13-1.24x for W8A8 and
+0.80-0.96x for the others: its threads competed with torch's for the two cores.)"""
 
 _TAGS = ("w8a8", "w4a8", "w8a16", "w4a16", "fp8", "fp8a16")
 
@@ -114,13 +114,10 @@ def supports(problem: Problem) -> str | None:
     if problem.m > limit:
         return (f"M={problem.m} > {limit}: the BLAS-backed CPU paths serve taller calls "
                 f"(torch_bindings.native.{'MAX_M' if limit == MAX_M else 'MAX_M_FLOAT'})")
-    if problem.recipe.tag == "w8a8" and problem.n * problem.k > W8A8_MAX_WEIGHTS:
-        return (f"W8A8 with {problem.n}x{problem.k} weights > {W8A8_MAX_WEIGHTS}: torch._int_mm ('torch-cpu-w8a8', "
-                f"oneDNN on torch's threads) reads a weight out of cache faster (torch_bindings.native.W8A8_MAX_WEIGHTS)")
     if problem.recipe.lhs is None and packed.SERVES.reason(problem.recipe) is None and packed.supports(problem) is None:
         return ("torch-cpu-packed serves this bfloat16 call with torch's packed int8 / int4 kernels, as fast or faster "
                 "than these (measured: torch_bindings.native's docstring)")
-    return native.unavailable()
+    return native.unavailable(openmp=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +164,7 @@ def _run(call: Bound, lhs: torch.Tensor | QOperand, rhs: QOperand, bias: torch.T
     if p.m == 0 or p.n == 0 or p.k == 0:  # nothing to multiply: the definition's path (zeros, bias), same numbers
         return cpu._run(call, lhs, rhs, bias)
     plan: Plan = call.config.config
-    lib = native.library()
+    lib = native.library(openmp=True)
     lead = None
     codes = lhs.qvalue if isinstance(lhs, QOperand) else lhs
     if codes.dim() != 2:
@@ -229,7 +226,7 @@ def _prepare(call: Bound, rhs: QOperand, bias: torch.Tensor | None):
         x_dtype=plan.x_dtype, w_kind=plan.kind, out_dtype=plan.out_dtype, k=p.k, kp=plan.kp, n=p.n,
         group_size=plan.group, w=w.data_ptr(), w_scale=scale.data_ptr(),
         w_zero=None if zero is None else zero.data_ptr(), bias=bias.data_ptr() if bias is not None and f32_bias else None)
-    fn, address, n, k = native.library().qk_run_linear, ctypes.addressof(fixed), p.n, p.k
+    fn, address, n, k = native.library(openmp=True).qk_run_linear, ctypes.addressof(fixed), p.n, p.k
     out_dtype, parallel, empty, threads_now = plan.out_torch, plan.parallel, torch.empty, torch.get_num_threads
 
     def run(x: torch.Tensor) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ import pathlib
 from qkernels.kernels.cpu.build import BuildError, shared_library
 
 __all__ = ["HERE", "HEADER", "SOURCE", "DTYPES", "KINDS", "ABI_VERSION", "library", "load", "library_path", "unavailable",
-           "BuildError", "check", "LinearCall", "CALL_LINEAR_FLOAT", "CALL_LINEAR_QUANTIZED"]
+           "BuildError", "check", "LinearCall", "CALL_LINEAR_FLOAT", "CALL_LINEAR_QUANTIZED", "OPENMP_FLAGS"]
 
 HERE = pathlib.Path(__file__).parent
 HEADER = HERE / "qk_cpu.h"
@@ -63,16 +63,23 @@ class LinearCall(ctypes.Structure):
                 ("bias", _p)]
 
 
-@functools.cache
-def library_path() -> pathlib.Path:
-    """The built library (compiled on the first call in a fresh cache); raises `BuildError`."""
-    return shared_library("qk_cpu", [SOURCE])
+OPENMP_FLAGS = ("-fopenmp", "-DQK_OPENMP")
+"""The build whose parallel calls run on the process's OpenMP team (qk_cpu.c, parallel_n): the torch binding's.
+Loaded after torch, it binds to the libgomp torch loaded (the same soname), so its threads are torch's
+intra-op threads: no second team competes with torch's for the cores."""
 
 
 @functools.cache
-def library() -> ctypes.CDLL:
+def library_path(openmp: bool = False) -> pathlib.Path:
+    """The built library (compiled on the first call in a fresh cache); raises `BuildError`. `openmp`: the
+    `OPENMP_FLAGS` build."""
+    return shared_library("qk_cpu_omp" if openmp else "qk_cpu", [SOURCE], extra_flags=OPENMP_FLAGS if openmp else ())
+
+
+@functools.cache
+def library(openmp: bool = False) -> ctypes.CDLL:
     """The loaded library with every entry point's argtypes and restype set; raises `BuildError`."""
-    return load(library_path())
+    return load(library_path(openmp))
 
 
 def load(path: pathlib.Path) -> ctypes.CDLL:
@@ -91,10 +98,11 @@ def load(path: pathlib.Path) -> ctypes.CDLL:
 
 
 @functools.cache
-def unavailable() -> str | None:
-    """None where the native library builds and loads, else why not (for `supports` and explain)."""
+def unavailable(openmp: bool = False) -> str | None:
+    """None where the native library (`openmp`: that build) builds and loads, else why not (for `supports`
+    and explain)."""
     try:
-        library()
+        library(openmp)
     except BuildError as e:
         return f"native CPU kernels unavailable: {e}"
     return None

@@ -151,7 +151,10 @@ static int valid_group(int64_t g) { return g == 32 || g == 64 || g == 128 || g =
  * a helper that starts after the call has returned finds the counter exhausted and leaves.
  *
  * Helpers run on the calling thread's scheduler (`qk_set_thread_scheduler`: the XLA handlers schedule on
- * XLA:CPU's intra-op pool, which is then not oversubscribed), else on the library's own pool: threads made
+ * XLA:CPU's intra-op pool, which is then not oversubscribed); else, built with -fopenmp -DQK_OPENMP (the torch
+ * binding's build), on the process's OpenMP team: loaded after torch, the library binds to the libgomp torch
+ * loaded (the same soname), so its threads are torch's intra-op threads, already awake after torch's last
+ * op; else on the library's own pool: threads made
  * on first need and kept, each spinning QK_SPIN_NS after its last task (a decode step's next matmul comes
  * within microseconds; waking a sleeping thread costs ~5-20 us), yielding the core to any other runnable
  * thread while it spins (torch's or XLA's own workers on a small machine), then sleeping on a condition
@@ -219,7 +222,12 @@ static struct {
 
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 
+/* libgomp does not survive a fork after its team ran (the child's next parallel region waits for threads
+ * that were not copied): a child of such a process uses the pool instead, which starts empty there */
+static int omp_used, omp_forked;
+
 static void pool_after_fork_child(void) {
+    omp_forked = omp_used;
     pthread_mutex_init(&pool.mu, NULL);
     pthread_cond_init(&pool.cv, NULL);
     pool.head = pool.tail = pool.pending = 0;
@@ -303,7 +311,16 @@ static void parallel_n(const qk_task *t, int64_t n, int32_t threads) {
     int64_t chunk = n / (8 * nt);  /* ~8 chunks per thread, whole 4-column blocks, at least QK_MIN_N_PER_THREAD / 2 */
     chunk = chunk < QK_MIN_N_PER_THREAD / 2 ? QK_MIN_N_PER_THREAD / 2 : chunk / 4 * 4;
     *job = (qk_job){*t, n, chunk, (n + chunk - 1) / chunk, 0, 0, nt};
-    for (int64_t i = 1; i < nt; i++) {
+#ifdef QK_OPENMP
+    pthread_once(&pool_once, pool_init);
+    if (!thread_schedule && !omp_forked) {  /* the process's OpenMP team (torch's own, where torch loaded it) */
+        job->refs = 1;
+        omp_used = 1;
+#pragma omp parallel num_threads((int)nt)
+        job_chunks(job);
+    }
+#endif
+    for (int64_t i = 1; i < nt && job->refs > 1; i++) {
         if (thread_schedule) thread_schedule(thread_schedule_ctx, job_helper, job);
         else pool_schedule((int)nt - 1, job_helper, job);
     }
