@@ -26,9 +26,9 @@ def _reference(x: torch.Tensor, w_q, bias: torch.Tensor | None) -> torch.Tensor:
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.name)
 def test_decode_calls_run_native_with_the_reference_numbers(recipe) -> None:
-    """M <= MAX_M picks the native kernels in every float dtype (but bfloat16 weight-only calls torch's packed
-    kernels take: those are faster); 3-D, non-contiguous input and a bias in the activations' dtype; integer
-    recipes bit-exact, the others within the conformance tolerance."""
+    """M <= MAX_M picks the native kernels in every float dtype (but bfloat16 weight-only calls of more than
+    PACKED_ABOVE_M rows that torch's packed kernels take); 3-D, non-contiguous input and a bias in the
+    activations' dtype; integer recipes bit-exact, the others within the conformance tolerance."""
     w_q = qk.quantize(torch.randn(40, 96), recipe)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(2, 96, 3, dtype=dtype).transpose(1, 2)  # (2, 3, 96), not contiguous
@@ -46,12 +46,13 @@ def test_decode_calls_run_native_with_the_reference_numbers(recipe) -> None:
             torch.testing.assert_close(y.float(), want.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_bf16_weight_only_calls_torchs_packed_kernels_take_stay_there() -> None:
+def test_bf16_weight_only_calls_above_the_gemv_rows_go_to_torchs_packed_kernels() -> None:
     w_q = qk.quantize(torch.randn(64, 128), qk.W4A16(32))
-    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    x = torch.randn(native.PACKED_ABOVE_M + 1, 128, dtype=torch.bfloat16)
     choice = qk.explain(x, w_q)
     assert choice.chosen.name == "torch-cpu-packed"
     assert "faster" in {v.implementation.name: v.reason for v in choice.verdicts}["torch-cpu-native"]
+    assert qk.explain(x[:native.PACKED_ABOVE_M], w_q).chosen.name == "torch-cpu-native"  # decode: measured faster
     assert qk.explain(x.half(), w_q).chosen.name == "torch-cpu-native"  # fp16: the packed kernels take bf16 only
 
 

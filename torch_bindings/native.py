@@ -18,8 +18,9 @@ row (integer and fp8 recipes) are refused with the format's own error (the gener
 Served: CPU, 2-D weights, activations and outputs float32 / bfloat16 / float16, the shipped weight
 formats (int8 per channel, int4 / uint4 + zero point per group, e4m3 per channel) with per-token (or
 static) int8 / e4m3 activations or none, M up to `MAX_M` (integer recipes) / `MAX_M_FLOAT` (the others),
-and not the bfloat16 weight-only calls 'torch-cpu-packed' serves (torch's packed int8 / int4 kernels are
-as fast or faster there: 0.23-0.27 ms against 0.24-0.27 ms at M=1 below). Not where the library cannot
+and not the bfloat16 weight-only calls 'torch-cpu-packed' serves above `PACKED_ABOVE_M` rows (torch's packed
+int8 / int4 kernels are as fast or faster there: 0.23-0.27 ms against 0.24-0.27 ms at M=1 below, on a hot
+4096x4096 weight; end to end in decode these kernels are faster: `PACKED_ABOVE_M`). Not where the library cannot
 be built (no C compiler): `supports` then returns the build's reason and the torch paths serve.
 
 Measured (this repo's 2-core AMD EPYC, 2 threads, quiet; 4096x4096 weight, float32 activations unless
@@ -63,7 +64,7 @@ from qkernels.kernels import cpu as native
 from torch_bindings import cpu, packed
 from torch_bindings.arrays import DTYPES
 
-__all__ = ["register", "supports", "Plan", "MAX_M", "MAX_M_FLOAT", "PARALLEL_MACS"]
+__all__ = ["register", "supports", "Plan", "MAX_M", "MAX_M_FLOAT", "PARALLEL_MACS", "PACKED_ABOVE_M"]
 
 MAX_M = 64
 """Largest M (rows of activations) served for the integer recipes (W8A8, W4A8): from there on oneDNN's int8
@@ -84,6 +85,13 @@ fp32 model's at this threshold / 2**18 / 2**22 (`bench/decode.py`'s model, one r
 W8A8 1.36x / 1.29x / 1.20x, FP8 1.06x / 1.04x / 0.83x, W8A16 f32 1.09x / 1.07x / 0.94x, FP8A16 f32 1.12x /
 1.04x / 0.88x. (The library's own thread pool, at the same thresholds, measured 1.13-1.24x for W8A8 and
 0.80-0.96x for the others: its threads competed with torch's for the two cores.)"""
+
+PACKED_ABOVE_M = 4
+"""bfloat16 weight-only calls (W8A16, W4A16) of more rows than this go to 'torch-cpu-packed' (torch's packed
+int8 / int4 GEMMs: as fast or faster from 4096x4096 GEMVs up, the module docstring); up to it (the GEMV
+kernels' rows, decode) they run here: greedy decode of SmolLM2-135M in bfloat16, 2 threads, 2-core Intel
+Xeon, against the fp32 model's tokens/s: W8A16 1.07x here against 0.85x on torch-cpu-packed, W4A16 g128
+1.09x against 0.89x (the bfloat16 float model: 0.81x)."""
 
 _TAGS = ("w8a8", "w4a8", "w8a16", "w4a16", "fp8", "fp8a16")
 
@@ -114,9 +122,10 @@ def supports(problem: Problem) -> str | None:
     if problem.m > limit:
         return (f"M={problem.m} > {limit}: the BLAS-backed CPU paths serve taller calls "
                 f"(torch_bindings.native.{'MAX_M' if limit == MAX_M else 'MAX_M_FLOAT'})")
-    if problem.recipe.lhs is None and packed.SERVES.reason(problem.recipe) is None and packed.supports(problem) is None:
-        return ("torch-cpu-packed serves this bfloat16 call with torch's packed int8 / int4 kernels, as fast or faster "
-                "than these (measured: torch_bindings.native's docstring)")
+    if (problem.m > PACKED_ABOVE_M and problem.recipe.lhs is None and packed.SERVES.reason(problem.recipe) is None
+            and packed.supports(problem) is None):
+        return (f"M={problem.m} > {PACKED_ABOVE_M}: torch-cpu-packed serves this bfloat16 call with torch's packed int8 / "
+                f"int4 kernels, as fast or faster than these (measured: torch_bindings.native.PACKED_ABOVE_M)")
     return native.unavailable(openmp=True)
 
 
