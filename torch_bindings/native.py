@@ -64,7 +64,8 @@ from qkernels.kernels import cpu as native
 from torch_bindings import cpu, packed
 from torch_bindings.arrays import DTYPES
 
-__all__ = ["register", "supports", "Plan", "MAX_M", "MAX_M_FLOAT", "PARALLEL_MACS", "PACKED_ABOVE_M"]
+__all__ = ["register", "supports", "Plan", "MAX_M", "MAX_M_FLOAT", "PARALLEL_MACS", "PACKED_ABOVE_M",
+           "PACKED_ABOVE_WEIGHTS"]
 
 MAX_M = 64
 """Largest M (rows of activations) served for the integer recipes (W8A8, W4A8): from there on oneDNN's int8
@@ -91,7 +92,12 @@ PACKED_ABOVE_M = 4
 int8 / int4 GEMMs: as fast or faster from 4096x4096 GEMVs up, the module docstring); up to it (the GEMV
 kernels' rows, decode) they run here: greedy decode of SmolLM2-135M in bfloat16, 2 threads, 2-core Intel
 Xeon, against the fp32 model's tokens/s: W8A16 1.07x here against 0.85x on torch-cpu-packed, W4A16 g128
-1.09x against 0.89x (the bfloat16 float model: 0.81x)."""
+1.09x against 0.89x (the bfloat16 float model: 0.81x). Also to torch-cpu-packed: weights of more than
+`PACKED_ABOVE_WEIGHTS` elements, where its kernels are faster: one GEMV, two threads, against F.linear f32,
+here / torch-cpu-packed: 4096x4096 W8A16 1.50x / 1.85x, W4A16 g128 1.94x / 2.08x; 2048x2048 W8A16 1.65x /
+1.46x, W4A16 1.77x / 1.67x."""
+
+PACKED_ABOVE_WEIGHTS = 1 << 23
 
 _TAGS = ("w8a8", "w4a8", "w8a16", "w4a16", "fp8", "fp8a16")
 
@@ -122,10 +128,10 @@ def supports(problem: Problem) -> str | None:
     if problem.m > limit:
         return (f"M={problem.m} > {limit}: the BLAS-backed CPU paths serve taller calls "
                 f"(torch_bindings.native.{'MAX_M' if limit == MAX_M else 'MAX_M_FLOAT'})")
-    if (problem.m > PACKED_ABOVE_M and problem.recipe.lhs is None and packed.SERVES.reason(problem.recipe) is None
-            and packed.supports(problem) is None):
-        return (f"M={problem.m} > {PACKED_ABOVE_M}: torch-cpu-packed serves this bfloat16 call with torch's packed int8 / "
-                f"int4 kernels, as fast or faster than these (measured: torch_bindings.native.PACKED_ABOVE_M)")
+    if ((problem.m > PACKED_ABOVE_M or problem.n * problem.k > PACKED_ABOVE_WEIGHTS) and problem.recipe.lhs is None
+            and packed.SERVES.reason(problem.recipe) is None and packed.supports(problem) is None):
+        return (f"M={problem.m}, {problem.n}x{problem.k}: torch-cpu-packed serves this bfloat16 call with torch's packed "
+                f"int8 / int4 kernels, as fast or faster than these (measured: torch_bindings.native.PACKED_ABOVE_M)")
     return native.unavailable(openmp=True)
 
 
