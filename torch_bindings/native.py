@@ -38,8 +38,8 @@ these kernels; a side-by-side script, min over 5 x 10 calls per row; M = 1 / 16 
 | FP8A16             | 5.8x  | 3.1x  | 1.7x | 1.7x  | torch-cpu: 0.04x-0.5x                       |
 | FP8A16, bf16 act.  | 2.8x  | 2.8x  | 1.8x | 1.6x  | torch-cpu: 0.04x                            |
 
-So: every recipe at every M served is faster than the unquantized f32 matmul (no `slower` rule), and
-faster than the other torch path except W8A8 at M=1 (oneDNN's int8 GEMV, 0.27 against 0.32 ms on that
+So there every recipe at every M served was faster than the unquantized f32 matmul, and faster than the
+other torch path except W8A8 at M=1 (oneDNN's int8 GEMV, 0.27 against 0.32 ms on that
 4096x4096 GEMV). End to end the one library call wins for W8A8 too (greedy decode of SmolLM2-135M, 2
 threads, 2-core Intel Xeon: 1.36x the fp32 model's tokens/s here against 1.02x when its layers above
 512x512 ran `torch._int_mm`; `PARALLEL_MACS`), so every W8A8 layer up to M=64 runs here. W8A8 and W4A8
@@ -65,7 +65,7 @@ from torch_bindings import cpu, packed
 from torch_bindings.arrays import DTYPES
 
 __all__ = ["register", "supports", "Plan", "MAX_M", "MAX_M_FLOAT", "PARALLEL_MACS", "PACKED_ABOVE_M",
-           "PACKED_ABOVE_WEIGHTS"]
+           "PACKED_ABOVE_WEIGHTS", "SLOWER_ABOVE_M", "slower"]
 
 MAX_M = 64
 """Largest M (rows of activations) served for the integer recipes (W8A8, W4A8): from there on oneDNN's int8
@@ -98,6 +98,24 @@ here / torch-cpu-packed: 4096x4096 W8A16 1.50x / 1.85x, W4A16 g128 1.94x / 2.08x
 1.46x, W4A16 1.77x / 1.67x."""
 
 PACKED_ABOVE_WEIGHTS = 1 << 23
+
+SLOWER_ABOVE_M = 8
+"""Above this M the float accumulations (weight-only, FP8) are known slower than F.linear f32 on some CPUs:
+`python -m bench --shapes 4096x4096 --m 1,16,256` on this repo's 2-core Intel Xeon (AMX; its f32 GEMM is
+~1.5x the AMD EPYC's of the table above), bench/results/cpu-intel-r-xeon-r-processor-2-threads-2026-12-01.md:
+M = 1: 2.4-2.8x; M = 16: 0.96x (FP8A16 with bf16 activations) to 1.44x; M = 256: 0.48-0.58x. `slower` says
+so above it, naming W8A8 (3.5x at M = 16, 4.5x at M = 256 in the same run); the integer recipes are faster
+at every M measured."""
+
+
+def slower(problem: Problem) -> str | None:
+    """`Implementation.slower`: where this implementation is known slower than F.linear f32 (`SLOWER_ABOVE_M`)."""
+    if problem.recipe.accumulation.integer or problem.m <= SLOWER_ABOVE_M or 0 in (problem.n, problem.k):
+        return None
+    return (f"slower than F.linear f32 on some CPUs above M={SLOWER_ABOVE_M} rows for float accumulations "
+            f"(4096x4096, 2-core Intel Xeon: 0.96-1.44x at M=16, 0.48-0.58x at M=256; "
+            f"torch_bindings.native.SLOWER_ABOVE_M); W8A8 is faster there (3.5-4.5x)")
+
 
 _TAGS = ("w8a8", "w4a8", "w8a16", "w4a16", "fp8", "fp8a16")
 
@@ -263,7 +281,7 @@ def _note(problem: Problem) -> str:
 def register() -> None:
     dispatch.register(dispatch.Implementation(
         name="torch-cpu-native", framework="torch", priority=70, supports=supports, run=_run, configure=_configure,
-        prepare=_prepare,
+        prepare=_prepare, slower=slower,
         serves=dispatch.Serves.tags(*_TAGS), accumulate=cpu._accumulate, note=_note,
         description=f"native C kernels on CPU (qkernels/kernels/cpu), M <= {MAX_M} (integer) / {MAX_M_FLOAT}: one call"))
 
