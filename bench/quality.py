@@ -1,9 +1,11 @@
 """python -m bench.quality: what each recipe x method keeps of real models (CPU), beside torchao.
 
     python -m bench.quality [--models embedding,lm] [--recipes ...] [--lm-recipes ...]
-                            [--methods rtn,mse,smoothquant,mse-refit,hqq,awq,gptq,gptq-mse] [--full]
+                            [--methods rtn,mse,mse-wide,smoothquant,mse-refit,hqq,awq,gptq,gptq-mse,
+                                       gptq-ao,gptq-ao-mse] [--full]
                             [--sentences 192]
                             [--save] [--json FILE] [--markdown FILE] [--plot FILE.png] [--checkpoint FILE]
+                            [--threads N]
     python -m bench.quality --render a.json,b.json --save   # one report from runs made separately
     python -m bench.quality --int4-range       # what symmetric int4's unused -8 costs (weights only)
 
@@ -29,7 +31,7 @@ downloaded at run time):
   first 3264 tokens of calibration.txt alone measured +10.8%, on all 5056 +15.0%, so differences of a
   few percent between methods here are within what the calibration draw moves.
 
-The slower methods (mse-refit, hqq, gptq, gptq-mse, awq) run on the recipes of `--search-recipes` /
+The slower methods (mse-refit, hqq, gptq, gptq-mse, gptq-ao, gptq-ao-mse, awq) run on the recipes of `--search-recipes` /
 `--lm-search-recipes` only (`--full`: on every recipe), which keeps the whole report near 10 min of
 two CPU cores. `--save` writes bench/results/quality-<device>-<date>.*.
 """
@@ -64,8 +66,8 @@ LM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LM_TEXT = Path(__file__).parent / "data" / "perplexity.txt"
 LM_CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 LM_PYDOC, LM_SEQUENCE = 2048, 512  # tokens; with the prose, 7104 rows: well beyond the largest K (1536)
-SLOW = ("mse-refit", "hqq", "gptq", "gptq-mse", "awq")
-CALIBRATED = ("gptq", "gptq-mse", "awq", "smoothquant")
+SLOW = ("mse-refit", "hqq", "gptq", "gptq-mse", "gptq-ao", "gptq-ao-mse", "awq")
+CALIBRATED = ("gptq", "gptq-mse", "gptq-ao", "gptq-ao-mse", "awq", "smoothquant")
 
 _CAL = (["The old sailor", "A careful doctor", "Our neighbour", "The orchestra", "A tired student", "The mayor",
          "A curious child", "The night shift", "An elderly farmer", "The research group", "A famous chef", "The jury"],
@@ -340,12 +342,12 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-DATA_FREE = ("rtn", "mse", "mse-refit", "hqq")
+DATA_FREE = ("rtn", "mse", "mse-wide", "mse-refit", "hqq")
 _GOALS = [  # issue 17's goals: (model, recipes, methods, metric, bound, what)
     (MODEL, ("w4a16-g128", "w4a16-g128-zp"), DATA_FREE, "mean_cosine", 0.98,
      "W4A16 g128 data-free: mean cosine >= 0.98"),
     (LM, ("w4a16-g128", "w4a16-g128-zp"), DATA_FREE, "vs_fp32", 0.25, "W4A16 g128 data-free: perplexity within 25%"),
-    (LM, ("w4a16-g128", "w4a16-g128-zp"), ("gptq", "gptq-mse", "awq"), "vs_fp32", 0.10,
+    (LM, ("w4a16-g128", "w4a16-g128-zp"), ("gptq", "gptq-mse", "gptq-ao", "gptq-ao-mse", "awq"), "vs_fp32", 0.10,
      "W4A16 g128 GPTQ / AWQ: within 10%"),
     (LM, ("w8a8",), ("rtn", "smoothquant"), "vs_fp32", 0.05, "W8A8: perplexity within 5%"),
 ]
@@ -423,9 +425,10 @@ def main(argv: list[str] | None = None) -> None:
     # cheap rows first, so that a run cut short (--checkpoint) still holds every recipe's round to nearest
     p.add_argument("--recipes", default="w8a16,w8a8,w4a8-g128,w4a16-g32,w4a16-g128,w4a16-g128-zp")
     p.add_argument("--lm-recipes", default="w8a16,w8a8,w4a8-g128,w4a16-g128,w4a16-g128-zp")
-    p.add_argument("--methods", default="rtn,mse,smoothquant,mse-refit,hqq,awq,gptq,gptq-mse")
+    p.add_argument("--methods", default="rtn,mse,mse-wide,smoothquant,mse-refit,hqq,awq,gptq,gptq-mse,gptq-ao,"
+                                        "gptq-ao-mse")
     p.add_argument("--search-recipes", default="w4a16-g128,w4a16-g128-zp",
-                   help="embedding recipes the slow methods (mse-refit, hqq, gptq, gptq-mse, awq) run on")
+                   help="embedding recipes the slow methods (mse-refit, hqq, gptq*, awq) run on")
     p.add_argument("--lm-search-recipes", default="w4a16-g128-zp", help="the same for the LM")
     p.add_argument("--full", action="store_true", help="the slow methods on every recipe (about an hour)")
     p.add_argument("--sentences", type=int, default=192)
@@ -436,7 +439,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", help="rewrite this JSON after every row (a long run keeps what it measured)")
     p.add_argument("--render", help="JSON files of earlier runs (comma-separated): write their merged report")
     p.add_argument("--int4-range", action="store_true", help="only the cost of symmetric int4's unused -8 (NumPy)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's; OMP_NUM_THREADS also counts)")
     a = p.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     if a.int4_range:
         print(int4_range())
         return
