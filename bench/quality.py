@@ -294,7 +294,8 @@ def run(suites: list[tuple[Callable[[], Suite], list[str], set[str]]], methods: 
 def merged(paths: list[str]) -> dict[str, Any]:
     """Results written by separate runs as one report: sections in order, the rows of one model's runs
     in one section (the runs must share the model's evaluation: its description and fp32 baseline); a
-    row of a later run replaces an earlier one of the same recipe, library and method."""
+    row of a later run replaces an earlier one of the same recipe, library and method, and a new one
+    goes after the rows of its recipe and library (`_after`)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     out = dict(parts[0], sections=[], total_s=round(sum(part["total_s"] for part in parts), 1))
     by_model: dict[str, dict[str, Any]] = {}
@@ -308,8 +309,19 @@ def merged(paths: list[str]) -> dict[str, Any]:
         else:
             new = {(r["recipe"], r["library"], r["method"]): r for r in sec["rows"]}
             prev["rows"] = [new.pop((r["recipe"], r["library"], r["method"]), r) for r in prev["rows"]]
-            prev["rows"] += list(new.values())
+            for r in new.values():
+                prev["rows"].insert(_after(prev["rows"], r), r)
     return out
+
+
+def _after(rows: list[dict[str, Any]], row: dict[str, Any]) -> int:
+    """Where a new row goes: after the last row of its recipe and library, else of its recipe, else at the end."""
+    for same in (lambda r: (r["recipe"], r["library"]) == (row["recipe"], row["library"]),
+                 lambda r: r["recipe"] == row["recipe"]):
+        at = [i for i, r in enumerate(rows) if same(r)]
+        if at:
+            return at[-1] + 1
+    return len(rows)
 
 
 _METRICS = {"mean_cosine": ("mean cosine", "{:.4f}"), "min_cosine": ("min cosine", "{:.4f}"),

@@ -14,9 +14,29 @@ the scale `alpha * amax / qmax` (the clipped maximum is an element of the block)
 for the clipped values, so the stored form, the kernels and every backend are unchanged: only the
 choice of scale differs. Asymmetric (zero-point) formats shrink min and max by the same factor.
 
-`refit` then alternates, per block, between the codes and a closed-form scale (and the best integer
-zero point near the current one): method "mse-refit" (least squares, from the clip search) and
-"hqq" (HQQ's sparse-error objective, from round to nearest).
+`widen_search` (method "mse-wide") searches the other way: the range widened by 1 to 1.2, nothing
+clipped, the MSE-best factor per block (with an integer zero point, round to nearest can land the
+block's min or max up to half a step off its level; widening moves the levels). `refit` then
+alternates, per block, between the codes and a closed-form scale (and the best integer zero point
+near the current one): method "mse-refit" (least squares, from the clip search) and "hqq" (HQQ's
+sparse-error objective, from round to nearest).
+
+Measured on SmolLM2-135M, W4A16 g128 with a zero point (perplexity of bench/data/perplexity.txt,
+420 tokens, over the fp32 model's 23.86; weights replaced by their dequantized values, one
+objective per row; bench/results/quality-cpu-2026-12-01.md has the served rows): lowering the
+weights' error by clipping raises the perplexity, widening lowers it.
+
+| data-free choice of each group's range                       | perplexity |
+|--------------------------------------------------------------|------------|
+| round to nearest (full range)                                | 31.14      |
+| MSE clip, shrink in [0.5, 1] ("mse")                         | 35.58      |
+| MSE clip, shrink in [0.85, 1]                                | 34.87      |
+| clip minimizing sum |e|**4 instead                           | 35.63      |
+| MSE clip weighted by w**2                                    | 31.28      |
+| MSE clip weighted by the preceding RMSNorm's gamma**2 (q/k/v, gate/up) | 31.24 |
+| min and max shrunk or widened separately, [0.94, 1.12] each  | 32.59      |
+| MSE widening in [1, 1.1] / [1, 1.2] ("mse-wide") / [1, 1.3]  | 29.56 / 29.48 / 29.51 |
+| min and max widened separately, [1, 1.15] each               | 29.68      |
 """
 
 from __future__ import annotations
@@ -279,6 +299,32 @@ def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int =
     g128 with a zero point, Hessians from 2048 tokens of CPython's reference manual: perplexity of
     held-out manual text +18% over fp32 against round to nearest's +32%, of English prose +60%
     against +30.5%). Calibrate on text like the text the model will serve.
+
+    Act-order matters more than anything else on SmolLM2-135M (W4A16 g128 with a zero point, the
+    report's calibration set, 7104 tokens in sequences of 512; perplexity over fp32's 23.86, weights
+    replaced by their dequantized values):
+
+    | GPTQ variant                                  | perplexity |
+    |-----------------------------------------------|------------|
+    | natural order, ranges of the updated weights ("gptq") | 36.20 (damp 0.03: 37.36, 0.1: 35.76, 0.3: 36.35) |
+    | natural order, static groups                  | 33.86      |
+    | natural order, widened ranges (`widen=True`)  | 36.89      |
+    | act-order, static groups ("gptq-ao")          | 29.80      |
+    | act-order, widened static ranges              | 28.89      |
+    | natural order, clip-searched ranges ("gptq-mse") | 27.64   |
+    | static groups, clip-searched                  | 28.41      |
+    | act-order, clip-searched static ranges ("gptq-ao-mse") | 26.54 |
+    | AWQ's factors, then act-order + clip-searched GPTQ on `w * s` | 27.22 |
+    | calibration in sequences of 128 (56 starts, not 14): "gptq" / "gptq-ao-mse" | 30.61 / 26.56 |
+
+    Plain GPTQ lowers every layer's output error on the held-out text (3.3x less than round to
+    nearest's, summed over layers 0, 10 and 29) and still loses to round to nearest (31.14): the
+    error it moves lands on the rows the Hessian saw least. The first token of a sequence (the
+    attention sink) is such a row: its layer-output error under plain GPTQ is often above round to
+    nearest's (layer 3's v_proj: 0.76 against 0.46 of its norm) while the median token's is 3x
+    lower, and 4x more sequence starts in the calibration set take plain GPTQ from 36.20 to 30.61.
+    Damping does not change it (above); act-order, which rounds the columns of largest Hessian
+    diagonal first while the most columns remain to absorb their error, does.
     """
     if fmt.static or fmt.granularity is Granularity.TENSOR:
         raise ValueError(f"GPTQ quantizes weights per row or per group, not {fmt.describe()}")

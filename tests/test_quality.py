@@ -298,6 +298,14 @@ def test_quality_report_merges_runs_and_a_rerun_replaces_its_rows(tmp_path):
     assert [(r["method"], r["mean_cosine"]) for r in out["sections"][0]["rows"]] == [
         ("rtn", 0.9), ("gptq", 0.95), ("awq", 0.97)]
     assert out["total_s"] == 2.0
+    runs[1]["sections"][0]["rows"].append(dict(row("mse", 0.92), recipe="w8a8"))  # a recipe of its own: at the end
+    runs[0]["sections"][0]["rows"].append(dict(row("rtn", 0.8), library="torchao"))
+    runs[0]["sections"][0]["rows"].append(dict(row("rtn", 0.99), recipe="w8a8"))
+    for i, run in enumerate(runs):
+        (tmp_path / f"{i}.json").write_text(json.dumps(run))
+    assert [(r["recipe"], r["library"], r["method"]) for r in report.merged(paths)["sections"][0]["rows"]] == [
+        ("w4a16-g128", "qkernels", "rtn"), ("w4a16-g128", "qkernels", "gptq"), ("w4a16-g128", "qkernels", "awq"),
+        ("w4a16-g128", "torchao", "rtn"), ("w8a8", "qkernels", "rtn"), ("w8a8", "qkernels", "mse")]
     runs[1]["sections"][0]["description"] = "other"
     (tmp_path / "1.json").write_text(json.dumps(runs[1]))
     with pytest.raises(SystemExit, match="evaluated differently"):
