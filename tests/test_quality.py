@@ -244,7 +244,7 @@ def test_awq_beats_rtn_on_outlier_channels(fmt):
         quality.awq(w, cal[:0], fmt)
 
 
-@pytest.mark.parametrize("method", ["mse", "mse-refit", "hqq"])
+@pytest.mark.parametrize("method", ["mse", "mse-wide", "mse-refit", "hqq"])
 def test_data_free_codes_are_the_same_in_torch_and_jax(method):
     """Both bindings search concrete weights with the one NumPy definition: identical codes and scales."""
     torch = pytest.importorskip("torch")
