@@ -22,8 +22,8 @@ near the current one): method "mse-refit" (least squares, from the clip search) 
 sparse-error objective, from round to nearest).
 
 Measured on SmolLM2-135M, W4A16 g128 with a zero point (perplexity of bench/data/perplexity.txt,
-420 tokens, over the fp32 model's 23.86; weights replaced by their dequantized values, one
-objective per row; bench/results/quality-cpu-2026-12-01.md has the served rows): lowering the
+420 tokens, over the fp32 model's 23.86; weights replaced by their dequantized values;
+bench/results/quality-cpu-2026-12-01.md has the served rows): lowering the
 weights' error by clipping raises the perplexity, widening lowers it.
 
 | data-free choice of each group's range                       | perplexity |
@@ -54,7 +54,8 @@ from qkernels.numerics import (
     quantize_symmetric, symmetric_scale,
 )
 
-__all__ = ["METHODS", "clip_search", "widen_search", "refit", "quantize_weight", "hessian_update", "hessian_merge", "gptq", "awq"]
+__all__ = ["METHODS", "clip_search", "widen_search", "refit", "quantize_weight", "hessian_update", "hessian_merge",
+           "gptq", "awq"]
 
 METHODS = ("rtn", "mse", "mse-wide", "mse-refit", "hqq")
 """Data-free weight quantization methods: round to nearest on the full range; MSE-optimal clipping;
@@ -317,14 +318,15 @@ def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int =
     | AWQ's factors, then act-order + clip-searched GPTQ on `w * s` | 27.22 |
     | calibration in sequences of 128 (56 starts, not 14): "gptq" / "gptq-ao-mse" | 30.61 / 26.56 |
 
-    Plain GPTQ lowers every layer's output error on the held-out text (3.3x less than round to
-    nearest's, summed over layers 0, 10 and 29) and still loses to round to nearest (31.14): the
-    error it moves lands on the rows the Hessian saw least. The first token of a sequence (the
-    attention sink) is such a row: its layer-output error under plain GPTQ is often above round to
-    nearest's (layer 3's v_proj: 0.76 against 0.46 of its norm) while the median token's is 3x
-    lower, and 4x more sequence starts in the calibration set take plain GPTQ from 36.20 to 30.61.
-    Damping does not change it (above); act-order, which rounds the columns of largest Hessian
-    diagonal first while the most columns remain to absorb their error, does.
+    Plain GPTQ lowers the layers' output error on the held-out text (3.3x less than round to
+    nearest's over the 21 layers of blocks 0, 10 and 29; the median token's 2.8x less, averaged over
+    all 210 layers) and still loses to round to nearest (31.14): the error it moves lands on the rows
+    the Hessian saw least. The first token of a sequence (the attention sink) is such a row: its
+    layer-output error under plain GPTQ is often above round to nearest's (block 3's v_proj: 0.76
+    against 0.46 of its norm), and 4x more sequence starts in the calibration set take plain GPTQ
+    from 36.20 to 30.61. Damping does not change it (above); act-order does (that rounding the
+    columns of largest Hessian diagonal first, while the most columns remain to absorb their error,
+    is why, is the usual reading, not something measured here).
     """
     if fmt.static or fmt.granularity is Granularity.TENSOR:
         raise ValueError(f"GPTQ quantizes weights per row or per group, not {fmt.describe()}")
@@ -349,7 +351,6 @@ def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int =
     H[np.diag_indices(kp)] += damp * np.mean(np.diag(H))
     grouped = fmt.granularity is Granularity.GROUP
     g = fmt.group_size if grouped else kp
-    # per-block parameters fixed ahead (per-row formats; act-order's static groups)
     if clip and widen:
         raise ValueError("clip=True shrinks the group ranges and widen=True widens them; choose one")
 
@@ -358,7 +359,7 @@ def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int =
             return clip_search(wb, fmt, importance=importance)
         return widen_search(wb, fmt) if widen else fmt.quantize(wb)
 
-    fixed = None
+    fixed = None  # per-block parameters fixed ahead (per-row formats; static groups, act-order)
     if not grouped or act_order or static_groups:
         wf = W.astype(np.float32)
         ref = params(wf, np.diag(H))
