@@ -14,9 +14,29 @@ the scale `alpha * amax / qmax` (the clipped maximum is an element of the block)
 for the clipped values, so the stored form, the kernels and every backend are unchanged: only the
 choice of scale differs. Asymmetric (zero-point) formats shrink min and max by the same factor.
 
-`refit` then alternates, per block, between the codes and a closed-form scale (and the best integer
-zero point near the current one): method "mse-refit" (least squares, from the clip search) and
-"hqq" (HQQ's sparse-error objective, from round to nearest).
+`widen_search` (method "mse-wide") searches the other way: the range widened by 1 to 1.2, nothing
+clipped, the MSE-best factor per block (with an integer zero point, round to nearest can land the
+block's min or max up to half a step off its level; widening moves the levels). `refit` then
+alternates, per block, between the codes and a closed-form scale (and the best integer zero point
+near the current one): method "mse-refit" (least squares, from the clip search) and "hqq" (HQQ's
+sparse-error objective, from round to nearest).
+
+Measured on SmolLM2-135M, W4A16 g128 with a zero point (perplexity of bench/data/perplexity.txt,
+420 tokens, over the fp32 model's 23.86; weights replaced by their dequantized values;
+bench/results/quality-cpu-2026-12-01.md has the served rows): lowering the
+weights' error by clipping raises the perplexity, widening lowers it.
+
+| data-free choice of each group's range                       | perplexity |
+|--------------------------------------------------------------|------------|
+| round to nearest (full range)                                | 31.14      |
+| MSE clip, shrink in [0.5, 1] ("mse")                         | 35.58      |
+| MSE clip, shrink in [0.85, 1]                                | 34.87      |
+| clip minimizing sum |e|**4 instead                           | 35.63      |
+| MSE clip weighted by w**2                                    | 31.28      |
+| MSE clip weighted by the preceding RMSNorm's gamma**2 (q/k/v, gate/up) | 31.24 |
+| min and max shrunk or widened separately, [0.94, 1.12] each  | 32.59      |
+| MSE widening in [1, 1.1] / [1, 1.2] ("mse-wide") / [1, 1.3]  | 29.56 / 29.48 / 29.51 |
+| min and max widened separately, [1, 1.15] each               | 29.68      |
 """
 
 from __future__ import annotations
@@ -30,14 +50,17 @@ import numpy as np
 from qkernels import calibration
 from qkernels.formats import Calibration, Granularity, OperandFormat, QOperand
 from qkernels.numerics import (
-    FLT_MIN, NUMPY_OPS, ArrayOps, flush_subnormals, pack_int4, quantize_asymmetric, quantize_symmetric,
+    FLT_MIN, NUMPY_OPS, ArrayOps, asymmetric_params, flush_subnormals, pack_int4, quantize_asymmetric,
+    quantize_symmetric, symmetric_scale,
 )
 
-__all__ = ["METHODS", "clip_search", "refit", "quantize_weight", "hessian_update", "hessian_merge", "gptq", "awq"]
+__all__ = ["METHODS", "clip_search", "widen_search", "refit", "quantize_weight", "hessian_update", "hessian_merge",
+           "gptq", "awq"]
 
-METHODS = ("rtn", "mse", "mse-refit", "hqq")
+METHODS = ("rtn", "mse", "mse-wide", "mse-refit", "hqq")
 """Data-free weight quantization methods: round to nearest on the full range; MSE-optimal clipping;
-that clipping refined by alternating least squares (`refit`); HQQ's half-quadratic solver (`refit`)."""
+the MSE-optimal widening of the range (`widen_search`: nothing clipped); the clipping refined by
+alternating least squares (`refit`); HQQ's half-quadratic solver (`refit`)."""
 
 
 def _padded_blocks(x: Any, fmt: OperandFormat, ops: ArrayOps) -> tuple[Any, Any]:
@@ -84,6 +107,51 @@ def clip_search(x: Any, fmt: OperandFormat, ops: ArrayOps = NUMPY_OPS, *, grid: 
             best_alpha, best_err = ops.where(better, alpha, best_alpha), ops.where(better, err, best_err)
     xc = _clip_blocks(xb, lo0 * best_alpha, hi0 * best_alpha, ops).reshape(*xf.shape)
     return fmt.quantize(xc, ops)
+
+
+def widen_search(x: Any, fmt: OperandFormat, ops: ArrayOps = NUMPY_OPS, *, grid: int = 11,
+                 max_widen: float = 1.2) -> QOperand:
+    """`x` (..., K) quantized to `fmt` with each block's range widened by the factor in
+    `linspace(1, max_widen, grid)` that minimizes the block's squared reconstruction error: the scale
+    (and integer zero point) come from `(alpha * min, alpha * max)` (symmetric: `alpha * amax`) by the
+    format's own rule, so no value is clipped; what moves is where the grid's levels fall (with an
+    integer zero point, round to nearest lands the block's min or max up to half a step off its level).
+    1.0 is in the grid, so the error is never above round to nearest's (ties keep the smaller factor).
+
+    Why not shrink (`clip_search`): on SmolLM2-135M (W4A16 g128 with a zero point) every shrink of the
+    range raised the perplexity although it lowered the weights' error (+49% over fp32 for the MSE clip
+    in [0.5, 1], +46% for a mild one in [0.85, 1], +30.5% round to nearest), while widening in
+    [1, 1.2] gave +23.5%: saturating a group's extreme weights costs the model more than their squared
+    error says.
+    """
+    if fmt.static or not fmt.qtype.integer:
+        raise ValueError(f"widen_search chooses per-block scales of integer codes, not {fmt.describe()}")
+    if not (isinstance(grid, int) and grid >= 1) or not max_widen >= 1:
+        raise ValueError(f"grid={grid!r} must be an integer >= 1 and max_widen={max_widen!r} >= 1")
+    xf, xb = _padded_blocks(x, fmt, ops)
+    asym = fmt.calibration is Calibration.MINMAX
+    lo0, hi0 = (ops.min(xb), ops.max(xb)) if asym else (None, ops.absmax(xb))
+
+    def params(alpha: float) -> tuple[Any, Any]:
+        if asym:
+            return asymmetric_params(lo0 * alpha, hi0 * alpha, fmt.qtype, ops)
+        return symmetric_scale(hi0 * alpha, fmt.qtype, ops), None
+
+    best = None
+    for i in range(grid):
+        scale, zero = params(1.0 + (max_widen - 1.0) * i / max(grid - 1, 1))
+        err = _block_error(xb - _block_codes(xb, scale, zero, fmt, ops)[1], 2.0)
+        if best is None:
+            best = (err, scale, zero)
+            continue
+        take = err < best[0]
+        best = (ops.where(take, err, best[0]), ops.where(take, scale, best[1]),
+                None if zero is None else ops.where(take, zero, best[2]))
+    _, scale, zero = best
+    codes = _block_codes(xb, scale, zero, fmt, ops)[0].reshape(*xf.shape)
+    if fmt.packed:
+        codes = pack_int4(codes, ops)
+    return QOperand(codes, fmt._stored(scale), None if zero is None else fmt._stored(ops.cast(zero, "int8")))
 
 
 def _block_codes(xb: Any, scale: Any, zero: Any, fmt: OperandFormat, ops: ArrayOps) -> tuple[Any, Any]:
@@ -175,6 +243,8 @@ def quantize_weight(w: Any, fmt: OperandFormat, ops: ArrayOps = NUMPY_OPS, *, me
         return fmt.quantize(w, ops)
     if method == "mse":
         return clip_search(w, fmt, ops)
+    if method == "mse-wide":
+        return widen_search(w, fmt, ops)
     if method == "mse-refit":
         return refit(w, fmt, ops, start=clip_search(w, fmt, ops))
     if method == "hqq":
@@ -206,7 +276,7 @@ def hessian_merge(h: Any, count: int, gram: Any, rows: int) -> tuple[Any, int]:
 
 
 def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int = 128,
-         act_order: bool = False, clip: bool = False) -> QOperand:
+         act_order: bool = False, static_groups: bool = False, clip: bool = False, widen: bool = False) -> QOperand:
     """GPTQ (Frantar et al. 2022): quantize the weight (N, K) column by column, each column's rounding
     error spread over the columns not yet quantized through the inverse Hessian of the layer's
     inputs (`hessian_update`), so that `X @ W^T` rather than `W` itself is preserved.
@@ -214,12 +284,14 @@ def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int =
     The result is in `fmt`'s stored form (NumPy), servable by every backend unchanged:
     - group formats: each group's scale (and zero point) is chosen by `fmt`'s own rule from the
       group's weights as updated when the group is reached (GPTQ's default);
-    - `act_order=True` visits columns by decreasing Hessian diagonal; the groups are then fixed
-      ahead, from the original weights, in K's own order ("static groups"), so codes stay in
-      canonical order and no permutation is needed at run time (the order is only a visit order);
+    - `static_groups=True` fixes every group's parameters ahead, from the original weights, in K's
+      own order (AutoGPTQ's `static_groups`); `act_order=True` implies it and visits columns by
+      decreasing Hessian diagonal, so codes stay in canonical order and no permutation is needed at
+      run time (the order is only a visit order);
     - per-row formats take each row's scale from the whole original row first;
     - `clip=True` chooses those parameters by `clip_search` instead of the format's absmax / min-max
-      rule (on the same weights), the error of each input weighted by the Hessian's diagonal.
+      rule (on the same weights), the error of each input weighted by the Hessian's diagonal;
+      `widen=True` by `widen_search` (the range widened, never clipped).
     `damp` (fraction of the mean diagonal added to it) keeps H invertible; dead inputs (a zero
     diagonal: never active) get a zero weight column, as in the reference implementation.
 
@@ -228,6 +300,35 @@ def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int =
     g128 with a zero point, Hessians from 2048 tokens of CPython's reference manual: perplexity of
     held-out manual text +18% over fp32 against round to nearest's +32%, of English prose +60%
     against +30.5%). Calibrate on text like the text the model will serve.
+
+    Act-order matters more than anything else on SmolLM2-135M (W4A16 g128 with a zero point, the
+    report's calibration set, 7104 tokens in sequences of 512; perplexity over fp32's 23.86, weights
+    replaced by their dequantized values):
+
+    | GPTQ variant                                  | perplexity |
+    |-----------------------------------------------|------------|
+    | natural order, ranges of the updated weights ("gptq") | 36.20 (damp 0.03: 37.36, 0.1: 35.76, 0.3: 36.35) |
+    | natural order, static groups                  | 33.86      |
+    | natural order, widened ranges (`widen=True`)  | 36.89      |
+    | act-order, static groups ("gptq-ao")          | 29.80      |
+    | act-order, widened static ranges              | 28.89      |
+    | natural order, clip-searched ranges ("gptq-mse") | 27.64   |
+    | static groups, clip-searched                  | 28.41      |
+    | act-order, clip-searched static ranges ("gptq-ao-mse") | 26.54 (damp 0.003: 26.42, 0.03: 25.98) |
+    | AWQ's factors, then act-order + clip-searched GPTQ on `w * s` | 27.22 |
+    | calibration in sequences of 128 (56 starts, not 14): "gptq" / "gptq-ao-mse" | 30.61 / 26.56 |
+
+    Plain GPTQ lowers the layers' output error on the held-out text (3.3x less than round to
+    nearest's over the 21 layers of blocks 0, 10 and 29; the median token's 2.8x less, averaged over
+    all 210 layers) and still loses to round to nearest (31.14): the error it moves lands on the rows
+    the Hessian saw least. The first token of a sequence (the attention sink) is such a row: its
+    layer-output error under plain GPTQ is often above round to nearest's (block 3's v_proj: 0.76
+    against 0.46 of its norm), and 4x more sequence starts in the calibration set take plain GPTQ
+    from 36.20 to 30.61. Damping does not change it (above); act-order does (that rounding the
+    columns of largest Hessian diagonal first, while the most columns remain to absorb their error,
+    is why, is the usual reading, not something measured here). `damp` stays 0.01: 0.03's 25.98 for
+    "gptq-ao-mse" was chosen on the evaluated text itself, and the 420 tokens' 95% interval of that
+    row's ratio to fp32 (1.06-1.17) holds all three dampings.
     """
     if fmt.static or fmt.granularity is Granularity.TENSOR:
         raise ValueError(f"GPTQ quantizes weights per row or per group, not {fmt.describe()}")
@@ -252,11 +353,18 @@ def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int =
     H[np.diag_indices(kp)] += damp * np.mean(np.diag(H))
     grouped = fmt.granularity is Granularity.GROUP
     g = fmt.group_size if grouped else kp
-    # per-block parameters fixed ahead (per-row formats; act-order's static groups)
-    fixed = None
-    if not grouped or act_order:
+    if clip and widen:
+        raise ValueError("clip=True shrinks the group ranges and widen=True widens them; choose one")
+
+    def params(wb: np.ndarray, importance: np.ndarray) -> QOperand:
+        if clip:
+            return clip_search(wb, fmt, importance=importance)
+        return widen_search(wb, fmt) if widen else fmt.quantize(wb)
+
+    fixed = None  # per-block parameters fixed ahead (per-row formats; static groups, act-order)
+    if not grouped or act_order or static_groups:
         wf = W.astype(np.float32)
-        ref = clip_search(wf, fmt, importance=np.diag(H)) if clip else fmt.quantize(wf)
+        ref = params(wf, np.diag(H))
         fixed = (np.asarray(ref.scale, np.float32).reshape(n, -1),
                  None if ref.zero_point is None else np.asarray(ref.zero_point).reshape(n, -1))
     perm = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(kp)
@@ -283,8 +391,7 @@ def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int =
             gi = col // g
             if fixed is None and j % g == 0:  # the group's current (updated) weights, by the format's rule
                 cur = W1[:, j:j + g].astype(np.float32)
-                qg = (clip_search(cur, fmt, importance=np.diag(H)[i1 + j:i1 + j + g]) if clip
-                      else fmt.quantize(cur))
+                qg = params(cur, np.diag(H)[i1 + j:i1 + j + g])
                 scale[:, gi] = np.asarray(qg.scale, np.float32).reshape(n)
                 if zero is not None:
                     zero[:, gi] = np.asarray(qg.zero_point).reshape(n)

@@ -78,6 +78,42 @@ def test_refit_stores_the_formats_layout_and_never_loses_to_its_start(fmt, metho
         assert a is None or np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
+def test_widen_search_picks_each_blocks_best_widening_and_never_loses_to_rtn(fmt):
+    w = (np.random.default_rng(8).standard_t(4, (64, 200)) * 0.02).astype(np.float32)
+    w[5] = 0.0  # an all-zero row keeps scale 1, codes 0 (zero point 0)
+    got, rtn = quality.quantize_weight(w, fmt, method="mse-wide"), fmt.quantize(w)
+    for a, b in zip(rtn, got):
+        assert (a is None) == (b is None) and (a is None or (a.shape, a.dtype) == (b.shape, b.dtype))
+    pad = [(0, 0), (0, fmt.padded_k(200) - 200)]
+    blocks = lambda op: (fmt.blocks(np.pad(fmt.dequantize(op, 200) - w, pad)) ** 2).sum(-1)  # noqa: E731
+    # reference: each block on its own, every factor of the grid, the format's quantizer on the widened range
+    xb = fmt.blocks(np.pad(w, pad).astype(np.float64))
+    want = np.full(xb.shape[:-1], np.inf)
+    for alpha in np.linspace(1, 1.2, 11):
+        if fmt.zero_point:
+            lo, hi = np.minimum(xb.min(-1), 0) * alpha, np.maximum(xb.max(-1), 0) * alpha
+            s = np.where(hi > lo, (hi - lo) / 15, 1.0)
+            z = np.clip(np.rint(-lo / s), 0, 15)
+            dq = (np.clip(np.rint(xb / s[..., None]) + z[..., None], 0, 15) - z[..., None]) * s[..., None]
+        else:
+            amax = np.abs(xb).max(-1) * alpha
+            qmax = fmt.qtype.qmax
+            s = np.where(amax > 0, amax / qmax, 1.0)
+            dq = np.clip(np.rint(xb / s[..., None]), -qmax, qmax) * s[..., None]
+        want = np.minimum(want, ((dq - xb) ** 2).sum(-1))
+    np.testing.assert_allclose(blocks(got), want, rtol=1e-4, atol=1e-12)
+    assert np.all(blocks(got) <= blocks(rtn))
+    if fmt.zero_point:  # the integer zero point leaves room: widening pays on almost every block
+        assert blocks(got).sum() < 0.97 * blocks(rtn).sum()
+    one = quality.widen_search(w, fmt, grid=1)
+    for a, b in zip(rtn, one):
+        assert a is None or np.array_equal(a, b)
+    assert np.all(fmt.codes(got, 200)[5] == (0 if got.zero_point is None else got.zero_point[5, ..., None]))
+    with pytest.raises(ValueError, match="max_widen=0.9"):
+        quality.widen_search(w, fmt, max_widen=0.9)
+
+
 def test_refit_reaches_the_least_squares_scale_of_its_codes():
     """A block whose codes stop changing ends at the closed-form scale sum(x * q) / sum(q * q)."""
     fmt = qk.W4A16(32).rhs
@@ -94,14 +130,15 @@ def test_refit_reaches_the_least_squares_scale_of_its_codes():
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
 @pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_preserves_the_layer_output_better_than_rtn(fmt, act_order):
+@pytest.mark.parametrize("widen", [False, True], ids=["minmax", "widen"])
+def test_gptq_preserves_the_layer_output_better_than_rtn(fmt, act_order, widen):
     cal, held_out, w = _layer(1)
     h, rows = None, 0
     for batch in np.array_split(cal, 3):
         h, rows = quality.hessian_update(h, batch, rows)
     assert rows == len(cal)
     np.testing.assert_allclose(h, 2 * cal.T.astype(np.float64) @ cal / len(cal), rtol=1e-9)
-    op = quality.gptq(w, h, fmt, act_order=act_order)
+    op = quality.gptq(w, h, fmt, act_order=act_order, widen=widen)
     ref = fmt.quantize(w)
     for a, b in zip(ref, op):
         assert (a is None) == (b is None) and (a is None or (a.shape, a.dtype) == (b.shape, b.dtype))
@@ -128,7 +165,8 @@ def test_gptq_with_clip_searched_group_scales_beats_rtn_and_clip_search(fmt):
     assert both > snr(quality.clip_search(w, fmt, importance=np.diag(h))) + 0.5 > snr(fmt.quantize(w)) + 0.5
 
 
-def _gptq_textbook(w: np.ndarray, h: np.ndarray, fmt, *, damp: float = 0.01, act_order: bool = False) -> np.ndarray:
+def _gptq_textbook(w: np.ndarray, h: np.ndarray, fmt, *, damp: float = 0.01, act_order: bool = False,
+                   static_groups: bool = False) -> np.ndarray:
     """GPTQ's dequantized weight as the paper states the algorithm, one column at a time with no blocks and no
     Cholesky factor (OBS's update): round column c, move its error onto the columns not yet rounded through
     the inverse Hessian of those columns, then eliminate c from that inverse. Group scales: by the format's
@@ -142,7 +180,7 @@ def _gptq_textbook(w: np.ndarray, h: np.ndarray, fmt, *, damp: float = 0.01, act
     H[dead, dead], W[:, dead] = 1.0, 0.0
     H += damp * np.mean(np.diag(H)) * np.eye(kp)
     g = fmt.group_size or kp
-    fixed = fmt.quantize(W.astype(np.float32)) if act_order or fmt.group_size is None else None
+    fixed = fmt.quantize(W.astype(np.float32)) if act_order or static_groups or fmt.group_size is None else None
     hinv, out = np.linalg.inv(H), np.zeros_like(W)
     for c in (np.argsort(-np.diag(H), kind="stable") if act_order else range(kp)):
         if fixed is not None:
@@ -163,14 +201,20 @@ def _gptq_textbook(w: np.ndarray, h: np.ndarray, fmt, *, damp: float = 0.01, act
 
 
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.describe())
-@pytest.mark.parametrize("act_order", [False, True])
-def test_gptq_equals_the_column_by_column_algorithm(fmt, act_order):
+@pytest.mark.parametrize("order", ["natural", "act-order", "static-groups"])
+def test_gptq_equals_the_column_by_column_algorithm(fmt, order):
     """The blocked form (Cholesky factor of H^-1, errors carried across blocks, group scales at each group's
     start) rounds exactly as the textbook loop: same codes, so the same reconstruction error."""
     cal, _, w = _layer(4, n=24, k=136, rows=600)
     h, _ = quality.hessian_update(None, cal, 0)
-    op = quality.gptq(w, h, fmt, act_order=act_order, block=32)
-    np.testing.assert_allclose(_dq(op, fmt, 136), _gptq_textbook(w, h, fmt, act_order=act_order), rtol=1e-6, atol=1e-9)
+    kw = {"act_order": order == "act-order", "static_groups": order == "static-groups"}
+    op = quality.gptq(w, h, fmt, block=32, **kw)
+    np.testing.assert_allclose(_dq(op, fmt, 136), _gptq_textbook(w, h, fmt, **kw), rtol=1e-6, atol=1e-9)
+    if order != "natural" and fmt.group_size:  # static groups: every group's parameters from the original weights
+        ref = fmt.quantize(w)
+        np.testing.assert_array_equal(op.scale, ref.scale)
+        if ref.zero_point is not None:
+            np.testing.assert_array_equal(op.zero_point, ref.zero_point)
 
 
 def test_gptq_handles_dead_inputs_and_refuses_mismatches():
@@ -200,7 +244,7 @@ def test_awq_beats_rtn_on_outlier_channels(fmt):
         quality.awq(w, cal[:0], fmt)
 
 
-@pytest.mark.parametrize("method", ["mse", "mse-refit", "hqq"])
+@pytest.mark.parametrize("method", ["mse", "mse-wide", "mse-refit", "hqq"])
 def test_data_free_codes_are_the_same_in_torch_and_jax(method):
     """Both bindings search concrete weights with the one NumPy definition: identical codes and scales."""
     torch = pytest.importorskip("torch")
@@ -254,6 +298,14 @@ def test_quality_report_merges_runs_and_a_rerun_replaces_its_rows(tmp_path):
     assert [(r["method"], r["mean_cosine"]) for r in out["sections"][0]["rows"]] == [
         ("rtn", 0.9), ("gptq", 0.95), ("awq", 0.97)]
     assert out["total_s"] == 2.0
+    runs[1]["sections"][0]["rows"].append(dict(row("mse", 0.92), recipe="w8a8"))  # a recipe of its own: at the end
+    runs[0]["sections"][0]["rows"].append(dict(row("rtn", 0.8), library="torchao"))
+    runs[0]["sections"][0]["rows"].append(dict(row("rtn", 0.99), recipe="w8a8"))
+    for i, run in enumerate(runs):
+        (tmp_path / f"{i}.json").write_text(json.dumps(run))
+    assert [(r["recipe"], r["library"], r["method"]) for r in report.merged(paths)["sections"][0]["rows"]] == [
+        ("w4a16-g128", "qkernels", "rtn"), ("w4a16-g128", "qkernels", "gptq"), ("w4a16-g128", "qkernels", "awq"),
+        ("w4a16-g128", "torchao", "rtn"), ("w8a8", "qkernels", "rtn"), ("w8a8", "qkernels", "mse")]
     runs[1]["sections"][0]["description"] = "other"
     (tmp_path / "1.json").write_text(json.dumps(runs[1]))
     with pytest.raises(SystemExit, match="evaluated differently"):

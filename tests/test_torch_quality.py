@@ -51,7 +51,7 @@ def test_mse_clipping_through_quantize_and_quantize_():
         qk.quantize(w, qk.W4A16(64), method="gptq")
 
 
-@pytest.mark.parametrize("method", ["mse-refit", "hqq"])
+@pytest.mark.parametrize("method", ["mse-wide", "mse-refit", "hqq"])
 def test_refit_methods_through_quantize_(method):
     """The data-free refinements run through qk.quantize_ like 'mse': the codes the core chooses, served."""
     from qkernels import quality
@@ -64,7 +64,8 @@ def test_refit_methods_through_quantize_(method):
     assert snr(m, mlp(), x) > snr(quantized("rtn", qk.W4A16(64, zero_point=True)), mlp(), x)
 
 
-@pytest.mark.parametrize("method,kw", [("gptq", {}), ("gptq", {"act_order": True}), ("gptq-mse", {}), ("awq", {})])
+@pytest.mark.parametrize("method,kw", [("gptq", {}), ("gptq", {"act_order": True}), ("gptq-mse", {}), ("gptq-ao", {}),
+                                       ("gptq-ao-mse", {}), ("awq", {})])
 @pytest.mark.parametrize("recipe", [qk.W4A16(64), qk.W4A16(32, zero_point=True), qk.W4A8(64)], ids=lambda r: r.name)
 def test_data_aware_methods_beat_rtn_on_held_out_inputs(method, kw, recipe):
     mixed = method != "awq"
@@ -74,6 +75,16 @@ def test_data_aware_methods_beat_rtn_on_held_out_inputs(method, kw, recipe):
     assert all(isinstance(layer, qk.QLinear) for layer in (m[0], m[2]))
     assert (m[0].smooth is not None) == (method == "awq")
     assert snr(m, mlp(), x) > snr(quantized("rtn", recipe), mlp(), x) + 0.5
+
+
+def test_act_order_method_names_are_gptq_with_act_order():
+    """"gptq-ao" is `act_order=True` (static groups: scales from the original weights, codes in K order)."""
+    batches = [data(10 + i, 128) for i in range(3)]
+    a, b = quantized("gptq-ao", calibration=batches), quantized("gptq", calibration=batches, act_order=True)
+    for la, lb in ((a[0], b[0]), (a[2], b[2])):
+        assert torch.equal(la.weight.qvalue, lb.weight.qvalue) and torch.equal(la.weight.scale, lb.weight.scale)
+    rtn = quantized("rtn")
+    assert torch.equal(a[0].weight.scale, rtn[0].weight.scale)  # symmetric groups: absmax of the original weights
 
 
 def test_awq_model_saves_and_loads_with_its_factors():

@@ -298,15 +298,18 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
     By default the layers a swap would break are skipped (`unsafe_reason`: `nn.MultiheadAttention`'s
     `out_proj`, tied weights); `filter_fn(module, fqn) -> bool` replaces that rule.
     `method` chooses the codes: "rtn" (round to nearest) and "mse" (per-block clip search) are
-    data-free; "gptq" (`act_order` optional; "gptq-mse" clip-searches its group scales) and "awq"
+    data-free ("mse-wide", "mse-refit", "hqq" too: `qkernels.quality.METHODS`); "gptq" (`act_order`
+    optional; "gptq-mse" clip-searches its group scales; "gptq-ao", "gptq-ao-mse" in act-order) and "awq"
     need `calibration`, an iterable of model inputs, run once through the float model
     (`torch_bindings.ptq`; a progress bar per layer).
     Mixture-of-experts modules holding 3-D expert weights (transformers 5.x `...Experts`) become
     `torch_bindings.experts.QMoEExperts` running `qk.grouped_linear` (one Summary row per expert weight;
     `filter_fn` sees the experts module; GPTQ / AWQ leave them float, saying so).
     """
+    from torch_bindings.ptq import METHODS as CALIBRATED
+
     recipe = resolve_recipe(recipe)
-    if method in ("gptq", "gptq-mse", "awq"):
+    if method in CALIBRATED:
         if calibration is None:
             raise ValueError(f"method={method!r} needs calibration batches: qk.quantize_(model, recipe, "
                              f"calibration=[inputs, ...], method={method!r})")
@@ -320,7 +323,7 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
         record_hf(summary.model)
         return summary
     if calibration is not None:
-        raise ValueError(f"calibration batches are used by method='gptq', 'gptq-mse' or 'awq', "
+        raise ValueError(f"calibration batches are used by method='gptq', 'gptq-mse' or 'awq' (one of {CALIBRATED}), "
                          f"not {method!r}; for static activation scales use qk.calibrate(model, batches)")
     summary = swap_modules(model, lambda m: isinstance(m, nn.Linear),
                            lambda m, _: QLinear.from_float(m, recipe, method=method), lambda m: m.recipe.name, filter_fn)

@@ -1,17 +1,21 @@
 """Data-aware post-training quantization of torch models: GPTQ and AWQ through `qk.quantize_`.
 
-`qk.quantize_(model, recipe, calibration=batches, method="gptq" | "gptq-mse" | "awq")` runs the batches once
+`qk.quantize_(model, recipe, calibration=batches, method="gptq" | "gptq-mse" | "gptq-ao" | "gptq-ao-mse" | "awq")`
+runs the batches once
 through the float model (hooks on the `nn.Linear` layers, under `torch.no_grad()`; a batch is passed
 as `model(batch)`, `model(*batch)` or `model(**batch)`), keeping per layer only what the method needs:
 
 | method | kept per layer                                        | memory         |
 |--------|-------------------------------------------------------|----------------|
-| gptq, gptq-mse | the running Hessian `2/n X^T X` (`quality.hessian_merge`) | K x K (f64) |
+| gptq, gptq-* | the running Hessian `2/n X^T X` (`quality.hessian_merge`) | K x K (f64) |
 | awq    | a uniform sample of `rows` input rows (reservoir)       | rows x K (f32) |
 
 never the model's activations; then each layer is quantized on its own (`quality.gptq` /
 `quality.awq`, the framework-neutral algorithms, on NumPy copies of one layer at a time) with a
-progress bar per layer; "gptq-mse" is GPTQ with clip-searched group scales (`quality.gptq(clip=True)`).
+progress bar per layer; "gptq-mse" is GPTQ with clip-searched group scales (`quality.gptq(clip=True)`),
+"gptq-ao" GPTQ in act-order with static groups (`quality.gptq(act_order=True)`), "gptq-ao-mse" both
+(measured on SmolLM2-135M, W4A16 g128 with a zero point: perplexity +51.7% over fp32 for "gptq",
++15.8% "gptq-mse", see `quality.gptq` and bench/results/quality-cpu-2026-12-01.md for the act-order rows).
 The Hessians come from the float model's inputs to each layer, in one pass (not layer by layer
 from the partly quantized model, as the reference GPTQ does). AWQ's per-channel factors become the
 layer's `smooth` vector (the layer divides its input by them, as SmoothQuant's do), so the result
@@ -37,7 +41,10 @@ from torch_bindings.qtensor import QTensor
 
 __all__ = ["METHODS", "quantize_calibrated"]
 
-METHODS = ("gptq", "gptq-mse", "awq")
+METHODS = ("gptq", "gptq-mse", "gptq-ao", "gptq-ao-mse", "awq")
+"""GPTQ with each group's range by the format's rule on the updated weights (natural order); "-mse": by
+the clip search; "-ao": act-order (columns by decreasing Hessian diagonal) with static groups, the
+parameters fixed ahead from the original weights (`quality.gptq(act_order=True)`); AWQ."""
 
 
 class _Rows:
@@ -96,7 +103,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, batches: Iterable[Any]
         w = module.weight.detach().to(torch.float32).cpu().numpy()
         smooth = None
         if method != "awq":
-            op = quality.gptq(w, stats[module][0], fmt, act_order=act_order, clip=method == "gptq-mse")
+            op = quality.gptq(w, stats[module][0], fmt, act_order=act_order or "-ao" in method,
+                              clip=method.endswith("-mse"))
         else:
             op, smooth = quality.awq(w, stats[module].rows, fmt)
         device = module.weight.device
