@@ -137,8 +137,10 @@ def test_explain_lists_only_the_recipes_automatic_candidates_by_default_torch() 
     """A W4A16 call on CPU tensors: torch-cpu-packed (bf16), torch-cpu-native, torch-cpu, the reference and the W4A16
     Triton kernel; the other families' kernels and the interpreter variants only with verbose=True (or when requested)."""
     torch = pytest.importorskip("torch")
+    from torch_bindings import native
+
     w_q = qk.quantize(torch.randn(16, 64), qk.W4A16(32))
-    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    x = torch.randn(native.PACKED_ABOVE_M + 1, 64, dtype=torch.bfloat16)  # above the native GEMV's rows
     default = qk.explain(x, w_q)
     expected = {"torch-cpu-packed", "torch-cpu-native", "torch-cpu", "reference"} | (
         {"triton.w4a16"} if importlib.util.find_spec("triton") else set())
