@@ -207,3 +207,23 @@ def test_runners_are_not_copied_or_saved(tmp_path) -> None:
         torch.save(model, tmp_path / "m.pt")
         loaded = torch.load(tmp_path / "m.pt", weights_only=False)
         assert len(loaded[0]._runners) == 0 and torch.equal(loaded(x), model(x))
+
+
+def test_without_openmp_the_default_build_serves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler without libgomp: the OpenMP build's failure leaves the default build (its own threads), not the
+    slower torch paths."""
+    real = native.native.unavailable
+    monkeypatch.setattr(native.native, "unavailable",
+                        lambda openmp=False: "no libgomp" if openmp else real())
+    monkeypatch.setattr(native.native, "library", lambda openmp=False, real=native.native.library: (
+        pytest.fail("the OpenMP build was loaded") if openmp else real()))
+    dispatch.invalidate()
+    try:
+        layer = _layer(qk.W8A8)
+        x = torch.randn(1, 96)
+        assert qk.explain(x, layer.weight).chosen.name == "torch-cpu-native"
+        with torch.no_grad():
+            assert torch.equal(layer(x), layer(x)) and torch.equal(layer(x), _reference(x, layer.weight, layer.bias))
+    finally:
+        monkeypatch.undo()
+        dispatch.invalidate()

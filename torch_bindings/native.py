@@ -138,6 +138,12 @@ def _weight_kind(recipe: Recipe) -> str | None:
     return None
 
 
+def _library():
+    """The OpenMP build (its threads are torch's: `PARALLEL_MACS`), else, where it does not build (a compiler
+    without libgomp), the default one (its own thread pool): slower in parallel decode, the same numbers."""
+    return native.library(openmp=True) if native.unavailable(openmp=True) is None else native.library()
+
+
 def supports(problem: Problem) -> str | None:
     why = cpu._supports(problem) or _weight_kind(problem.recipe)
     if why:
@@ -150,7 +156,7 @@ def supports(problem: Problem) -> str | None:
             and packed.SERVES.reason(problem.recipe) is None and packed.supports(problem) is None):
         return (f"M={problem.m}, {problem.n}x{problem.k}: torch-cpu-packed serves this bfloat16 call with torch's packed "
                 f"int8 / int4 kernels, as fast or faster than these (measured: torch_bindings.native.PACKED_ABOVE_M)")
-    return native.unavailable(openmp=True)
+    return None if native.unavailable(openmp=True) is None else native.unavailable()
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +203,7 @@ def _run(call: Bound, lhs: torch.Tensor | QOperand, rhs: QOperand, bias: torch.T
     if p.m == 0 or p.n == 0 or p.k == 0:  # nothing to multiply: the definition's path (zeros, bias), same numbers
         return cpu._run(call, lhs, rhs, bias)
     plan: Plan = call.config.config
-    lib = native.library(openmp=True)
+    lib = _library()
     lead = None
     codes = lhs.qvalue if isinstance(lhs, QOperand) else lhs
     if codes.dim() != 2:
@@ -259,7 +265,7 @@ def _prepare(call: Bound, rhs: QOperand, bias: torch.Tensor | None):
         x_dtype=plan.x_dtype, w_kind=plan.kind, out_dtype=plan.out_dtype, k=p.k, kp=plan.kp, n=p.n,
         group_size=plan.group, w=w.data_ptr(), w_scale=scale.data_ptr(),
         w_zero=None if zero is None else zero.data_ptr(), bias=bias.data_ptr() if bias is not None and f32_bias else None)
-    fn, address, n, k = native.library(openmp=True).qk_run_linear, ctypes.addressof(fixed), p.n, p.k
+    fn, address, n, k = _library().qk_run_linear, ctypes.addressof(fixed), p.n, p.k
     out_dtype, parallel, empty, threads_now = plan.out_torch, plan.parallel, torch.empty, torch.get_num_threads
 
     def run(x: torch.Tensor) -> torch.Tensor | None:
