@@ -1181,13 +1181,16 @@ int32_t qk_matmul_fp8(const uint8_t *xq, const float *x_scale, int64_t m, int64_
                       int32_t threads) {
     if (!valid_dtype(out_dtype) || m < 0 || n < 0 || kp < 0) return QK_EINVAL;
     if (m == 0 || n == 0) return 0;
-    float *xu = (float *)malloc((size_t)(m * kp > 0 ? m * kp : 1) * sizeof(float));
-    if (!xu) return QK_ENOMEM;
-    for (int64_t j = 0; j < m * kp; j++) xu[j] = e4m3_f16scaled(xq[j]);
-    float_args a = {.x = xu, .xs = x_scale, .m = m, .kp = kp, .groups = 0, .gs = 0, .w = w, .kind = QK_FP8_E4M3,
+    float_args a = {.x = NULL, .xs = x_scale, .m = m, .kp = kp, .groups = 0, .gs = 0, .w = w, .kind = QK_FP8_E4M3,
                     .xdt = QK_F32, .ws = w_scale, .bias = bias, .wz = NULL, .n = n, .out = out, .odt = out_dtype,
                     .failed = 0};
     void *xb = attach_bf16(&a, xq, 1, kp, kp);
+    float *xu = NULL;
+    if (!xb) {  /* the other kernels read the codes' values as f32 */
+        if (!(xu = (float *)malloc((size_t)(m * kp > 0 ? m * kp : 1) * sizeof(float)))) return QK_ENOMEM;
+        for (int64_t j = 0; j < m * kp; j++) xu[j] = e4m3_f16scaled(xq[j]);
+        a.x = xu;
+    }
     const int32_t rc = run_float(&a, threads);
     free(xu);
     free(xb);
@@ -1225,6 +1228,15 @@ int32_t qk_linear_float(const void *x, int32_t x_dtype, int64_t m, int64_t k, in
                 : !((w_kind == QK_INT8 || w_kind == QK_FP8_E4M3) && group_size == 0))
         return QK_EINVAL;
     if (m == 0 || n == 0) return 0;
+    float_args a = {.x = NULL, .xs = NULL, .m = m, .kp = kp, .groups = grouped ? kp / group_size : 0,
+                    .gs = group_size, .w = w, .kind = w_kind, .xdt = x_dtype, .ws = w_scale, .bias = bias,
+                    .wz = w_zero, .n = n, .out = out, .odt = out_dtype, .failed = 0};
+    void *xb = attach_bf16(&a, x, 0, k, k);
+    if (xb) {  /* gemv_bf16_columns reads its own layout of the activations */
+        const int32_t rc = run_float(&a, threads);
+        free(xb);
+        return rc;
+    }
     float *buf = (float *)malloc((size_t)(m * kp > 0 ? m * kp : 1) * sizeof(float));
     float *row = grouped ? (float *)malloc((size_t)(kp > 0 ? kp : 1) * sizeof(float)) : NULL;
     if (!buf || (grouped && !row)) { free(buf); free(row); return QK_ENOMEM; }
@@ -1241,12 +1253,8 @@ int32_t qk_linear_float(const void *x, int32_t x_dtype, int64_t m, int64_t k, in
                 }
             }
     }
-    float_args a = {.x = buf, .xs = NULL, .m = m, .kp = kp, .groups = grouped ? kp / group_size : 0,
-                    .gs = group_size, .w = w, .kind = w_kind, .xdt = x_dtype, .ws = w_scale, .bias = bias,
-                    .wz = w_zero, .n = n, .out = out, .odt = out_dtype, .failed = 0};
-    void *xb = attach_bf16(&a, x, 0, k, k);
+    a.x = buf;
     const int32_t rc = run_float(&a, threads);
-    free(xb);
     free(buf);
     free(row);
     return rc;
