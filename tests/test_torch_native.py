@@ -227,3 +227,18 @@ def test_without_openmp_the_default_build_serves(monkeypatch: pytest.MonkeyPatch
     finally:
         monkeypatch.undo()
         dispatch.invalidate()
+
+
+def test_runners_of_a_replaced_weight_are_dropped() -> None:
+    """A replaced buffer (or one moved by `.to()`) leaves the old tensors unreferenced by the module's runners:
+    the next call prepares for the new ones and drops every runner of the old, other shapes' included."""
+    layer = _layer(qk.W8A8)
+    xa, xb = torch.randn(1, 96), torch.randn(2, 96)
+    with torch.no_grad():
+        layer(xa), layer(xb)
+        old = layer.qvalue
+        assert sum(1 for r in layer._runners.values() if r) == 2
+        layer.qvalue = old.clone()
+        assert torch.equal(layer(xa), _full_path(layer, xa))
+        assert all(r.tensors[0] is layer.qvalue for r in layer._runners.values() if r)
+        assert list(layer._runners) == [(xa.shape, xa.dtype, xa.device, "w8a8")]

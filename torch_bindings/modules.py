@@ -146,21 +146,20 @@ class QLinear(nn.Module):
         runners = self.__dict__.get("_runners")
         if runners is None:  # a module unpickled from before runners existed
             runners = self._runners = ops.Runners()
+        functional.check_transforms(input)
         key = (input.shape, input.dtype, input.device, self.recipe.name)
         runner = runners.get(key)
         direct = input.is_contiguous() and functional._direct(input, bias)
-        if runner and direct and runner.usable(tensors):  # the common eager call: no re-validation, fixed operands
-            functional.check_transforms(input)
+        ready = bool(runner) and direct and runner.usable(tensors)
+        if ready:  # the common eager call: no re-validation, fixed operands
             y = runner.run(input)
             if y is not None:
                 return y
-        functional.check_transforms(input)
         functional.check_call(input, self.in_features, self.out_features, qvalue.device, bias)
         y = functional.run(input, functional.rows(input), qvalue, scale, zero_point, bias,
                            self.recipe, self.input_scale, self.smooth, self.out_features)
-        if (direct and not (runner and runner.usable(tensors)) and self.smooth is None and self.input_scale is None
-                and (key in runners or len(runners) < ops.Runners.LIMIT)):
-            runners[key] = ops.Runner.make(input, qvalue, scale, zero_point, bias, self.recipe.name) or False
+        if direct and not ready and self.smooth is None and self.input_scale is None:
+            runners.store(key, ops.Runner.make(input, qvalue, scale, zero_point, bias, self.recipe.name), tensors)
         return y
 
     def backend(self, dtype: torch.dtype = torch.float32) -> str:

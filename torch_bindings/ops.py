@@ -208,6 +208,15 @@ class Runners(dict):
 
     LIMIT = 16  # distinct activation shapes kept (decode and a few prefill lengths)
 
+    def store(self, key: Any, runner: Runner | None, tensors: tuple[torch.Tensor | None, ...]) -> None:
+        """Keep `runner` (None: the implementation prepares none, remembered as False) for `key`, first dropping
+        the runners made for other tensors (a replaced weight's, or the one before `.to()`: they would keep it
+        alive); up to `LIMIT` keys."""
+        for k in [k for k, r in self.items() if r and not all(a is b for a, b in zip(r.tensors, tensors))]:
+            del self[k]
+        if key in self or len(self) < self.LIMIT:
+            self[key] = runner or False
+
     def __deepcopy__(self, memo: dict[int, Any]) -> Runners:
         return Runners()
 
