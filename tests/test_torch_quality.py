@@ -110,3 +110,137 @@ def test_method_and_calibration_misuse_is_refused():
     summary = qk.quantize_(m, qk.W4A16(32), calibration=[data(0, 8)], method="gptq", progress=False,
                            filter_fn=None)
     assert [r.recipe for r in summary] == ["w4a16-g32", "w4a16-g32"]
+
+
+class _Block(nn.Module):
+    """A residual MLP block called as transformers calls its layers: keyword arguments and a cache to append to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(64, 96), nn.Linear(96, 64)
+
+    def forward(self, x, scale=None, past_key_values=None, use_cache=False):
+        if use_cache and past_key_values is not None:
+            past_key_values.update()
+        return x + self.down(torch.nn.functional.gelu(self.up(x))) * scale
+
+
+class CountingCache:
+    """Its name ends in "Cache" as transformers' do: a replayed block must not see it."""
+
+    def __init__(self) -> None:
+        self.updates = 0
+
+    def update(self) -> None:
+        self.updates += 1
+
+
+class _Chain(nn.Module):
+    def __init__(self, between: float = 1.0) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.blocks = nn.ModuleList(_Block() for _ in range(3))
+        self.head, self.between = nn.Linear(64, 32), between
+
+    def forward(self, x, cache=None):
+        for block in self.blocks:
+            x = block(x, scale=0.5, past_key_values=cache, use_cache=cache is not None)
+            if self.between != 1.0:
+                x = x * self.between
+        return self.head(x)
+
+
+def _chain_batches(cache: bool = False) -> list[dict]:
+    mix = torch.from_numpy((np.random.default_rng(0).standard_normal((64, 64)) * 0.3 + np.eye(64)).astype(np.float32))
+    out = []
+    for i in range(3):
+        x = torch.from_numpy(testing.activations(np.random.default_rng(20 + i), (2, 40, 64), outliers=2)) @ mix
+        out.append({"x": x, **({"cache": CountingCache()} if cache else {})})
+    return out
+
+
+def _gptq_codes(layer: nn.Linear, inputs: list[torch.Tensor], fmt) -> np.ndarray:
+    """The reference: GPTQ of `layer` from a Hessian of exactly `inputs` (summed as ptq does: f32 Gram, f64 mean)."""
+    from qkernels import quality
+
+    h, n = None, 0
+    for x in inputs:
+        xf = x.reshape(-1, layer.in_features).to(torch.float32)
+        h, n = quality.hessian_merge(h, n, (xf.T @ xf).numpy(), xf.shape[0])
+    return quality.gptq(layer.weight.detach().numpy(), h, fmt).qvalue
+
+
+def test_sequential_gptq_takes_each_layer_from_the_quantized_layers_before_it():
+    """Block by block, stage by stage (up, then down): every Hessian from inputs through what is already
+    quantized; the head (outside the blocks) from one pass of the model with every block quantized."""
+    recipe, batches = qk.W4A16(32), _chain_batches()
+    float_model, model = _Chain(), _Chain()
+    summary = qk.quantize_(model, recipe, calibration=batches, method="gptq", progress=False)
+    assert [r.recipe for r in summary] == ["w4a16-g32"] * 7
+    xs = [b["x"] for b in batches]
+    with torch.no_grad():
+        for ref, q in zip(float_model.blocks, model.blocks):
+            assert np.array_equal(q.up.weight.qvalue.numpy(), _gptq_codes(ref.up, xs, recipe.rhs))
+            hidden = [torch.nn.functional.gelu(q.up(x)) for x in xs]
+            assert np.array_equal(q.down.weight.qvalue.numpy(), _gptq_codes(ref.down, hidden, recipe.rhs))
+            xs = [q(x, scale=0.5) for x in xs]
+    assert np.array_equal(model.head.weight.qvalue.numpy(), _gptq_codes(float_model.head, xs, recipe.rhs))
+    one_pass = _Chain()
+    qk.quantize_(one_pass, recipe, calibration=batches, method="gptq", sequential=False, progress=False)
+    assert np.array_equal(one_pass.blocks[0].up.weight.qvalue.numpy(), model.blocks[0].up.weight.qvalue.numpy())
+    assert not np.array_equal(one_pass.blocks[2].down.weight.qvalue.numpy(),
+                              model.blocks[2].down.weight.qvalue.numpy())
+
+
+def test_sequential_calibration_never_replays_into_the_cache():
+    batches = _chain_batches(cache=True)
+    model = _Chain()
+    qk.quantize_(model, qk.W4A16(32), calibration=batches, method="gptq-ao", progress=False)
+    # the model's own forwards (capture, and the pass for the head) update it at most once per block each; a
+    # replayed block would add one per stage and one for its outputs
+    assert all(b["cache"].updates <= 2 * 3 for b in batches)
+    plain = _Chain()
+    qk.quantize_(plain, qk.W4A16(32), calibration=_chain_batches(), method="gptq-ao", progress=False)
+    for a, b in zip(model.modules(), plain.modules()):
+        if isinstance(a, qk.QLinear):
+            assert torch.equal(a.weight.qvalue, b.weight.qvalue)
+
+
+def test_blocks_that_do_not_chain_take_one_pass_or_are_refused():
+    """A model that transforms the hidden state between its blocks cannot be replayed block by block."""
+    batches = _chain_batches()
+    auto, one_pass = _Chain(between=2.0), _Chain(between=2.0)
+    qk.quantize_(auto, qk.W4A16(32), calibration=batches, method="awq", progress=False)
+    qk.quantize_(one_pass, qk.W4A16(32), calibration=batches, method="awq", sequential=False, progress=False)
+    for a, b in zip(auto.modules(), one_pass.modules()):
+        if isinstance(a, qk.QLinear):
+            assert torch.equal(a.weight.qvalue, b.weight.qvalue) and torch.equal(a.smooth, b.smooth)
+    with pytest.raises(ValueError, match="not the previous block's output.*sequential=False"):
+        qk.quantize_(_Chain(between=2.0), qk.W4A16(32), calibration=batches, method="gptq", sequential=True,
+                     progress=False)
+    with pytest.raises(ValueError, match="sequential=True: no nn.ModuleList"):
+        quantized("gptq", calibration=[data(0, 8)], sequential=True)
+    with pytest.raises(ValueError, match="sequential=False is an option of the calibrated methods"):
+        quantized("mse", sequential=False)
+
+
+def test_sequential_gptq_on_a_transformers_model():
+    """Llama's layers take the key/value cache and rotary embeddings as keyword arguments; the first stage of
+    the first block sees the float model's inputs either way, later layers the quantized layers' outputs."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    models = []
+    for sequential in (None, False):
+        torch.manual_seed(0)
+        models.append(transformers.LlamaForCausalLM(config).eval())
+        cal = [torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        summary = qk.quantize_(models[-1], qk.W4A16(32), calibration=cal, method="gptq", sequential=sequential,
+                               progress=False)
+        assert sum(r.recipe is not None for r in summary) == 15  # 7 per layer and the (untied) lm_head
+    seq, one = (m.model.layers for m in models)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert torch.equal(getattr(seq[0].self_attn, name).weight.qvalue, getattr(one[0].self_attn, name).weight.qvalue)
+    assert not torch.equal(seq[1].mlp.down_proj.weight.qvalue, one[1].mlp.down_proj.weight.qvalue)
+    with torch.no_grad():
+        assert torch.isfinite(models[0](torch.arange(20)[None]).logits).all()

@@ -28,18 +28,22 @@ from torch_bindings.qtensor import quantize
 __all__ = ["calibrate", "smoothquant_"]
 
 
+def call(model: nn.Module, batch: Any) -> Any:
+    """`model(**batch)` for a dict, `model(*batch)` for a tuple or list, else `model(batch)`."""
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
 def _run(model: nn.Module, batches: Iterable[Any], hooks: dict[nn.Module, Callable[..., None]]) -> int:
     handles = [m.register_forward_pre_hook(hook) for m, hook in hooks.items()]
     seen = 0
     try:
         with torch.no_grad():
             for batch in batches:
-                if isinstance(batch, dict):
-                    model(**batch)
-                elif isinstance(batch, (tuple, list)):
-                    model(*batch)
-                else:
-                    model(batch)
+                call(model, batch)
                 seen += 1
     finally:
         for h in handles:

@@ -17,7 +17,7 @@ from torch_bindings import functional, ops
 from torch_bindings.ops import device_of, platform_of
 from torch_bindings.qtensor import QTensor, quantize
 
-__all__ = ["QLinear", "quantize_", "Summary", "LayerSummary", "swap_modules", "unsafe_reason", "parameter_owners",
+__all__ = ["QLinear", "quantize_", "Summary", "LayerSummary", "swap_modules", "candidates", "unsafe_reason", "parameter_owners",
            "record_hf"]
 
 _STATE_FORMAT = "qkernels.QLinear/1"
@@ -246,6 +246,29 @@ def parameter_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
+def candidates(model: nn.Module, match: Callable[[nn.Module], bool], filter_fn: Callable[[nn.Module, str], bool] | None,
+               check_unsafe: bool = True) -> list[tuple[nn.Module | None, str, nn.Module, str | None]]:
+    """Every module of `model` for which `match(module)`, as (parent, fqn, module, reason it stays or None), in
+    module order: what `swap_modules` with the same arguments replaces (reason None) and skips, before any
+    replacement (a data-aware method calibrates exactly the layers it will swap)."""
+    owners = parameter_owners(model) if check_unsafe and filter_fn is None else {}
+
+    def decide(parent: nn.Module | None, fqn: str, child: nn.Module) -> str | None:
+        if filter_fn is not None:
+            return None if filter_fn(child, fqn) else "filter_fn returned False"
+        return unsafe_reason(parent, child, owners) if check_unsafe else None
+
+    if match(model):
+        return [(None, "", model, decide(None, "", model))]
+    found = []
+    for fqn, module in model.named_modules():
+        for name, child in module.named_children():
+            if match(child):
+                child_fqn = f"{fqn}.{name}" if fqn else name
+                found.append((module, child_fqn, child, decide(module, child_fqn, child)))
+    return found
+
+
 def swap_modules(model: nn.Module, match: Callable[[nn.Module], bool], make: Callable[[nn.Module, str], nn.Module],
                  recipe_of: Callable[[nn.Module], str | None], filter_fn: Callable[[nn.Module, str], bool] | None,
                  check_unsafe: bool = True, skip: Callable[[nn.Module, str], str | None] | None = None) -> Summary:
@@ -255,41 +278,25 @@ def swap_modules(model: nn.Module, match: Callable[[nn.Module], bool], make: Cal
     `filter_fn(module, fqn)` decides alone (it can force an unsafe swap, or skip a safe one). `skip(module,
     fqn)` gives the caller's own reasons to skip, checked first.
     """
-    owners = parameter_owners(model) if check_unsafe and filter_fn is None else {}
-
-    def decide(parent: nn.Module | None, fqn: str, child: nn.Module) -> str | None:
-        if skip is not None and (reason := skip(child, fqn)) is not None:
-            return reason
-        if filter_fn is not None:
-            return None if filter_fn(child, fqn) else "filter_fn returned False"
-        return unsafe_reason(parent, child, owners) if check_unsafe else None
-
-    def row(fqn: str, child: nn.Module, new: nn.Module | None, reason: str | None) -> LayerSummary:
-        return LayerSummary(name=fqn, shape=(child.out_features, child.in_features),
-                            recipe=None if new is None else recipe_of(new), reason=reason)
-
-    if match(model):
-        reason = decide(None, "", model)
-        new = make(model, "") if reason is None else None
-        return Summary(model=model if new is None else new, layers=(row("", model, new, reason),))
-    rows = []
-    for fqn, module in list(model.named_modules()):
-        for name, child in list(module.named_children()):
-            if not match(child):
-                continue
-            child_fqn = f"{fqn}.{name}" if fqn else name
-            reason = decide(module, child_fqn, child)
-            new = None
-            if reason is None:
-                new = make(child, child_fqn)
-                setattr(module, name, new)
-            rows.append(row(child_fqn, child, new, reason))
-    return Summary(model=model, layers=tuple(rows))
+    rows, result = [], model
+    for parent, fqn, child, reason in candidates(model, match, filter_fn, check_unsafe):
+        if skip is not None and (own := skip(child, fqn)) is not None:
+            reason = own
+        new = make(child, fqn) if reason is None else None
+        if new is not None:
+            if parent is None:  # the model itself matched: the new module is the result
+                result = new
+            else:
+                setattr(parent, fqn.rpartition(".")[2], new)
+        rows.append(LayerSummary(name=fqn, shape=(child.out_features, child.in_features),
+                                 recipe=None if new is None else recipe_of(new), reason=reason))
+    return Summary(model=result, layers=tuple(rows))
 
 
 def quantize_(model: nn.Module, recipe: Any = W8A8,
               filter_fn: Callable[[nn.Module, str], bool] | None = None, *, method: str = "rtn",
-              calibration: Iterable[Any] | None = None, act_order: bool = False, progress: bool = True) -> Summary:
+              calibration: Iterable[Any] | None = None, act_order: bool = False, sequential: bool | None = None,
+              progress: bool = True) -> Summary:
     """Replace the `nn.Linear` layers of `model` by QLinear, in place; returns a `Summary`
     (name, shape, recipe or reason skipped of every `nn.Linear`; `.model` is the model, or the new
     QLinear when `model` itself is an `nn.Linear`).
@@ -299,8 +306,11 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
     `method` chooses the codes: "rtn" (round to nearest) and "mse" (per-block clip search) are
     data-free ("mse-wide", "mse-refit", "hqq" too: `qkernels.quality.METHODS`); "gptq" (`act_order`
     optional; "gptq-mse" clip-searches its group scales; "gptq-ao", "gptq-ao-mse" in act-order) and "awq"
-    need `calibration`, an iterable of model inputs, run once through the float model
-    (`torch_bindings.ptq`; a progress bar per layer).
+    need `calibration`, an iterable of model inputs (`torch_bindings.ptq`; a progress bar per layer):
+    by default (`sequential=None`) a model made of a chain of blocks (a transformer's `nn.ModuleList` of
+    layers) is calibrated block by block, each layer from its inputs through the layers already quantized,
+    as the reference GPTQ does; `sequential=False` takes every layer's statistics from one pass of the float
+    model, `sequential=True` refuses a model it cannot replay.
     Mixture-of-experts modules holding 3-D expert weights (transformers 5.x `...Experts`) become
     `torch_bindings.experts.QMoEExperts` running `qk.grouped_linear` (one Summary row per expert weight;
     `filter_fn` sees the experts module; GPTQ / AWQ leave them float, saying so).
@@ -315,12 +325,15 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
         from torch_bindings.ptq import quantize_calibrated
 
         summary = quantize_calibrated(model, recipe, calibration, method, filter_fn, act_order=act_order,
-                                      progress=progress)
+                                      sequential=sequential, progress=progress)
         summary = _with_experts(summary, recipe, filter_fn, method,
                                 skip=f"method={method!r} calibrates nn.Linear layers only; quantize experts with "
                                      f"method='rtn' or 'mse'")
         record_hf(summary.model)
         return summary
+    if sequential is not None:
+        raise ValueError(f"sequential={sequential!r} is an option of the calibrated methods {CALIBRATED}, not "
+                         f"method={method!r}")
     if calibration is not None:
         raise ValueError(f"calibration batches are used by method='gptq', 'gptq-mse' or 'awq' (one of {CALIBRATED}), "
                          f"not {method!r}; for static activation scales use qk.calibrate(model, batches)")
