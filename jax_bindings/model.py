@@ -33,13 +33,19 @@ Modes (what the quantized call does with the weight):
   bit-identically (W8A8, W4A8: same codes, same integer kernel).
 - "calibrate": the forward stays float; each quantized call's activation range (absmax, or a
   percentile of |x|, per tensor) is max-merged into the 'calibration' collection
-  (`<param>_input_amax`), for `quantize_params(..., calibration=...)` to turn into static scales.
+  (`<param>_input_amax`), for `quantize_params(..., calibration=...)` to turn into static scales;
+  for a rule with a GPTQ `weight_method` the Gram matrix of the inputs is summed too
+  (`<param>_input_gram`, (K, K) f32, and `<param>_input_rows`), for `quantize_params(..., method='gptq')`
+  (Qwix's GPTQ takes the same route: statistics in a calibration pass, the algorithm in quantize_params).
+  The Gram matrices of all matched layers are held at once (K x K f32 each) and come from one pass of
+  the float model; the torch binding calibrates block by block.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +54,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, traverse_util
 from flax.core import meta
 from flax.linen import dtypes as linen_dtypes
@@ -61,6 +68,7 @@ from jax_bindings.qarray import QArray, quantize
 from jax_bindings.ragged import ragged_dot
 from jax_bindings.rules import Entry, Rule, Summary, check_rules, quantized_entry
 from qkernels import calibration as qcal
+from qkernels import quality
 
 __all__ = ["quantize_model", "quantize_params", "quantization_summary", "MODES", "CALIBRATION"]
 
@@ -68,6 +76,8 @@ MODES = ("serve", "qat", "calibrate")
 CALIBRATION = "calibration"  # the variable collection of activation ranges
 INPUT_SCALE = "_input_scale"  # suffix of a static recipe's per-tensor activation scale param
 INPUT_AMAX = "_input_amax"  # suffix of a calibration statistic
+INPUT_GRAM = "_input_gram"  # suffix of GPTQ's statistic: the sum of X^T X over the calibration rows (K, K)
+INPUT_ROWS = "_input_rows"  # and the number of those rows
 
 _LAX_DOT_GENERAL = jax.lax.dot_general
 _JNP_EINSUM = jnp.einsum
@@ -163,8 +173,9 @@ def _serving_weight(scope: _Scope, w: Any, contracting: tuple[int, ...], batch: 
                              f"rule gives {recipe.name}; convert the float params for this model with "
                              f"qk.quantize_params")
         return w
+    method = scope.rule.weight_method
     q = quantize(w, recipe, contracting_axes=contracting, batch_axes=batch, name=f"{scope.path}/{name}",
-                 method=scope.rule.weight_method)
+                 method="rtn" if method in quality.GPTQ_METHODS else method)  # GPTQ's codes: quantize_params
     if scope.flavor == "linen" and scope.module.is_initializing():
         boxed = scope.module.get_variable("params", name)
         scope.module.put_variable("params", name, _rebox(q, boxed))
@@ -218,26 +229,50 @@ def _input_scale(scope: _Scope, x: jax.Array, name: str) -> jax.Array:
 
 
 def _calibrate(scope: _Scope, x: jax.Array, name: str) -> None:
-    rule, key = scope.rule, name + INPUT_AMAX
+    rule = scope.rule
     amax = qcal.batch_range(jax.lax.stop_gradient(x), JAX_OPS, method=rule.method, percentile=rule.percentile)
+    _merge_stat(scope, name + INPUT_AMAX, amax, lambda old, new: qcal.merge_ranges(old, new, JAX_OPS))
+
+
+def _collect_gram(scope: _Scope, x: jax.Array, x_contracting: tuple[int, ...] | None, batch: tuple[int, ...],
+                  name: str) -> None:
+    """GPTQ's statistic of this call's activations: X^T X (K, K) summed into `<name>_input_gram` and the rows
+    into `<name>_input_rows` (f32; K in the weight's contracting order, as the QArray stores K)."""
+    if batch or x_contracting is None:
+        raise ValueError(f"module {scope.path!r}: weight_method={scope.rule.weight_method!r} quantizes one matrix per "
+                         f"weight from its inputs' Hessian; its {name!r} has batch (expert) axes: give this module a "
+                         f"Rule with weight_method='rtn' or 'mse'")
+    k = math.prod(x.shape[a] for a in x_contracting)
+    free = [a for a in range(x.ndim) if a not in x_contracting]
+    rows = jnp.transpose(jax.lax.stop_gradient(x), (*free, *x_contracting)).reshape(-1, k).astype(jnp.float32)
+    with _scoped(None):
+        gram = jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
+    count = jnp.float32(rows.shape[0])
+    for suffix, value in ((INPUT_GRAM, gram), (INPUT_ROWS, count)):
+        _merge_stat(scope, name + suffix, value, jnp.add)
+
+
+def _merge_stat(scope: _Scope, key: str, value: jax.Array, merge: Any) -> None:
+    """The module's calibration statistic `key` becomes `merge(old, value)` (`value` on the first call)."""
     if scope.flavor == "linen":
         module = scope.module
         if not module.is_mutable_collection(CALIBRATION):
-            raise ValueError(f"mode='calibrate' collects activation ranges into the {CALIBRATION!r} collection; "
+            raise ValueError(f"mode='calibrate' collects statistics into the {CALIBRATION!r} collection; "
                              f"apply with mutable=[{CALIBRATION!r}]")
-        stat = module.variable(CALIBRATION, key, lambda: jnp.zeros((), jnp.float32))
-        stat.value = qcal.merge_ranges(None if module.is_initializing() else stat.value, amax, JAX_OPS)
-        return
-    if not hasattr(scope.module, key):
-        setattr(scope.module, key, CalibrationStat(amax))
+        stat = module.variable(CALIBRATION, key, lambda: jnp.zeros_like(value))
+        stat.value = value if module.is_initializing() else merge(stat.value, value)
+    elif not hasattr(scope.module, key):
+        setattr(scope.module, key, CalibrationStat(value))
     else:
         stat = getattr(scope.module, key)
-        stat.set_value(qcal.merge_ranges(stat.get_value(), amax, JAX_OPS))
+        stat.set_value(merge(stat.get_value(), value))
 
 
 def _prepare(scope: _Scope, x: Any, w: Any, contracting: tuple[int, ...],
-             batch: tuple[int, ...]) -> dict[str, Any] | None:
-    """The weight (and the call's extra arguments) for this mode; None: run the float call."""
+             batch: tuple[int, ...], x_contracting: tuple[int, ...] | None) -> dict[str, Any] | None:
+    """The weight (and the call's extra arguments) for this mode; None: run the float call.
+    `x_contracting`: the activation's axes contracted with `contracting` (pairwise), None where the call
+    has no such pairing (ragged_dot)."""
     name = scope.name_of(w)
     if scope.mode != "serve":
         if isinstance(w, QArray):
@@ -254,6 +289,8 @@ def _prepare(scope: _Scope, x: Any, w: Any, contracting: tuple[int, ...],
             return {"weight": w, "extra": {}}
         if scope.recipe.static:
             _calibrate(scope, x, name)
+        if scope.rule.weight_method in quality.GPTQ_METHODS:
+            _collect_gram(scope, x, x_contracting, batch, name)
         return None
     q = _serving_weight(scope, w, contracting, batch)
     scope.summary.record(quantized_entry(scope.path, scope.module, name, q))
@@ -273,7 +310,7 @@ def _dot_general_hook(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any
     scope.used += 1
     (lc, rc), (lb, rb) = dimension_numbers
     x, w, (xc, wc), (xb, wb) = (lhs, rhs, (lc, rc), (lb, rb)) if side == "rhs" else (rhs, lhs, (rc, lc), (rb, lb))
-    ready = _prepare(scope, x, w, tuple(wc), tuple(wb))
+    ready = _prepare(scope, x, w, tuple(wc), tuple(wb), tuple(xc))
     if ready is None:
         return _LAX_DOT_GENERAL(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs)
     out_sharding = kwargs.pop("out_sharding", None) if side == "lhs" else None
@@ -300,8 +337,9 @@ def _einsum_hook(subscripts: Any, *operands: Any, **kwargs: Any) -> jax.Array:
     x, w = operands if side == "rhs" else operands[::-1]
     a, b, out = qeinsum.parse_subscripts(subscripts, *operands)
     xi, wi = (a, b) if side == "rhs" else (b, a)
-    ready = _prepare(scope, x, w, tuple(i for i, c in enumerate(wi) if c in xi and c not in out),
-                     tuple(i for i, c in enumerate(wi) if c in xi and c in out))
+    contracted = [i for i, c in enumerate(wi) if c in xi and c not in out]
+    ready = _prepare(scope, x, w, tuple(contracted), tuple(i for i, c in enumerate(wi) if c in xi and c in out),
+                     tuple(xi.index(wi[i]) for i in contracted))
     if ready is None:
         return _JNP_EINSUM(subscripts, *operands, **kwargs)
     with _scoped(None):
@@ -325,7 +363,7 @@ def _ragged_dot_hook(lhs: Any, rhs: Any, group_sizes: Any, precision: Any = None
                          f"{scope.recipe.name} is a static-range recipe, which qk.ragged_dot does not serve; give "
                          f"this module a dynamic recipe (e.g. qk.W8A8) in its Rule")
     scope.used += 1
-    ready = _prepare(scope, lhs, rhs, (1,), (0,))
+    ready = _prepare(scope, lhs, rhs, (1,), (0,), None)
     if ready is None:
         return _LAX_RAGGED_DOT(lhs, rhs, group_sizes, precision, preferred_element_type, group_offset, **kwargs)
     with _scoped(None):
@@ -628,20 +666,34 @@ def _unboxed(x: Any) -> Any:
     return meta.unbox(x)
 
 
-def _quantize_leaf(path: str, value: Any, target: QArray, method: str = "rtn") -> Any:
+def _quantize_leaf(path: str, value: Any, target: QArray, method: str = "rtn", hessian: Any = None) -> Any:
     value = _unboxed(value)
     abstract = _unboxed(target)
     if tuple(value.shape) != abstract.shape:
         raise ValueError(f"param {path!r} has shape {tuple(value.shape)} but the quantized model expects "
                          f"{list(abstract.shape)}; the params are of another model")
     q = quantize(value, abstract.recipe, contracting_axes=abstract.contracting_axes, batch_axes=abstract.batch_axes,
-                 name=path, method=method)
+                 name=path, method=method, hessian=hessian)
     q = _placed_like(q, value)
     leaf = getattr(target, "qvalue", None)
     if isinstance(leaf, meta.Partitioned):  # the abstract tree's boxes (names derived at init)
         q = dataclasses.replace(q, **{f: dataclasses.replace(getattr(target, f), value=getattr(q, f))
                                       for f in ("qvalue", "scale", "zero_point") if getattr(q, f) is not None})
     return q
+
+
+def _hessian(stats: dict[tuple, Any], path: tuple, name: str, method: str) -> Any:
+    """GPTQ's Hessian `2/n X^T X` (f64) of the param at `path` from its calibration statistics."""
+    gram, rows = ((*path[:-1], str(path[-1]) + suffix) for suffix in (INPUT_GRAM, INPUT_ROWS))
+    if gram not in stats or rows not in stats:
+        raise ValueError(f"method={method!r} needs the inputs of {name!r} but the calibration has no "
+                         f"{'/'.join(map(str, gram))!r}: run the model with mode='calibrate' and rules giving its module "
+                         f"weight_method={method!r} over example batches, and pass its {CALIBRATION!r} collection "
+                         f"(linen) or the calibrated model (NNX) as calibration=")
+    n = float(np.asarray(_unboxed(stats[rows])))
+    if n == 0:
+        raise ValueError(f"the calibration saw no input rows of {name!r}; calibrate on batches that reach it")
+    return (2.0 / n) * np.asarray(_unboxed(stats[gram]), np.float64)
 
 
 def quantize_params(params: Any, abstract_quantized_params: Any, calibration: Any = None, *,
@@ -656,7 +708,10 @@ def quantize_params(params: Any, abstract_quantized_params: Any, calibration: An
     'calibration' collection (linen) or the calibrated model (NNX); each `<param>_input_scale` is
     `qkernels.calibration.static_scale` of its `<param>_input_amax`. A float param sharded with a
     `NamedSharding` gives a QArray sharded alike (`QArray.storage_specs`). `method`: how the weights'
-    codes are chosen, 'rtn' or 'mse' (`qk.quantize`).
+    codes are chosen: a data-free method ('rtn', 'mse', ...: `qk.quantize`), or GPTQ ('gptq', 'gptq-mse',
+    'gptq-ao', 'gptq-ao-mse') from the Gram matrices that `mode="calibrate"` summed for the rules with that
+    `weight_method` (`calibration` as above; one pass of the float model, every layer's statistics from the
+    float layers before it; the torch binding can also go block by block).
     """
     targets = _flat(abstract_quantized_params) if not isinstance(abstract_quantized_params, nnx.Module) else \
         traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract_quantized_params, nnx.Param)))
@@ -671,7 +726,11 @@ def quantize_params(params: Any, abstract_quantized_params: Any, calibration: An
         name = "/".join(map(str, path))
         if path in values:
             value = values[path]
-            out[path] = _quantize_leaf(name, value, target, method) if _is_qarray(_unboxed(target)) else value
+            if _is_qarray(_unboxed(target)):
+                hessian = _hessian(stats, path, name, method) if method in quality.GPTQ_METHODS else None
+                out[path] = _quantize_leaf(name, value, target, method, hessian)
+            else:
+                out[path] = value
         elif str(path[-1]).endswith(INPUT_SCALE):
             amax_path = (*path[:-1], str(path[-1])[:-len(INPUT_SCALE)] + INPUT_AMAX)
             if amax_path not in stats:

@@ -159,32 +159,43 @@ def _chain_batches(cache: bool = False) -> list[dict]:
     return out
 
 
-def _gptq_codes(layer: nn.Linear, inputs: list[torch.Tensor], fmt) -> np.ndarray:
-    """The reference: GPTQ of `layer` from a Hessian of exactly `inputs` (summed as ptq does: f32 Gram, f64 mean)."""
+def _gptq_codes(layer: nn.Linear, inputs: list[torch.Tensor], fmt, targets: list[torch.Tensor] | None = None):
+    """The reference: GPTQ of `layer` from a Hessian of exactly `inputs` (summed as ptq does: f32 Gram, f64
+    mean); with `targets` (the float model's inputs of the layer), of the asymmetric target."""
     from qkernels import quality
 
-    h, n = None, 0
-    for x in inputs:
+    h, c, n = None, None, 0
+    for i, x in enumerate(inputs):
         xf = x.reshape(-1, layer.in_features).to(torch.float32)
+        if targets is not None:
+            tf = targets[i].reshape(-1, layer.in_features).to(torch.float32)
+            c, _ = quality.hessian_merge(c, n, (tf.T @ xf).numpy(), xf.shape[0])
         h, n = quality.hessian_merge(h, n, (xf.T @ xf).numpy(), xf.shape[0])
-    return quality.gptq(layer.weight.detach().numpy(), h, fmt).qvalue
+    w = layer.weight.detach().numpy()
+    return quality.gptq(w if c is None else quality.gptq_target(w, h, c), h, fmt).qvalue
 
 
-def test_sequential_gptq_takes_each_layer_from_the_quantized_layers_before_it():
+@pytest.mark.parametrize("asymmetric", [False, None])
+def test_sequential_gptq_takes_each_layer_from_the_quantized_layers_before_it(asymmetric):
     """Block by block, stage by stage (up, then down): every Hessian from inputs through what is already
-    quantized; the head (outside the blocks) from one pass of the model with every block quantized."""
+    quantized; the head (outside the blocks) from one pass of the model with every block quantized. By default
+    (asymmetric) each layer's target is the float model's output: the cross term with the float chain's inputs."""
     recipe, batches = qk.W4A16(32), _chain_batches()
     float_model, model = _Chain(), _Chain()
-    summary = qk.quantize_(model, recipe, calibration=batches, method="gptq", progress=False)
+    summary = qk.quantize_(model, recipe, calibration=batches, method="gptq", asymmetric=asymmetric, progress=False)
     assert [r.recipe for r in summary] == ["w4a16-g32"] * 7
     xs = [b["x"] for b in batches]
+    fs = xs if asymmetric is None else None  # the float chain
+    act = torch.nn.functional.gelu
     with torch.no_grad():
         for ref, q in zip(float_model.blocks, model.blocks):
-            assert np.array_equal(q.up.weight.qvalue.numpy(), _gptq_codes(ref.up, xs, recipe.rhs))
-            hidden = [torch.nn.functional.gelu(q.up(x)) for x in xs]
-            assert np.array_equal(q.down.weight.qvalue.numpy(), _gptq_codes(ref.down, hidden, recipe.rhs))
+            assert np.array_equal(q.up.weight.qvalue.numpy(), _gptq_codes(ref.up, xs, recipe.rhs, fs))
+            hidden = [act(q.up(x)) for x in xs]
+            targets = None if fs is None else [act(ref.up(f)) for f in fs]
+            assert np.array_equal(q.down.weight.qvalue.numpy(), _gptq_codes(ref.down, hidden, recipe.rhs, targets))
             xs = [q(x, scale=0.5) for x in xs]
-    assert np.array_equal(model.head.weight.qvalue.numpy(), _gptq_codes(float_model.head, xs, recipe.rhs))
+            fs = None if fs is None else [ref(f, scale=0.5) for f in fs]
+    assert np.array_equal(model.head.weight.qvalue.numpy(), _gptq_codes(float_model.head, xs, recipe.rhs, fs))
     one_pass = _Chain()
     qk.quantize_(one_pass, recipe, calibration=batches, method="gptq", sequential=False, progress=False)
     assert np.array_equal(one_pass.blocks[0].up.weight.qvalue.numpy(), model.blocks[0].up.weight.qvalue.numpy())
@@ -192,13 +203,30 @@ def test_sequential_gptq_takes_each_layer_from_the_quantized_layers_before_it():
                               model.blocks[2].down.weight.qvalue.numpy())
 
 
+def test_asymmetric_target_is_the_float_output_least_squares():
+    """quality.gptq_target: on the quantized inputs, W* reproduces the float model's outputs better than W
+    (least squares), and equals W where the inputs are the float model's own."""
+    from qkernels import quality
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 48)).astype(np.float32) @ (np.eye(48) + 0.3 * rng.standard_normal((48, 48)))
+    # the inputs through quantized layers: a systematic distortion of the float ones, and noise
+    xq = x @ (np.eye(48) + 0.1 * rng.standard_normal((48, 48))) + 0.01 * rng.standard_normal(x.shape)
+    w = rng.standard_normal((16, 48)).astype(np.float32)
+    h, c = 2 / len(x) * xq.T @ xq, 2 / len(x) * x.T @ xq
+    wstar = quality.gptq_target(w, h, c)
+    err = lambda v: float(np.sum((xq @ v.T - x @ w.T) ** 2))  # noqa: E731
+    assert err(wstar) < 0.01 * err(w)  # (the damping keeps it from the unregularized least squares' 48 / 954659)
+    np.testing.assert_allclose(quality.gptq_target(w, h, h), w, rtol=0, atol=1e-6)
+
+
 def test_sequential_calibration_never_replays_into_the_cache():
     batches = _chain_batches(cache=True)
     model = _Chain()
     qk.quantize_(model, qk.W4A16(32), calibration=batches, method="gptq-ao", progress=False)
-    # the model's own forwards (capture, and the pass for the head) update it at most once per block each; a
-    # replayed block would add one per stage and one for its outputs
-    assert all(b["cache"].updates <= 2 * 3 for b in batches)
+    # the model's own forwards (capture; the float and the quantized pass for the head) update it at most once
+    # per block each; a replayed block would add one per stage and one for its outputs, twice (two chains)
+    assert all(b["cache"].updates <= 3 * 3 for b in batches)
     plain = _Chain()
     qk.quantize_(plain, qk.W4A16(32), calibration=_chain_batches(), method="gptq-ao", progress=False)
     for a, b in zip(model.modules(), plain.modules()):
@@ -222,6 +250,8 @@ def test_blocks_that_do_not_chain_take_one_pass_or_are_refused():
         quantized("gptq", calibration=[data(0, 8)], sequential=True)
     with pytest.raises(ValueError, match="sequential=False is an option of the calibrated methods"):
         quantized("mse", sequential=False)
+    with pytest.raises(ValueError, match="asymmetric=True is GPTQ's target"):
+        quantized("awq", calibration=[data(0, 8)], asymmetric=True)
 
 
 def test_sequential_gptq_on_a_transformers_model():

@@ -296,7 +296,7 @@ def swap_modules(model: nn.Module, match: Callable[[nn.Module], bool], make: Cal
 def quantize_(model: nn.Module, recipe: Any = W8A8,
               filter_fn: Callable[[nn.Module, str], bool] | None = None, *, method: str = "rtn",
               calibration: Iterable[Any] | None = None, act_order: bool = False, sequential: bool | None = None,
-              progress: bool = True) -> Summary:
+              asymmetric: bool | None = None, progress: bool = True) -> Summary:
     """Replace the `nn.Linear` layers of `model` by QLinear, in place; returns a `Summary`
     (name, shape, recipe or reason skipped of every `nn.Linear`; `.model` is the model, or the new
     QLinear when `model` itself is an `nn.Linear`).
@@ -310,7 +310,9 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
     by default (`sequential=None`) a model made of a chain of blocks (a transformer's `nn.ModuleList` of
     layers) is calibrated block by block, each layer from its inputs through the layers already quantized,
     as the reference GPTQ does; `sequential=False` takes every layer's statistics from one pass of the float
-    model, `sequential=True` refuses a model it cannot replay.
+    model, `sequential=True` refuses a model it cannot replay. Calibrated block by block, GPTQ quantizes
+    each layer toward the float model's outputs, not its own on the quantized inputs (`asymmetric=None`:
+    where it applies; `False`: the reference GPTQ's target; see `torch_bindings.ptq`).
     Mixture-of-experts modules holding 3-D expert weights (transformers 5.x `...Experts`) become
     `torch_bindings.experts.QMoEExperts` running `qk.grouped_linear` (one Summary row per expert weight;
     `filter_fn` sees the experts module; GPTQ / AWQ leave them float, saying so).
@@ -325,15 +327,16 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
         from torch_bindings.ptq import quantize_calibrated
 
         summary = quantize_calibrated(model, recipe, calibration, method, filter_fn, act_order=act_order,
-                                      sequential=sequential, progress=progress)
+                                      sequential=sequential, asymmetric=asymmetric, progress=progress)
         summary = _with_experts(summary, recipe, filter_fn, method,
                                 skip=f"method={method!r} calibrates nn.Linear layers only; quantize experts with "
                                      f"method='rtn' or 'mse'")
         record_hf(summary.model)
         return summary
-    if sequential is not None:
-        raise ValueError(f"sequential={sequential!r} is an option of the calibrated methods {CALIBRATED}, not "
-                         f"method={method!r}")
+    for option, value in (("sequential", sequential), ("asymmetric", asymmetric)):
+        if value is not None:
+            raise ValueError(f"{option}={value!r} is an option of the calibrated methods {CALIBRATED}, not "
+                             f"method={method!r}")
     if calibration is not None:
         raise ValueError(f"calibration batches are used by method='gptq', 'gptq-mse' or 'awq' (one of {CALIBRATED}), "
                          f"not {method!r}; for static activation scales use qk.calibrate(model, batches)")

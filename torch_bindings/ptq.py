@@ -1,34 +1,50 @@
 """Data-aware post-training quantization of torch models: GPTQ and AWQ through `qk.quantize_`.
 
 `qk.quantize_(model, recipe, calibration=batches, method="gptq" | "gptq-mse" | "gptq-ao" | "gptq-ao-mse" | "awq")`
-runs the batches once
-through the float model (hooks on the `nn.Linear` layers, under `torch.no_grad()`; a batch is passed
-as `model(batch)`, `model(*batch)` or `model(**batch)`), keeping per layer only what the method needs:
+runs the batches through the model (hooks on the `nn.Linear` layers, under `torch.no_grad()`; a batch is
+passed as `model(batch)`, `model(*batch)` or `model(**batch)`), keeping per layer only what the method needs:
 
 | method | kept per layer                                        | memory         |
 |--------|-------------------------------------------------------|----------------|
 | gptq, gptq-* | the running Hessian `2/n X^T X` (`quality.hessian_merge`) | K x K (f64) |
 | awq    | a uniform sample of `rows` input rows (reservoir)       | rows x K (f32) |
 
-never the model's activations; then each layer is quantized on its own (`quality.gptq` /
-`quality.awq`, the framework-neutral algorithms, on NumPy copies of one layer at a time) with a
-progress bar per layer; "gptq-mse" is GPTQ with clip-searched group scales (`quality.gptq(clip=True)`),
-"gptq-ao" GPTQ in act-order with static groups (`quality.gptq(act_order=True)`), "gptq-ao-mse" both
-(measured on SmolLM2-135M, W4A16 g128 with a zero point: perplexity +51.7% over fp32 for "gptq",
-+15.8% "gptq-mse", see `quality.gptq` and bench/results/quality-cpu-2026-12-01.md for the act-order rows).
-The Hessians come from the float model's inputs to each layer, in one pass (not layer by layer
-from the partly quantized model, as the reference GPTQ does). AWQ's per-channel factors become the
-layer's `smooth` vector (the layer divides its input by them, as SmoothQuant's do), so the result
-serves, saves and loads like any
-QLinear. Layers are chosen as in `quantize_` (same default skips, same `filter_fn`); a layer the
-batches never reach is skipped with that reason.
+never the model's activations; each layer is quantized on its own (`quality.gptq` / `quality.awq`, the
+framework-neutral algorithms, on NumPy copies of one layer at a time) with a progress bar per layer;
+"gptq-mse" is GPTQ with clip-searched group scales (`quality.gptq(clip=True)`), "gptq-ao" GPTQ in
+act-order with static groups (`quality.gptq(act_order=True)`), "gptq-ao-mse" both.
+
+Order (`sequential=None`, the default): where the layers sit in a chain of blocks (the `nn.ModuleList`
+holding most of them, a transformer's layers) whose each block takes the previous one's output, the
+model runs once per batch up to the first block (its arguments are kept; a key/value cache among them is
+dropped, `use_cache` off), then block by block, stage by stage inside a block (the layers reading one
+tensor: q/k/v, then o, then gate/up, then down, found by running the block once), each stage's
+statistics come from the block replayed through the layers already quantized, as the reference GPTQ
+and AutoAWQ do; the layers outside the blocks (an untied LM head) from one pass of the model after.
+Statistics live for one stage at a time (one pass of the float model would hold every layer's Hessian at
+once: 30 GB of f64 for a 7B model). A model whose blocks do not chain takes one pass of the float model
+(`sequential=True` refuses it, saying why; `sequential=False` asks for one pass).
+
+Target (`asymmetric=None`: on for GPTQ where calibration is sequential): the float model runs beside,
+block by block, and each layer is quantized toward the float model's output rather than its own on the
+quantized inputs (`quality.gptq_target`, GPTAQ's asymmetric calibration; twice the replays). Measured
+on SmolLM2-135M, W4A16 g128 with a zero point, "gptq-ao-mse", the report's calibration set (perplexity,
+fp32 23.86; 420 evaluated tokens, one run each): one pass of the float model 26.54, sequential 26.96,
+sequential + asymmetric 25.91; "gptq-mse" 27.64 one pass, 28.00 sequential. all-MiniLM-L6-v2 (mean
+cosine, w4a16-g128-zp "gptq-ao-mse"): 0.9830, 0.9831, 0.9835.
+
+AWQ's per-channel factors become the layer's `smooth` vector (the layer divides its input by them, as
+SmoothQuant's do), so the result serves, saves and loads like any QLinear. Layers are chosen as in
+`quantize_` (same default skips, same `filter_fn`); a layer the batches never reach is skipped with that
+reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -44,10 +60,9 @@ from torch_bindings.qtensor import QTensor
 
 __all__ = ["METHODS", "quantize_calibrated"]
 
-METHODS = ("gptq", "gptq-mse", "gptq-ao", "gptq-ao-mse", "awq")
-"""GPTQ with each group's range by the format's rule on the updated weights (natural order); "-mse": by
-the clip search; "-ao": act-order (columns by decreasing Hessian diagonal) with static groups, the
-parameters fixed ahead from the original weights (`quality.gptq(act_order=True)`); AWQ."""
+METHODS = (*quality.GPTQ_METHODS, "awq")
+"""GPTQ's variants (`quality.GPTQ_METHODS`: "-mse" clip-searched group ranges, "-ao" act-order with static
+groups) and AWQ."""
 
 
 class _Rows:
@@ -67,31 +82,51 @@ class _Rows:
 
 class _Stats:
     """What `method` keeps of each layer's inputs (the module docstring's table), fed by `hook` (a forward
-    pre-hook); `stats[layer]` is `[H, rows]` (GPTQ) or a `_Rows` sample (AWQ)."""
+    pre-hook): `stats[layer]` is `[H, rows, C]` (GPTQ; C is the cross term of the asymmetric target, None
+    without) or a `_Rows` sample (AWQ). `target` (a pre-hook on the float layers, run first on the same batch)
+    gives the float model's input to each layer, whose product with the quantized model's input is C."""
 
     def __init__(self, layers: list[nn.Linear], method: str, rows: int) -> None:
         self.hessian = method != "awq"
-        self.stats: dict[nn.Module, Any] = {m: [None, 0] if self.hessian else _Rows(rows, i)
+        self.stats: dict[nn.Module, Any] = {m: [None, 0, None] if self.hessian else _Rows(rows, i)
                                             for i, m in enumerate(layers)}
-        # the last input seen (held, so its id is not reused; with its version, so an in-place change counts as
-        # new) and its Gram matrix: the layers that read one tensor (q/k/v, gate/up) share one product
-        self._last: list[Any] = [None, -1, None]
+        self.targets: dict[nn.Module, torch.Tensor] = {}
+        # the last product made and what it was made of (held, so an id is not reused; with versions, so an
+        # in-place change counts as new): the layers that read one tensor (q/k/v, gate/up) share one product
+        self._gram: list[Any] = [None] * 4
+        self._cross: list[Any] = [None] * 4
+
+    def target(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        self.targets[module] = args[0].detach()
 
     def hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        x = args[0].detach().reshape(-1, module.in_features)
-        if self.hessian:  # X^T X by torch's matmul in f32 (as the reference GPTQ), the running mean in f64
-            last = self._last
-            if last[0] is not args[0] or last[1] != args[0]._version:
-                xf = x.to(torch.float32)
-                last[:] = args[0], args[0]._version, (xf.T @ xf).cpu().numpy()
-            h, n = self.stats[module]
-            self.stats[module] = list(quality.hessian_merge(h, n, last[2], x.shape[0]))
-        else:
-            self.stats[module].update(x.to(torch.float32).cpu().numpy())
+        x = args[0].detach()
+        rows = x.reshape(-1, module.in_features)
+        if not self.hessian:
+            self.stats[module].update(rows.to(torch.float32).cpu().numpy())
+            return
+        # X^T X by torch's matmul in f32 (as the reference GPTQ), the running means in f64
+        gram = _product(self._gram, args[0], args[0])
+        h, n, c = self.stats[module]
+        target = self.targets.pop(module, None)
+        if target is not None or c is not None:  # rows without a float input (not routed there) are their own
+            cross = gram if target is None or target.shape != x.shape else _product(self._cross, target, args[0])
+            c, _ = quality.hessian_merge(h if c is None else c, n, cross, rows.shape[0])
+        h, n = quality.hessian_merge(h, n, gram, rows.shape[0])
+        self.stats[module] = [h, n, c]
 
     def reached(self, module: nn.Module) -> bool:
         stat = self.stats[module]
         return stat[1] > 0 if self.hessian else stat.seen > 0
+
+
+def _product(cache: list[Any], a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """`A^T B` of the rows of `a` and `b` (f32, NumPy), reused while `cache` holds the same tensors."""
+    if not (cache[0] is a and cache[1] is b and cache[2] == (a._version, b._version)):
+        k = a.shape[-1]
+        af, bf = a.reshape(-1, k).to(torch.float32), b.reshape(-1, k).to(torch.float32)
+        cache[:] = a, b, (a._version, b._version), (af.T @ bf).cpu().numpy()
+    return cache[3]
 
 
 class _Stop(Exception):
@@ -207,11 +242,15 @@ def _stages(block: nn.Module, first: tuple[tuple[Any, ...], dict[str, Any]],
 
 
 def _solve(module: nn.Linear, stat: Any, recipe: Recipe, method: str, act_order: bool) -> QLinear:
-    """The layer quantized by `method` from its statistics (`quality.gptq` / `quality.awq` on NumPy copies)."""
+    """The layer quantized by `method` from its statistics (`quality.gptq` / `quality.awq` on NumPy copies);
+    with a cross term, GPTQ quantizes the asymmetric target (`quality.gptq_target`)."""
     w = module.weight.detach().to(torch.float32).cpu().numpy()
     smooth = None
     if method != "awq":
-        op = quality.gptq(w, stat[0], recipe.rhs, act_order=act_order or "-ao" in method, clip=method.endswith("-mse"))
+        h, _, c = stat
+        if c is not None:
+            w = quality.gptq_target(w, h, c)
+        op = quality.gptq_named(w, h, recipe.rhs, method, act_order=act_order)
     else:
         op, smooth = quality.awq(w, stat.rows, recipe.rhs)
     device = module.weight.device
@@ -223,48 +262,83 @@ def _solve(module: nn.Linear, stat: Any, recipe: Recipe, method: str, act_order:
     return QLinear.from_qtensor(weight, module.bias)
 
 
-def _collect(runs: list[Callable[[], Any]], stats: _Stats, layers: list[nn.Module], stop_after: bool) -> None:
-    """Each of `runs` (a forward each) with `stats.hook` on `layers`; with `stop_after`, a forward ends once
-    every layer has been hit (a pre-hook: its input is taken first)."""
+@contextlib.contextmanager
+def _float_layers(done: dict[nn.Module, QLinear]) -> Iterator[None]:
+    """The layers quantized so far run float again (their `forward` overrides lifted) inside the block."""
+    lifted = {m: m.__dict__.pop("forward") for m in done if "forward" in m.__dict__}
+    try:
+        yield
+    finally:
+        for m, forward in lifted.items():
+            m.forward = forward
+
+
+def _forward(run: Callable[[], Any], layers: list[nn.Module], hook: Callable[[nn.Module, tuple], None],
+             stop_after: bool) -> None:
+    """`run()` (one forward) with `hook` as a pre-hook on `layers`; with `stop_after`, the forward ends once
+    every layer has been hit (its input is taken first)."""
     hit: set[nn.Module] = set()
 
-    def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
-        stats.hook(m, args)
+    def pre(m: nn.Module, args: tuple[Any, ...]) -> None:
+        hook(m, args)
         hit.add(m)
         if stop_after and len(hit) == len(layers):
             raise _Stop
 
-    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    handles = [m.register_forward_pre_hook(pre) for m in layers]
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # the quantized layers run many rows here; what they would be slower than matters when serving
-            warnings.simplefilter("ignore", SlowPathWarning)
-            for run in runs:
-                hit.clear()
-                try:
-                    run()
-                except _Stop:
-                    pass
+        run()
+    except _Stop:
+        pass
     finally:
         for h in handles:
             h.remove()
 
 
+def _collect(runs: list[Callable[[], Any]], stats: _Stats, layers: list[nn.Module], stop_after: bool,
+             floats: list[Callable[[], Any]] | None = None, done: dict[nn.Module, QLinear] | None = None) -> None:
+    """`stats` of `layers` over `runs` (forwards of the partly quantized model); with `floats`, each run is
+    preceded by the same forward of the float model (`done`'s layers float), whose inputs are the targets."""
+    with torch.no_grad(), warnings.catch_warnings():
+        # the quantized layers run many rows here; what they would be slower than matters when serving
+        warnings.simplefilter("ignore", SlowPathWarning)
+        for i, run in enumerate(runs):
+            if floats is not None:
+                stats.targets.clear()
+                with _float_layers(done or {}):
+                    _forward(floats[i], layers, stats.target, stop_after)
+            _forward(run, layers, stats.hook, stop_after)
+        stats.targets.clear()
+
+
+def _outputs(block: nn.Module, inputs: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[tuple[tuple, dict]]:
+    """The next block's inputs: `block`'s output in place of each input's hidden state."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPathWarning)
+        return [_with_hidden(a, k, _output(block(*a, **k))) for a, k in inputs]
+
+
 def quantize_calibrated(model: nn.Module, recipe: Recipe, batches: Iterable[Any], method: str,
                         filter_fn: Callable[[nn.Module, str], bool] | None, *, rows: int = 512,
-                        act_order: bool = False, sequential: bool | None = None, progress: bool = True) -> Summary:
+                        act_order: bool = False, sequential: bool | None = None, asymmetric: bool | None = None,
+                        progress: bool = True) -> Summary:
     """`qk.quantize_` with a data-aware `method` (see the module docstring). `sequential`: None replays the
     blocks one after the other where the model allows it (else one pass), True requires it (ValueError saying
-    why it cannot), False takes one pass of the float model."""
+    why it cannot), False takes one pass of the float model. `asymmetric` (GPTQ, sequential only; None: on
+    where it applies): each layer's target is the float model's output, not its own on the quantized inputs."""
     if method not in METHODS:
         raise ValueError(f"method={method!r} with calibration batches: choose one of {METHODS}")
+    if asymmetric and (method == "awq" or sequential is False):
+        raise ValueError(f"asymmetric=True is GPTQ's target through the quantized blocks (sequential calibration); "
+                         f"method={method!r}, sequential={sequential!r} has none")
     batches = list(batches)
     if not batches:
         raise ValueError("calibration got no batch; pass an iterable of model inputs (e.g. a few hundred tokens' "
                          "worth of real data)")
     is_linear = lambda m: isinstance(m, nn.Linear)  # noqa: E731
-    layers = [m for _, _, m, reason in candidates(model, is_linear, filter_fn) if reason is None]
-    stats = _Stats([m for _, _, m, _ in candidates(model, is_linear, filter_fn)], method, rows)
+    found = candidates(model, is_linear, filter_fn)
+    layers = [m for _, _, m, reason in found if reason is None]
+    stats = _Stats([m for _, _, m, _ in found], method, rows)
     bar = _progress(len(layers), method) if progress else None
     done: dict[nn.Module, QLinear] = {}
 
@@ -273,7 +347,7 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, batches: Iterable[Any]
             if stats.reached(m):
                 done[m] = _solve(m, stats.stats[m], recipe, method, act_order)
                 m.forward = done[m].forward
-                stats.stats[m] = None  # the Hessian / sample is not needed again
+                stats.stats[m] = None  # the statistics are not needed again
                 if bar is not None:
                     bar.update()
 
@@ -282,24 +356,31 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, batches: Iterable[Any]
         why = None if blocks else "no nn.ModuleList of blocks holds the layers"
         if blocks:
             inputs, why = _block_inputs(model, blocks, batches)
-        if sequential and layers and why is not None:
+        if (sequential or asymmetric) and layers and why is not None:
             raise ValueError(f"sequential=True: {why}; pass sequential=False (statistics from one pass of the "
                              f"float model)")
+        rest = layers
         if why is None:
-            inside = {m for b in blocks for m in b.modules()}
+            asym = asymmetric is not False and method != "awq"
+            targets = list(inputs) if asym else None  # the float model's inputs of the block
+            mine = set(layers)
             for block in blocks:
-                mine = [m for m in block.modules() if m in set(layers)]
-                for stage, stop in _stages(block, inputs[0], mine) if mine else []:
-                    _collect([functools.partial(block, *a, **k) for a, k in inputs], stats, stage, stop)
+                here = [m for m in block.modules() if m in mine]
+                for stage, stop in _stages(block, inputs[0], here) if here else []:
+                    floats = None if targets is None else [functools.partial(block, *a, **k) for a, k in targets]
+                    _collect([functools.partial(block, *a, **k) for a, k in inputs], stats, stage, stop, floats, done)
                     solve(stage)
-                with torch.no_grad(), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", SlowPathWarning)
-                    inputs = [_with_hidden(a, k, _output(block(*a, **k))) for a, k in inputs]
+                inputs = _outputs(block, inputs)
+                if targets is not None:
+                    with _float_layers(done):
+                        targets = _outputs(block, targets)
+            inside = {m for b in blocks for m in b.modules()}
             rest = [m for m in layers if m not in inside]
+            floats = [functools.partial(call, model, b) for b in batches] if asym else None
         else:
-            rest = layers
+            floats = None
         if rest:  # one pass of the model (the blocks quantized where they were replayed)
-            _collect([functools.partial(call, model, b) for b in batches], stats, rest, False)
+            _collect([functools.partial(call, model, b) for b in batches], stats, rest, False, floats, done)
             solve(rest)
     finally:
         for m in done:
