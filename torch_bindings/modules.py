@@ -297,8 +297,9 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
     By default the layers a swap would break are skipped (`unsafe_reason`: `nn.MultiheadAttention`'s
     `out_proj`, tied weights); `filter_fn(module, fqn) -> bool` replaces that rule.
     `method` chooses the codes: "rtn" (round to nearest) and "mse" (per-block clip search) are
-    data-free ("mse-wide", "mse-refit", "hqq" too: `qkernels.quality.METHODS`); "gptq" (`act_order`
-    optional; "gptq-mse" clip-searches its group scales; "gptq-ao", "gptq-ao-mse" in act-order) and "awq"
+    data-free ("mse-wide", "mse-refit", "hqq" too: `qkernels.quality.METHODS`), and so is "gptq-synthetic"
+    (GPTQ calibrated on random token ids from the model's own vocabulary, `torch_bindings.synthetic`);
+    "gptq" (`act_order` optional; "gptq-mse" clip-searches its group scales; "gptq-ao", "gptq-ao-mse" in act-order) and "awq"
     need `calibration`, an iterable of model inputs, run once through the float model
     (`torch_bindings.ptq`; a progress bar per layer).
     Mixture-of-experts modules holding 3-D expert weights (transformers 5.x `...Experts`) become
@@ -306,8 +307,11 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
     `filter_fn` sees the experts module; GPTQ / AWQ leave them float, saying so).
     """
     from torch_bindings.ptq import METHODS as CALIBRATED
+    from torch_bindings.synthetic import SYNTHETIC, calibration_for
 
     recipe = resolve_recipe(recipe)
+    if method in SYNTHETIC:
+        method, calibration = calibration_for(model, method, calibration)
     if method in CALIBRATED:
         if calibration is None:
             raise ValueError(f"method={method!r} needs calibration batches: qk.quantize_(model, recipe, "
