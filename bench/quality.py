@@ -43,8 +43,8 @@ downloaded at run time):
 from the model's vocabulary (`torch_bindings.synthetic`).
 
 The slower methods (mse-refit, hqq, gptq-synthetic, gptq, gptq-mse, gptq-ao, gptq-ao-mse, awq) run on the
-recipes of `--search-recipes` / `--lm-search-recipes` only (`--full`: on every recipe), which keeps the whole report near 10 min of
-two CPU cores. `--save` writes bench/results/quality-<device>-<date>.*.
+recipes of `--search-recipes` / `--lm-search-recipes` only (`--full`: on every recipe), which keeps the whole
+report near 10 min of two CPU cores. `--save` writes bench/results/quality-<device>-<date>.*.
 """
 
 from __future__ import annotations

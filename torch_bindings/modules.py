@@ -299,8 +299,8 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
     `method` chooses the codes: "rtn" (round to nearest) and "mse" (per-block clip search) are
     data-free ("mse-wide", "mse-refit", "hqq" too: `qkernels.quality.METHODS`), and so is "gptq-synthetic"
     (GPTQ calibrated on random token ids from the model's own vocabulary, `torch_bindings.synthetic`);
-    "gptq" (`act_order` optional; "gptq-mse" clip-searches its group scales; "gptq-ao", "gptq-ao-mse" in act-order) and "awq"
-    need `calibration`, an iterable of model inputs, run once through the float model
+    "gptq" (`act_order` optional; "gptq-mse" clip-searches its group scales; "gptq-ao", "gptq-ao-mse" in
+    act-order) and "awq" need `calibration`, an iterable of model inputs, run once through the float model
     (`torch_bindings.ptq`; a progress bar per layer).
     Mixture-of-experts modules holding 3-D expert weights (transformers 5.x `...Experts`) become
     `torch_bindings.experts.QMoEExperts` running `qk.grouped_linear` (one Summary row per expert weight;
