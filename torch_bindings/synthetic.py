@@ -24,7 +24,7 @@ biases, it still stopped at 0.9744. GPTQ needs the inputs' correlations, which r
 | the report's 768 calibration sentences (text)            | 0.9830      | (seen)      |
 | 768 x 12 random ids, whole vocabulary (default, seed 0)  | 0.9849      | 0.9873      |
 | the same, seeds 1 / 2                                    | 0.9841 / 0.9838 | 0.9869 / 0.9865 |
-| 1536 x 12 / 768 x 8 / 768 x 24 random ids                | 0.9857 / 0.9836 / 0.9835 | 0.9882 / 0.9869 / 0.9869 |
+| 1536 x 12 / 768 x 8 / 768 x 24 random ids | 0.9857 / 0.9836 / 0.9835 | 0.9882 / 0.9869 / 0.9869 |
 | 128 x 12 / 256 x 32 random ids                           | 0.9784 / 0.9789 | -      |
 | 768 x 12, ids >= 1000 (past BERT's [unused] tokens)      | 0.9841      | -           |
 | 768 x 12, ids >= 1000 between [CLS] and [SEP] (seeds 0 / 1) | 0.9850 / 0.9856 | -     |
