@@ -32,8 +32,9 @@ biases, it still stopped at 0.9744. GPTQ needs the inputs' correlations, which r
 ("calibration sentences": 384 of the report's calibration sentences, text no synthetic calibration
 sees, a second held-out set.) Symmetric W4A16 g128: 0.9798 / 0.9811 / 0.9788 (seeds 0 / 1 / 2; round to
 nearest 0.9428, GPTQ on the text 0.9796). Many short sequences beat fewer long ones (as sequence starts
-matter for GPTQ on SmolLM2-135M, `quality.gptq`), and more tokens help (1536 sequences: twice the Hessian pass); the defaults were chosen
-with the report sentences in view, the seeds and the second set say how far that carries. On
+matter for GPTQ on SmolLM2-135M, `quality.gptq`), and more tokens help (1536 sequences: twice the
+Hessian pass); the defaults were chosen with the report sentences in view, the seeds and the second set
+say how far that carries. On
 SmolLM2-135M (W4A16 g128 zp, bench.quality's perplexity) it gives +25.5% over fp32: better than round to
 nearest's +30.5%, not than the weight-only "mse-wide" (+23.5%), far from GPTQ on text (+11.2%,
 "gptq-ao-mse"); random ids are far from text for a causal LM, whose every later position reads the
