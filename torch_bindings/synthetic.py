@@ -18,8 +18,8 @@ measured on the report's calibration sentences), and the clip search weighted by
 against the unweighted 0.9657; weighted by the true mean squares, with the true means folded into the
 biases, it still stopped at 0.9744. GPTQ needs the inputs' correlations, which random tokens give:
 
-| calibration of "gptq-ao-mse" (ids x length) | zp, report sentences     | zp, calibration sentences | symmetric, report  |
-|-------------------------------------|--------------------------|---------------------------|--------------------|
+| calibration of "gptq-ao-mse" | zp, report sentences | zp, calibration sentences | symmetric, report |
+|---|---|---|---|
 | none: round to nearest / "mse"      | 0.9600 / 0.9657          | 0.9627 / 0.9666           | 0.9428 / 0.9523    |
 | the report's 768 calibration sentences | 0.9830                | (seen)                    | 0.9796             |
 | 768 x 12 random ids, seeds 0-2 | 0.9849 / 0.9841 / 0.9838 | 0.9873 / 0.9869 / 0.9865 | 0.9798 / 0.9811 / 0.9788 |
