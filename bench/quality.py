@@ -1,8 +1,8 @@
 """python -m bench.quality: what each recipe x method keeps of real models (CPU), beside torchao.
 
     python -m bench.quality [--models embedding,lm] [--recipes ...] [--lm-recipes ...]
-                            [--methods rtn,mse,mse-wide,smoothquant,mse-refit,hqq,awq,gptq,gptq-mse,
-                                       gptq-ao,gptq-ao-mse] [--full]
+                            [--methods rtn,mse,mse-wide,smoothquant,mse-refit,hqq,gptq-synthetic,awq,gptq,
+                                       gptq-mse,gptq-ao,gptq-ao-mse] [--full]
                             [--sentences 192]
                             [--save] [--json FILE] [--markdown FILE] [--plot FILE.png] [--checkpoint FILE]
                             [--threads N]
@@ -39,9 +39,12 @@ downloaded at run time):
   gptq-ao 0.890 (0.835-0.949), gptq-ao-mse / rtn 0.852 (0.778-0.933); so 420 tokens decide between
   these methods, though not each row's distance to a goal.
 
-The slower methods (mse-refit, hqq, gptq, gptq-mse, gptq-ao, gptq-ao-mse, awq) run on the recipes of `--search-recipes` /
-`--lm-search-recipes` only (`--full`: on every recipe), which keeps the whole report near 10 min of
-two CPU cores. `--save` writes bench/results/quality-<device>-<date>.*.
+"gptq-synthetic" is data-free (no calibration batches go in) but not weight-only: GPTQ on random token ids
+from the model's vocabulary (`torch_bindings.synthetic`).
+
+The slower methods (mse-refit, hqq, gptq-synthetic, gptq, gptq-mse, gptq-ao, gptq-ao-mse, awq) run on the
+recipes of `--search-recipes` / `--lm-search-recipes` only (`--full`: on every recipe), which keeps the whole
+report near 10 min of two CPU cores. `--save` writes bench/results/quality-<device>-<date>.*.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ LM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LM_TEXT = Path(__file__).parent / "data" / "perplexity.txt"
 LM_CALIBRATION_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 LM_PYDOC, LM_SEQUENCE = 2048, 512  # tokens; with the prose, 7104 rows: well beyond the largest K (1536)
-SLOW = ("mse-refit", "hqq", "gptq", "gptq-mse", "gptq-ao", "gptq-ao-mse", "awq")
+SLOW = ("mse-refit", "hqq", "gptq-synthetic", "gptq", "gptq-mse", "gptq-ao", "gptq-ao-mse", "awq")
 CALIBRATED = ("gptq", "gptq-mse", "gptq-ao", "gptq-ao-mse", "awq", "smoothquant")
 
 _CAL = (["The old sailor", "A careful doctor", "Our neighbour", "The orchestra", "A tired student", "The mayor",
@@ -362,7 +365,7 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-DATA_FREE = ("rtn", "mse", "mse-wide", "mse-refit", "hqq")
+DATA_FREE = ("rtn", "mse", "mse-wide", "mse-refit", "hqq", "gptq-synthetic")  # no calibration batches
 _GOALS = [  # issue 17's goals: (model, recipes, methods, metric, bound, what)
     (MODEL, ("w4a16-g128", "w4a16-g128-zp"), DATA_FREE, "mean_cosine", 0.98,
      "W4A16 g128 data-free: mean cosine >= 0.98"),
@@ -445,8 +448,8 @@ def main(argv: list[str] | None = None) -> None:
     # cheap rows first, so that a run cut short (--checkpoint) still holds every recipe's round to nearest
     p.add_argument("--recipes", default="w8a16,w8a8,w4a8-g128,w4a16-g32,w4a16-g128,w4a16-g128-zp")
     p.add_argument("--lm-recipes", default="w8a16,w8a8,w4a8-g128,w4a16-g128,w4a16-g128-zp")
-    p.add_argument("--methods", default="rtn,mse,mse-wide,smoothquant,mse-refit,hqq,awq,gptq,gptq-mse,gptq-ao,"
-                                        "gptq-ao-mse")
+    p.add_argument("--methods", default="rtn,mse,mse-wide,smoothquant,mse-refit,hqq,gptq-synthetic,awq,gptq,"
+                                        "gptq-mse,gptq-ao,gptq-ao-mse")
     p.add_argument("--search-recipes", default="w4a16-g128,w4a16-g128-zp",
                    help="embedding recipes the slow methods (mse-refit, hqq, gptq*, awq) run on")
     p.add_argument("--lm-search-recipes", default="w4a16-g128-zp", help="the same for the LM")

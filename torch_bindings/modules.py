@@ -304,22 +304,26 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
     By default the layers a swap would break are skipped (`unsafe_reason`: `nn.MultiheadAttention`'s
     `out_proj`, tied weights); `filter_fn(module, fqn) -> bool` replaces that rule.
     `method` chooses the codes: "rtn" (round to nearest) and "mse" (per-block clip search) are
-    data-free ("mse-wide", "mse-refit", "hqq" too: `qkernels.quality.METHODS`); "gptq" (`act_order`
-    optional; "gptq-mse" clip-searches its group scales; "gptq-ao", "gptq-ao-mse" in act-order) and "awq"
-    need `calibration`, an iterable of model inputs (`torch_bindings.ptq`; a progress bar per layer):
-    by default (`sequential=None`) a model made of a chain of blocks (a transformer's `nn.ModuleList` of
-    layers) is calibrated block by block, each layer from its inputs through the layers already quantized,
-    as the reference GPTQ does; `sequential=False` takes every layer's statistics from one pass of the float
-    model, `sequential=True` refuses a model it cannot replay. Calibrated block by block, GPTQ quantizes
-    each layer toward the float model's outputs, not its own on the quantized inputs (`asymmetric=None`:
-    where it applies; `False`: the reference GPTQ's target; see `torch_bindings.ptq`).
+    data-free ("mse-wide", "mse-refit", "hqq" too: `qkernels.quality.METHODS`), and so is "gptq-synthetic"
+    (GPTQ calibrated on random token ids from the model's own vocabulary, `torch_bindings.synthetic`);
+    "gptq" (`act_order` optional; "gptq-mse" clip-searches its group scales; "gptq-ao", "gptq-ao-mse" in
+    act-order) and "awq" need `calibration`, an iterable of model inputs (`torch_bindings.ptq`; a progress
+    bar per layer): by default (`sequential=None`) a model made of a chain of blocks (a transformer's
+    `nn.ModuleList` of layers) is calibrated block by block, each layer from its inputs through the layers
+    already quantized, as the reference GPTQ does; `sequential=False` takes every layer's statistics from one
+    pass of the float model, `sequential=True` refuses a model it cannot replay. Calibrated block by block,
+    GPTQ quantizes each layer toward the float model's outputs, not its own on the quantized inputs
+    (`asymmetric=None`: where it applies; `False`: the reference GPTQ's target; see `torch_bindings.ptq`).
     Mixture-of-experts modules holding 3-D expert weights (transformers 5.x `...Experts`) become
     `torch_bindings.experts.QMoEExperts` running `qk.grouped_linear` (one Summary row per expert weight;
     `filter_fn` sees the experts module; GPTQ / AWQ leave them float, saying so).
     """
     from torch_bindings.ptq import METHODS as CALIBRATED
+    from torch_bindings.synthetic import SYNTHETIC, calibration_for
 
     recipe = resolve_recipe(recipe)
+    if method in SYNTHETIC:
+        method, calibration = calibration_for(model, method, calibration)
     if method in CALIBRATED:
         if calibration is None:
             raise ValueError(f"method={method!r} needs calibration batches: qk.quantize_(model, recipe, "
