@@ -78,6 +78,9 @@ INPUT_SCALE = "_input_scale"  # suffix of a static recipe's per-tensor activatio
 INPUT_AMAX = "_input_amax"  # suffix of a calibration statistic
 INPUT_GRAM = "_input_gram"  # suffix of GPTQ's statistic: the sum of X^T X over the calibration rows (K, K)
 INPUT_ROWS = "_input_rows"  # and the number of those rows
+INPUT_ABS = "_input_abs"  # AWQ's too: the sum of |x| per input channel (K,)
+SMOOTH = "_smooth"  # suffix of AWQ's per-input-channel factors param (K,): the layer's input is divided by them
+DATA_AWARE = (*quality.GPTQ_METHODS, "awq")  # the weight methods whose statistics mode="calibrate" collects
 
 _LAX_DOT_GENERAL = jax.lax.dot_general
 _JNP_EINSUM = jnp.einsum
@@ -175,7 +178,7 @@ def _serving_weight(scope: _Scope, w: Any, contracting: tuple[int, ...], batch: 
         return w
     method = scope.rule.weight_method
     q = quantize(w, recipe, contracting_axes=contracting, batch_axes=batch, name=f"{scope.path}/{name}",
-                 method="rtn" if method in quality.GPTQ_METHODS else method)  # GPTQ's codes: quantize_params
+                 method="rtn" if method in DATA_AWARE else method)  # GPTQ's / AWQ's codes: quantize_params
     if scope.flavor == "linen" and scope.module.is_initializing():
         boxed = scope.module.get_variable("params", name)
         scope.module.put_variable("params", name, _rebox(q, boxed))
@@ -237,18 +240,22 @@ def _calibrate(scope: _Scope, x: jax.Array, name: str) -> None:
 def _collect_gram(scope: _Scope, x: jax.Array, x_contracting: tuple[int, ...] | None, batch: tuple[int, ...],
                   name: str) -> None:
     """GPTQ's statistic of this call's activations: X^T X (K, K) summed into `<name>_input_gram` and the rows
-    into `<name>_input_rows` (f32; K in the weight's contracting order, as the QArray stores K)."""
+    into `<name>_input_rows` (f32; K in the weight's contracting order, as the QArray stores K); for AWQ also
+    sum |x| per channel into `<name>_input_abs`."""
     if batch or x_contracting is None:
         raise ValueError(f"module {scope.path!r}: weight_method={scope.rule.weight_method!r} quantizes one matrix per "
-                         f"weight from its inputs' Hessian; its {name!r} has batch (expert) axes: give this module a "
-                         f"Rule with weight_method='rtn' or 'mse'")
+                         f"weight from its inputs' statistics; its {name!r} has batch (expert) axes: give this module "
+                         f"a Rule with weight_method='rtn' or 'mse'")
     k = math.prod(x.shape[a] for a in x_contracting)
     free = [a for a in range(x.ndim) if a not in x_contracting]
     rows = jnp.transpose(jax.lax.stop_gradient(x), (*free, *x_contracting)).reshape(-1, k).astype(jnp.float32)
     with _scoped(None):
         gram = jnp.matmul(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
     count = jnp.float32(rows.shape[0])
-    for suffix, value in ((INPUT_GRAM, gram), (INPUT_ROWS, count)):
+    stats = [(INPUT_GRAM, gram), (INPUT_ROWS, count)]
+    if scope.rule.weight_method == "awq":
+        stats.append((INPUT_ABS, jnp.sum(jnp.abs(rows), axis=0)))
+    for suffix, value in stats:
         _merge_stat(scope, name + suffix, value, jnp.add)
 
 
@@ -289,13 +296,41 @@ def _prepare(scope: _Scope, x: Any, w: Any, contracting: tuple[int, ...],
             return {"weight": w, "extra": {}}
         if scope.recipe.static:
             _calibrate(scope, x, name)
-        if scope.rule.weight_method in quality.GPTQ_METHODS:
+        if scope.rule.weight_method in DATA_AWARE:
             _collect_gram(scope, x, x_contracting, batch, name)
         return None
     q = _serving_weight(scope, w, contracting, batch)
     scope.summary.record(quantized_entry(scope.path, scope.module, name, q))
+    if scope.rule.weight_method == "awq":
+        x = _divide(x, _smooth(scope, name, q.k), x_contracting)
     extra = {"input_scale": _input_scale(scope, x, name)} if q.recipe.static else {}
-    return {"weight": q, "extra": extra}
+    return {"weight": q, "extra": extra, "x": x}
+
+
+def _smooth(scope: _Scope, name: str, k: int) -> jax.Array:
+    """AWQ's factors of the module's `name` (a param next to it, ones until `quantize_params` sets them)."""
+    key = name + SMOOTH
+    if scope.recipe.static:
+        raise ValueError(f"module {scope.path!r}: weight_method='awq' divides the activations by per-channel factors "
+                         f"before they are quantized, which {scope.recipe.name}'s static range does not see; use a "
+                         f"weight-only or dynamic recipe (e.g. qk.W4A16(128))")
+    if scope.flavor == "linen":
+        return scope.module.param(key, lambda _key: jnp.ones((k,), jnp.float32))
+    if not hasattr(scope.module, key):
+        if not scope.converting:
+            raise ValueError(f"module {scope.path!r} has no {key!r}: quantize the NNX model with example inputs")
+        setattr(scope.module, key, nnx.Param(jnp.ones((k,), jnp.float32)))
+    return getattr(scope.module, key)[...]
+
+
+def _divide(x: jax.Array, s: jax.Array, x_contracting: tuple[int, ...] | None) -> jax.Array:
+    """`x` divided by `s` (K,) along its contracting axes (K in the weight's contracting order)."""
+    if x_contracting is None:
+        raise ValueError("weight_method='awq' needs the activation's contracting axes (not lax.ragged_dot's experts)")
+    dims = [x.shape[a] for a in x_contracting]
+    t = jnp.transpose(s.reshape(dims), np.argsort(x_contracting))  # to the axes' own order
+    full = [x.shape[a] if a in x_contracting else 1 for a in range(x.ndim)]
+    return x / t.reshape(full).astype(x.dtype)
 
 
 # --- the replacement functions -----------------------------------------------------------------------------------
@@ -315,7 +350,7 @@ def _dot_general_hook(lhs: Any, rhs: Any, dimension_numbers: Any, precision: Any
         return _LAX_DOT_GENERAL(lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs)
     out_sharding = kwargs.pop("out_sharding", None) if side == "lhs" else None
     with _scoped(None):
-        y = dot_general(x, ready["weight"], ((xc, wc), (xb, wb)), precision, preferred_element_type,
+        y = dot_general(ready.get("x", x), ready["weight"], ((xc, wc), (xb, wb)), precision, preferred_element_type,
                         recipe=scope.recipe, backend=scope.rule.backend, **ready["extra"], **kwargs)
         if side == "lhs":  # lax order: (batch, weight free, activation free)
             y = _lax_order(y, len(xb), x.ndim - len(xc) - len(xb))
@@ -343,7 +378,7 @@ def _einsum_hook(subscripts: Any, *operands: Any, **kwargs: Any) -> jax.Array:
     if ready is None:
         return _JNP_EINSUM(subscripts, *operands, **kwargs)
     with _scoped(None):
-        return qeinsum.einsum(f"{xi},{wi}->{out}", x, ready["weight"],
+        return qeinsum.einsum(f"{xi},{wi}->{out}", ready.get("x", x), ready["weight"],
                               dot_general=functools.partial(_call_dot_general, scope.rule, ready["extra"]),
                               precision=kwargs.get("precision"),
                               preferred_element_type=kwargs.get("preferred_element_type"),
@@ -666,14 +701,14 @@ def _unboxed(x: Any) -> Any:
     return meta.unbox(x)
 
 
-def _quantize_leaf(path: str, value: Any, target: QArray, method: str = "rtn", hessian: Any = None) -> Any:
+def _quantize_leaf(path: str, value: Any, target: QArray, method: str = "rtn", solver: Any = None) -> Any:
     value = _unboxed(value)
     abstract = _unboxed(target)
     if tuple(value.shape) != abstract.shape:
         raise ValueError(f"param {path!r} has shape {tuple(value.shape)} but the quantized model expects "
                          f"{list(abstract.shape)}; the params are of another model")
     q = quantize(value, abstract.recipe, contracting_axes=abstract.contracting_axes, batch_axes=abstract.batch_axes,
-                 name=path, method=method, hessian=hessian)
+                 name=path, method=method, solver=solver)
     q = _placed_like(q, value)
     leaf = getattr(target, "qvalue", None)
     if isinstance(leaf, meta.Partitioned):  # the abstract tree's boxes (names derived at init)
@@ -682,18 +717,32 @@ def _quantize_leaf(path: str, value: Any, target: QArray, method: str = "rtn", h
     return q
 
 
-def _hessian(stats: dict[tuple, Any], path: tuple, name: str, method: str) -> Any:
-    """GPTQ's Hessian `2/n X^T X` (f64) of the param at `path` from its calibration statistics."""
-    gram, rows = ((*path[:-1], str(path[-1]) + suffix) for suffix in (INPUT_GRAM, INPUT_ROWS))
-    if gram not in stats or rows not in stats:
+def _solver(stats: dict[tuple, Any], path: tuple, name: str, method: str, recipe: Any,
+            smooths: dict[tuple, Any]) -> Any:
+    """The data-aware `method`'s solver for the param at `path` (`quantize(solver=)`), from its calibration
+    statistics: GPTQ on the Hessian `2/n X^T X`; AWQ on `X^T X / n` and mean |x|, its factors put in
+    `smooths` under the `<param>_smooth` path."""
+    keys = {suffix: (*path[:-1], str(path[-1]) + suffix) for suffix in (INPUT_GRAM, INPUT_ROWS, INPUT_ABS)}
+    needed = (INPUT_GRAM, INPUT_ROWS, INPUT_ABS) if method == "awq" else (INPUT_GRAM, INPUT_ROWS)
+    missing = [keys[s] for s in needed if keys[s] not in stats]
+    if missing:
         raise ValueError(f"method={method!r} needs the inputs of {name!r} but the calibration has no "
-                         f"{'/'.join(map(str, gram))!r}: run the model with mode='calibrate' and rules giving its module "
-                         f"weight_method={method!r} over example batches, and pass its {CALIBRATION!r} collection "
-                         f"(linen) or the calibrated model (NNX) as calibration=")
-    n = float(np.asarray(_unboxed(stats[rows])))
+                         f"{'/'.join(map(str, missing[0]))!r}: run the model with mode='calibrate' and rules giving its "
+                         f"module weight_method={method!r} over example batches, and pass its {CALIBRATION!r} "
+                         f"collection (linen) or the calibrated model (NNX) as calibration=")
+    n = float(np.asarray(_unboxed(stats[keys[INPUT_ROWS]])))
     if n == 0:
         raise ValueError(f"the calibration saw no input rows of {name!r}; calibrate on batches that reach it")
-    return (2.0 / n) * np.asarray(_unboxed(stats[gram]), np.float64)
+    gram = np.asarray(_unboxed(stats[keys[INPUT_GRAM]]), np.float64) / n
+    if method != "awq":
+        return lambda w: quality.gptq_named(w, 2.0 * gram, recipe.rhs, method)
+
+    def awq(w: np.ndarray) -> Any:
+        op, s = quality.awq_gram(w, gram, np.asarray(_unboxed(stats[keys[INPUT_ABS]]), np.float64) / n, recipe.rhs)
+        smooths[(*path[:-1], str(path[-1]) + SMOOTH)] = jnp.asarray(s)
+        return op
+
+    return awq
 
 
 def quantize_params(params: Any, abstract_quantized_params: Any, calibration: Any = None, *,
@@ -709,9 +758,10 @@ def quantize_params(params: Any, abstract_quantized_params: Any, calibration: An
     `qkernels.calibration.static_scale` of its `<param>_input_amax`. A float param sharded with a
     `NamedSharding` gives a QArray sharded alike (`QArray.storage_specs`). `method`: how the weights'
     codes are chosen: a data-free method ('rtn', 'mse', ...: `qk.quantize`), or GPTQ ('gptq', 'gptq-mse',
-    'gptq-ao', 'gptq-ao-mse') from the Gram matrices that `mode="calibrate"` summed for the rules with that
-    `weight_method` (`calibration` as above; one pass of the float model, every layer's statistics from the
-    float layers before it; the torch binding can also go block by block).
+    'gptq-ao', 'gptq-ao-mse') and AWQ ('awq': `quality.awq_gram`; the factors fill each `<param>_smooth`)
+    from the statistics that `mode="calibrate"` summed for the rules with that `weight_method`
+    (`calibration` as above; one pass of the float model, every layer's statistics from the float layers
+    before it; the torch binding can also go block by block).
     """
     targets = _flat(abstract_quantized_params) if not isinstance(abstract_quantized_params, nnx.Module) else \
         traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(abstract_quantized_params, nnx.Param)))
@@ -721,16 +771,25 @@ def quantize_params(params: Any, abstract_quantized_params: Any, calibration: An
     stats = {}
     if calibration is not None:
         stats = _flat(nnx.state(calibration, CalibrationStat) if isinstance(calibration, nnx.Module) else calibration)
-    out = {}
-    for path, target in targets.items():
-        name = "/".join(map(str, path))
+    out: dict[tuple, Any] = {}
+    smooths: dict[tuple, Any] = {}  # AWQ's factors, by the path of their param
+    for path, target in sorted(targets.items(), key=lambda item: not _is_qarray(_unboxed(item[1]))):
+        name = "/".join(map(str, path))  # (the weights first: AWQ's factors come with them)
         if path in values:
             value = values[path]
             if _is_qarray(_unboxed(target)):
-                hessian = _hessian(stats, path, name, method) if method in quality.GPTQ_METHODS else None
-                out[path] = _quantize_leaf(name, value, target, method, hessian)
+                solver = None
+                if method in DATA_AWARE:
+                    solver = _solver(stats, path, name, method, _unboxed(target).recipe, smooths)
+                out[path] = _quantize_leaf(name, value, target, method, solver)
             else:
                 out[path] = value
+        elif str(path[-1]).endswith(SMOOTH):
+            if path not in smooths:
+                raise ValueError(f"param {name!r} holds AWQ's factors; quantize the params with method='awq' (and "
+                                 f"the calibration that collected its statistics)")
+            out[path] = dataclasses.replace(target, value=smooths[path]) if isinstance(target, meta.Partitioned) \
+                else smooths[path]
         elif str(path[-1]).endswith(INPUT_SCALE):
             amax_path = (*path[:-1], str(path[-1])[:-len(INPUT_SCALE)] + INPUT_AMAX)
             if amax_path not in stats:

@@ -157,7 +157,7 @@ def _is_concrete(x: Any) -> bool:
 
 def quantize(w: Any, recipe: Any = None, *, contracting_axes: Sequence[int] | int = (0,),
              batch_axes: Sequence[int] | int = (), name: str = "weight", method: str = "rtn",
-             hessian: Any = None) -> QArray:
+             solver: Any = None) -> QArray:
     """Quantize a float weight for `recipe` (default W8A8) into a canonical packed `QArray`.
 
     `contracting_axes`: the axes the weight is contracted over in the `dot_general` it feeds, e.g.
@@ -166,10 +166,9 @@ def quantize(w: Any, recipe: Any = None, *, contracting_axes: Sequence[int] | in
     ValueError naming `name`; under a trace use `dot_general(..., check_finite=True)` and checkify.
     `method`: "rtn" (round to nearest) or "mse" (per-block clip search, `qkernels.quality`): a concrete
     weight is searched in NumPy, as the torch binding does, so both give the same codes; a traced one in
-    jnp (the same definition). A GPTQ method ('gptq', 'gptq-mse', 'gptq-ao', 'gptq-ao-mse') takes `hessian`,
-    the (K, K) Hessian `2/n X^T X` of the weight's inputs with K in `contracting_axes`' order
-    (`quality.gptq`; `qk.quantize_params(..., method='gptq')` builds it from a calibration), concrete
-    weights only.
+    jnp (the same definition). `solver`: instead of `method`, a function of the concrete canonical weight
+    (N, K) f32 NumPy (K in `contracting_axes`' order) returning its codes as a `QOperand`: the data-aware
+    methods (GPTQ, AWQ), which `qk.quantize_params` runs from calibration statistics.
     """
     recipe = resolve_recipe(recipe)
     w = jnp.asarray(w)
@@ -186,12 +185,11 @@ def quantize(w: Any, recipe: Any = None, *, contracting_axes: Sequence[int] | in
     lead = (skeleton.batch,) if batch else ()
     canon = jnp.transpose(w, perm).reshape(*lead, skeleton.n, skeleton.k)
     recipe.check_k(skeleton.k)
-    if method in quality.GPTQ_METHODS:
-        if hessian is None or batch or not _is_concrete(w):
-            raise ValueError(f"{name}: method={method!r} needs the Hessian of the weight's inputs (hessian=, from "
-                             f"mode='calibrate' through qk.quantize_params) and a concrete weight without batch axes")
-        op = QOperand(*(None if a is None else jnp.asarray(a) for a in quality.gptq_named(
-            np.asarray(canon.astype(jnp.float32)), hessian, recipe.rhs, method)))
+    if solver is not None:
+        if batch or not _is_concrete(w):
+            raise ValueError(f"{name}: a data-aware method quantizes one concrete matrix, not a traced weight or one "
+                             f"with batch axes")
+        op = QOperand(*(None if a is None else jnp.asarray(a) for a in solver(np.asarray(canon.astype(jnp.float32)))))
     elif method == "rtn":
         op = quant.quantize_operand(canon, recipe.rhs)
     elif _is_concrete(w):

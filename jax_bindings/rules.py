@@ -20,6 +20,7 @@ from qkernels.formats import Recipe, resolve_recipe
 __all__ = ["Rule", "Entry", "Summary", "CALIBRATION_METHODS"]
 
 CALIBRATION_METHODS = ("absmax", "percentile")
+WEIGHT_METHODS = (*quality.METHODS, *quality.GPTQ_METHODS, "awq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,10 +33,11 @@ class Rule:
     qkernels implementation for these modules (as `qk.dot_general(..., backend=)`); `weight_method`
     chooses the weights' codes when they are quantized: 'rtn' (round to nearest) or 'mse' (per-block clip
     search, `qkernels.quality`; QAT's forward rounds to nearest, so QAT -> serve stays bit-identical only
-    with 'rtn'), or a GPTQ method ('gptq', 'gptq-mse', 'gptq-ao', 'gptq-ao-mse': `quality.GPTQ_METHODS`), which
-    needs data: `mode="calibrate"` then sums each weight's input Gram matrix `X^T X` into the calibration
-    collection and `qk.quantize_params(..., calibration=..., method='gptq')` runs GPTQ on it; until then
-    (`init`, NNX's conversion call) the weights are rounded to nearest.
+    with 'rtn'), or a data-aware method (GPTQ: 'gptq', 'gptq-mse', 'gptq-ao', 'gptq-ao-mse', `quality.GPTQ_METHODS`;
+    'awq'), which needs data: `mode="calibrate"` then sums each weight's input Gram matrix `X^T X` (and for
+    AWQ |x| per channel) into the calibration collection and `qk.quantize_params(..., calibration=...,
+    method=...)` runs the method on it; until then (`init`, NNX's conversion call) the weights are rounded
+    to nearest (AWQ's `<param>_smooth` factors are ones).
     """
 
     module_path: str
@@ -55,9 +57,8 @@ class Rule:
             object.__setattr__(self, "recipe", resolve_recipe(self.recipe))
         if self.method not in CALIBRATION_METHODS:
             raise ValueError(f"Rule method={self.method!r}; use one of {CALIBRATION_METHODS}")
-        if self.weight_method not in (*quality.METHODS, *quality.GPTQ_METHODS):
-            raise ValueError(f"Rule weight_method={self.weight_method!r}; use one of "
-                             f"{(*quality.METHODS, *quality.GPTQ_METHODS)}")
+        if self.weight_method not in WEIGHT_METHODS:
+            raise ValueError(f"Rule weight_method={self.weight_method!r}; use one of {WEIGHT_METHODS}")
         if not 0.0 < self.percentile <= 100.0:
             raise ValueError(f"Rule percentile={self.percentile} must be in (0, 100], e.g. 99.99")
 

@@ -59,7 +59,8 @@ from qkernels.numerics import (
 )
 
 __all__ = ["METHODS", "clip_search", "widen_search", "refit", "quantize_weight", "hessian_update", "hessian_merge",
-           "gptq", "GPTQ_METHODS", "gptq_named", "gptq_target", "awq"]
+           "gptq", "GPTQ_METHODS", "gptq_named", "gptq_target", "awq",
+           "awq_gram"]
 
 METHODS = ("rtn", "mse", "mse-wide", "mse-refit", "hqq")
 """Data-free weight quantization methods: round to nearest on the full range; MSE-optimal clipping;
@@ -480,22 +481,50 @@ def awq(w: Any, x: Any, fmt: OperandFormat, *, grid: int = 20, clip: bool = True
         raise ValueError("AWQ needs calibration rows of the layer's inputs; none were given")
     k = w.shape[-1]
     exact = x.astype(np.float64) @ w.T.astype(np.float64)
-    mean = np.abs(x).mean(0).astype(np.float32)
-    mean = np.where(mean > 0, mean, np.float32(1))
+
+    def error(s: np.ndarray, q: QOperand) -> float:
+        approx = calibration.smooth_activations(x, s) @ fmt.dequantize(q, k).T
+        return float(np.mean((approx - exact) ** 2))
+
+    return _awq_search(w, np.abs(x).mean(0), np.mean(x.astype(np.float64) ** 2, 0), error, fmt, grid, clip)
+
+
+def awq_gram(w: Any, second: Any, mean_abs: Any, fmt: OperandFormat, *, grid: int = 20,
+             clip: bool = True) -> tuple[QOperand, Any]:
+    """`awq` from statistics of the rows instead of the rows: `second = X^T X / R` (K, K) and `mean_abs =
+    mean|X|` (K,), which a framework can sum over every calibration row under `jit` (the JAX binding). The
+    output error of a candidate is `tr(D second D^T) / N` with `D = dequantize(quantize(w * s)) / s - w`:
+    `awq`'s mean over the same rows, exactly."""
+    w = np.asarray(w, np.float32)
+    second = np.asarray(second, np.float64)
+    k = w.shape[-1]
+    if second.shape != (k, k) or np.shape(mean_abs) != (k,):
+        raise ValueError(f"AWQ statistics of shapes {second.shape} and {np.shape(mean_abs)} do not match the "
+                         f"weight's K={k}")
+
+    def error(s: np.ndarray, q: QOperand) -> float:
+        d = fmt.dequantize(q, k).astype(np.float64) / s.astype(np.float64) - w
+        return float(np.sum((d @ second) * d) / w.shape[0])
+
+    return _awq_search(w, np.asarray(mean_abs, np.float32), np.diag(second), error, fmt, grid, clip)
+
+
+def _awq_search(w: np.ndarray, mean: np.ndarray, mean_square: np.ndarray, error: Any, fmt: OperandFormat,
+                grid: int, clip: bool) -> tuple[QOperand, Any]:
+    """AWQ's search over alpha (`awq`), the output error of a candidate (s, codes of w * s) by `error`."""
+    mean = np.where(mean > 0, mean, np.float32(1)).astype(np.float32)
     best = (np.inf, None)
     for i in range(grid):
         alpha = i / grid
         s = (mean ** alpha).astype(np.float32)
         s = (s / np.sqrt(s.max() * s.min())).astype(np.float32)  # centred around 1: scales stay moderate
         s = np.clip(s, *calibration.SMOOTHING_CLIP).astype(np.float32)
-        q = fmt.quantize(calibration.smooth_weight(w, s))
-        approx = calibration.smooth_activations(x, s) @ fmt.dequantize(q, k).T
-        err = float(np.mean((approx - exact) ** 2))
+        err = error(s, fmt.quantize(calibration.smooth_weight(w, s)))
         if err < best[0]:
             best = (err, s)
     s = best[1]
     ws = calibration.smooth_weight(w, s)
     if not clip:
         return fmt.quantize(ws), s
-    importance = (np.mean(x.astype(np.float64) ** 2, 0) / s.astype(np.float64) ** 2).astype(np.float32)
+    importance = (np.asarray(mean_square, np.float64) / s.astype(np.float64) ** 2).astype(np.float32)
     return clip_search(ws, fmt, importance=importance), s

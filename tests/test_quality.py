@@ -298,8 +298,8 @@ def test_rules_and_quantize_params_take_the_weight_method():
 
     assert Rule(".*", qk.W4A16(128), weight_method="mse").weight_method == "mse"
     assert Rule(".*", qk.W4A16(128), weight_method="gptq").weight_method == "gptq"  # from calibration (JAX GPTQ)
-    with pytest.raises(ValueError, match="weight_method='awq'"):
-        Rule(".*", qk.W4A16(128), weight_method="awq")
+    with pytest.raises(ValueError, match="weight_method='smoothquant'"):
+        Rule(".*", qk.W4A16(128), weight_method="smoothquant")
 
 
 def test_quality_report_merges_runs_and_a_rerun_replaces_its_rows(tmp_path):
@@ -331,3 +331,16 @@ def test_quality_report_merges_runs_and_a_rerun_replaces_its_rows(tmp_path):
     (tmp_path / "1.json").write_text(json.dumps(runs[1]))
     with pytest.raises(SystemExit, match="evaluated differently"):
         report.merged(paths)
+
+
+def test_awq_from_row_statistics_is_awq_on_the_rows():
+    """awq_gram (X^T X / R and mean |x|, what JAX sums under jit) chooses what awq chooses from the rows."""
+    rng = np.random.default_rng(3)
+    x = testing.activations(rng, (256, 96), outliers=4)
+    w = rng.standard_normal((48, 96)).astype(np.float32)
+    fmt = qk.W4A16(32).rhs
+    op, s = quality.awq(w, x, fmt)
+    x64 = x.astype(np.float64)
+    op2, s2 = quality.awq_gram(w, x64.T @ x64 / len(x), np.abs(x64).mean(0), fmt)
+    np.testing.assert_allclose(s2, s, rtol=1e-6)
+    assert np.array_equal(op2.qvalue, op.qvalue) and np.allclose(op2.scale, op.scale)

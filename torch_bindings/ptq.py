@@ -357,8 +357,8 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, batches: Iterable[Any]
         if blocks:
             inputs, why = _block_inputs(model, blocks, batches)
         if (sequential or asymmetric) and layers and why is not None:
-            raise ValueError(f"sequential=True: {why}; pass sequential=False (statistics from one pass of the "
-                             f"float model)")
+            raise ValueError(f"{'sequential' if sequential else 'asymmetric'}=True: {why}; pass sequential=False "
+                             f"(statistics from one pass of the float model)")
         rest = layers
         if why is None:
             asym = asymmetric is not False and method != "awq"

@@ -1,5 +1,6 @@
-"""GPTQ for Flax models: mode="calibrate" sums each weight's input Gram matrix, qk.quantize_params(method="gptq")
-runs the framework-neutral algorithm (qkernels.quality) on it (linen and NNX)."""
+"""GPTQ and AWQ for Flax models: mode="calibrate" sums each weight's input Gram matrix (and |x| for AWQ),
+qk.quantize_params(method="gptq" | "awq") runs the framework-neutral algorithm (qkernels.quality) on it
+(linen and NNX)."""
 
 from __future__ import annotations
 
@@ -18,11 +19,12 @@ K, HIDDEN, HEADS = 96, 128, 4
 MIX = (np.random.default_rng(0).standard_normal((K, K)) * 0.15 + np.eye(K)).astype(np.float32)
 
 
-def _x(seed: int, rows: int = 64) -> jax.Array:
-    """Rows with the same outlier channels in every batch, correlated across channels: where GPTQ pays."""
+def _x(seed: int, rows: int = 64, mixed: bool = True) -> jax.Array:
+    """Rows with the same outlier channels in every batch, correlated across channels when `mixed`: where
+    GPTQ pays (AWQ: from the salient channels)."""
     x = testing.activations(np.random.default_rng(seed), (rows, K), outliers=0)
     x[:, :4] *= 20.0
-    return jnp.asarray(x @ MIX)
+    return jnp.asarray(x @ MIX if mixed else x)
 
 
 class MLP(nn.Module):
@@ -142,3 +144,43 @@ def test_gptq_misuse_is_refused():
     calib = qk.quantize_model(Experts(), [qk.Rule(r".*", qk.W4A16(32), weight_method="gptq")], "calibrate")
     with pytest.raises(ValueError, match="batch \\(expert\\) axes.*weight_method='rtn' or 'mse'"):
         calib.init(KEY, x)
+
+
+def test_linen_awq_serves_with_its_factors():
+    model, batches = nn.Dense(HIDDEN), [_x(40 + i, mixed=False) for i in range(4)]
+    rules = [qk.Rule(r".*", qk.W4A16(32), weight_method="awq")]
+    params = model.init(KEY, batches[0])["params"]
+    stats = _calibrated(model, rules, params, batches)
+    rows = np.concatenate([np.asarray(x, np.float64) for x in batches])
+    np.testing.assert_allclose(np.asarray(stats["kernel_input_abs"]), np.abs(rows).sum(0), rtol=1e-5)
+    qmodel, qparams = _served(model, rules, params, batches[0], calibration=stats, method="awq")
+    _, want = quality.awq_gram(np.asarray(params["kernel"]).T, np.asarray(stats["kernel_input_gram"], np.float64)
+                               / len(rows), np.abs(rows).mean(0), qk.W4A16(32).rhs)
+    np.testing.assert_allclose(np.asarray(qparams["kernel_smooth"]), want, rtol=1e-5)
+    assert not np.allclose(want, 1.0)
+    held_out = _x(97, 256, mixed=False)
+    exact = np.asarray(model.apply({"params": params}, held_out))
+    awq_snr = testing.snr_db(np.asarray(jax.jit(qmodel.apply)({"params": qparams}, held_out)), exact)
+    _, rtn = _served(model, [qk.Rule(r".*", qk.W4A16(32))], params, batches[0])
+    rtn_model = qk.quantize_model(model, [qk.Rule(r".*", qk.W4A16(32))])
+    assert awq_snr > testing.snr_db(np.asarray(rtn_model.apply({"params": rtn}, held_out)), exact) + 0.5
+    with pytest.raises(ValueError, match="holds AWQ's factors; quantize the params with method='awq'"):
+        _served(model, rules, params, batches[0])
+
+
+def test_nnx_awq_and_its_misuse():
+    batches = [_x(50 + i, mixed=False) for i in range(3)]
+    rules = [qk.Rule(r".*", qk.W4A16(32, zero_point=True), weight_method="awq")]
+    float_model = NnxMLP(nnx.Rngs(1))
+    calib = qk.quantize_model(float_model, rules, "calibrate", batches[0])
+    for x in batches[1:]:
+        calib(x)
+    served = qk.quantize_model(float_model, rules, "serve", batches[0])
+    np.testing.assert_array_equal(np.asarray(served.up.kernel_smooth[...]), np.ones(K))  # until quantize_params
+    nnx.update(served, qk.quantize_params(float_model, served, calibration=calib, method="awq"))
+    assert not np.allclose(np.asarray(served.up.kernel_smooth[...]), 1.0)
+    held_out = _x(96, 256, mixed=False)
+    assert testing.snr_db(np.asarray(served(held_out)), np.asarray(float_model(held_out))) > 20
+    with pytest.raises(ValueError, match="static range does not see"):
+        qk.quantize_model(NnxMLP(nnx.Rngs(1)), [qk.Rule(r".*", qk.W8A8(static=True), weight_method="awq")], "serve",
+                          batches[0])
