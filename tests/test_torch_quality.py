@@ -274,3 +274,23 @@ def test_sequential_gptq_on_a_transformers_model():
     assert not torch.equal(seq[1].mlp.down_proj.weight.qvalue, one[1].mlp.down_proj.weight.qvalue)
     with torch.no_grad():
         assert torch.isfinite(models[0](torch.arange(20)[None]).logits).all()
+
+
+def test_sequential_gptq_on_a_bert_encoder():
+    """BERT's layers return tuples and take the attention mask positionally: replayed as they were called."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                     vocab_size=128, max_position_embeddings=64)
+    cal = [{"input_ids": torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(i)),
+            "attention_mask": torch.ones(2, 12, dtype=torch.long)} for i in range(3)]
+    models = []
+    for sequential in (None, False):
+        torch.manual_seed(0)
+        models.append(transformers.BertModel(config).eval())
+        qk.quantize_(models[-1], qk.W4A16(32), calibration=cal, method="gptq-ao", sequential=sequential,
+                     progress=False)
+    seq, one = (m.encoder.layer for m in models)
+    assert torch.equal(seq[0].attention.self.query.weight.qvalue, one[0].attention.self.query.weight.qvalue)
+    assert not torch.equal(seq[1].output.dense.weight.qvalue, one[1].output.dense.weight.qvalue)
+    with torch.no_grad():
+        assert torch.isfinite(models[0](**cal[0]).last_hidden_state).all()
