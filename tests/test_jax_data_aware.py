@@ -184,3 +184,20 @@ def test_nnx_awq_and_its_misuse():
     with pytest.raises(ValueError, match="static range does not see"):
         qk.quantize_model(NnxMLP(nnx.Rngs(1)), [qk.Rule(r".*", qk.W8A8(static=True), weight_method="awq")], "serve",
                           batches[0])
+
+
+def test_awq_factors_divide_each_contracting_axis_in_the_kernels_k_order():
+    """A DenseGeneral contracting two axes: the served call is (x / s) against the dequantized smoothed kernel,
+    s (K,) laid out over (heads, head_dim) as the QArray orders K."""
+    layer = nn.DenseGeneral(K, axis=(-2, -1))
+    batches = [jnp.asarray(testing.activations(np.random.default_rng(60 + i), (8, HEADS, 24), outliers=3))
+               for i in range(3)]
+    rules = [qk.Rule(r".*", qk.W4A16(32), weight_method="awq")]
+    params = layer.init(KEY, batches[0])["params"]
+    stats = _calibrated(layer, rules, params, batches)
+    qmodel, qparams = _served(layer, rules, params, batches[0], calibration=stats, method="awq")
+    s = np.asarray(qparams["kernel_smooth"]).reshape(HEADS, 24)
+    x = batches[0]
+    kernel = np.asarray(qparams["kernel"].dequantize(jnp.float32))  # (heads, 24, K)
+    want = np.einsum("bhd,hdn->bn", np.asarray(x) / s, kernel) + np.asarray(params["bias"])
+    np.testing.assert_allclose(np.asarray(qmodel.apply({"params": qparams}, x)), want, rtol=2e-5, atol=2e-4)
