@@ -64,7 +64,7 @@ def test_gptq_synthetic_keeps_the_output_better_than_data_free_weight_methods():
             err[method] = float(((summary.model(held_out) - ref) ** 2).mean() / (ref ** 2).mean())
     assert err["gptq-synthetic"] < 0.8 * min(err["rtn"], err["mse"]), err
     # the same as GPTQ in act-order with clip-searched groups on those batches, given as calibration
-    by_hand = qk.quantize_(copy.deepcopy(model), recipe, method="gptq-ao-mse", progress=False,
+    by_hand = qk.quantize_(copy.deepcopy(model), recipe, method="gptq-ao-mse", progress=False, sequential=False,
                            calibration=synthetic.token_batches(model)).model
     auto = qk.quantize_(copy.deepcopy(model), recipe, method="gptq-synthetic", progress=False).model
     assert np.array_equal(by_hand.up.qvalue.numpy(), auto.up.qvalue.numpy())

@@ -324,6 +324,9 @@ def quantize_(model: nn.Module, recipe: Any = W8A8,
     recipe = resolve_recipe(recipe)
     if method in SYNTHETIC:
         method, calibration = calibration_for(model, method, calibration)
+        # one pass of the float model: replayed block by block toward the float outputs, random ids fitted
+        # SmolLM2-135M's layers to nonsense (w4a16-g128-zp perplexity +46.5% over fp32, one pass +22.5%)
+        sequential = False if sequential is None else sequential
     if method in CALIBRATED:
         if calibration is None:
             raise ValueError(f"method={method!r} needs calibration batches: qk.quantize_(model, recipe, "
