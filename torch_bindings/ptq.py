@@ -28,10 +28,18 @@ once: 30 GB of f64 for a 7B model). A model whose blocks do not chain takes one 
 Target (`asymmetric=None`: on for GPTQ where calibration is sequential): the float model runs beside,
 block by block, and each layer is quantized toward the float model's output rather than its own on the
 quantized inputs (`quality.gptq_target`, GPTAQ's asymmetric calibration; twice the replays). Measured
-on SmolLM2-135M, W4A16 g128 with a zero point, "gptq-ao-mse", the report's calibration set (perplexity,
-fp32 23.86; 420 evaluated tokens, one run each): one pass of the float model 26.54, sequential 26.96,
-sequential + asymmetric 25.91; "gptq-mse" 27.64 one pass, 28.00 sequential. all-MiniLM-L6-v2 (mean
-cosine, w4a16-g128-zp "gptq-ao-mse"): 0.9830, 0.9831, 0.9835.
+on SmolLM2-135M, W4A16 g128 with a zero point, the report's calibration set (perplexity, fp32 23.86;
+420 evaluated tokens, one run each):
+
+| method      | one pass of the float model | sequential | sequential + asymmetric (default) |
+|-------------|-----------------------------|------------|-----------------------------------|
+| gptq        | 36.20                       | -          | 26.25                             |
+| gptq-ao     | 29.80                       | -          | 24.94                             |
+| gptq-mse    | 27.64                       | 28.00      | 26.66                             |
+| gptq-ao-mse | 26.54                       | 26.96      | 25.91                             |
+| awq         | 28.09                       | 27.84      | (GPTQ only)                       |
+
+all-MiniLM-L6-v2 (mean cosine, w4a16-g128-zp "gptq-ao-mse"): 0.9830, 0.9831, 0.9835.
 
 AWQ's per-channel factors become the layer's `smooth` vector (the layer divides its input by them, as
 SmoothQuant's do), so the result serves, saves and loads like any QLinear. Layers are chosen as in
