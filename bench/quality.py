@@ -308,7 +308,9 @@ def merged(paths: list[str]) -> dict[str, Any]:
     row of a later run replaces an earlier one of the same recipe, library and method, and a new one
     goes after the rows of its recipe and library (`_after`)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
-    out = dict(parts[0], sections=[], total_s=round(sum(part["total_s"] for part in parts), 1))
+    dates = sorted({d for part in parts for d in part.get("dates", [part["date"]])})
+    out = dict(parts[0], sections=[], total_s=round(sum(part["total_s"] for part in parts), 1), date=dates[-1],
+               dates=dates)  # named by the newest run
     by_model: dict[str, dict[str, Any]] = {}
     for sec in (sec for part in parts for sec in part["sections"]):
         if (prev := by_model.get(sec["model"])) is None:
@@ -341,7 +343,8 @@ _METRICS = {"mean_cosine": ("mean cosine", "{:.4f}"), "min_cosine": ("min cosine
 
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Quantization quality (CPU)", "",
-             f"{result['date']}; " + ", ".join(f"{k} {v}" for k, v in result["versions"].items())
+             (f"runs of {', '.join(result['dates'])}" if len(result.get("dates", [])) > 1 else result["date"])
+             + "; " + ", ".join(f"{k} {v}" for k, v in result["versions"].items())
              + f"; report {result['total_s']} s of model runs", ""]
     for sec in result["sections"]:
         keys = [k for k in _METRICS if any(k in r for r in sec["rows"])]
@@ -365,7 +368,8 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-DATA_FREE = ("rtn", "mse", "mse-wide", "mse-refit", "hqq", "gptq-synthetic")  # no calibration batches
+WEIGHT_ONLY = ("rtn", "mse", "mse-wide", "mse-refit", "hqq")  # the codes from the weights alone
+DATA_FREE = (*WEIGHT_ONLY, "gptq-synthetic")  # no calibration batches (gptq-synthetic: random token ids)
 _GOALS = [  # issue 17's goals: (model, recipes, methods, metric, bound, what)
     (MODEL, ("w4a16-g128", "w4a16-g128-zp"), DATA_FREE, "mean_cosine", 0.98,
      "W4A16 g128 data-free: mean cosine >= 0.98"),
@@ -387,8 +391,13 @@ def goals(result: dict[str, Any]) -> list[str]:
             continue
         best = max(rows, key=lambda r: r[key]) if key == "mean_cosine" else min(rows, key=lambda r: r[key])
         met = best[key] >= bound if key == "mean_cosine" else best[key] <= bound
-        lines.append(f"- {what}: {'met' if met else 'not met'}, best {_METRICS[key][1].format(best[key])} "
-                     f"({best['recipe']} {best['method']})")
+        line = (f"- {what}: {'met' if met else 'not met'}, best {_METRICS[key][1].format(best[key])} "
+                f"({best['recipe']} {best['method']})")
+        weights = [r for r in rows if r["method"] in WEIGHT_ONLY]
+        if best["method"] == "gptq-synthetic" and weights:  # what no input at all (random ids either) gives
+            alone = max(weights, key=lambda r: r[key]) if key == "mean_cosine" else min(weights, key=lambda r: r[key])
+            line += f"; weight-only: {_METRICS[key][1].format(alone[key])} ({alone['recipe']} {alone['method']})"
+        lines.append(line)
     return lines + [""]
 
 
