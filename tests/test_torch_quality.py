@@ -294,3 +294,23 @@ def test_sequential_gptq_on_a_bert_encoder():
     assert not torch.equal(seq[1].output.dense.weight.qvalue, one[1].output.dense.weight.qvalue)
     with torch.no_grad():
         assert torch.isfinite(models[0](**cal[0]).last_hidden_state).all()
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibration_runs_in_eval_mode_and_leaves_the_model_as_it_was(method):
+    """A model handed over in train mode: dropout off and BatchNorm's running statistics untouched while
+    calibrating (the codes are those of the eval-mode model), each module's own mode restored."""
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(192, 256), nn.BatchNorm1d(256), nn.Dropout(0.5), nn.GELU(), nn.Linear(256, 96))
+
+    batches = [data(10 + i, 128) for i in range(3)]
+    trained = model().train()
+    trained[1].eval()  # a module of its own mode
+    running = trained[1].running_mean.clone()
+    qk.quantize_(trained, qk.W4A16(64), calibration=batches, method=method, progress=False)
+    assert torch.equal(trained[1].running_mean, running)
+    assert trained.training and trained[2].training and not trained[1].training
+    reference = model().eval()
+    qk.quantize_(reference, qk.W4A16(64), calibration=batches, method=method, progress=False)
+    assert torch.equal(trained[4].weight.qvalue, reference[4].weight.qvalue)

@@ -13,7 +13,8 @@ needs the model's graph; the division costs one elementwise pass over the layer'
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -37,11 +38,24 @@ def call(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """`model` in eval mode (no dropout; BatchNorm's running statistics read, not updated: calibration
+    must not change the model), each module's own mode restored after."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 def _run(model: nn.Module, batches: Iterable[Any], hooks: dict[nn.Module, Callable[..., None]]) -> int:
     handles = [m.register_forward_pre_hook(hook) for m, hook in hooks.items()]
     seen = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), evaluating(model):
             for batch in batches:
                 call(model, batch)
                 seen += 1

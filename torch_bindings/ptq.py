@@ -62,7 +62,7 @@ from torch import nn
 from qkernels import quality
 from qkernels.dispatch import SlowPathWarning
 from qkernels.formats import Recipe
-from torch_bindings.calibrate import call
+from torch_bindings.calibrate import call, evaluating
 from torch_bindings.modules import QLinear, Summary, candidates, swap_modules
 from torch_bindings.qtensor import QTensor
 
@@ -347,8 +347,18 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, batches: Iterable[Any]
     found = candidates(model, is_linear, filter_fn)
     layers = [m for _, _, m, reason in found if reason is None]
     stats = _Stats([m for _, _, m, _ in found], method, rows)
-    bar = _progress(len(layers), method) if progress else None
     done: dict[nn.Module, QLinear] = {}
+    with evaluating(model):
+        _calibrate(model, batches, method, recipe, act_order, sequential, asymmetric, layers, stats, done,
+                   _progress(len(layers), method) if progress else None)
+    return swap_modules(model, is_linear, lambda m, _: done[m], lambda m: m.recipe.name, filter_fn,
+                        skip=lambda m, _: None if m in done else "saw no input in the calibration batches")
+
+
+def _calibrate(model: nn.Module, batches: list[Any], method: str, recipe: Recipe, act_order: bool,
+               sequential: bool | None, asymmetric: bool | None, layers: list[nn.Module], stats: _Stats,
+               done: dict[nn.Module, QLinear], bar: Any) -> None:
+    """Fill `done` with the quantized form of each of `layers` the batches reach (see the module docstring)."""
 
     def solve(stage: list[nn.Module]) -> None:  # quantize, and run the rest of the calibration through it
         for m in stage:
@@ -395,8 +405,6 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, batches: Iterable[Any]
             del m.forward
         if bar is not None:
             bar.close()
-    return swap_modules(model, is_linear, lambda m, _: done[m], lambda m: m.recipe.name, filter_fn,
-                        skip=lambda m, _: None if m in done else "saw no input in the calibration batches")
 
 
 def _progress(total: int, method: str) -> Any:
