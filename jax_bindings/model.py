@@ -34,9 +34,11 @@ Modes (what the quantized call does with the weight):
 - "calibrate": the forward stays float; each quantized call's activation range (absmax, or a
   percentile of |x|, per tensor) is max-merged into the 'calibration' collection
   (`<param>_input_amax`), for `quantize_params(..., calibration=...)` to turn into static scales;
-  for a rule with a GPTQ `weight_method` the Gram matrix of the inputs is summed too
-  (`<param>_input_gram`, (K, K) f32, and `<param>_input_rows`), for `quantize_params(..., method='gptq')`
-  (Qwix's GPTQ takes the same route: statistics in a calibration pass, the algorithm in quantize_params).
+  for a rule with a data-aware `weight_method` (GPTQ's, 'awq') the Gram matrix of the inputs is summed
+  too (`<param>_input_gram`, (K, K) f32, and `<param>_input_rows`; AWQ also `<param>_input_abs`, sum |x|
+  per channel), for `quantize_params(..., method=...)` (Qwix's GPTQ takes the same route: statistics in
+  a calibration pass, the algorithm in quantize_params). AWQ's factors are a `<param>_smooth` param of
+  the served model, which divides the activations by them before the quantized call.
   The Gram matrices of all matched layers are held at once (K x K f32 each) and come from one pass of
   the float model; the torch binding calibrates block by block.
 """
