@@ -37,7 +37,9 @@ downloaded at run time):
   differ more surely: w4a16-g128-zp mse-wide / rtn 0.946 (0.913-0.982), mse / rtn 1.142
   (1.044-1.248), gptq / rtn 1.163 (1.048-1.290), gptq-ao / gptq 0.823 (0.762-0.889), gptq-ao-mse /
   gptq-ao 0.890 (0.835-0.949), gptq-ao-mse / rtn 0.852 (0.778-0.933); so 420 tokens decide between
-  these methods, though not each row's distance to a goal.
+  these methods, though not each row's distance to a goal. Each LM row now carries that interval
+  ("95% interval", `ratio_interval`; "-" on rows measured before it existed), those intervals were of
+  the one-pass GPTQ rows of 2026-12-01.
 
 "gptq-synthetic" is data-free (no calibration batches go in) but not weight-only: GPTQ on random token ids
 from the model's vocabulary (`torch_bindings.synthetic`).
@@ -171,12 +173,22 @@ def lm_calibration(tok: Any) -> list[dict[str, Any]]:
             for i in range(0, ids.shape[1], LM_SEQUENCE)]
 
 
-def perplexity(model: Any, ids: Any) -> float:
-    """exp(mean next-token negative log-likelihood) of one sequence (transformers' shifted `labels` loss)."""
+def token_nll(model: Any, ids: Any) -> Any:
+    """Each next token's negative log-likelihood (f64 NumPy) over one sequence (transformers' shifted `labels`
+    loss, token by token): perplexity = exp(mean)."""
     import torch
 
     with torch.no_grad():
-        return math.exp(float(model(input_ids=ids, labels=ids).loss))
+        logits = model(input_ids=ids).logits[0, :-1].to(torch.float32)
+        return torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").double().numpy()
+
+
+def ratio_interval(nll: Any, base: Any) -> list[float]:
+    """95% interval of the perplexity ratio to the baseline minus 1: exp(mean(d) +- 1.96 standard errors), d the
+    per-token NLL differences (paired: the same tokens)."""
+    d = nll - base
+    half = 1.96 * float(d.std(ddof=1)) / math.sqrt(len(d))
+    return [round(math.exp(float(d.mean()) - half) - 1, 4), round(math.exp(float(d.mean()) + half) - 1, 4)]
 
 
 def _qkernels(model: Any, recipe: str, method: str, cal: list[dict[str, Any]]) -> Any:
@@ -239,12 +251,15 @@ def embedding_suite(count: int) -> Suite:
 def lm_suite() -> Suite:
     model, tok = load_causal_lm()
     ids = tok(LM_TEXT.read_text(), return_tensors="pt")["input_ids"]
-    base = perplexity(model, ids)
+    base_nll = token_nll(model, ids)
+    base = math.exp(float(base_nll.mean()))
     cal = lm_calibration(tok)
 
-    def score(m: Any) -> dict[str, float]:
-        ppl = perplexity(m, ids)
-        return {"perplexity": round(ppl, 3), "vs_fp32": round(ppl / base - 1, 4)}
+    def score(m: Any) -> dict[str, Any]:
+        nll = token_nll(m, ids)
+        ppl = math.exp(float(nll.mean()))
+        return {"perplexity": round(ppl, 3), "vs_fp32": round(ppl / base - 1, 4),
+                "vs_fp32_95": ratio_interval(nll, base_nll)}
 
     return Suite(LM, LM_PACKAGE, "perplexity of bench/data/perplexity.txt",
                  f"{ids.shape[1]} evaluated tokens (prose written for this report), "
@@ -338,7 +353,16 @@ def _after(rows: list[dict[str, Any]], row: dict[str, Any]) -> int:
 
 
 _METRICS = {"mean_cosine": ("mean cosine", "{:.4f}"), "min_cosine": ("min cosine", "{:.4f}"),
-            "perplexity": ("perplexity", "{:.2f}"), "vs_fp32": ("vs fp32", "{:+.1%}")}
+            "perplexity": ("perplexity", "{:.2f}"), "vs_fp32": ("vs fp32", "{:+.1%}"),
+            "vs_fp32_95": ("95% interval", "{:+.1%} .. {:+.1%}")}
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    """`row[key]` as the report prints it ("-" where the row was measured before the key existed)."""
+    value = row.get(key)
+    if value is None:
+        return "-"
+    return _METRICS[key][1].format(*value) if isinstance(value, list) else _METRICS[key][1].format(value)
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -360,7 +384,7 @@ def markdown(result: dict[str, Any]) -> str:
             if "unavailable" in r:
                 lines.append(head + " | ".join("-" for _ in keys) + f" | unavailable: {r['unavailable']} |")
             else:
-                lines.append(head + " | ".join(_METRICS[k][1].format(r[k]) for k in keys) + f" | {r['quantize_s']} |")
+                lines.append(head + " | ".join(_cell(r, k) for k in keys) + f" | {r['quantize_s']} |")
         lines.append("")
     lines += goals(result)
     lines += ["## What symmetric int4's unused -8 costs (weight SNR, 768x768, `--int4-range`)", "",

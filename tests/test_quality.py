@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -344,3 +345,19 @@ def test_awq_from_row_statistics_is_awq_on_the_rows():
     op2, s2 = quality.awq_gram(w, x64.T @ x64 / len(x), np.abs(x64).mean(0), fmt)
     np.testing.assert_allclose(s2, s, rtol=1e-6)
     assert np.array_equal(op2.qvalue, op.qvalue) and np.allclose(op2.scale, op.scale)
+
+
+def test_perplexity_ratio_interval_and_rows_without_it():
+    from bench import quality as report
+
+    base = np.random.default_rng(0).exponential(3.0, 400)
+    assert report.ratio_interval(base + 0.1, base) == [round(math.exp(0.1) - 1, 4)] * 2  # no spread: a point
+    lo, hi = report.ratio_interval(base + np.random.default_rng(1).normal(0.1, 1.0, 400), base)
+    assert lo < math.exp(0.1) - 1 < hi and hi - lo > 0.1
+    sec = {"model": "m", "package": "p", "metric": "x", "description": "d", "baseline": {},
+           "rows": [{"recipe": "w4a16-g128", "library": "qkernels", "method": "rtn", "perplexity": 30.0,
+                     "vs_fp32": 0.25, "quantize_s": 1.0},
+                    {"recipe": "w4a16-g128", "library": "qkernels", "method": "gptq", "perplexity": 26.0,
+                     "vs_fp32": 0.08, "vs_fp32_95": [0.04, 0.12], "quantize_s": 9.0}]}
+    text = report.markdown({"date": "d", "versions": {}, "total_s": 1.0, "int4_range": "", "sections": [sec]})
+    assert "| rtn | 30.00 | +25.0% | - | 1.0 |" in text and "| gptq | 26.00 | +8.0% | +4.0% .. +12.0% | 9.0 |" in text
