@@ -303,13 +303,20 @@ def _forward(run: Callable[[], Any], layers: list[nn.Module], hook: Callable[[nn
             h.remove()
 
 
+@contextlib.contextmanager
+def _replaying() -> Iterator[None]:
+    """No gradients, and no SlowPathWarning: the quantized layers run many rows here; what they would be
+    slower than matters when serving."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", SlowPathWarning)
+        yield
+
+
 def _collect(runs: list[Callable[[], Any]], stats: _Stats, layers: list[nn.Module], stop_after: bool,
              floats: list[Callable[[], Any]] | None = None, done: dict[nn.Module, QLinear] | None = None) -> None:
     """`stats` of `layers` over `runs` (forwards of the partly quantized model); with `floats`, each run is
     preceded by the same forward of the float model (`done`'s layers float), whose inputs are the targets."""
-    with torch.no_grad(), warnings.catch_warnings():
-        # the quantized layers run many rows here; what they would be slower than matters when serving
-        warnings.simplefilter("ignore", SlowPathWarning)
+    with _replaying():
         for i, run in enumerate(runs):
             if floats is not None:
                 stats.targets.clear()
@@ -321,8 +328,7 @@ def _collect(runs: list[Callable[[], Any]], stats: _Stats, layers: list[nn.Modul
 
 def _outputs(block: nn.Module, inputs: list[tuple[tuple[Any, ...], dict[str, Any]]]) -> list[tuple[tuple, dict]]:
     """The next block's inputs: `block`'s output in place of each input's hidden state."""
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", SlowPathWarning)
+    with _replaying():
         return [_with_hidden(a, k, _output(block(*a, **k))) for a, k in inputs]
 
 
@@ -348,17 +354,7 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, batches: Iterable[Any]
     layers = [m for _, _, m, reason in found if reason is None]
     stats = _Stats([m for _, _, m, _ in found], method, rows)
     done: dict[nn.Module, QLinear] = {}
-    with evaluating(model):
-        _calibrate(model, batches, method, recipe, act_order, sequential, asymmetric, layers, stats, done,
-                   _progress(len(layers), method) if progress else None)
-    return swap_modules(model, is_linear, lambda m, _: done[m], lambda m: m.recipe.name, filter_fn,
-                        skip=lambda m, _: None if m in done else "saw no input in the calibration batches")
-
-
-def _calibrate(model: nn.Module, batches: list[Any], method: str, recipe: Recipe, act_order: bool,
-               sequential: bool | None, asymmetric: bool | None, layers: list[nn.Module], stats: _Stats,
-               done: dict[nn.Module, QLinear], bar: Any) -> None:
-    """Fill `done` with the quantized form of each of `layers` the batches reach (see the module docstring)."""
+    bar = _progress(len(layers), method) if progress else None
 
     def solve(stage: list[nn.Module]) -> None:  # quantize, and run the rest of the calibration through it
         for m in stage:
@@ -370,41 +366,45 @@ def _calibrate(model: nn.Module, batches: list[Any], method: str, recipe: Recipe
                     bar.update()
 
     try:
-        blocks = _blocks(model, set(layers)) if sequential is not False and layers else []
-        why = None if blocks else "no nn.ModuleList of blocks holds the layers"
-        if blocks:
-            inputs, why = _block_inputs(model, blocks, batches)
-        if (sequential or asymmetric) and layers and why is not None:
-            raise ValueError(f"{'sequential' if sequential else 'asymmetric'}=True: {why}; pass sequential=False "
-                             f"(statistics from one pass of the float model)")
-        rest = layers
-        if why is None:
-            asym = asymmetric is not False and method != "awq"
-            targets = list(inputs) if asym else None  # the float model's inputs of the block
-            mine = set(layers)
-            for block in blocks:
-                here = [m for m in block.modules() if m in mine]
-                for stage, stop in _stages(block, inputs[0], here) if here else []:
-                    floats = None if targets is None else [functools.partial(block, *a, **k) for a, k in targets]
-                    _collect([functools.partial(block, *a, **k) for a, k in inputs], stats, stage, stop, floats, done)
-                    solve(stage)
-                inputs = _outputs(block, inputs)
-                if targets is not None:
-                    with _float_layers(done):
-                        targets = _outputs(block, targets)
-            inside = {m for b in blocks for m in b.modules()}
-            rest = [m for m in layers if m not in inside]
-            floats = [functools.partial(call, model, b) for b in batches] if asym else None
-        else:
-            floats = None
-        if rest:  # one pass of the model (the blocks quantized where they were replayed)
-            _collect([functools.partial(call, model, b) for b in batches], stats, rest, False, floats, done)
-            solve(rest)
+        with evaluating(model):
+            blocks = _blocks(model, set(layers)) if sequential is not False and layers else []
+            why = None if blocks else "no nn.ModuleList of blocks holds the layers"
+            if blocks:
+                inputs, why = _block_inputs(model, blocks, batches)
+            if (sequential or asymmetric) and layers and why is not None:
+                raise ValueError(f"{'sequential' if sequential else 'asymmetric'}=True: {why}; pass sequential=False "
+                                 f"(statistics from one pass of the float model)")
+            rest = layers
+            if why is None:
+                asym = asymmetric is not False and method != "awq"
+                targets = list(inputs) if asym else None  # the float model's inputs of the block
+                mine = set(layers)
+                for block in blocks:
+                    here = [m for m in block.modules() if m in mine]
+                    for stage, stop in _stages(block, inputs[0], here) if here else []:
+                        floats = None if targets is None else [functools.partial(block, *a, **k) for a, k in targets]
+                        runs = [functools.partial(block, *a, **k) for a, k in inputs]
+                        _collect(runs, stats, stage, stop, floats, done)
+                        solve(stage)
+                    inputs = _outputs(block, inputs)
+                    if targets is not None:
+                        with _float_layers(done):
+                            targets = _outputs(block, targets)
+                inside = {m for b in blocks for m in b.modules()}
+                rest = [m for m in layers if m not in inside]
+                floats = [functools.partial(call, model, b) for b in batches] if asym else None
+            else:
+                floats = None
+            if rest:  # one pass of the model (the blocks quantized where they were replayed)
+                _collect([functools.partial(call, model, b) for b in batches], stats, rest, False, floats, done)
+                solve(rest)
     finally:
         for m in done:
             del m.forward
         if bar is not None:
             bar.close()
+    return swap_modules(model, is_linear, lambda m, _: done[m], lambda m: m.recipe.name, filter_fn,
+                        skip=lambda m, _: None if m in done else "saw no input in the calibration batches")
 
 
 def _progress(total: int, method: str) -> Any:
