@@ -274,6 +274,10 @@ def test_sequential_gptq_on_a_transformers_model():
     assert not torch.equal(seq[1].mlp.down_proj.weight.qvalue, one[1].mlp.down_proj.weight.qvalue)
     with torch.no_grad():
         assert torch.isfinite(models[0](torch.arange(20)[None]).logits).all()
+    tied = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": True}))
+    summary = qk.quantize_(tied.eval(), qk.W4A16(32), calibration=cal, method="gptq", progress=False)
+    head = next(r for r in summary if r.name == "lm_head")
+    assert head.recipe is None and "tied" in head.reason  # its own reason, not "saw no input"
 
 
 def test_sequential_gptq_on_a_bert_encoder():

@@ -403,8 +403,10 @@ def quantize_calibrated(model: nn.Module, recipe: Recipe, batches: Iterable[Any]
             del m.forward
         if bar is not None:
             bar.close()
+    wanted = set(layers)  # the others keep swap_modules' own reason (tied, filter_fn, ...)
     return swap_modules(model, is_linear, lambda m, _: done[m], lambda m: m.recipe.name, filter_fn,
-                        skip=lambda m, _: None if m in done else "saw no input in the calibration batches")
+                        skip=lambda m, _: "saw no input in the calibration batches" if m in wanted and m not in done
+                        else None)
 
 
 def _progress(total: int, method: str) -> Any:
