@@ -229,13 +229,9 @@ def _stages(block: nn.Module, first: tuple[tuple[Any, ...], dict[str, Any]],
     (q/k/v, then o, then gate/up, then down; layers that did not run, last), each with whether its forwards
     can end at its last layer (no layer ran twice, and each of the stage's ran)."""
     seen: list[tuple[nn.Module, Any]] = []
-    handles = [m.register_forward_pre_hook(lambda m, args: seen.append((m, args[0]))) for m in layers]
-    try:
-        with torch.no_grad():
-            block(*first[0], **first[1])
-    finally:
-        for h in handles:
-            h.remove()
+    with _replaying():
+        _forward(functools.partial(block, *first[0], **first[1]), layers, lambda m, args: seen.append((m, args[0])),
+                 stop_after=False)
     stages: list[tuple[Any, list[nn.Module]]] = []  # (the input read, the layers reading it)
     for m, x in seen:
         same = next((stage for y, stage in stages if y is x), None)
