@@ -54,7 +54,7 @@ import numpy as np
 from qkernels import calibration
 from qkernels.formats import Calibration, Granularity, OperandFormat, QOperand
 from qkernels.numerics import (
-    FLT_MIN, NUMPY_OPS, ArrayOps, asymmetric_params, flush_subnormals, pack_int4, quantize_asymmetric,
+    FLT_MIN, NUMPY_OPS, ArrayOps, asymmetric_params, check_finite, flush_subnormals, pack_int4, quantize_asymmetric,
     quantize_symmetric, symmetric_scale,
 )
 
@@ -362,6 +362,7 @@ def gptq(w: Any, h: Any, fmt: OperandFormat, *, damp: float = 0.01, block: int =
         raise ValueError(f"GPTQ takes one layer's weight (N, K), got shape {w.shape}; quantize experts one by one")
     n, k = w.shape
     h = np.asarray(h, np.float64)
+    check_finite(h, "GPTQ's Hessian of the layer's calibration inputs")
     if h.shape != (k, k):
         raise ValueError(f"Hessian of shape {h.shape} does not match the weight's K={k}: collect it from this "
                          f"layer's inputs (hessian_update)")
@@ -455,6 +456,7 @@ def gptq_target(w: Any, h: Any, cross: Any, *, damp: float = 0.01) -> np.ndarray
     k = w.shape[-1]
     if h.shape != (k, k) or cross.shape != (k, k):
         raise ValueError(f"Hessian {h.shape} and cross term {cross.shape} must both be (K, K) with K={k}")
+    check_finite(cross, "GPTQ's cross term of the layer's calibration inputs")
     damped = h + damp * max(float(np.mean(np.diag(h))), FLT_MIN) * np.eye(k)
     return (w + np.linalg.solve(damped, (w @ (cross - h)).T).T).astype(np.float32)
 
@@ -485,6 +487,7 @@ def awq(w: Any, x: Any, fmt: OperandFormat, *, grid: int = 20, clip: bool = True
     x = np.asarray(x, np.float32).reshape(-1, w.shape[-1])
     if x.shape[0] == 0:
         raise ValueError("AWQ needs calibration rows of the layer's inputs; none were given")
+    check_finite(x, "AWQ: the layer's calibration inputs")
     k = w.shape[-1]
     exact = x.astype(np.float64) @ w.T.astype(np.float64)
 
@@ -507,6 +510,7 @@ def awq_gram(w: Any, second: Any, mean_abs: Any, fmt: OperandFormat, *, grid: in
     if second.shape != (k, k) or np.shape(mean_abs) != (k,):
         raise ValueError(f"AWQ statistics of shapes {second.shape} and {np.shape(mean_abs)} do not match the "
                          f"weight's K={k}")
+    check_finite(second, "AWQ's statistics of the layer's calibration inputs")
 
     def error(s: np.ndarray, q: QOperand) -> float:
         d = fmt.dequantize(q, k).astype(np.float64) / s.astype(np.float64) - w

@@ -201,3 +201,12 @@ def test_awq_factors_divide_each_contracting_axis_in_the_kernels_k_order():
     kernel = np.asarray(qparams["kernel"].dequantize(jnp.float32))  # (heads, 24, K)
     want = np.einsum("bhd,hdn->bn", np.asarray(x) / s, kernel) + np.asarray(params["bias"])
     np.testing.assert_allclose(np.asarray(qmodel.apply({"params": qparams}, x)), want, rtol=2e-5, atol=2e-4)
+
+
+def test_nan_in_the_calibration_batches_is_refused():
+    model, x = nn.Dense(HIDDEN), _x(70)
+    rules = [qk.Rule(r".*", qk.W4A16(32), weight_method="gptq")]
+    params = model.init(KEY, x)["params"]
+    stats = _calibrated(model, rules, params, [x, x.at[2, 3].set(jnp.nan)])
+    with pytest.raises(ValueError, match="calibration inputs contains .* NaN/Inf"):
+        _served(model, rules, params, x, calibration=stats, method="gptq")

@@ -318,3 +318,14 @@ def test_calibration_runs_in_eval_mode_and_leaves_the_model_as_it_was(method):
     reference = model().eval()
     qk.quantize_(reference, qk.W4A16(64), calibration=batches, method=method, progress=False)
     assert torch.equal(trained[4].weight.qvalue, reference[4].weight.qvalue)
+
+
+@pytest.mark.parametrize("method", ["gptq", "gptq-ao-mse", "awq"])
+def test_calibration_inputs_with_nan_are_refused(method):
+    """A NaN in the calibration batches made GPTQ write codes from a NaN Hessian, silently."""
+    bad = data(10, 64)
+    bad[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="calibration inputs contains .* NaN/Inf"):
+        quantized(method, calibration=[data(11, 64), bad])
+    with pytest.raises(ValueError, match="calibration inputs contains .* NaN/Inf"):  # beyond AWQ's 512-row sample
+        quantized(method, calibration=[data(12 + i, 256) for i in range(4)] + [bad])

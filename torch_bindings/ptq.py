@@ -62,6 +62,7 @@ from torch import nn
 from qkernels import quality
 from qkernels.dispatch import SlowPathWarning
 from qkernels.formats import Recipe
+from qkernels.numerics import check_finite
 from torch_bindings.calibrate import call, evaluating
 from torch_bindings.modules import QLinear, Summary, candidates, swap_modules
 from torch_bindings.qtensor import QTensor
@@ -81,6 +82,7 @@ class _Rows:
         self.rng = np.random.default_rng(seed)
 
     def update(self, x: np.ndarray) -> None:
+        check_finite(x, "AWQ: the layer's calibration inputs")  # every row, not only those the sample keeps
         self.seen += len(x)
         pool = x if self.rows is None else np.concatenate([self.rows, x])
         if len(pool) > self.limit:  # keep each row seen so far with equal probability
